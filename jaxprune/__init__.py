@@ -1,0 +1,12 @@
+"""jaxprune: structured pruning of LLMs without retraining, in JAX."""
+
+from jaxprune.errors import CheckpointError, ConfigError, JaxpruneError, ShapeError, UsageError
+from jaxprune.io import load, load_tokenizer
+from jaxprune.model import Model
+from jaxprune.models import forward, logits
+from jaxprune.spec import FAMILIES, LayerSpec, ModelSpec, RopeSpec, count_params
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ConfigError", "FAMILIES", "JaxpruneError", "LayerSpec", "Model", "ModelSpec",
+           "RopeSpec", "ShapeError", "UsageError", "count_params", "forward", "load", "load_tokenizer", "logits"]

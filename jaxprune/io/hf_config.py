@@ -1,0 +1,181 @@
+"""Hugging Face config <-> ModelSpec, with an allow-list of what is understood.
+
+Anything that would change what the model computes and that jaxprune does not
+implement is refused with the key, its value and what is supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from jaxprune.errors import ConfigError
+from jaxprune.spec import LayerSpec, ModelSpec, RopeSpec
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+SUPPORTED_ACTS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "gelu": "gelu"}
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+# Keys any checkpoint may carry that do not change the forward pass.
+_HARMLESS = {
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "pretraining_tp",
+    "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings", "max_position_embeddings",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "per_layer_config", "id2label", "label2id", "task_specific_params", "tokenizer_class", "prefix",
+    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "tie_encoder_decoder", "finetuning_task", "generation_config", "pruned_heads", "torchscript",
+    "embd_pdrop", "resid_pdrop", "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "n_ctx", "n_positions", "n_embd", "n_layer", "n_head",
+    "n_inner", "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn", "unk_token_id", "sep_token_id", "decoder_start_token_id", "mlp_bias",
+    "use_mrope", "rope_type", "partial_rotary_factor",
+}
+
+
+def _get(cfg: Mapping[str, Any], key: str, default=None):
+  v = cfg.get(key, default)
+  return default if v is None else v
+
+
+def _check_keys(cfg: Mapping[str, Any]) -> None:
+  unknown = sorted(k for k in cfg if k not in _HARMLESS)
+  if unknown:
+    raise ConfigError(
+        f"config keys {unknown} are not understood by jaxprune, which will not guess what they change. "
+        "Supported keys are the standard ones of llama, mistral, qwen2 and gpt2 configs; if these keys are harmless "
+        "for your checkpoint, remove them from config.json.")
+
+
+def _refuse(key, value, supported):
+  raise ConfigError(f"config {key}={value!r} is not supported; supported: {supported}")
+
+
+def _rope(cfg: Mapping[str, Any]) -> RopeSpec:
+  params = dict(_get(cfg, "rope_parameters", {}) or {})
+  legacy = dict(_get(cfg, "rope_scaling", {}) or {})
+  params = {**legacy, **params}
+  theta = float(params.get("rope_theta", _get(cfg, "rope_theta", 10000.0)))
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind not in SUPPORTED_ROPE:
+    _refuse("rope_type", kind, ", ".join(SUPPORTED_ROPE))
+  if float(params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0))) != 1.0:
+    _refuse("partial_rotary_factor", params.get("partial_rotary_factor"), "1.0")
+  if kind == "default":
+    return RopeSpec(theta=theta)
+  if kind == "linear":
+    return RopeSpec(theta=theta, kind="linear", factor=float(params["factor"]))
+  return RopeSpec(theta=theta, kind="llama3", factor=float(params["factor"]),
+                  low_freq_factor=float(params["low_freq_factor"]),
+                  high_freq_factor=float(params["high_freq_factor"]),
+                  original_max_positions=int(params["original_max_position_embeddings"]))
+
+
+def _act(name: str) -> str:
+  if name not in SUPPORTED_ACTS:
+    _refuse("hidden_act", name, ", ".join(SUPPORTED_ACTS))
+  return SUPPORTED_ACTS[name]
+
+
+def _per_layer(cfg: Mapping[str, Any], n_layers: int) -> list[dict]:
+  overrides = cfg.get("per_layer_config") or {}
+  out = [{} for _ in range(n_layers)]
+  for k, v in overrides.items():
+    i = int(k)
+    if not 0 <= i < n_layers:
+      raise ConfigError(f"per_layer_config names layer {k} but the model has {n_layers} layers")
+    bad = sorted(set(v) - {"num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"})
+    if bad:
+      raise ConfigError(
+          f"per_layer_config[{k}] overrides {bad}; jaxprune supports per-layer num_attention_heads, "
+          "num_key_value_heads, head_dim and intermediate_size")
+    out[i] = dict(v)
+  return out
+
+
+def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
+  """ModelSpec for a Hugging Face config dict (as in config.json)."""
+  model_type = cfg.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ConfigError(
+        f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  _check_keys(cfg)
+  if model_type == "gpt2":
+    return _gpt2_spec(cfg)
+
+  n_layers = int(cfg["num_hidden_layers"])
+  D = int(cfg["hidden_size"])
+  N0 = int(cfg["num_attention_heads"])
+  K0 = int(_get(cfg, "num_key_value_heads", N0))
+  H0 = int(_get(cfg, "head_dim", D // N0))
+  F0 = int(cfg["intermediate_size"])
+  layers = []
+  for over in _per_layer(cfg, n_layers):
+    N = int(over.get("num_attention_heads", N0))
+    layers.append(LayerSpec(N, int(over.get("num_key_value_heads", K0)), int(over.get("head_dim", H0)),
+                            int(over.get("intermediate_size", F0))))
+
+  sliding = None
+  if model_type == "mistral":
+    sliding = cfg.get("sliding_window")
+  elif model_type == "qwen2":
+    types = cfg.get("layer_types") or []
+    if cfg.get("use_sliding_window") or "sliding_attention" in types:
+      _refuse("use_sliding_window", True, "False (full attention in every layer)")
+  attn_bias = bool(cfg.get("attention_bias", False))
+  return ModelSpec(
+      family=model_type,
+      vocab_size=int(cfg["vocab_size"]),
+      hidden_size=D,
+      layers=tuple(layers),
+      norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+      max_positions=int(_get(cfg, "max_position_embeddings", 2048)),
+      tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+      rope=_rope(cfg),
+      sliding_window=int(sliding) if sliding is not None else None,
+      qkv_bias=True if model_type == "qwen2" else attn_bias,
+      o_bias=attn_bias if model_type == "llama" else False,
+      mlp_bias=bool(cfg.get("mlp_bias", False)),
+      act=_act(_get(cfg, "hidden_act", "silu")),
+      bos_token_id=_token_id(cfg.get("bos_token_id")),
+      eos_token_id=_token_id(cfg.get("eos_token_id")),
+  )
+
+
+def _token_id(v):
+  if isinstance(v, (list, tuple)):
+    v = v[0] if v else None
+  return None if v is None else int(v)
+
+
+def _gpt2_spec(cfg: Mapping[str, Any]) -> ModelSpec:
+  if cfg.get("scale_attn_by_inverse_layer_idx"):
+    _refuse("scale_attn_by_inverse_layer_idx", True, "False")
+  if cfg.get("scale_attn_weights") is False:
+    _refuse("scale_attn_weights", False, "True")
+  if cfg.get("add_cross_attention"):
+    _refuse("add_cross_attention", True, "False")
+  D = int(_get(cfg, "n_embd", 768))
+  N = int(_get(cfg, "n_head", 12))
+  F = int(_get(cfg, "n_inner", 4 * D))
+  n_layers = int(_get(cfg, "n_layer", 12))
+  layers = []
+  for over in _per_layer(cfg, n_layers):
+    n = int(over.get("num_attention_heads", N))
+    layers.append(LayerSpec(n, n, int(over.get("head_dim", D // N)), int(over.get("intermediate_size", F))))
+  return ModelSpec(
+      family="gpt2",
+      vocab_size=int(_get(cfg, "vocab_size", 50257)),
+      hidden_size=D,
+      layers=tuple(layers),
+      norm_eps=float(_get(cfg, "layer_norm_epsilon", 1e-5)),
+      max_positions=int(_get(cfg, "n_positions", 1024)),
+      tie_embeddings=bool(_get(cfg, "tie_word_embeddings", True)),
+      rope=None,
+      qkv_bias=True, o_bias=True, mlp_bias=True,
+      act=_act(_get(cfg, "activation_function", "gelu_new")),
+      bos_token_id=_token_id(cfg.get("bos_token_id")),
+      eos_token_id=_token_id(cfg.get("eos_token_id")),
+  )

@@ -1,0 +1,286 @@
+"""Hugging Face key <-> jaxprune parameter tables, one per family, used both ways.
+
+A `Rule` maps one Hugging Face tensor (a PyTorch-layout array) to one or more
+jaxprune leaves and back. Import consumes keys through the table and refuses
+anything it does not know; export writes exactly the table's keys, so the two
+directions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+from jaxprune.errors import CheckpointError, ShapeError
+from jaxprune.spec import LayerSpec, ModelSpec, Params
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One HF tensor <-> leaves at `paths` (relative to a block, or to the model).
+
+  `load(hf_array, layer) -> tuple of leaves`, `save(*leaves, layer) -> hf_array`.
+  `when(spec, layer)` says whether the tensor exists for this model.
+  """
+
+  hf: str
+  paths: tuple[Path, ...]
+  load: Callable
+  save: Callable
+  when: Callable[[ModelSpec, LayerSpec | None], bool] = lambda spec, layer: True
+
+
+def _ident():
+  return dict(load=lambda w, l: (w,), save=lambda w, l: w)
+
+
+def _linear():
+  """PyTorch `nn.Linear.weight` [out, in] <-> kernel [in, out]."""
+  return dict(load=lambda w, l: (w.T,), save=lambda k, l: k.T)
+
+
+def _heads_in(n: str):
+  """q/k/v weight [n*H, D] <-> kernel [D, n, H]; n is 'N' or 'K'."""
+
+  def load(w, l):
+    n_ = l.num_heads if n == "N" else l.num_kv_heads
+    return (w.reshape(n_, l.head_dim, -1).transpose(2, 0, 1),)
+
+  def save(k, l):
+    return k.transpose(1, 2, 0).reshape(-1, k.shape[0])
+
+  return dict(load=load, save=save)
+
+
+def _heads_bias(n: str):
+  """q/k/v bias [n*H] <-> [n, H]."""
+
+  def load(b, l):
+    n_ = l.num_heads if n == "N" else l.num_kv_heads
+    return (b.reshape(n_, l.head_dim),)
+
+  return dict(load=load, save=lambda b, l: b.reshape(-1))
+
+
+def _heads_out(conv1d: bool):
+  """o weight [D, N*H] (Linear) or [N*H, D] (GPT-2 Conv1D) <-> kernel [N, H, D]."""
+
+  def load(w, l):
+    w = w if conv1d else w.T
+    return (w.reshape(l.num_heads, l.head_dim, -1),)
+
+  def save(k, l):
+    w = k.reshape(-1, k.shape[-1])
+    return w if conv1d else w.T
+
+  return dict(load=load, save=save)
+
+
+def _gpt2_qkv_weight():
+  """GPT-2 fused c_attn [D, 3*N*H] (Conv1D layout) <-> q, k, v kernels [D, N, H]."""
+
+  def load(w, l):
+    D = w.shape[0]
+    q, k, v = np.split(w, 3, axis=1)
+    return tuple(x.reshape(D, l.num_heads, l.head_dim) for x in (q, k, v))
+
+  def save(q, k, v, l):
+    return np.concatenate([x.reshape(x.shape[0], -1) for x in (q, k, v)], axis=1)
+
+  return dict(load=load, save=save)
+
+
+def _gpt2_qkv_bias():
+
+  def load(b, l):
+    return tuple(x.reshape(l.num_heads, l.head_dim) for x in np.split(b, 3))
+
+  def save(q, k, v, l):
+    return np.concatenate([x.reshape(-1) for x in (q, k, v)])
+
+  return dict(load=load, save=save)
+
+
+def _qkv_bias(spec, layer):
+  return spec.qkv_bias
+
+
+def _o_bias(spec, layer):
+  return spec.o_bias
+
+
+def _mlp_bias(spec, layer):
+  return spec.mlp_bias
+
+
+def _untied(spec, layer):
+  return not spec.tie_embeddings
+
+
+LLAMA_BLOCK = (
+    Rule("input_layernorm.weight", (("attn_norm", "scale"),), **_ident()),
+    Rule("post_attention_layernorm.weight", (("mlp_norm", "scale"),), **_ident()),
+    Rule("self_attn.q_proj.weight", (("attn", "q", "kernel"),), **_heads_in("N")),
+    Rule("self_attn.k_proj.weight", (("attn", "k", "kernel"),), **_heads_in("K")),
+    Rule("self_attn.v_proj.weight", (("attn", "v", "kernel"),), **_heads_in("K")),
+    Rule("self_attn.o_proj.weight", (("attn", "o", "kernel"),), **_heads_out(conv1d=False)),
+    Rule("self_attn.q_proj.bias", (("attn", "q", "bias"),), **_heads_bias("N"), when=_qkv_bias),
+    Rule("self_attn.k_proj.bias", (("attn", "k", "bias"),), **_heads_bias("K"), when=_qkv_bias),
+    Rule("self_attn.v_proj.bias", (("attn", "v", "bias"),), **_heads_bias("K"), when=_qkv_bias),
+    Rule("self_attn.o_proj.bias", (("attn", "o", "bias"),), **_ident(), when=_o_bias),
+    Rule("mlp.gate_proj.weight", (("mlp", "gate", "kernel"),), **_linear()),
+    Rule("mlp.up_proj.weight", (("mlp", "up", "kernel"),), **_linear()),
+    Rule("mlp.down_proj.weight", (("mlp", "down", "kernel"),), **_linear()),
+    Rule("mlp.gate_proj.bias", (("mlp", "gate", "bias"),), **_ident(), when=_mlp_bias),
+    Rule("mlp.up_proj.bias", (("mlp", "up", "bias"),), **_ident(), when=_mlp_bias),
+    Rule("mlp.down_proj.bias", (("mlp", "down", "bias"),), **_ident(), when=_mlp_bias),
+)
+
+LLAMA_TOP = (
+    Rule("model.embed_tokens.weight", (("embed", "embedding"),), **_ident()),
+    Rule("model.norm.weight", (("final_norm", "scale"),), **_ident()),
+    Rule("lm_head.weight", (("lm_head", "kernel"),), **_linear(), when=_untied),
+)
+
+GPT2_BLOCK = (
+    Rule("ln_1.weight", (("attn_norm", "scale"),), **_ident()),
+    Rule("ln_1.bias", (("attn_norm", "bias"),), **_ident()),
+    Rule("ln_2.weight", (("mlp_norm", "scale"),), **_ident()),
+    Rule("ln_2.bias", (("mlp_norm", "bias"),), **_ident()),
+    Rule("attn.c_attn.weight", (("attn", "q", "kernel"), ("attn", "k", "kernel"), ("attn", "v", "kernel")),
+         **_gpt2_qkv_weight()),
+    Rule("attn.c_attn.bias", (("attn", "q", "bias"), ("attn", "k", "bias"), ("attn", "v", "bias")),
+         **_gpt2_qkv_bias()),
+    Rule("attn.c_proj.weight", (("attn", "o", "kernel"),), **_heads_out(conv1d=True)),
+    Rule("attn.c_proj.bias", (("attn", "o", "bias"),), **_ident()),
+    # GPT-2's MLP is Conv1D: its weights already have the kernel layout.
+    Rule("mlp.c_fc.weight", (("mlp", "up", "kernel"),), **_ident()),
+    Rule("mlp.c_fc.bias", (("mlp", "up", "bias"),), **_ident()),
+    Rule("mlp.c_proj.weight", (("mlp", "down", "kernel"),), **_ident()),
+    Rule("mlp.c_proj.bias", (("mlp", "down", "bias"),), **_ident()),
+)
+
+GPT2_TOP = (
+    Rule("transformer.wte.weight", (("embed", "embedding"),), **_ident()),
+    Rule("transformer.wpe.weight", (("pos_embed", "embedding"),), **_ident()),
+    Rule("transformer.ln_f.weight", (("final_norm", "scale"),), **_ident()),
+    Rule("transformer.ln_f.bias", (("final_norm", "bias"),), **_ident()),
+    Rule("lm_head.weight", (("lm_head", "kernel"),), **_linear(), when=_untied),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyTable:
+  top: tuple[Rule, ...]
+  block: tuple[Rule, ...]
+  block_prefix: str  # HF prefix of block i, with {i}
+  base_prefix: str  # prefix that base-model checkpoints (no LM head) omit
+  ignored: tuple[str, ...]  # regexes of buffers that checkpoints may carry
+
+
+_LLAMA = FamilyTable(LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}.", "model.",
+                     ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
+_GPT2 = FamilyTable(GPT2_TOP, GPT2_BLOCK, "transformer.h.{i}.", "transformer.",
+                    ignored=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",))
+
+TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
+
+
+def _normalize_keys(table: FamilyTable, tensors: dict) -> dict:
+  """Adds the base-model prefix to checkpoints saved without an LM head wrapper."""
+  base = table.base_prefix
+  if any(k.startswith(base) for k in tensors):
+    return tensors
+  return {(k if k.startswith("lm_head.") else base + k): v for k, v in tensors.items()}
+
+
+def _set(tree: dict, path: Path, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path: Path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> Params:
+  """HF tensors (PyTorch layout) -> jaxprune parameter tree (numpy leaves).
+
+  Raises CheckpointError naming missing and unexpected keys.
+  """
+  table = TABLES[spec.family]
+  tensors = _normalize_keys(table, dict(tensors))
+  used: set[str] = set()
+  missing: list[str] = []
+  params: Params = {}
+
+  def take(rule: Rule, key: str, layer: LayerSpec | None, root: dict):
+    if not rule.when(spec, layer):
+      return
+    if key not in tensors:
+      missing.append(key)
+      return
+    used.add(key)
+    arr = np.asarray(tensors[key])
+    try:
+      leaves = rule.load(arr, layer)
+    except ValueError:
+      raise ShapeError(
+          f"{source}: tensor {key} has shape {arr.shape}, which does not fit the config "
+          f"(layer sizes {layer}). Check that config.json belongs to these weights.") from None
+    for path, leaf in zip(rule.paths, leaves, strict=True):
+      _set(root, path, leaf)
+
+  for rule in table.top:
+    take(rule, rule.hf, None, params)
+  blocks = []
+  for i, layer in enumerate(spec.layers):
+    blk: dict = {}
+    for rule in table.block:
+      take(rule, table.block_prefix.format(i=i) + rule.hf, layer, blk)
+    blocks.append(blk)
+  params["layers"] = tuple(blocks)
+
+  ignored = [re.compile(p) for p in table.ignored]
+  # Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight.
+  extra = [k for k in tensors if k not in used and not any(p.fullmatch(k) for p in ignored)
+           and not (k == "lm_head.weight" and spec.tie_embeddings)]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"missing tensors: {_abbrev(missing)}")
+    if extra:
+      parts.append(f"unexpected tensors: {_abbrev(extra)}")
+    raise CheckpointError(
+        f"{source} does not match a {spec.family} model with {spec.num_layers} layers "
+        f"({'; '.join(parts)}). Check that the config belongs to these weights.")
+  return params
+
+
+def params_to_tensors(spec: ModelSpec, params: Params) -> dict[str, np.ndarray]:
+  """jaxprune parameter tree -> HF tensors (PyTorch layout), exactly the table's keys."""
+  table = TABLES[spec.family]
+  out = {}
+  for rule in table.top:
+    if rule.when(spec, None):
+      out[rule.hf] = rule.save(*[np.asarray(_get(params, p)) for p in rule.paths], None)
+  for i, layer in enumerate(spec.layers):
+    blk = params["layers"][i]
+    for rule in table.block:
+      if rule.when(spec, layer):
+        out[table.block_prefix.format(i=i) + rule.hf] = rule.save(
+            *[np.asarray(_get(blk, p)) for p in rule.paths], layer)
+  return out
+
+
+def _abbrev(keys: list[str], n: int = 6) -> str:
+  keys = sorted(keys)
+  return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

@@ -1,0 +1,45 @@
+"""`Model`: a parameter pytree plus its static description."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.spec import ModelSpec, Params, check_params, count_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """Parameters (a Flax-style dict pytree) and the `ModelSpec` they realise.
+
+  `Model` is itself a pytree whose only leaves are the parameters; the spec
+  and the source path are static metadata, so `jax.jit` and `jax.tree.map`
+  see through it.
+  """
+
+  spec: ModelSpec
+  params: Params
+  source: str | None = None  # where the weights and tokenizer came from
+
+  @classmethod
+  def checked(cls, spec: ModelSpec, params: Params, source: str | None = None) -> "Model":
+    """A Model, after checking that every array has the shape `spec` implies."""
+    check_params(spec, params)
+    return cls(spec, params, source)
+
+  @property
+  def num_params(self) -> int:
+    return count_params(self.params)
+
+  def astype(self, dtype) -> "Model":
+    dtype = jnp.dtype(dtype)
+    return dataclasses.replace(self, params=jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params))
+
+  def to_numpy(self) -> Params:
+    return jax.tree.map(np.asarray, self.params)
+
+
+jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["spec", "source"])

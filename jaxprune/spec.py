@@ -1,0 +1,329 @@
+"""Static, hashable model descriptions.
+
+A `ModelSpec` describes an architecture with per-layer sizes, so a pruned model
+whose layers all differ is described as naturally as a dense one. It is frozen
+and hashable: jitted functions take it (or a `BlockConfig` derived from it) as
+a static argument.
+
+Shapes are the source of truth: `spec_from_params` re-derives every per-layer
+size from the parameter arrays, and `check_params` refuses parameters whose
+shapes disagree with a spec, naming every mismatching leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxprune.errors import ConfigError, ShapeError
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+  """What a family of checkpoints computes, independent of its sizes."""
+
+  name: str
+  norm: str  # "rms" | "layer"
+  act: str  # default activation: "silu" | "gelu_tanh" | "gelu"
+  gated_mlp: bool
+  positions: str  # "rope" | "learned"
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": FamilySpec("llama", norm="rms", act="silu", gated_mlp=True, positions="rope"),
+    "mistral": FamilySpec("mistral", norm="rms", act="silu", gated_mlp=True, positions="rope"),
+    "qwen2": FamilySpec("qwen2", norm="rms", act="silu", gated_mlp=True, positions="rope"),
+    "gpt2": FamilySpec("gpt2", norm="layer", act="gelu_tanh", gated_mlp=False, positions="learned"),
+}
+
+
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def family(name: str) -> FamilySpec:
+  try:
+    return FAMILIES[name]
+  except KeyError:
+    raise ConfigError(
+        f"model family {name!r} is not supported; supported families: "
+        f"{', '.join(sorted(FAMILIES))}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+  """Rotary embedding settings (Hugging Face's `rope_parameters`)."""
+
+  theta: float
+  kind: str = "default"  # "default" | "linear" | "llama3"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_positions: int = 8192
+
+  def inv_freq(self, head_dim: int) -> np.ndarray:
+    """Inverse frequencies, f64 then f32, as transformers computes them."""
+    inv = 1.0 / (self.theta**(np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if self.kind == "linear":
+      inv = inv / np.float32(self.factor)
+    elif self.kind == "llama3":
+      low_wavelen = self.original_max_positions / self.low_freq_factor
+      high_wavelen = self.original_max_positions / self.high_freq_factor
+      wavelen = 2 * math.pi / inv
+      scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+      smooth = (self.original_max_positions / wavelen - self.low_freq_factor) / (
+          self.high_freq_factor - self.low_freq_factor)
+      smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+      medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+      inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Sizes of one transformer block.
+
+  Attributes:
+    num_heads: query heads N.
+    num_kv_heads: key/value heads K.
+    head_dim: H.
+    ffn_dim: inner width F of the MLP.
+    kv_map: for each query head, the KV head it reads. `None` means the
+      standard contiguous grouping (N/K query heads per KV head, in order).
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  kv_map: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in ("num_heads", "num_kv_heads", "head_dim", "ffn_dim"):
+      v = getattr(self, name)
+      if not isinstance(v, (int, np.integer)) or v < 1:
+        raise ConfigError(f"LayerSpec.{name} must be a positive integer, got {v!r}")
+    if self.kv_map is None:
+      if self.num_heads % self.num_kv_heads:
+        raise ConfigError(
+            f"{self.num_heads} query heads cannot be split evenly over {self.num_kv_heads} KV heads; "
+            "pass an explicit kv_map for uneven groups")
+    else:
+      if len(self.kv_map) != self.num_heads:
+        raise ConfigError(f"kv_map has {len(self.kv_map)} entries but the layer has {self.num_heads} query heads")
+      if sorted(set(self.kv_map)) != list(range(self.num_kv_heads)):
+        raise ConfigError(
+            f"kv_map {self.kv_map} must use every KV head 0..{self.num_kv_heads - 1} at least once")
+
+  @property
+  def kv_index(self) -> tuple[int, ...]:
+    """KV head read by each query head."""
+    if self.kv_map is not None:
+      return self.kv_map
+    g = self.num_heads // self.num_kv_heads
+    return tuple(i // g for i in range(self.num_heads))
+
+  @property
+  def uniform_groups(self) -> bool:
+    """True when query heads form equal contiguous groups (a plain HF config)."""
+    g, r = divmod(self.num_heads, self.num_kv_heads)
+    return r == 0 and self.kv_index == tuple(i // g for i in range(self.num_heads))
+
+  def canonical(self) -> "LayerSpec":
+    """The same layer with `kv_map` dropped when it is the contiguous default."""
+    if self.kv_map is not None and self.uniform_groups:
+      return dataclasses.replace(self, kv_map=None)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A whole model: family, global sizes and per-layer sizes.
+
+  Bias flags say which projections carry a bias; reconstruction with an
+  intercept may turn them on.
+  """
+
+  family: str
+  vocab_size: int
+  hidden_size: int
+  layers: tuple[LayerSpec, ...]
+  norm_eps: float
+  max_positions: int
+  tie_embeddings: bool
+  rope: RopeSpec | None = None
+  sliding_window: int | None = None
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  act: str | None = None  # None: the family's default
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+
+  def __post_init__(self):
+    fam = family(self.family)
+    if self.act is None:
+      object.__setattr__(self, "act", fam.act)
+    if self.act not in ACTIVATIONS:
+      raise ConfigError(f"activation {self.act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    if not isinstance(self.layers, tuple):
+      object.__setattr__(self, "layers", tuple(self.layers))
+    if not self.layers:
+      raise ConfigError("a model needs at least one layer")
+    if (fam.positions == "rope") != (self.rope is not None):
+      raise ConfigError(f"family {self.family!r} uses {fam.positions} positions; rope={self.rope!r} does not fit")
+
+  @property
+  def fam(self) -> FamilySpec:
+    return FAMILIES[self.family]
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layers)
+
+  @property
+  def uniform(self) -> bool:
+    """All layers have the same sizes (and standard GQA groups)."""
+    first = self.layers[0].canonical()
+    return all(l.canonical() == first for l in self.layers) and first.kv_map is None
+
+  def with_layers(self, layers) -> "ModelSpec":
+    return dataclasses.replace(self, layers=tuple(l.canonical() for l in layers))
+
+  # Serialisation (jaxprune.json next to the weights).
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["layers"] = [dataclasses.asdict(l) for l in self.layers]
+    return d
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "ModelSpec":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown ModelSpec fields {unknown}; known: {sorted(known)}")
+    layers = []
+    for l in d.pop("layers"):
+      l = dict(l)
+      if l.get("kv_map") is not None:
+        l["kv_map"] = tuple(l["kv_map"])
+      layers.append(LayerSpec(**l))
+    rope = RopeSpec(**d.pop("rope")) if d.get("rope") is not None else d.pop("rope", None)
+    return cls(layers=tuple(layers), rope=rope, **d)
+
+
+# --------------------------------------------------------------------------
+# Parameter shapes.
+
+
+def layer_shapes(spec: ModelSpec, layer: LayerSpec) -> Params:
+  """Shape tree of one block (tuples of ints at the leaves)."""
+  D, N, K, H, F = spec.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.ffn_dim
+  fam = spec.fam
+
+  def norm():
+    return {"scale": (D,), "bias": (D,)} if fam.norm == "layer" else {"scale": (D,)}
+
+  def proj(kernel, bias, with_bias):
+    return {"kernel": kernel, "bias": bias} if with_bias else {"kernel": kernel}
+
+  mlp = {
+      "up": proj((D, F), (F,), spec.mlp_bias),
+      "down": proj((F, D), (D,), spec.mlp_bias),
+  }
+  if fam.gated_mlp:
+    mlp["gate"] = proj((D, F), (F,), spec.mlp_bias)
+  return {
+      "attn_norm": norm(),
+      "attn": {
+          "q": proj((D, N, H), (N, H), spec.qkv_bias),
+          "k": proj((D, K, H), (K, H), spec.qkv_bias),
+          "v": proj((D, K, H), (K, H), spec.qkv_bias),
+          "o": proj((N, H, D), (D,), spec.o_bias),
+      },
+      "mlp_norm": norm(),
+      "mlp": mlp,
+  }
+
+
+def param_shapes(spec: ModelSpec) -> Params:
+  """Shape tree of the whole model; leaves are tuples of ints."""
+  D, V = spec.hidden_size, spec.vocab_size
+  tree: Params = {"embed": {"embedding": (V, D)}}
+  if spec.fam.positions == "learned":
+    tree["pos_embed"] = {"embedding": (spec.max_positions, D)}
+  tree["layers"] = tuple(layer_shapes(spec, l) for l in spec.layers)
+  tree["final_norm"] = {"scale": (D,), "bias": (D,)} if spec.fam.norm == "layer" else {"scale": (D,)}
+  if not spec.tie_embeddings:
+    tree["lm_head"] = {"kernel": (D, V)}
+  return tree
+
+
+def _is_shape(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, Mapping):
+    for k in tree:
+      yield from _flatten(tree[k], f"{prefix}.{k}" if prefix else k)
+  elif isinstance(tree, (tuple, list)) and not _is_shape(tree):
+    for i, v in enumerate(tree):
+      yield from _flatten(v, f"{prefix}[{i}]")
+  else:
+    yield prefix, tree
+
+
+def check_params(spec: ModelSpec, params: Params) -> None:
+  """Raises ShapeError listing every leaf whose shape disagrees with `spec`."""
+  want = dict(_flatten(param_shapes(spec)))
+  have = {k: tuple(np.shape(v)) for k, v in _flatten(params)}
+  problems = []
+  for k in sorted(set(want) | set(have)):
+    if k not in have:
+      problems.append(f"{k}: missing (expected shape {want[k]})")
+    elif k not in want:
+      problems.append(f"{k}: unexpected leaf of shape {have[k]}")
+    elif want[k] != have[k]:
+      problems.append(f"{k}: shape {have[k]}, but the config implies {want[k]}")
+  if problems:
+    shown = "\n  ".join(problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise ShapeError(
+        f"parameters do not match the model description ({len(problems)} problems):\n  {shown}{more}\n"
+        "Check that config.json belongs to these weights.")
+
+
+def spec_from_params(spec: ModelSpec, params: Params) -> ModelSpec:
+  """`spec` with every per-layer size re-derived from the arrays in `params`."""
+  layers = []
+  for old, blk in zip(spec.layers, params["layers"], strict=True):
+    a = blk["attn"]
+    N, H = np.shape(a["q"]["kernel"])[1:]
+    K = np.shape(a["k"]["kernel"])[1]
+    F = np.shape(blk["mlp"]["up"]["kernel"])[1]
+    kv_map = old.kv_map if old.kv_map is not None and len(old.kv_map) == N else None
+    layers.append(LayerSpec(int(N), int(K), int(H), int(F), kv_map))
+  b0 = params["layers"][0]
+  return dataclasses.replace(
+      spec,
+      layers=tuple(l.canonical() for l in layers),
+      qkv_bias="bias" in b0["attn"]["q"],
+      o_bias="bias" in b0["attn"]["o"],
+      mlp_bias="bias" in b0["mlp"]["up"],
+  )
+
+
+def count_params(params: Params) -> int:
+  return int(sum(int(np.prod(np.shape(v))) for _, v in _flatten(params)))
+
+
+def block_param_count(block: Params) -> int:
+  """Attention + MLP parameters of one block (norms excluded)."""
+  return count_params({"attn": block["attn"], "mlp": block["mlp"]})

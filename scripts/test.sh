@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs the whole test suite (unit and SmolLM2 integration).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not smollm2"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. "${JAXPRUNE_VENV:-.venv}/bin/activate"
+exec python -m pytest -n 2 --dist loadgroup "$@"

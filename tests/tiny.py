@@ -1,0 +1,44 @@
+"""Tiny random models built with transformers' own classes."""
+
+from __future__ import annotations
+
+KINDS = {
+    "llama_mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama_gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama_mqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=1,
+                                      rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 16})),
+    "llama_bias": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                       mlp_bias=True)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)),
+}
+LLAMA_LIKE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+VOCAB = 128
+
+
+def build(kind: str, seed: int = 0):
+  """A transformers model of `kind` with every parameter (biases too) random."""
+  import torch
+  import transformers
+
+  cls_name, extra = KINDS[kind]
+  kw = dict(extra) if kind == "gpt2" else {**LLAMA_LIKE, **extra}
+  if kind == "gpt2":
+    kw["vocab_size"] = VOCAB
+  cfg = getattr(transformers, cls_name)(**kw)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.dim() == 1:  # norms and biases: random, so that a mapping error shows
+        p.normal_(mean=1.0 if p.numel() == cfg.hidden_size else 0.0, std=0.2)
+  return model
+
+
+def save(kind: str, path: str, seed: int = 0) -> str:
+  build(kind, seed).save_pretrained(path)
+  return path
