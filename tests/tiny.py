@@ -42,3 +42,26 @@ def build(kind: str, seed: int = 0):
 def save(kind: str, path: str, seed: int = 0) -> str:
   build(kind, seed).save_pretrained(path)
   return path
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]
+
+
+def add_word_tokenizer(path: str) -> str:
+  """Saves a word-level tokenizer over WORDS (ids 1..VOCAB-1) into a model directory."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+  backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+  return path
+
+
+def write_words(path: str, n: int, seed: int = 0) -> str:
+  import numpy as np
+
+  with open(path, "w") as f:
+    f.write(" ".join(np.random.default_rng(seed).choice(WORDS, size=n)))
+  return path

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.errors import UsageError
 from jaxprune.models import layers as L
 from jaxprune.models.forward import head, head_params, hidden_states
 from jaxprune.spec import ModelSpec, Params
@@ -34,10 +35,11 @@ class PerplexityResult:
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _nll(cfg: L.BlockConfig, hp: Params, x, tokens):
   """Summed next-token NLL per window [B] from final hidden states x [B,T,D]."""
-  logits = head(cfg, hp, x[:, :-1])
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return -jnp.sum(picked, axis=-1)
+  logits = head(cfg, hp, x[:, :-1]).astype(jnp.float32)
+  # -log_softmax(logits)[target] = logsumexp(logits) - logits[target]: the same f32 log-softmax, without
+  # writing a second [B,T,V] array of log-probabilities.
+  picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
 
 
 def window_nll(spec: ModelSpec, params: Params, tokens) -> jax.Array:
@@ -57,7 +59,11 @@ def perplexity(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size:
   windows = np.asarray(windows, np.int32)
   W, T = windows.shape
   if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
+    raise UsageError(f"batch_size must be positive, got {batch_size}; use 1 or more")
+  if spec.fam.positions == "learned" and T > spec.max_positions:
+    # jnp.take would silently clamp positions past the table.
+    raise UsageError(f"windows of {T} tokens are longer than the model's {spec.max_positions} positions; "
+                     f"use --seq-len {spec.max_positions} or less")
   total = 0.0
   start = time.perf_counter()
   for b in range(0, W, batch_size):

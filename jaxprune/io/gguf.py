@@ -1,16 +1,22 @@
-"""Reading GGUF files (LLaMA architecture) through the `gguf` package.
+"""Reading GGUF files (LLaMA architecture).
 
-Tensors are dequantized to float32 with `gguf.quants.dequantize`, so every
-quantization type that package implements is supported. llama.cpp's converter
-permutes the rows of Q and K for its interleaved RoPE; they are permuted back
-exactly as transformers' GGUF loader does, so the weights are in Hugging Face
-layout and go through the same key table as a Hugging Face checkpoint.
+The header (metadata and tensor table) is parsed here with `struct` straight
+from a memory map: `gguf.GGUFReader` builds a numpy view per metadata value,
+which takes seconds for a 49k-token vocabulary. Tensors are dequantized to
+float32 with `gguf.quants.dequantize`, so every quantization type that package
+implements is supported. llama.cpp's converter permutes the rows of Q and K
+for its interleaved RoPE; they are permuted back exactly as transformers' GGUF
+loader does, so the weights are in Hugging Face layout and go through the same
+key table as a Hugging Face checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import struct
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +28,7 @@ from jaxprune.model import Model
 from jaxprune.spec import check_params
 
 SUPPORTED_ARCHS = ("llama",)
+GGUF_VERSIONS = (2, 3)
 
 _TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -45,37 +52,133 @@ _BLOCK = {
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
+# GGUF metadata value types with a fixed width: type id -> struct format.
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
-def _reader(path: str):
-  import gguf
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+  """One tensor of a GGUF file, not yet read.
+
+  Attributes:
+    shape: in numpy order (GGUF lists dimensions fastest-first).
+    qtype: the ggml type id (`gguf.GGMLQuantizationType`).
+    data: the tensor's raw bytes, a uint8 view of the memory-mapped file.
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  qtype: int
+  data: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+  path: str
+  fields: dict[str, Any]  # metadata key -> value; arrays of strings are lists of str
+  tensors: tuple[GGUFTensor, ...]
+
+
+class _Cursor:
+  """Little-endian reads from a byte buffer, advancing an offset."""
+
+  def __init__(self, buf, pos: int = 0):
+    self.buf, self.pos = buf, pos
+
+  def unpack(self, fmt: str):
+    vals = struct.unpack_from("<" + fmt, self.buf, self.pos)
+    self.pos += struct.calcsize("<" + fmt)
+    return vals
+
+  def string(self) -> str:
+    (n,) = self.unpack("Q")
+    s = bytes(self.buf[self.pos:self.pos + n])
+    if len(s) != n:
+      raise struct.error(f"string of {n} bytes runs past the end of the file")
+    self.pos += n
+    return s.decode("utf-8", errors="replace")
+
+  def value(self, vtype: int):
+    if vtype in _SCALAR:
+      return self.unpack(_SCALAR[vtype])[0]
+    if vtype == _STRING:
+      return self.string()
+    if vtype == _ARRAY:
+      etype, n = self.unpack("IQ")
+      if etype in _SCALAR:
+        return list(self.unpack(f"{n}{_SCALAR[etype]}"))
+      return [self.value(etype) for _ in range(n)]
+    raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def read_gguf(path: str) -> GGUFFile:
+  """Parses a GGUF file's metadata and tensor table; tensor data stays on disk (mmap)."""
+  from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
   try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises ValueError/struct.error/IndexError on damaged files
-    raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
-                          "it may be truncated or corrupt") from None
+    blob = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)  # plain views: memmap slicing is slow
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path} could not be memory-mapped ({e}); check that it is a readable, non-empty file") \
+        from None
+  try:
+    if bytes(blob[:4]) != b"GGUF":
+      raise CheckpointError(f"{path} does not start with the GGUF magic bytes (found {bytes(blob[:4])!r}); "
+                            "it is not a GGUF file")
+    cur = _Cursor(blob, 4)
+    (version,) = cur.unpack("I")
+    if version not in GGUF_VERSIONS:
+      raise CheckpointError(f"{path} is GGUF version {version} (or big-endian); supported: little-endian versions "
+                            f"{', '.join(map(str, GGUF_VERSIONS))}. Re-convert it with a recent llama.cpp")
+    n_tensors, n_fields = cur.unpack("QQ")
+    fields = {}
+    for _ in range(n_fields):
+      key = cur.string()
+      (vtype,) = cur.unpack("I")
+      fields[key] = cur.value(vtype)
+    table = []
+    for _ in range(n_tensors):
+      name = cur.string()
+      (n_dims,) = cur.unpack("I")
+      dims = cur.unpack(f"{n_dims}Q")
+      qtype, offset = cur.unpack("IQ")
+      table.append((name, tuple(int(d) for d in reversed(dims)), qtype, offset))
+  except (struct.error, ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} has a damaged GGUF header ({e}); the file may be truncated or corrupt. "
+                          "Re-download it") from None
+  align = int(fields.get("general.alignment", 32))
+  start = -(-cur.pos // align) * align
+  tensors = []
+  for name, shape, qtype, offset in table:
+    try:
+      block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    except (ValueError, KeyError):
+      raise CheckpointError(f"{path}: tensor {name} has ggml type id {qtype}, which the installed gguf package "
+                            "does not know; upgrade gguf (pip install -U gguf)") from None
+    if shape[-1] % block:
+      raise CheckpointError(f"{path}: tensor {name} of shape {shape} does not fill whole blocks of {block} "
+                            f"({GGMLQuantizationType(qtype).name}); the file is corrupt")
+    byte_shape = (*shape[:-1], shape[-1] // block * nbytes)
+    begin, end = start + offset, start + offset + int(np.prod(byte_shape))
+    if end > len(blob):
+      raise CheckpointError(f"{path} is truncated: tensor {name} needs bytes {begin}..{end} but the file has "
+                            f"{len(blob)}. Re-download it")
+    tensors.append(GGUFTensor(name, shape, qtype, blob[begin:end].reshape(byte_shape)))
+  return GGUFFile(path, fields, tuple(tensors))
 
 
-def _field(reader, key: str, default=None):
-  f = reader.fields.get(key)
-  if f is None:
-    return default
-  v = f.contents()
-  return v
-
-
-def hf_config_from_gguf(reader, path: str = "") -> dict:
+def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
   """The Hugging Face config dict a GGUF file's metadata describes."""
-  arch = _field(reader, "general.architecture")
+  arch = reader.fields.get("general.architecture")
   if arch not in SUPPORTED_ARCHS:
     raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-  a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+  a = lambda k, d=None: reader.fields.get(f"{arch}.{k}", d)  # noqa: E731
   names = {t.name for t in reader.tensors}
   n_heads = int(a("attention.head_count"))
   hidden = int(a("embedding_length"))
   vocab = a("vocab_size")
   if vocab is None:
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = len(reader.fields.get("tokenizer.ggml.tokens", ()))
   cfg = {
       "model_type": "llama",
       "vocab_size": int(vocab),
@@ -90,8 +193,8 @@ def hf_config_from_gguf(reader, path: str = "") -> dict:
       "tie_word_embeddings": "output.weight" not in names,
       "attention_bias": "blk.0.attn_q.bias" in names,
       "hidden_act": "silu",
-      "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-      "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+      "bos_token_id": reader.fields.get("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": reader.fields.get("tokenizer.ggml.eos_token_id"),
   }
   rope = {"rope_type": "default", "rope_theta": float(a("rope.freq_base", 10000.0))}
   scaling = a("rope.scaling.type")
@@ -112,10 +215,22 @@ def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def read_gguf_tensors(reader, cfg: dict, path: str = "") -> dict[str, np.ndarray]:
-  """GGUF tensors, dequantized to f32 and renamed to Hugging Face keys."""
+def _dequantize(t: GGUFTensor, path: str) -> np.ndarray:
+  """One tensor as float32 in numpy order."""
+  from gguf import GGMLQuantizationType
   from gguf.quants import dequantize
 
+  qtype = GGMLQuantizationType(t.qtype)
+  try:
+    w = dequantize(t.data, qtype)
+  except (NotImplementedError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{path}: tensor {t.name} uses quantization {qtype.name}, which the installed "
+                          f"gguf package cannot dequantize ({e}); upgrade gguf or re-quantize the file") from None
+  return np.asarray(w, dtype=np.float32).reshape(t.shape)
+
+
+def read_gguf_tensors(reader: GGUFFile, cfg: dict, path: str = "") -> dict[str, np.ndarray]:
+  """GGUF tensors, dequantized to f32 and renamed to Hugging Face keys."""
   out = {}
   for t in reader.tensors:
     m = _BLOCK_RE.fullmatch(t.name)
@@ -124,13 +239,9 @@ def read_gguf_tensors(reader, cfg: dict, path: str = "") -> dict[str, np.ndarray
     elif t.name in _TOP:
       key = _TOP[t.name]
     else:
-      raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model")
-    try:
-      w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-    except (NotImplementedError, ValueError, KeyError) as e:
-      raise CheckpointError(f"{path}: tensor {t.name} uses quantization {t.tensor_type.name}, which the installed "
-                            f"gguf package cannot dequantize ({e})") from None
-    w = w.reshape(tuple(int(s) for s in reversed(t.shape)))  # GGUF lists dims fastest-first
+      raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model; expected only "
+                            f"{', '.join(_TOP)} and blk.N.{{{', '.join(_BLOCK)}}}")
+    w = _dequantize(t, path)
     if ".attn_q." in t.name:
       w = reverse_permute(w, cfg["num_attention_heads"])
     elif ".attn_k." in t.name:
@@ -142,8 +253,8 @@ def read_gguf_tensors(reader, cfg: dict, path: str = "") -> dict[str, np.ndarray
 def load_gguf(path: str, dtype=np.float32) -> Model:
   """Loads a LLaMA-architecture GGUF file as a jaxprune `Model`."""
   if not os.path.isfile(path):
-    raise CheckpointError(f"{path} is not a file")
-  reader = _reader(path)
+    raise CheckpointError(f"{path} is not a file; pass the path of a .gguf file")
+  reader = read_gguf(path)
   cfg = hf_config_from_gguf(reader, path)
   spec = spec_from_hf_config(cfg)
   params = tensors_to_params(spec, read_gguf_tensors(reader, cfg, path), source=path)

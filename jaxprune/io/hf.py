@@ -111,6 +111,12 @@ def load_hf(path: str, dtype=np.float32) -> Model:
 
 
 def to_device(params, dtype):
-  """numpy leaves -> jax arrays of `dtype` (tuples stay tuples)."""
-  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x, dtype=dtype)), params)
+  """numpy leaves -> jax arrays of `dtype` (tuples stay tuples).
+
+  `dtype` may be a name ("bfloat16"), which numpy alone does not understand.
+  One `device_put` moves the whole tree; a cast, where needed, runs in XLA.
+  """
+  dtype = jnp.dtype(dtype)
+  arrays = jax.device_put(jax.tree.map(np.asarray, params))
+  return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), arrays)
 

@@ -31,7 +31,7 @@ _HARMLESS = {
     "summary_proj_to_labels", "summary_first_dropout", "n_ctx", "n_positions", "n_embd", "n_layer", "n_head",
     "n_inner", "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
     "reorder_and_upcast_attn", "unk_token_id", "sep_token_id", "decoder_start_token_id", "mlp_bias",
-    "use_mrope", "rope_type", "partial_rotary_factor",
+    "use_mrope", "rope_type", "partial_rotary_factor", "allow_global_per_layer_attribute_access",
 }
 
 
@@ -79,18 +79,24 @@ def _act(name: str) -> str:
   return SUPPORTED_ACTS[name]
 
 
-def _per_layer(cfg: Mapping[str, Any], n_layers: int) -> list[dict]:
+# GPT-2 configs name these sizes n_head and n_inner; per-layer overrides use the names the modeling code reads.
+_GPT2_ALIASES = {"n_head": "num_attention_heads", "n_inner": "intermediate_size"}
+
+
+def _per_layer(cfg: Mapping[str, Any], n_layers: int, aliases: Mapping[str, str] | None = None) -> list[dict]:
   overrides = cfg.get("per_layer_config") or {}
+  aliases = aliases or {}
   out = [{} for _ in range(n_layers)]
   for k, v in overrides.items():
     i = int(k)
     if not 0 <= i < n_layers:
       raise ConfigError(f"per_layer_config names layer {k} but the model has {n_layers} layers")
+    v = {aliases.get(name, name): value for name, value in v.items()}
     bad = sorted(set(v) - {"num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"})
     if bad:
       raise ConfigError(
           f"per_layer_config[{k}] overrides {bad}; jaxprune supports per-layer num_attention_heads, "
-          "num_key_value_heads, head_dim and intermediate_size")
+          f"num_key_value_heads, head_dim and intermediate_size{' (n_head, n_inner)' if aliases else ''}")
     out[i] = dict(v)
   return out
 
@@ -162,7 +168,7 @@ def _gpt2_spec(cfg: Mapping[str, Any]) -> ModelSpec:
   F = int(_get(cfg, "n_inner", 4 * D))
   n_layers = int(_get(cfg, "n_layer", 12))
   layers = []
-  for over in _per_layer(cfg, n_layers):
+  for over in _per_layer(cfg, n_layers, _GPT2_ALIASES):
     n = int(over.get("num_attention_heads", N))
     layers.append(LayerSpec(n, n, int(over.get("head_dim", D // N)), int(over.get("intermediate_size", F))))
   return ModelSpec(

@@ -49,7 +49,7 @@ def _heads_in(n: str):
 
   def load(w, l):
     n_ = l.num_heads if n == "N" else l.num_kv_heads
-    return (w.reshape(n_, l.head_dim, -1).transpose(2, 0, 1),)
+    return (w.reshape(n_, l.head_dim, w.shape[1]).transpose(2, 0, 1),)
 
   def save(k, l):
     return k.transpose(1, 2, 0).reshape(-1, k.shape[0])
@@ -72,7 +72,7 @@ def _heads_out(conv1d: bool):
 
   def load(w, l):
     w = w if conv1d else w.T
-    return (w.reshape(l.num_heads, l.head_dim, -1),)
+    return (w.reshape(l.num_heads, l.head_dim, w.shape[1]),)
 
   def save(k, l):
     w = k.reshape(-1, k.shape[-1])
@@ -250,9 +250,11 @@ def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: s
   params["layers"] = tuple(blocks)
 
   ignored = [re.compile(p) for p in table.ignored]
-  # Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight.
+  # Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight. All-zero biases that the spec
+  # lacks change nothing; exports write them where the target family requires a bias (jaxprune.io.export).
   extra = [k for k in tensors if k not in used and not any(p.fullmatch(k) for p in ignored)
-           and not (k == "lm_head.weight" and spec.tie_embeddings)]
+           and not (k == "lm_head.weight" and spec.tie_embeddings)
+           and not (k.endswith(".bias") and not np.any(tensors[k]))]
   if missing or extra:
     parts = []
     if missing:

@@ -19,7 +19,7 @@ BUILTIN = {
 
 @dataclasses.dataclass(frozen=True)
 class Location:
-  kind: str  # "hf" | "gguf"
+  kind: str  # "hf" | "gguf" | "orbax"
   path: str
 
 
@@ -57,6 +57,9 @@ def resolve(name_or_path: str) -> Location:
       return Location("gguf", p)
     raise CheckpointError(f"{p} is a file but not a .gguf; pass a Hugging Face model directory or a GGUF file")
   if os.path.isdir(p):
+    from jaxprune.io.orbax_io import is_orbax_dir
+    if is_orbax_dir(p):
+      return Location("orbax", p)
     if os.path.exists(os.path.join(p, "config.json")) or os.path.exists(os.path.join(p, "jaxprune.json")):
       return Location("hf", p)
     ggufs = sorted(glob.glob(os.path.join(p, "*.gguf")))
@@ -80,6 +83,9 @@ def load(name_or_path: str, dtype=np.float32):
   if loc.kind == "gguf":
     from jaxprune.io.gguf import load_gguf
     return load_gguf(loc.path, dtype)
+  if loc.kind == "orbax":
+    from jaxprune.io.orbax_io import load_orbax
+    return load_orbax(loc.path, dtype)
   from jaxprune.io.hf import load_hf
   return load_hf(loc.path, dtype)
 
@@ -94,5 +100,6 @@ def load_tokenizer(name_or_path: str):
   try:
     return AutoTokenizer.from_pretrained(loc.path)
   except (OSError, ValueError) as e:
-    raise CheckpointError(f"{loc.path} has no usable tokenizer files ({e}); copy the tokenizer of the original "
-                          "model into it") from None
+    reason = " ".join(str(e).split())  # transformers' messages span lines; the CLI prints one
+    raise CheckpointError(f"{loc.path} has no usable tokenizer files ({reason}); copy the tokenizer of the original "
+                          "model (tokenizer.json, tokenizer_config.json) into it") from None

@@ -79,17 +79,31 @@ def apply_rope(x, cos, sin):
   return (x.astype(F32) * cos + rot.astype(F32) * sin).astype(x.dtype)
 
 
-def dense(p, x, spec: str):
-  """`x @ kernel (+ bias)` written as an einsum over named axes."""
-  y = jnp.einsum(spec, x, p["kernel"])
+def _add_bias(p, y):
   return y + p["bias"] if "bias" in p else y
+
+
+def dense(p, x, spec: str):
+  """`x @ kernel (+ bias)` written as an einsum over named axes.
+
+  The product accumulates in f32 and is then cast to the operands' dtype: for
+  f32 nothing changes, and for bf16 this is the form XLA's CPU backend hands
+  to its fast (AMX) matmul kernels; with bf16-output dots a SmolLM2 block ran
+  2.6x slower.
+  """
+  dtype = jnp.result_type(x, p["kernel"])
+  return _add_bias(p, jnp.einsum(spec, x, p["kernel"], preferred_element_type=F32).astype(dtype))
 
 
 def project_qkv(cfg: BlockConfig, p, x, positions):
   """q [B,T,N,H], k and v [B,T,K,H], with RoPE applied to q and k."""
-  q = dense(p["q"], x, "btd,dnh->btnh")
-  k = dense(p["k"], x, "btd,dkh->btkh")
-  v = dense(p["v"], x, "btd,dkh->btkh")
+  # One matmul against [D, N+2K, H] instead of three narrow ones: same dot products, better CPU use.
+  N, K = p["q"]["kernel"].shape[1], p["k"]["kernel"].shape[1]
+  qkv = dense({"kernel": jnp.concatenate([p["q"]["kernel"], p["k"]["kernel"], p["v"]["kernel"]], axis=1)}, x,
+              "btd,dnh->btnh")
+  q = _add_bias(p["q"], qkv[:, :, :N])
+  k = _add_bias(p["k"], qkv[:, :, N:N + K])
+  v = _add_bias(p["v"], qkv[:, :, N + K:])
   if cfg.rope is not None:
     cos, sin = rope_tables(cfg.rope, q.shape[-1], positions)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -119,14 +133,20 @@ def attend(cfg: BlockConfig, q, k, v, q_pos, k_pos):
     # Uneven groups: give every query head its own copy of its KV head.
     idx = jnp.asarray(cfg.kv_map)
     k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=2)
-  K = k.shape[2]
-  qg = q.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=F32) * (H**-0.5)
+  K, S = k.shape[2], k.shape[1]
+  G = N // K
+  # The G query heads of a KV head are stacked along the query axis, [B,K,G*T,H], so each
+  # (batch, KV head) pair is one larger matmul: about twice as fast on CPU as a [B,K,G] batch.
+  qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  scores = jnp.einsum("bkqh,bskh->bkqs", qg, k, preferred_element_type=F32) * (H**-0.5)
+  scores = scores.reshape(B, K, G, T, S)
   mask = attention_mask(cfg, q_pos, k_pos)[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(F32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  heads = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=F32)
-  return heads.reshape(B, T, N, H).astype(q.dtype), probs.reshape(B, N, T, -1)
+  heads = jnp.einsum("bkqs,bskh->bkqh", probs.reshape(B, K, G * T, S).astype(v.dtype), v,
+                     preferred_element_type=F32)
+  heads = heads.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  return heads.astype(q.dtype), probs.reshape(B, N, T, S)
 
 
 def attention(cfg: BlockConfig, p, x, positions, capture=()):

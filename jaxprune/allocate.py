@@ -1,0 +1,214 @@
+"""How many heads and channels each pruned block keeps (METHOD.md section 6).
+
+Parameter costs are counted from the actual structure (kernels and biases, with
+KV heads removed only with their whole group), so a ratio means the same
+thing for every family. Head choices always respect the GQA rule: by default
+every kept KV head keeps the same number of query heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxprune.errors import UsageError
+from jaxprune.spec import LayerSpec, ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Parameter counts of one block's prunable parts, bias flags as they will be after pruning."""
+
+  D: int
+  H: int
+  qkv_bias: bool
+  o_bias: bool
+  mlp_bias: bool
+  gated: bool
+
+  @classmethod
+  def of(cls, spec: ModelSpec, layer: LayerSpec, qkv_bias=None, o_bias=None, mlp_bias=None) -> "Costs":
+    return cls(spec.hidden_size, layer.head_dim, spec.qkv_bias if qkv_bias is None else qkv_bias,
+               spec.o_bias if o_bias is None else o_bias, spec.mlp_bias if mlp_bias is None else mlp_bias,
+               spec.fam.gated_mlp)
+
+  def attn(self, n_heads: int, n_kv: int) -> int:
+    D, H = self.D, self.H
+    p = D * H * (2 * n_heads + 2 * n_kv)
+    if self.qkv_bias:
+      p += H * (n_heads + 2 * n_kv)
+    return p + (D if self.o_bias else 0)
+
+  def mlp(self, channels: int) -> int:
+    n_first = 2 if self.gated else 1
+    p = self.D * channels * (n_first + 1)
+    if self.mlp_bias:
+      p += n_first * channels + self.D
+    return p
+
+  @property
+  def per_channel(self) -> int:
+    n_first = 2 if self.gated else 1
+    return self.D * (n_first + 1) + (n_first if self.mlp_bias else 0)
+
+
+def feasible_heads(layer: LayerSpec, free_groups: bool = False) -> list[tuple[int, int]]:
+  """(query heads kept, KV heads kept) pairs reachable under the GQA rule, ascending."""
+  K, G = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads
+  if free_groups or layer.kv_map is not None:
+    sizes = np.bincount(np.asarray(layer.kv_index), minlength=K)
+    out = set()
+    for n in range(1, layer.num_heads + 1):
+      # Fewest KV heads that can hold n query heads: fill the largest groups first.
+      out.add((n, int(np.searchsorted(np.cumsum(np.sort(sizes)[::-1]), n) + 1)))
+    return sorted(out)
+  return sorted({(k * g, k) for k in range(1, K + 1) for g in range(1, G + 1)})
+
+
+def choose_heads(layer: LayerSpec, priority: np.ndarray, n_keep: int, free_groups: bool = False) -> np.ndarray:
+  """The feasible set of query heads with `n_keep` members (or the nearest feasible size)
+  that maximises the summed priority. Returns sorted head indices."""
+  priority = np.asarray(priority, np.float64)
+  N = layer.num_heads
+  n_keep = int(min(max(n_keep, 1), N))
+  if free_groups or layer.kv_map is not None:
+    return np.sort(np.argsort(-priority, kind="stable")[:n_keep]).astype(np.int32)
+  K, G = layer.num_kv_heads, N // layer.num_kv_heads
+  sizes = sorted({k * g for k in range(1, K + 1) for g in range(1, G + 1)})
+  size = min(sizes, key=lambda s: (abs(s - n_keep), -s))
+  groups = np.asarray(layer.kv_index)
+  best, best_val = None, -np.inf
+  for k in range(1, K + 1):
+    if size % k or size // k > G:
+      continue
+    g = size // k
+    # Best g heads inside each group, then the best k groups.
+    picks = []
+    for grp in range(K):
+      members = np.flatnonzero(groups == grp)
+      top = members[np.argsort(-priority[members], kind="stable")[:g]]
+      picks.append((priority[top].sum(), top))
+    order = sorted(range(K), key=lambda i: -picks[i][0])[:k]
+    val = sum(picks[i][0] for i in order)
+    if val > best_val:
+      best_val, best = val, np.concatenate([picks[i][1] for i in order])
+  return np.sort(best).astype(np.int32)
+
+
+def choose_channels(scores: np.ndarray, n_keep: int) -> np.ndarray:
+  """Indices of the `n_keep` highest scores, sorted."""
+  scores = np.asarray(scores)
+  n_keep = int(min(max(n_keep, 1), scores.shape[0]))
+  return np.sort(np.argsort(-scores, kind="stable")[:n_keep]).astype(np.int32)
+
+
+def uniform_heads(layer: LayerSpec, costs: Costs, ratio: float, free_groups: bool = False) -> int:
+  """Query heads to keep so the attention module loses the fraction closest to `ratio`."""
+  dense = costs.attn(layer.num_heads, layer.num_kv_heads)
+  target = (1 - ratio) * dense
+  n, _ = min(feasible_heads(layer, free_groups), key=lambda nk: (abs(costs.attn(*nk) - target), -nk[0]))
+  return n
+
+
+def channels_for_budget(costs: Costs, budget: float, ffn_dim: int) -> int:
+  """MLP channels to keep so the MLP uses at most about `budget` parameters (at least 1)."""
+  fixed = costs.mlp(0)
+  n = int(round((budget - fixed) / costs.per_channel))
+  return int(min(max(n, 1), ffn_dim))
+
+
+def kv_heads_after(layer: LayerSpec, n_keep: int, free_groups: bool = False) -> int:
+  return dict(feasible_heads(layer, free_groups)).get(n_keep, layer.num_kv_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  heads: int  # query heads to keep
+  channels: int  # MLP channels to keep
+
+
+def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[Costs], head_scores, channel_scores,
+             budget: float, free_groups: bool = False, standardize: bool = True) -> dict[int, LayerPlan]:
+  """FLAP-style global allocation (AL-AM) from dense-model scores.
+
+  Scores are standardized per module kind over all pruned layers and ranked
+  together; units are removed, lowest first, until the removed parameters
+  reach `budget`, keeping at least one head and one channel per layer. Head
+  counts are then moved to the nearest feasible GQA size that keeps at least
+  as many heads, and MLP channels (continuing down the same ranking) make up
+  the difference so the total lands on the budget. `standardize=False` takes
+  scores that are already on one scale (FLAP's per-layer z-scores) as they are.
+  """
+  z_h = np.concatenate([np.asarray(s, np.float64) for s in head_scores])
+  z_c = np.concatenate([np.asarray(s, np.float64) for s in channel_scores])
+  if standardize:
+    z_h, z_c = _standardize(z_h), _standardize(z_c)
+  units = []  # (z, kind, layer position, cost)
+  off_h = off_c = 0
+  for pos, (l, c) in enumerate(zip(specs, costs)):
+    # A query head's share of its KV head goes with it (all of it under MHA).
+    head_cost = (c.attn(l.num_heads, l.num_kv_heads) - c.attn(0, 0)) / l.num_heads
+    units += [(z, 0, pos, head_cost) for z in z_h[off_h:off_h + l.num_heads]]
+    units += [(z, 1, pos, c.per_channel) for z in z_c[off_c:off_c + l.ffn_dim]]
+    off_h += l.num_heads
+    off_c += l.ffn_dim
+  units.sort(key=lambda u: u[0])
+  heads = [l.num_heads for l in specs]
+  chans = [l.ffn_dim for l in specs]
+  removed_units = np.zeros(len(units), bool)
+  removed = 0.0
+  for u, (z, kind, pos, cost) in enumerate(units):
+    if budget - removed < cost / 2:
+      continue  # would overshoot: let smaller units fill the rest
+    if kind == 0 and heads[pos] > 1:
+      heads[pos] -= 1
+    elif kind == 1 and chans[pos] > 1:
+      chans[pos] -= 1
+    else:
+      continue
+    removed += cost
+    removed_units[u] = True
+  # Feasible head counts (keep at least as many), then recount exactly.
+  for pos, l in enumerate(specs):
+    heads[pos] = min(n for n, _ in feasible_heads(l, free_groups) if n >= heads[pos])
+
+  def total_removed():
+    r = 0
+    for pos, (l, c) in enumerate(zip(specs, costs)):
+      r += c.attn(l.num_heads, l.num_kv_heads) - c.attn(heads[pos], kv_heads_after(l, heads[pos], free_groups))
+      r += c.mlp(l.ffn_dim) - c.mlp(chans[pos])
+    return r
+
+  deficit = budget - total_removed()
+  # Too little removed: continue down the ranking with channels; too much:
+  # give back the last channels removed.
+  for u, (_, kind, pos, cost) in enumerate(units):
+    if kind != 1 or removed_units[u] or chans[pos] <= 1:
+      continue
+    if deficit <= cost / 2:
+      break
+    chans[pos] -= 1
+    deficit -= cost
+  for u in reversed(np.flatnonzero(removed_units)):
+    _, kind, pos, cost = units[u]
+    if kind != 1:
+      continue
+    if -deficit <= cost / 2:
+      break
+    chans[pos] += 1
+    deficit += cost
+  return {l: LayerPlan(heads[pos], chans[pos]) for pos, l in enumerate(layers)}
+
+
+def _standardize(x: np.ndarray) -> np.ndarray:
+  sd = x.std()
+  return (x - x.mean()) / (sd if sd > 0 else 1.0)
+
+
+def check_ratio(ratio: float) -> float:
+  if not 0.0 <= ratio < 1.0:
+    raise UsageError(f"sparsity {ratio} is outside [0, 1); pass the fraction of block parameters to remove, "
+                     "e.g. --sparsity 0.2")
+  return float(ratio)

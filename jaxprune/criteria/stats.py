@@ -1,0 +1,54 @@
+"""What every criterion receives: the statistics of one module."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.spec import Params
+from jaxprune.stats.moments import Moments
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleStats:
+  """Calibration statistics of one module (pruned stream unless stated).
+
+  Attributes:
+    inputs: Moments of the normalized module input x (augmented Gram: S, mean, count).
+    hidden: Moments of the second level's input X2 (attention: per-head value
+      outputs, flattened [N*H]; MLP: act(gate) * up, [F]).
+    js: [N, N] mean Jensen-Shannon divergence between head attention maps, or None.
+    grads: gradient of the language-model loss w.r.t. the module's parameters, or None.
+    sq_grads: summed squared per-sample gradients (Fisher diagonal), or None.
+    identity: data-free variant (a): criteria use S = I instead of measured moments.
+    kv_index: for attention, the KV head each query head reads.
+    damping: the ridge delta of the run's solves (for criteria that solve).
+    intercept: whether the run's solves fit a bias.
+    layer: the block index (with `seed`, for seeded random scores).
+    seed: the run's seed.
+  """
+
+  inputs: Moments | None = None
+  hidden: Moments | None = None
+  js: jax.Array | None = None
+  grads: Params | None = None
+  sq_grads: Params | None = None
+  identity: bool = False
+  kv_index: tuple[int, ...] | None = None
+  damping: float = 1e-3
+  intercept: bool = False
+  layer: int = 0
+  seed: int = 0
+
+
+jax.tree_util.register_dataclass(ModuleStats, data_fields=["inputs", "hidden", "js", "grads", "sq_grads"],
+                                 meta_fields=["identity", "kv_index", "damping", "intercept", "layer", "seed"])
+
+
+def augmented_S(stats: ModuleStats, d: int) -> jax.Array:
+  """E[[x 1]^T [x 1]] (d+1, d+1); the identity (no mean, E[1] = 1) in the data-free case."""
+  if stats.identity:
+    return jnp.eye(d + 1, dtype=jnp.float32)
+  return stats.inputs.xx / stats.inputs.count

@@ -1,0 +1,582 @@
+"""The greedy module-wise pruning pipeline (METHOD.md section 5).
+
+For each block in order, attention then MLP: collect statistics on the dense
+and the pruned activation streams -> (optional) two-step reconstruction ->
+score -> select -> slice -> (optional) refit -> advance both streams. The loop
+is plain Python around the jitted kernels of `jaxprune.kernels`; parameters
+are transformed by pure functions and the input model is never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import allocate, criteria, kernels, reconstruct, sharding, surgery
+from jaxprune.criteria.stats import ModuleStats
+from jaxprune.errors import UsageError
+from jaxprune.model import Model
+from jaxprune.models import adapter as A
+from jaxprune.models import layers as L
+from jaxprune.models.forward import embed
+from jaxprune.spec import ModelSpec, block_param_count, count_params, spec_from_params
+from jaxprune.stats import moments
+
+log = logging.getLogger(__name__)
+
+HEAD_MODES = ("second-moment", "similarity")
+ALLOCATIONS = ("uniform", "adaptive")
+SCORE_DATA = ("calib", "random", "identity")
+DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """What to prune and how. Defaults follow the paper (METHOD.md).
+
+  Attributes:
+    sparsity: fraction of the attention + MLP parameters of the pruned blocks to remove.
+    method: criterion name (see `jaxprune.criteria.names()`); "goa" is the paper's metric.
+    heads: "second-moment" (heads ranked by the criterion) or "similarity"
+      (redundant heads by Jensen-Shannon divergence; MLP channels take the rest).
+    tau: similarity threshold (Algorithm 2). None with heads="similarity": the
+      tau whose selections meet the head budget of the uniform allocation.
+    reconstruct: two-step least-squares reconstruction before selection.
+    refit: refit the second level on the kept channels after selection.
+    intercept: solve with a ones column, giving the fitted levels a bias.
+    damping: delta in lam = delta * mean(diag(X^T X)).
+    auto_damping: choose delta for every solve from DAMPING_GRID by the fit on a
+      held-out batch of calibration windows (then solve on all windows).
+    layers: half-open block range [start, stop) to prune; None = all blocks.
+    allocation: "uniform" (every module loses the same fraction) or "adaptive" (global ranking).
+    attn_sparsity: with uniform allocation, the fraction of each attention module to
+      remove (rounded to whole heads); None = `sparsity`. MLP channels take the
+      rest of each block's budget either way.
+    score_data: statistics the criterion sees: "calib" (the pruned stream),
+      "random" (uniformly random token windows) or "identity" (S = I, data-free).
+    free_groups: allow uneven query heads per KV head (JAX-only models).
+    compensate: FLAP's bias compensation: after selection, the removed channels'
+      mean contribution E[x2_j] W2[j] is added to the second level's bias.
+    batch_size: calibration windows per chunk (a multiple of the data-parallel devices).
+    seed: for random choices (the random criterion, random-token windows).
+  """
+
+  sparsity: float = 0.2
+  method: str = "goa"
+  heads: str = "second-moment"
+  tau: float | None = None
+  reconstruct: bool = True
+  refit: bool = False
+  intercept: bool = False
+  damping: float = 1e-3
+  auto_damping: bool = False
+  layers: tuple[int, int] | None = None
+  allocation: str = "uniform"
+  attn_sparsity: float | None = None
+  score_data: str = "calib"
+  free_groups: bool = False
+  compensate: bool = False
+  batch_size: int = 16
+  seed: int = 0
+
+  def check(self, spec: ModelSpec) -> "PruneConfig":
+    allocate.check_ratio(self.sparsity)
+    if self.attn_sparsity is not None:
+      allocate.check_ratio(self.attn_sparsity)
+    criteria.get(self.method)
+    for name, value, allowed in (("heads", self.heads, HEAD_MODES), ("allocation", self.allocation, ALLOCATIONS),
+                                 ("score_data", self.score_data, SCORE_DATA)):
+      if value not in allowed:
+        raise UsageError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    if self.tau is not None and not self.tau > 0:
+      raise UsageError(f"tau must be positive (JS divergences lie in [0, ln 2 = 0.693]), got {self.tau}")
+    if not self.damping > 0:
+      raise UsageError(f"damping must be positive, got {self.damping}; the default is 1e-3")
+    if self.batch_size < 1:
+      raise UsageError(f"batch_size must be positive, got {self.batch_size}")
+    start, stop = self.block_range(spec)
+    if not 0 <= start < stop <= spec.num_layers:
+      raise UsageError(f"block range {start}:{stop} is outside the model's {spec.num_layers} blocks; "
+                       f"pass --layers A:B with 0 <= A < B <= {spec.num_layers}")
+    return self
+
+  def block_range(self, spec: ModelSpec) -> tuple[int, int]:
+    return tuple(self.layers) if self.layers is not None else (0, spec.num_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+  model: Model
+  report: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------
+# Streams
+
+
+def _chunks(windows: np.ndarray, batch_size: int, mesh, what: str) -> np.ndarray:
+  """[S, T] -> [S/B, B, T] after checking the sizes fit."""
+  windows = np.asarray(windows, np.int32)
+  if windows.ndim != 2:
+    raise UsageError(f"{what} windows must be a [samples, seq_len] array, got shape {windows.shape}")
+  S = windows.shape[0]
+  B = min(batch_size, S)
+  n_data = mesh.shape[sharding.DATA]
+  if B % n_data:
+    raise UsageError(f"batch size {B} is not a multiple of the {n_data} data-parallel devices; "
+                     f"pass a batch size divisible by {n_data}")
+  if S % B:
+    raise UsageError(f"{S} {what} windows do not split into batches of {B}; use a sample count divisible by {B}")
+  return windows.reshape(S // B, B, windows.shape[1])
+
+
+def _split_holdout(chunks: np.ndarray, holdout: bool) -> list[np.ndarray]:
+  """[C, B, T] -> [fit chunks] or [fit chunks, last chunk held out for choosing the damping]."""
+  if not holdout:
+    return [chunks]
+  if len(chunks) < 2:
+    raise UsageError(f"automatic damping holds out one batch of calibration windows, so it needs at least two "
+                     f"batches; got {len(chunks)}. Use more calibration windows or a smaller batch size")
+  return [chunks[:-1], chunks[-1:]]
+
+
+def _embed_stream(spec: ModelSpec, params, tokens: np.ndarray, mesh) -> jax.Array:
+  C, B, T = tokens.shape
+  x = embed(spec, params, jnp.asarray(tokens.reshape(C * B, T)))
+  return jax.device_put(x.reshape(C, B, T, -1), sharding.stream_sharding(mesh))
+
+
+def _positions(T: int):
+  return jnp.arange(T, dtype=jnp.int32)[None]
+
+
+# ---------------------------------------------------------------------------
+# One module
+
+
+def _first_level_targets(kind, p, m_in: moments.Moments, m_dense: moments.Moments):
+  """X^T Y1 (D+1, U1) and ||Y1||^2 for Y1 = [hd 1] [W1; b1], from the sums."""
+  w1, b1 = A.first_level(kind, p)
+  w1a = jnp.concatenate([w1, b1[None]], axis=0).astype(jnp.float32)
+  cross = jnp.concatenate([m_in.xy, m_in.xx[:, -1:]], axis=1)  # [hp 1]^T [hd 1]
+  xty = jnp.matmul(cross, w1a, precision="highest")
+  yy = jnp.sum(w1a * jnp.matmul(m_dense.xx, w1a, precision="highest"))
+  return w1a, xty, yy
+
+
+def _has_bias(kind, p, level: str) -> bool:
+  keys = kind.first_keys(p) if level == "first" else (kind.second_key,)
+  return any("bias" in p[k] for k in keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+  """Least-squares sums of one group of windows: Moments of X, X^T Y and ||Y||^2."""
+
+  m: moments.Moments
+  xty: jax.Array
+  yy: jax.Array
+
+  def __add__(self, other: "_Part") -> "_Part":
+    return _Part(self.m + other.m, self.xty + other.xty, self.yy + other.yy)
+
+
+def _total(parts):
+  out = parts[0]
+  for p in parts[1:]:
+    out = out + p
+  return out
+
+
+def _solve_level(parts: list[_Part], w_orig_aug, delta, grid, intercept, what):
+  """Solves one level on the sums of all groups of windows.
+
+  With a damping `grid` and a held-out group (the last of `parts`), delta is
+  the grid value whose solution from the other groups best fits the held-out
+  windows; the final solution then uses every group.
+
+  Returns (W, bias or None) -- or None when the damped solution fits the
+  calibration targets no better than the original weights (as when the two
+  streams still agree), in which case the original weights stay -- and a
+  report entry with the residuals relative to ||Y||^2.
+  """
+  rep = {}
+  if grid and len(parts) > 1:
+    fit, held = _total(parts[:-1]), parts[-1]
+    errs = []
+    for d in grid:
+      w, _ = reconstruct.ridge_solve(fit.m, fit.xty, d, intercept, what)
+      errs.append(float(reconstruct.residual(held.m, held.xty, held.yy, w)))
+    delta = float(grid[int(np.argmin(errs))])
+    rep["heldout_residuals"] = {f"{d:g}": e / max(float(held.yy), 1e-30) for d, e in zip(grid, errs)}
+  t = _total(parts)
+  w, info = reconstruct.ridge_solve(t.m, t.xty, delta, intercept, what)
+  d = t.m.dim
+  before = float(reconstruct.residual(t.m, t.xty, t.yy, w_orig_aug if intercept else w_orig_aug[:d]))
+  after = float(reconstruct.residual(t.m, t.xty, t.yy, w))
+  scale = max(float(t.yy), 1e-30)
+  rep.update(residual_before=before / scale, residual_after=min(after, before) / scale, damping=info.delta,
+             retries=info.retries, kept_original=after >= before)
+  if after >= before:
+    return None, rep
+  return (w[:d], w[d] if intercept else None), rep
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+  """One group of calibration windows: its dense and pruned activation streams."""
+
+  xd: jax.Array
+  xp: jax.Array
+
+
+def _x2_index(kind, p, units: np.ndarray) -> np.ndarray:
+  """Channels of X2 that belong to `units` (heads span head_dim channels each)."""
+  w = A.unit_width(kind, p)
+  return (units[:, None] * w + np.arange(w)[None]).reshape(-1)
+
+
+class _Pruner:
+  """State of one pruning run: streams, the evolving parameters, the report."""
+
+  def __init__(self, model: Model, config: PruneConfig, mesh, progress):
+    self.config = config
+    self.crit = criteria.get(config.method)
+    self.mesh = mesh
+    self.progress = progress or (lambda event: None)
+    self.dense = model
+    self.spec = model.spec
+    self.params = dict(model.params)
+    self.blocks = list(model.params["layers"])
+    self.layer_specs = list(model.spec.layers)
+    self.rng = np.random.default_rng(config.seed)
+    self.modules: list[dict] = []
+    self.start, self.stop = config.block_range(model.spec)
+    # A fitted intercept adds biases. Hugging Face's LLaMA config has one flag for
+    # the q, k, v and o biases and one for gate, up and down, so an added bias
+    # comes with zero biases for its siblings (counted in the budget).
+    adds = config.intercept and (config.reconstruct or config.refit) or config.compensate
+    s = model.spec
+    self.bias_after = dict(qkv_bias=s.qkv_bias or adds, o_bias=s.o_bias or adds, mlp_bias=s.mlp_bias or adds)
+    self.carry = 0.0  # parameters kept beyond the running budget
+    self.extra: dict | None = None  # what the criterion's prepare() computed
+
+  # -- budget ---------------------------------------------------------------
+  def costs(self, i: int) -> allocate.Costs:
+    return allocate.Costs.of(self.spec, self.layer_specs[i], **self.bias_after)
+
+  def dense_block_params(self, i: int) -> int:
+    return block_param_count(self.dense.params["layers"][i])
+
+  def layer_target(self, i: int) -> float:
+    return (1 - self.config.sparsity) * self.dense_block_params(i)
+
+  # -- one module -----------------------------------------------------------
+  def module(self, kind: A.ModuleKind, i: int, groups: list["_Group"], xs, plan, tau):
+    """Prunes one module; returns the groups' and the score stream's next activations."""
+    c = self.config
+    t0 = time.perf_counter()
+    blk, layer = self.blocks[i], self.layer_specs[i]
+    cfg = L.block_config(self.spec.with_layers(self.layer_specs), i)
+    norm_p, p0 = blk[kind.norm_key], blk[kind.key]
+    pos = _positions(groups[0].xd.shape[2])
+    rep: dict[str, Any] = {"layer": i, "module": kind.name}
+    grid = DAMPING_GRID if c.auto_damping else None
+
+    firsts = [kernels.first_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos) for g in groups]
+    m_in = _total([f[0] for f in firsts])
+    yds = [f[4] for f in firsts]
+    err_in, yy = sum(float(f[2]) for f in firsts), sum(float(f[3]) for f in firsts)
+    p1 = p0
+    if c.reconstruct:
+      parts = []
+      for f in firsts:
+        w1a, xty, yy1 = _first_level_targets(kind, p0, f[0], f[1])
+        parts.append(_Part(f[0], xty, yy1))
+      icpt = c.intercept or _has_bias(kind, p0, "first")
+      sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
+      if sol is not None:
+        p1 = A.with_first_level(kind, p0, *sol)
+
+    want_js = kind is A.ATTN and c.heads == "similarity"
+    seconds = [kernels.second_pass(kind, cfg, norm_p, p1, g.xp, yd, pos, want_js) for g, yd in zip(groups, yds)]
+    m2_parts = [_Part(m2, m2.xy, jnp.asarray(float(f[3]))) for (m2, _, _), f in zip(seconds, firsts)]
+    m2 = _total([m for m, _, _ in seconds])
+    js = None
+    if want_js:
+      js = sum(j for _, j, _ in seconds) / max(sum(float(r) for _, _, r in seconds), 1.0)
+    p2 = p1
+    if c.reconstruct:
+      w2, b2 = A.second_level(kind, p1)
+      w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
+      icpt = c.intercept or _has_bias(kind, p1, "second")
+      sol, rep["second_level"] = _solve_level(m2_parts, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} W2")
+      if sol is not None:
+        p2 = A.with_second_level(kind, p1, *sol)
+
+    stats = self.score_stats(kind, i, cfg, norm_p, p1, m_in, m2, js, xs, layer)
+    scores = np.asarray(self.crit.score(kind, p2, stats), np.float64)
+    keep = self.select(kind, i, layer, scores, js, plan, tau, rep)
+
+    blk2 = {**blk, kind.key: p2}
+    if kind is A.ATTN:
+      blk2, layer2 = surgery.prune_heads(blk2, layer, keep, free_groups=c.free_groups)
+    else:
+      blk2, layer2 = surgery.prune_channels(blk2, layer, keep)
+    if c.compensate:
+      w2, b2 = A.second_level(kind, p2)
+      gone = np.setdiff1d(np.arange(w2.shape[0]), _x2_index(kind, p2, keep))
+      b2 = b2 + jnp.matmul(m2.mean[gone], w2[gone].astype(jnp.float32), precision="highest")
+      blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], A.second_level(kind, blk2[kind.key])[0], b2)}
+    if c.refit:
+      idx = _x2_index(kind, p2, keep)
+      subs = [_Part(moments.subset(p.m, idx), moments.subset(p.m, idx).xy, p.yy) for p in m2_parts]
+      icpt = c.intercept or _has_bias(kind, blk2[kind.key], "second")
+      w2, b2 = A.second_level(kind, blk2[kind.key])
+      w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
+      sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
+      if sol is not None:
+        blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], *sol)}
+    blk2 = self.fill_biases(blk2)
+    self.blocks[i], self.layer_specs[i] = blk2, layer2
+    cfg2 = L.block_config(self.spec.with_layers(self.layer_specs), i)
+    nxt, err_out = [], 0.0
+    for g, yd in zip(groups, yds):
+      xp_next, e = kernels.final_pass(kind, cfg2, norm_p, blk2[kind.key], g.xp, yd, pos)
+      nxt.append(_Group(kernels.add(g.xd, yd), xp_next))
+      err_out += float(e)
+    xs_next = None if xs is None else kernels.final_pass(kind, cfg2, norm_p, blk2[kind.key], xs, None, pos)[0]
+
+    yy = max(yy, 1e-30)
+    rep["error_inherited"] = err_in / yy
+    if c.reconstruct:
+      rep["error_reconstructed"] = rep["second_level"]["residual_after"]
+    rep["error_after"] = err_out / yy
+    rep["units_before"] = int(len(scores))
+    rep["units_after"] = int(len(keep))
+    rep["kept"] = [int(k) for k in keep]
+    rep["seconds"] = time.perf_counter() - t0
+    self.modules.append(rep)
+    self.progress({"event": "module", **rep})
+    return nxt, xs_next
+
+  def score_stats(self, kind, i, cfg, norm_p, p1, m_in, m2, js, xs, layer) -> ModuleStats:
+    c = self.config
+    kw = dict(js=js, kv_index=layer.kv_index if kind is A.ATTN else None, damping=c.damping,
+              intercept=c.intercept, layer=i, seed=c.seed)
+    if self.extra:
+      for name in ("grads", "sq_grads"):
+        if self.extra.get(name) is not None:
+          kw[name] = self.extra[name][i][kind.key]
+    if c.score_data == "identity":
+      return ModuleStats(identity=True, **kw)
+    if c.score_data == "random" and "hidden_cross" not in self.crit.needs:
+      pos = _positions(xs.shape[2])
+      m_in = kernels.input_moments(kind, cfg, norm_p, xs)
+      m2, _, _ = kernels.second_pass(kind, cfg, norm_p, p1, xs, None, pos, False)
+    # Criteria that solve against the dense outputs keep the calibration cross moment.
+    return ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, **kw)
+
+  def select(self, kind, i, layer, scores, js, plan, tau, rep) -> np.ndarray:
+    c = self.config
+    costs = self.costs(i)
+    if kind is A.ATTN:
+      if c.heads == "similarity":
+        D = np.asarray(js, np.float64)
+        if tau is not None:
+          drop = criteria.algorithm2(D, tau)
+        else:
+          n_drop = layer.num_heads - self.uniform_heads(layer, costs)
+          drop = criteria.budgeted(D, scores, n_drop)
+        priority = _rank01(scores) + 2.0 * ~np.isin(np.arange(layer.num_heads), drop)
+        keep = allocate.choose_heads(layer, priority, layer.num_heads - len(drop), c.free_groups)
+        rep.update(tau=tau, js=D.round(6).tolist(), similar_heads=[int(h) for h in drop])
+        return keep
+      n = plan.heads if plan is not None else self.uniform_heads(layer, costs)
+      return allocate.choose_heads(layer, scores, n, c.free_groups)
+    # MLP channels take the rest of the block's budget; what earlier blocks kept
+    # beyond (or below) theirs is carried so the total lands on the budget.
+    if plan is not None:
+      lp = self.dense.spec.layers[i]
+      target = costs.attn(plan.heads, allocate.kv_heads_after(lp, plan.heads, c.free_groups)) + costs.mlp(
+          plan.channels)
+    else:
+      target = self.layer_target(i)
+    attn = self.blocks[i]["attn"]
+    attn_params = costs.attn(attn["q"]["kernel"].shape[1], attn["k"]["kernel"].shape[1])
+    n = allocate.channels_for_budget(costs, target - attn_params - self.carry, layer.ffn_dim)
+    self.carry += attn_params + costs.mlp(n) - target
+    return allocate.choose_channels(scores, n)
+
+  def uniform_heads(self, layer, costs) -> int:
+    c = self.config
+    ratio = c.sparsity if c.attn_sparsity is None else c.attn_sparsity
+    return allocate.uniform_heads(layer, costs, ratio, c.free_groups)
+
+  def fill_biases(self, blk):
+    """Adds zero biases so every block has the biases the exported config will declare."""
+    attn = dict(blk["attn"])
+    for k in ("q", "k", "v", "o"):
+      if self.bias_after["o_bias" if k == "o" else "qkv_bias"] and "bias" not in attn[k]:
+        shape = attn[k]["kernel"].shape[1:] if k != "o" else attn[k]["kernel"].shape[-1:]
+        attn[k] = {**attn[k], "bias": jnp.zeros(shape, attn[k]["kernel"].dtype)}
+    mlp = dict(blk["mlp"])
+    if self.bias_after["mlp_bias"]:
+      for k in mlp:
+        if "bias" not in mlp[k]:
+          mlp[k] = {**mlp[k], "bias": jnp.zeros(mlp[k]["kernel"].shape[-1:], mlp[k]["kernel"].dtype)}
+    return {**blk, "attn": attn, "mlp": mlp}
+
+
+def _rank01(x) -> np.ndarray:
+  """Scores mapped to [0, 1) by rank (a tie-breaker that cannot outweigh a +2 bonus)."""
+  r = np.argsort(np.argsort(x, kind="stable"), kind="stable")
+  return r / max(len(x), 1)
+
+
+# ---------------------------------------------------------------------------
+# Plans that need the whole model first (adaptive allocation, tau search)
+
+
+def _dense_scores(pr: _Pruner, tokens, want_js: bool):
+  """Per-layer head and channel scores (and JS matrices) of the dense model."""
+  c = pr.config
+  x = _embed_stream(pr.spec, pr.params, tokens, pr.mesh)
+  pos = _positions(x.shape[2])
+  heads, chans, Ds = {}, {}, {}
+  for i in range(pr.stop):
+    blk, layer = pr.blocks[i], pr.layer_specs[i]
+    cfg = L.block_config(pr.spec, i)
+    if i >= pr.start:
+      for kind in (A.ATTN, A.MLP):
+        m_in, _, _, _, yd = kernels.first_pass(kind, cfg, blk[kind.norm_key], blk[kind.key], x, x, pos)
+        m2, js, rows = kernels.second_pass(kind, cfg, blk[kind.norm_key], blk[kind.key], x, None, pos,
+                                           want_js and kind is A.ATTN)
+        js = None if js is None else js / rows
+        identity = c.score_data == "identity"
+        stats = ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, js=js, identity=identity,
+                            kv_index=layer.kv_index if kind is A.ATTN else None)
+        s = np.asarray(pr.crit.score(kind, blk[kind.key], stats), np.float64)
+        (heads if kind is A.ATTN else chans)[i] = s
+        if js is not None:
+          Ds[i] = np.asarray(js, np.float64)
+        x = kernels.add(x, yd)
+      pr.progress({"event": "plan", "layer": i})
+    else:
+      x = kernels.block_pass(cfg, blk, x, pos)
+  return heads, chans, Ds
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+
+
+def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), *, score_windows=None, mesh=None,
+          progress: Callable[[dict], None] | None = None) -> PruneResult:
+  """Prunes `model` with calibration token windows `calib` [S, T].
+
+  Args:
+    score_windows: token windows [S', T] for score_data="random" (default:
+      uniformly random ids with config.seed, as many as `calib`).
+    mesh: a Mesh with a `data` axis (default: all devices on `data`).
+    progress: called with a dict after every module (and plan layer).
+
+  Returns:
+    PruneResult(model, report): the pruned Model (the input is untouched) and a JSON-able report.
+  """
+  c = config.check(model.spec)
+  mesh = mesh or sharding.make_mesh()
+  t_start = time.perf_counter()
+  pr = _Pruner(model, c, mesh, progress)
+  tokens = _split_holdout(_chunks(calib, c.batch_size, mesh, "calibration"), c.auto_damping)
+  if c.score_data == "random" and score_windows is None:
+    rng = np.random.default_rng(c.seed + 1)
+    score_windows = rng.integers(0, model.spec.vocab_size, size=np.asarray(calib).shape, dtype=np.int32)
+  s_tokens = _chunks(score_windows, c.batch_size, mesh, "scoring") if c.score_data == "random" else None
+
+  if pr.crit.prepare is not None:
+    t0 = time.perf_counter()
+    pr.extra = pr.crit.prepare(model, np.asarray(calib), c)
+    log.info("criterion %s prepared in %.1fs", c.method, time.perf_counter() - t0)
+
+  # Plans from the dense model: adaptive allocation and/or the tau meeting the head budget.
+  plans: dict[int, allocate.LayerPlan] = {}
+  tau = c.tau
+  plan_seconds = 0.0
+  need_tau = c.heads == "similarity" and c.tau is None and c.allocation == "adaptive"
+  if c.allocation == "adaptive":
+    t0 = time.perf_counter()
+    head_s, chan_s, Ds = _dense_scores(pr, np.concatenate(tokens), want_js=need_tau)
+    idx = list(range(pr.start, pr.stop))
+    budget = c.sparsity * sum(pr.dense_block_params(i) for i in idx)
+    # Added biases count against the budget.
+    budget += sum(pr.costs(i).attn(pr.layer_specs[i].num_heads, pr.layer_specs[i].num_kv_heads) +
+                  pr.costs(i).mlp(pr.layer_specs[i].ffn_dim) - pr.dense_block_params(i) for i in idx)
+    plans = allocate.adaptive(idx, [pr.layer_specs[i] for i in idx], [pr.costs(i) for i in idx],
+                              [head_s[i] for i in idx], [chan_s[i] for i in idx], budget, c.free_groups,
+                              standardize=not pr.crit.prescaled)
+    if need_tau:
+      n_drop = sum(pr.layer_specs[i].num_heads - plans[i].heads for i in idx)
+      tau = criteria.search_tau([Ds[i] for i in idx], n_drop)
+    plan_seconds = time.perf_counter() - t0
+
+  groups = [_Group(x, x) for x in (_embed_stream(model.spec, model.params, t, mesh) for t in tokens)]
+  xs = _embed_stream(model.spec, model.params, s_tokens, mesh) if s_tokens is not None else None
+  pos = _positions(tokens[0].shape[2])
+  for i in range(model.spec.num_layers):
+    if pr.start <= i < pr.stop:
+      plan = plans.get(i)
+      groups, xs = pr.module(A.ATTN, i, groups, xs, plan, tau)
+      groups, xs = pr.module(A.MLP, i, groups, xs, plan, tau)
+      pr.progress({"event": "block", "layer": i})
+    elif i < pr.stop:
+      cfg = L.block_config(pr.spec, i)
+      run = functools.partial(kernels.block_pass, cfg, pr.blocks[i], positions=pos)
+      groups = [_Group(run(x=g.xd), run(x=g.xp)) for g in groups]
+      if xs is not None:
+        xs = run(x=xs)
+    else:
+      break  # nothing after the range changes
+
+  blocks = [pr.fill_biases(b) for b in pr.blocks]
+  params = {**model.params, "layers": tuple(blocks)}
+  spec = spec_from_params(model.spec.with_layers(pr.layer_specs), params)
+  pruned = Model.checked(spec, params, model.source)
+  report = _report(model, pruned, c, pr, tau, plan_seconds, time.perf_counter() - t_start, calib, mesh)
+  return PruneResult(pruned, report)
+
+
+def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_seconds, seconds, calib, mesh):
+  idx = range(pr.start, pr.stop)
+  block_before = sum(block_param_count(dense.params["layers"][i]) for i in idx)
+  block_after = sum(block_param_count(pruned.params["layers"][i]) for i in idx)
+  total_before, total_after = count_params(dense.params), count_params(pruned.params)
+  return {
+      "config": {**dataclasses.asdict(c), "layers": list(c.block_range(dense.spec))},
+      "tau": tau,
+      "calibration": {"windows": int(np.shape(calib)[0]), "seq_len": int(np.shape(calib)[1]),
+                      "held_out_for_damping": c.batch_size if c.auto_damping else 0},
+      "devices": {"data": int(mesh.shape[sharding.DATA]), "platform": jax.default_backend()},
+      "params": {
+          "before": total_before,
+          "after": total_after,
+          "pruned_blocks_before": block_before,
+          "pruned_blocks_after": block_after,
+          "ratio_of_pruned_blocks": 1 - block_after / block_before,
+          "ratio_global": 1 - total_after / total_before,
+      },
+      "layers": [dataclasses.asdict(l) for l in pruned.spec.layers],
+      "modules": pr.modules,
+      "damping_retries": sum(m.get(k, {}).get("retries", 0) for m in pr.modules
+                             for k in ("first_level", "second_level", "refit")),
+      "seconds": {"total": seconds, "plan": plan_seconds,
+                  "modules": math.fsum(m["seconds"] for m in pr.modules)},
+  }

@@ -1,0 +1,153 @@
+"""Meshes and shardings by logical axis names.
+
+Parameters are tagged with logical names (embed, heads, kv_heads, head_dim,
+mlp, vocab) derived from the parameter tree's structure, and one rules table
+maps names to mesh axes. A dimension whose size the mesh axis does not divide
+is replicated, with a warning, rather than failing. Calibration activations are
+sharded over the `data` axis; statistics are sums, so XLA's all-reduce makes
+them identical to the single-device result up to summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+DATA = "data"
+MODEL = "model"
+
+#: logical axis -> mesh axis (None: replicated).
+DEFAULT_RULES: dict[str, str | None] = {
+    "batch": DATA,
+    "embed": None,
+    "heads": MODEL,
+    "kv_heads": MODEL,
+    "head_dim": None,
+    "mlp": MODEL,
+    "vocab": MODEL,
+    "positions": None,
+}
+
+# Logical axes of each leaf, keyed by (module, projection, leaf) suffix of its path.
+_LEAF_AXES = {
+    ("q", "kernel"): ("embed", "heads", "head_dim"),
+    ("q", "bias"): ("heads", "head_dim"),
+    ("k", "kernel"): ("embed", "kv_heads", "head_dim"),
+    ("k", "bias"): ("kv_heads", "head_dim"),
+    ("v", "kernel"): ("embed", "kv_heads", "head_dim"),
+    ("v", "bias"): ("kv_heads", "head_dim"),
+    ("o", "kernel"): ("heads", "head_dim", "embed"),
+    ("o", "bias"): ("embed",),
+    ("gate", "kernel"): ("embed", "mlp"),
+    ("gate", "bias"): ("mlp",),
+    ("up", "kernel"): ("embed", "mlp"),
+    ("up", "bias"): ("mlp",),
+    ("down", "kernel"): ("mlp", "embed"),
+    ("down", "bias"): ("embed",),
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("pos_embed", "embedding"): ("positions", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+}
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices: Sequence | None = None) -> Mesh:
+  """A (data, model) mesh over `devices` (default: all); data defaults to the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  if data is None:
+    data = len(devices) // model
+  if data * model > len(devices) or data < 1 or model < 1:
+    raise ValueError(f"a {data}x{model} mesh needs {data * model} devices; {len(devices)} are available")
+  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+
+
+def logical_axes(params) -> dict:
+  """A tree like `params` whose leaves are tuples of logical axis names."""
+
+  def tag(path, leaf):
+    keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    axes = _LEAF_AXES.get(tuple(keys[-2:]))
+    if axes is None:  # norms: scale/bias over the model width
+      axes = ("embed",) * np.ndim(leaf)
+    return axes
+
+  return jax.tree_util.tree_map_with_path(tag, params)
+
+
+def spec_for(shape, axes: Sequence[str], mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
+  """PartitionSpec for one array; non-dividing or already-used mesh axes are replicated."""
+  out, used = [], set()
+  for size, name in zip(shape, axes):
+    ax = rules.get(name)
+    if ax is None or ax in used or mesh.shape.get(ax, 1) == 1:
+      out.append(None)
+      continue
+    if size % mesh.shape[ax]:
+      log.warning("dimension %s of size %d is not divisible by mesh axis %r (%d); replicating it", name, size, ax,
+                  mesh.shape[ax])
+      out.append(None)
+      continue
+    out.append(ax)
+    used.add(ax)
+  return P(*out)
+
+
+def param_shardings(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
+  """NamedShardings for every leaf of `params`."""
+  axes = logical_axes(params)
+  return jax.tree.map(lambda x, a: NamedSharding(mesh, spec_for(np.shape(x), a, mesh, rules)), params, axes)
+
+
+def shard_params(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
+  return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def stream_sharding(mesh: Mesh) -> NamedSharding:
+  """Activations stored as [chunks, batch, T, D]: the batch axis over `data`."""
+  return NamedSharding(mesh, P(None, DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------
+# Small dense linear algebra (solves, inverses) on one device
+#
+# Statistics come out of the data-parallel kernels replicated on every device
+# of the mesh. Solving on all of them repeats the same LAPACK work once per
+# device (on a CPU mesh: 8 copies fighting for the cores, and concurrent
+# multi-threaded LAPACK calls that can stall each other), so solves take one
+# local copy and their results are put back on the mesh, replicated.
+
+
+def local_copy(x):
+  """A copy of array `x` on this process's first device (non-arrays as they are).
+
+  Arrays sharded across processes are gathered, a collective: every process
+  must call this in the same order, as the pipeline's processes do.
+  """
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return x
+  if x.is_fully_replicated:
+    return x.addressable_data(0)
+  if x.is_fully_addressable:
+    return jax.device_put(x, jax.local_devices()[0])
+  # Sharded across processes: every process gathers the whole (small) array.
+  from jax.experimental import multihost_utils
+  return jax.device_put(multihost_utils.process_allgather(x, tiled=True), jax.local_devices()[0])
+
+
+def replicate_like(y, like):
+  """`y` replicated over the devices `like` lives on (as it was, when `like` is on one device)."""
+  if not isinstance(like, jax.Array) or len(like.sharding.device_set) == 1:
+    return y
+  sharding = like.sharding
+  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else Mesh(np.array(list(sharding.device_set)), ("all",))
+  host = np.asarray(y)
+  return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda idx: host[idx])

@@ -1,0 +1,91 @@
+"""Second-moment sufficient statistics as f32 sums.
+
+`Moments` holds the augmented Gram matrix of a module input X (a ones column
+appended, so the last row holds the column sums and the corner holds the token
+count) and optionally the cross moment with a target Y. Everything is a sum,
+so statistics of several batches or devices add exactly, and memory does not
+grow with the number of calibration tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Moments:
+  """Sums over tokens: xx = [X 1]^T [X 1] (d+1, d+1); xy = [X 1]^T Y (d+1, e) or None."""
+
+  xx: jax.Array
+  xy: jax.Array | None = None
+
+  @property
+  def dim(self) -> int:
+    return self.xx.shape[0] - 1
+
+  @property
+  def count(self) -> jax.Array:
+    return self.xx[-1, -1]
+
+  @property
+  def gram(self) -> jax.Array:
+    """X^T X (d, d)."""
+    return self.xx[:-1, :-1]
+
+  @property
+  def mean(self) -> jax.Array:
+    """E[x] (d,)."""
+    return self.xx[-1, :-1] / self.count
+
+  @property
+  def second_moment(self) -> jax.Array:
+    """S = E[x^T x] (d, d), the uncentered second moment."""
+    return self.gram / self.count
+
+  @property
+  def sq_mean(self) -> jax.Array:
+    """E[x_j^2] per feature (d,)."""
+    return jnp.diagonal(self.gram) / self.count
+
+  @property
+  def variance(self) -> jax.Array:
+    """Var[x_j] per feature (d,), over tokens."""
+    return jnp.maximum(self.sq_mean - jnp.square(self.mean), 0.0)
+
+  def __add__(self, other: "Moments") -> "Moments":
+    xy = None if self.xy is None else self.xy + other.xy
+    return Moments(self.xx + other.xx, xy)
+
+
+jax.tree_util.register_dataclass(Moments, data_fields=["xx", "xy"], meta_fields=[])
+
+
+def init(d: int, e: int | None = None) -> Moments:
+  return Moments(jnp.zeros((d + 1, d + 1), F32), None if e is None else jnp.zeros((d + 1, e), F32))
+
+
+def _augment(x):
+  x = x.reshape(-1, x.shape[-1]).astype(F32)
+  return jnp.concatenate([x, jnp.ones((x.shape[0], 1), F32)], axis=1)
+
+
+def update(m: Moments, x, y=None) -> Moments:
+  """Adds the tokens of x [..., d] (and targets y [..., e]) to the sums."""
+  xa = _augment(x)
+  xx = m.xx + jnp.einsum("ti,tj->ij", xa, xa, precision="highest")
+  if m.xy is None:
+    return Moments(xx, None)
+  yf = y.reshape(-1, y.shape[-1]).astype(F32)
+  return Moments(xx, m.xy + jnp.einsum("ti,tj->ij", xa, yf, precision="highest"))
+
+
+def subset(m: Moments, idx) -> Moments:
+  """Moments of the features `idx` only (the ones column is kept)."""
+  idx = jnp.concatenate([jnp.asarray(idx, jnp.int32), jnp.asarray([m.dim], jnp.int32)])
+  xx = m.xx[idx][:, idx]
+  return Moments(xx, None if m.xy is None else m.xy[idx])

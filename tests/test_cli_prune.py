@@ -1,0 +1,107 @@
+"""`jaxprune prune`, run in-process on a tiny model: outputs, report, and refusals."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune.cli import main
+from jaxprune.models import logits
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dir, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("prune") / "model")
+  shutil.copytree(tiny_dir("llama_gqa"), path)
+  return tiny.add_word_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+  d = tmp_path_factory.mktemp("texts")
+  return {"calib": tiny.write_words(str(d / "calib.txt"), 900, seed=1),
+          "test": tiny.write_words(str(d / "test.txt"), 400, seed=2),
+          "short": tiny.write_words(str(d / "short.txt"), 5, seed=3)}
+
+
+def run(capsys, *argv):
+  capsys.readouterr()
+  code = main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+BASE = ("--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "16", "--batch-size", "8")
+
+
+def test_prune_writes_a_loadable_model_and_a_report(capsys, model_dir, texts, tmp_path):
+  out = tmp_path / "pruned"
+  code, stdout, err = run(capsys, "prune", model_dir, *BASE, "--calib", texts["calib"], "--eval-text", texts["test"],
+                          "--eval-windows", "8", "--out", out)
+  assert code == 0, err
+  assert "parameters:" in stdout and "perplexity on" in stdout and "time:" in stdout
+  report = json.loads((out / "report.json").read_text())
+  pruned = jaxprune.load(str(out))
+  assert report["params"]["after"] == pruned.num_params < jaxprune.load(model_dir).num_params
+  assert abs(report["params"]["ratio_of_pruned_blocks"] - 0.3) < 0.05
+  assert set(report["perplexity"]) >= {"dense", "pruned", "text", "windows"}
+  assert report["perplexity"]["pruned"]["perplexity"] > 0 and report["config"]["sparsity"] == 0.3
+  assert len(report["modules"]) == 2 * pruned.spec.num_layers
+  lines = (out / "progress.jsonl").read_text().splitlines()
+  assert sum(json.loads(l)["event"] == "module" for l in lines) == len(report["modules"])
+  # The saved model is the pruned model: `jaxprune eval` on it works and agrees.
+  code, stdout, err = run(capsys, "eval", out, "--text", texts["test"], "--seq-len", "16", "--max-windows", "8")
+  assert code == 0, err
+  ppl = float(stdout.split("perplexity")[1].split()[0])
+  assert ppl == pytest.approx(report["perplexity"]["pruned"]["perplexity"], rel=1e-4)
+  assert not [p for p in os.listdir(tmp_path) if p != "pruned"]  # no temporary debris
+
+
+def test_selfgen_and_random_calibration_run(capsys, model_dir, tmp_path):
+  for calib in ("selfgen", "random"):
+    code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", calib, "--out", tmp_path / calib)
+    assert code == 0, err
+    report = json.loads((tmp_path / calib / "report.json").read_text())
+    assert report["calibration"]["source"] == calib
+    assert report["config"]["score_data"] == ("random" if calib == "selfgen" else "calib")
+
+
+def test_existing_output_is_kept_without_force(capsys, model_dir, texts, tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", texts["calib"], "--out", out)
+  assert code == 2 and "already exists" in err and "--force" in err and "Traceback" not in err
+  assert os.listdir(out) == ["keep.txt"]
+  code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", texts["calib"], "--out", out, "--force")
+  assert code == 0, err
+  assert "keep.txt" not in os.listdir(out) and "report.json" in os.listdir(out)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("--sparsity", "1.2"), r"sparsity 1.2 is outside \[0, 1\)"),
+    (("--sparsity", "-0.1"), r"outside \[0, 1\)"),
+    (("--layers", "0:9"), "block range 0:9 is outside the model's 2 blocks"),
+    (("--heads", "similarity", "--tau", "0"), "tau must be positive"),
+    (("--calib", "SHORT"), "fewer than|free windows"),
+    (("--calib", "/nonexistent/text.txt"), "does not exist"),
+    (("--damping", "lots"), "--damping takes a number or 'auto'"),
+])
+def test_bad_input_is_a_clear_error_and_writes_nothing(capsys, model_dir, texts, tmp_path, args, msg):
+  argv = list(BASE)
+  args = [texts["short"] if a == "SHORT" else a for a in args]
+  if "--sparsity" in args:
+    del argv[0:2]
+  if "--calib" not in args:
+    argv += ["--calib", texts["calib"]]
+  out = tmp_path / "never"
+  code, _, err = run(capsys, "prune", model_dir, *argv, *args, "--out", out)
+  assert code == 2, err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+  import re
+  assert re.search(msg, err), err
+  assert not os.path.exists(out) and os.listdir(tmp_path) == []

@@ -1,0 +1,180 @@
+"""Criteria against direct computations on tiny modules; head similarity selection."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import criteria
+from jaxprune.criteria.stats import ModuleStats
+from jaxprune.errors import UsageError
+from jaxprune.models import adapter as A
+from jaxprune.models import layers as L
+from jaxprune.stats import moments
+
+CFG = L.BlockConfig(norm="rms", eps=1e-6, act="silu", gated=True, rope=None, sliding_window=None, kv_map=None)
+
+
+def _mlp(rng, D=6, F=5, gated=False, bias=False):
+  p = {"up": {"kernel": rng.normal(size=(D, F))}, "down": {"kernel": rng.normal(size=(F, D))}}
+  if gated:
+    p["gate"] = {"kernel": rng.normal(size=(D, F))}
+  if bias:
+    for k in p:
+      p[k]["bias"] = rng.normal(size=(p[k]["kernel"].shape[1],))
+  return {k: {n: jnp.asarray(v, jnp.float32) for n, v in d.items()} for k, d in p.items()}
+
+
+def test_second_moment_equals_removed_output_energy_of_a_relu_module():
+  """With ReLU and a sign-symmetric input set, E[relu(z)^2] = E[z^2] / 2 exactly, so the
+  metric 1/2 ||b_j||^2 E[(x a_j)^2] is the energy the module's output loses without channel j."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 6))
+  x = np.concatenate([x, -x])  # symmetric: z and -z equally often
+  p = _mlp(rng)
+  a, b = np.asarray(p["up"]["kernel"], np.float64), np.asarray(p["down"]["kernel"], np.float64)
+  h = np.maximum(x @ a, 0)
+  full = h @ b
+  removed = []
+  for j in range(5):
+    keep = np.arange(5) != j
+    removed.append(np.mean(np.sum((full - h[:, keep] @ b[keep]) ** 2, axis=1)))
+  stats = ModuleStats(inputs=moments.update(moments.init(6), jnp.asarray(x, jnp.float32)))
+  got = np.asarray(criteria.second_moment(A.MLP, p, stats))
+  np.testing.assert_allclose(got, removed, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True)])
+def test_output_energy_is_exact_for_any_activation(gated, bias):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 6)).astype(np.float32)
+  p = _mlp(rng, gated=gated, bias=bias)
+  cfg = CFG if gated else L.BlockConfig("layer", 1e-5, "gelu_tanh", False, None, None, None)
+  h, _ = A.inner(A.MLP, cfg, p, jnp.asarray(x)[None], None)
+  h = np.asarray(h[0], np.float64)
+  b = np.asarray(p["down"]["kernel"], np.float64)
+  want = [np.mean(np.sum(np.outer(h[:, j], b[j]) ** 2, axis=1)) for j in range(5)]
+  stats = ModuleStats(inputs=moments.update(moments.init(6), jnp.asarray(x)),
+                      hidden=moments.update(moments.init(5), jnp.asarray(h, jnp.float32)))
+  np.testing.assert_allclose(np.asarray(criteria.output_energy(A.MLP, p, stats)), want, rtol=1e-4)
+
+
+def test_gated_metric_is_the_product_of_up_and_gate_forms():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(50, 6)).astype(np.float32)
+  p = _mlp(rng, gated=True)
+  stats = ModuleStats(inputs=moments.update(moments.init(6), jnp.asarray(x)))
+  b2 = np.sum(np.asarray(p["down"]["kernel"], np.float64) ** 2, axis=1)
+  def form(k):
+    z = x.astype(np.float64) @ np.asarray(p[k]["kernel"], np.float64)
+    return 0.5 * b2 * np.mean(z ** 2, axis=0)
+  np.testing.assert_allclose(np.asarray(criteria.second_moment(A.MLP, p, stats)), form("up") * form("gate"),
+                             rtol=1e-4)
+
+
+def _attn(rng, D=8, N=4, K=2, H=3):
+  return {"q": {"kernel": jnp.asarray(rng.normal(size=(D, N, H)), jnp.float32)},
+          "k": {"kernel": jnp.asarray(rng.normal(size=(D, K, H)), jnp.float32)},
+          "v": {"kernel": jnp.asarray(rng.normal(size=(D, K, H)), jnp.float32)},
+          "o": {"kernel": jnp.asarray(rng.normal(size=(N, H, D)), jnp.float32)}}
+
+
+def test_head_metric_sums_its_channels_removed_energy():
+  rng = np.random.default_rng(3)
+  p = _attn(rng)
+  x = jnp.asarray(rng.normal(size=(2, 7, 8)), jnp.float32)
+  heads, _ = A.inner(A.ATTN, CFG, p, x, jnp.arange(7)[None])
+  v = np.asarray(heads, np.float64).reshape(-1, 4, 3)  # tokens, head, channel
+  o = np.asarray(p["o"]["kernel"], np.float64)
+  # Removing channel c of head i alone loses E[v_ic^2] ||o_ic||^2 of output energy.
+  per_channel = np.mean(v ** 2, axis=0) * np.sum(o ** 2, axis=-1)
+  stats = ModuleStats(hidden=moments.update(moments.init(12), heads), kv_index=(0, 0, 1, 1))
+  np.testing.assert_allclose(np.asarray(criteria.second_moment(A.ATTN, p, stats)), 0.5 * per_channel.sum(-1),
+                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(criteria.output_energy(A.ATTN, p, stats)), per_channel.sum(-1), rtol=1e-4)
+
+
+def test_identity_variant_uses_weight_norms():
+  rng = np.random.default_rng(4)
+  p = _attn(rng)
+  stats = ModuleStats(identity=True, kv_index=(0, 0, 1, 1))
+  vn = np.sum(np.asarray(p["v"]["kernel"], np.float64) ** 2, axis=0)[[0, 0, 1, 1]]
+  on = np.sum(np.asarray(p["o"]["kernel"], np.float64) ** 2, axis=-1)
+  np.testing.assert_allclose(np.asarray(criteria.second_moment(A.ATTN, p, stats)), 0.5 * (vn * on).sum(-1),
+                             rtol=1e-5)
+  m = _mlp(rng)
+  a, b = np.asarray(m["up"]["kernel"], np.float64), np.asarray(m["down"]["kernel"], np.float64)
+  np.testing.assert_allclose(np.asarray(criteria.second_moment(A.MLP, m, ModuleStats(identity=True))),
+                             0.5 * np.sum(b ** 2, 1) * np.sum(a ** 2, 0), rtol=1e-5)
+
+
+D_EXAMPLE = np.array([[0.00, 0.30, 0.10, 0.50],
+                      [0.30, 0.00, 0.05, 0.40],
+                      [0.10, 0.05, 0.00, 0.20],
+                      [0.50, 0.40, 0.20, 0.00]])
+
+
+def test_algorithm2_hand_worked_example():
+  # tau=0.15: (0,2) selects 0; (1,2) selects 1; head 2 stays as the representative.
+  assert criteria.algorithm2(D_EXAMPLE, 0.15) == [0, 1]
+  # tau=0.25: additionally (2,3)=0.20 selects 2, since neither 2 nor 3 is selected yet.
+  assert criteria.algorithm2(D_EXAMPLE, 0.25) == [0, 1, 2]
+  assert criteria.algorithm2(D_EXAMPLE, 0.01) == []
+  with pytest.raises(UsageError, match="tau must be positive"):
+    criteria.algorithm2(D_EXAMPLE, 0.0)
+
+
+def test_budgeted_removes_exactly_k_lower_scored_of_similar_pairs():
+  scores = np.array([4.0, 3.0, 2.0, 1.0])
+  # Most similar pair (1,2): drop 2 (lower score); then (0,1): drop 1.
+  assert criteria.budgeted(D_EXAMPLE, scores, 2) == [1, 2]
+  assert criteria.budgeted(D_EXAMPLE, scores, 0) == []
+  with pytest.raises(UsageError):
+    criteria.budgeted(D_EXAMPLE, scores, 4)
+
+
+def test_search_tau_meets_a_global_budget():
+  Ds = [D_EXAMPLE, D_EXAMPLE * 2]
+  for budget in (0, 2, 3, 5):
+    tau = criteria.search_tau(Ds, budget)
+    got = sum(len(criteria.algorithm2(D, tau)) for D in Ds)
+    assert abs(got - budget) <= 1
+
+
+def test_registry_lookup_and_errors():
+  assert {"goa", "goa-energy"} <= set(criteria.names())
+  with pytest.raises(UsageError, match="unknown pruning method 'nope'"):
+    criteria.get("nope")
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_refit_aware_order_equals_brute_force_greedy(width):
+  """The OBS sweep removes, at every step, the unit whose loss raises the refit error least."""
+  rng = np.random.default_rng(5)
+  n_units = 5
+  U = n_units * width
+  x = rng.normal(size=(400, U))
+  x[:, 2 * width] = x[:, 3 * width] + 0.05 * rng.normal(size=400)  # two nearly redundant units
+  y = x @ rng.normal(size=(U, 3)) + 0.1 * rng.normal(size=(400, 3))
+  m = moments.update(moments.init(U, 3), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  delta = 1e-6
+  lam = delta * np.mean(np.sum(x**2, 0))
+
+  def refit_error(units):
+    cols = [u * width + c for u in units for c in range(width)]
+    xs = x[:, cols]
+    w = np.linalg.solve(xs.T @ xs + lam * np.eye(len(cols)), xs.T @ y)
+    return np.sum((xs @ w - y) ** 2) + lam * np.sum(w ** 2)
+
+  alive, want = list(range(n_units)), {}
+  for t in range(n_units - 1):
+    best = min(alive, key=lambda u: refit_error([v for v in alive if v != u]))
+    want[best] = t
+    alive.remove(best)
+  want[alive[0]] = n_units - 1
+  if width == 1:
+    kind, p = A.MLP, _mlp(rng, F=U)
+  else:
+    kind, p = A.ATTN, _attn(rng, N=n_units, K=n_units, H=width)
+  stats = ModuleStats(hidden=m, damping=delta)
+  got = np.asarray(criteria.get("goa-obs").score(kind, p, stats))
+  np.testing.assert_array_equal(got, [want[u] for u in range(n_units)])

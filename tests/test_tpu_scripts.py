@@ -1,0 +1,126 @@
+"""tpu_scripts/prune_distributed.py on host CPU devices: a 4x2 (data x model) mesh in one
+process, and the same mesh over two processes joined by jax.distributed (gloo collectives).
+
+Each run's saved model must load with `jaxprune.load` and give the logits of the same
+pruning run on a one-device mesh within 1e-4: the statistics are sums, so only the
+summation order differs.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import sharding
+from jaxprune.pipeline import prune
+from tests import tiny
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SCRIPT = os.path.join(ROOT, "tpu_scripts", "prune_distributed.py")
+ARGS = ["--calib-samples", "16", "--seq-len", "16", "--sparsity", "0.3", "--batch-size", "8"]
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location("prune_distributed", SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tiny GQA model with a word tokenizer, a text to calibrate on, and the one-device reference."""
+  root = tmp_path_factory.mktemp("tpu_scripts")
+  model_dir = tiny.add_word_tokenizer(tiny.save("llama_gqa", str(root / "model")))
+  text = tiny.write_words(str(root / "words.txt"), 4000)
+  mod = _script()
+  args = mod.parse_args([model_dir, "--out", str(root / "unused"), "--calib", text, *ARGS])
+  model = jaxprune.load(model_dir)
+  calib = mod.calibration(args, model, jaxprune.load_tokenizer(model_dir))
+  ref = prune(model, calib, mod.build_config(args, data=1), mesh=sharding.make_mesh(1, 1))
+  tokens = calib[:4]
+  ref_logits = np.asarray(jaxprune.logits(ref.model.spec, ref.model.params, tokens))
+  return root, model_dir, text, ref, tokens, ref_logits
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    env.pop(var, None)  # the single-process run must not detect a cluster
+  return env
+
+
+def _check_output(out, setup, processes: int):
+  _, _, _, ref, tokens, ref_logits = setup
+  pruned = jaxprune.load(str(out))
+  assert pruned.spec == ref.model.spec
+  got = np.asarray(jaxprune.logits(pruned.spec, pruned.params, tokens))
+  np.testing.assert_allclose(got, ref_logits, atol=1e-4, rtol=0)
+  with open(out / "report.json") as f:
+    report = json.load(f)
+  assert report["mesh"]["data"] == 4 and report["mesh"]["model"] == 2 and report["mesh"]["processes"] == processes
+  assert report["devices"]["data"] == 4
+  # The parameters really were split over `model` (heads, KV heads, MLP channels, vocabulary).
+  assert report["parameter_sharding"]["leaves_split_over_model"] > 0
+  assert report["parameter_sharding"]["values_on_one_device"] < report["parameter_sharding"]["values"]
+  assert [m["kept"] for m in report["modules"]] == [m["kept"] for m in ref.report["modules"]]
+
+
+def test_single_process_4x2_mesh_matches_one_device(setup):
+  root, model_dir, text, *_ = setup
+  out = root / "mesh4x2"
+  proc = subprocess.run([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS,
+                         "--mesh-data", "4", "--mesh-model", "2"], env=_env(8), cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "process 0 of 1 (single process)" in proc.stderr
+  _check_output(out, setup, processes=1)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_share_a_4x2_mesh(setup):
+  """jax.distributed.initialize with --coordinator: 2 processes x 4 CPU devices, gloo collectives."""
+  root, model_dir, text, *_ = setup
+  out = root / "mesh4x2_2proc"
+  port = _free_port()
+  procs = [
+      subprocess.Popen([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS, "--mesh-data",
+                        "4", "--mesh-model", "2", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                        "--process-id", str(i)], env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True) for i in range(2)
+  ]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=600)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+  assert "process 1 of 2" in logs[1] and "8 devices in all, 4 local" in logs[1]
+  _check_output(out, setup, processes=2)
+
+
+def test_multi_process_detection():
+  mod = _script()
+  assert mod.multi_process_env({}) is None
+  assert mod.multi_process_env({"SLURM_NTASKS": "1"}) is None
+  assert mod.multi_process_env({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+  assert "SLURM_NTASKS" in mod.multi_process_env({"SLURM_NTASKS": "4"})
+  assert "2 workers" in mod.multi_process_env({"TPU_WORKER_HOSTNAMES": "t1,t2"})
+  with pytest.raises(SystemExit, match="go together"):
+    mod.init_distributed(mod.parse_args(["m", "--out", "o", "--coordinator", "h:1"]))

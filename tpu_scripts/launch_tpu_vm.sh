@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Launches tpu_scripts/prune_distributed.py on every worker of a Cloud TPU VM slice.
+#
+# What it does, in order (each step is one gcloud command; comment out the ones you
+# do not need):
+#   1. copies this checkout to every worker          (tpu-vm scp --worker=all)
+#   2. installs jax[tpu] and jaxprune on every worker (tpu-vm ssh --worker=all)
+#   3. starts the same prune command on every worker  (tpu-vm ssh --worker=all)
+#      With more than one worker, `--distributed on` makes each process call
+#      jax.distributed.initialize(), which finds the coordinator and its process id
+#      from the TPU metadata server: no addresses to pass.
+#   4. copies the pruned model back from worker 0     (tpu-vm scp --worker=0)
+#      Only process 0 (worker 0) writes the output directory.
+#
+# Requirements: an existing TPU VM (gcloud compute tpus tpu-vm create ...), gcloud
+# authenticated for PROJECT, and the model and calibration text reachable on every
+# worker at the same path (they are copied with the checkout here when they live in
+# it; a large checkpoint is better fetched on each worker or read from a shared disk).
+#
+# This script cannot be tested where jaxprune is developed (no gcloud, no TPU); it
+# is kept deliberately plain. Usage:  bash tpu_scripts/launch_tpu_vm.sh
+set -euo pipefail
+
+# ---- settings ---------------------------------------------------------------
+PROJECT=${PROJECT:-my-gcp-project}
+ZONE=${ZONE:-us-central2-b}
+TPU_NAME=${TPU_NAME:-jaxprune-v4-32}
+REMOTE_DIR=${REMOTE_DIR:-jaxprune}              # checkout location on each worker (relative to $HOME)
+MODEL=${MODEL:-smollm2-135m}                      # built-in name, HF directory or .gguf, same path on every worker
+CALIB=${CALIB:-data/wikitext-2/valid.txt}         # calibration text, relative to REMOTE_DIR (or 'random')
+OUT=${OUT:-runs/pruned}                           # written by worker 0, relative to REMOTE_DIR
+SPARSITY=${SPARSITY:-0.2}
+CALIB_SAMPLES=${CALIB_SAMPLES:-128}
+SEQ_LEN=${SEQ_LEN:-128}
+MESH_MODEL=${MESH_MODEL:-1}                       # devices on the `model` axis; `data` gets the rest
+EXTRA_ARGS=${EXTRA_ARGS:-}                        # e.g. "--layers 4:28 --dtype bfloat16"
+LOCAL_OUT=${LOCAL_OUT:-./pruned-from-tpu}         # where step 4 puts the result here
+# -----------------------------------------------------------------------------
+
+tpu() {  # tpu ssh|scp ARGS...: gcloud compute tpus tpu-vm with project and zone filled in
+  local what=$1; shift
+  gcloud compute tpus tpu-vm "$what" --project="$PROJECT" --zone="$ZONE" "$@"
+}
+
+cd "$(dirname "$0")/.."
+
+# 1. The checkout (without the virtual environment or earlier runs) to every worker.
+tar --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/jaxprune-src.tgz .
+tpu scp /tmp/jaxprune-src.tgz "$TPU_NAME":jaxprune-src.tgz --worker=all
+tpu ssh "$TPU_NAME" --worker=all --command="mkdir -p ~/$REMOTE_DIR && tar -xzf ~/jaxprune-src.tgz -C ~/$REMOTE_DIR"
+
+# 2. JAX for TPU and jaxprune (CPU torch is enough: it is only used for export checks).
+tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate \
+  && pip install -q -U 'jax[tpu]' && pip install -q -e ."
+
+# 3. The same command on every worker, at the same time. `--worker=all` runs them in
+#    parallel and returns when all have finished; each worker's log stays on that worker.
+tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && . .venv/bin/activate && \
+  python tpu_scripts/prune_distributed.py '$MODEL' --calib '$CALIB' --calib-samples $CALIB_SAMPLES \
+    --seq-len $SEQ_LEN --sparsity $SPARSITY --mesh-model $MESH_MODEL --distributed on --out '$OUT' --force \
+    $EXTRA_ARGS 2>&1 | tee prune_distributed.log"
+
+# 4. The pruned model (safetensors, config.json, jaxprune.json, tokenizer, report.json) from worker 0.
+tpu scp "$TPU_NAME":"$REMOTE_DIR/$OUT" "$LOCAL_OUT" --worker=0 --recurse
+echo "pruned model in $LOCAL_OUT"

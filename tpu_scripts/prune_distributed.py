@@ -1,0 +1,277 @@
+"""Prune with jaxprune on a (data, model) device mesh, one or many processes.
+
+Single process (one TPU VM, one GPU host, or CPU with forced host devices):
+
+    python tpu_scripts/prune_distributed.py smollm2-135m --calib ../shared/data/wikitext-2/valid.txt \\
+        --sparsity 0.2 --mesh-data 4 --mesh-model 2 --out runs/smollm2-20-mesh
+
+Several processes (a TPU pod slice, or GPU hosts): start the same command on
+every host. `jax.distributed.initialize()` is called when
+
+  * --coordinator HOST:PORT, --num-processes N and --process-id I are given
+    (GPU clusters without a scheduler JAX knows), or
+  * --distributed on (JAX auto-detects the cluster: Cloud TPU pod slices, SLURM,
+    Open MPI), or
+  * --distributed auto (the default) and the environment shows several
+    processes: JAX_COORDINATOR_ADDRESS, SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1,
+    or a TPU pod slice (TPU_WORKER_HOSTNAMES listing several workers).
+
+Every process loads the whole model into host memory and reads the same
+calibration text; the windows are drawn with the same seed, so they agree. The
+parameters are placed on the mesh by logical axis names
+(`jaxprune.sharding.shard_params`: heads, KV heads, MLP channels and the
+vocabulary over `model`), the calibration streams are sharded over `data`, and
+`jaxprune.pipeline.prune(..., mesh=mesh)` runs the greedy pipeline; its
+statistics are sums, so XLA's all-reduce over `data` gives the single-device
+result up to summation order. The pruned parameters are gathered to host memory
+on every process (a collective) and process 0 alone writes the Hugging Face
+directory (`save_hf`) and report.json.
+
+See tpu_scripts/README.md for memory considerations and the TPU VM launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("prune_distributed")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.join(HERE, "..") not in sys.path:  # run from a checkout without `pip install -e .`
+  sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..")))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  from jaxprune.cli.prune_cmd import parse_block_range  # argparse only: JAX is not initialised yet
+
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See tpu_scripts/README.md.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("model", help="built-in name (smollm2-135m), HF directory, .gguf file; every host must see it")
+  p.add_argument("--out", required=True, help="output directory, written by process 0 (must not exist unless --force)")
+  p.add_argument("--force", action="store_true", help="replace an existing --out")
+  p.add_argument("--calib", default="random", help="calibration text file (the same on every host) or 'random'")
+  p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+  p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+  p.add_argument("--sparsity", type=float, default=0.2)
+  p.add_argument("--method", default="goa")
+  p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--intercept", action="store_true")
+  p.add_argument("--damping", type=float, default=1e-3)
+  p.add_argument("--layers", type=parse_block_range, default=None, help="block range A:B to prune (default: all)")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="calibration windows per chunk (default: 16 rounded up to a multiple of --mesh-data)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="parameter dtype for pruning (default float32; statistics are float32 either way)")
+  mesh = p.add_argument_group("mesh")
+  mesh.add_argument("--mesh-data", type=int, default=None,
+                    help="devices on the `data` axis (default: all devices / --mesh-model)")
+  mesh.add_argument("--mesh-model", type=int, default=1, help="devices on the `model` axis (default 1)")
+  dist = p.add_argument_group("multi-process")
+  dist.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                    help="call jax.distributed.initialize(): auto = when flags or the environment show several "
+                    "processes (default)")
+  dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator service")
+  dist.add_argument("--num-processes", type=int, default=None)
+  dist.add_argument("--process-id", type=int, default=None)
+  return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# Multi-process start-up
+
+
+def multi_process_env(env=os.environ) -> str | None:
+  """Why the environment looks like one process of several (None: it does not)."""
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS is set"
+  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    try:
+      if int(env.get(var, "1")) > 1:
+        return f"{var}={env[var]}"
+    except ValueError:
+      pass
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  if len(hosts) > 1:
+    return f"TPU pod slice with {len(hosts)} workers (TPU_WORKER_HOSTNAMES)"
+  return None
+
+
+def init_distributed(args) -> str | None:
+  """Calls jax.distributed.initialize() when asked or detected; returns why (None: single process).
+
+  Must run before any JAX computation: it decides which devices `jax.devices()` lists.
+  """
+  import jax
+
+  explicit = [args.coordinator, args.num_processes, args.process_id]
+  if any(v is not None for v in explicit):
+    if args.distributed == "off":
+      raise SystemExit("--distributed off contradicts --coordinator/--num-processes/--process-id")
+    if any(v is None for v in explicit):
+      raise SystemExit("--coordinator, --num-processes and --process-id go together; give all three "
+                       "(or none, to let JAX detect a Cloud TPU, SLURM or Open MPI cluster with --distributed on)")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+    return f"flags: process {args.process_id} of {args.num_processes}, coordinator {args.coordinator}"
+  if args.distributed == "off":
+    return None
+  why = "--distributed on" if args.distributed == "on" else multi_process_env()
+  if why is None:
+    return None
+  jax.distributed.initialize()  # cluster auto-detection (Cloud TPU metadata, SLURM, Open MPI, JAX_* env)
+  return why
+
+
+# ---------------------------------------------------------------------------
+# Pieces the test reuses for its single-device reference
+
+
+def build_config(args, data: int):
+  from jaxprune.pipeline import PruneConfig
+
+  batch = args.batch_size
+  if batch is None:
+    batch = -(-16 // data) * data
+  return PruneConfig(sparsity=args.sparsity, method=args.method, reconstruct=args.reconstruct,
+                     intercept=args.intercept, damping=args.damping, layers=args.layers, batch_size=batch,
+                     seed=args.seed)
+
+
+def calibration(args, model, tokenizer):
+  """[calib_samples, seq_len] int32 windows, identical on every process (same file, same seed)."""
+  from jaxprune.data import read_text, sample_windows, tokenize
+  from jaxprune.data.selfgen import random_tokens
+
+  if args.calib == "random":
+    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=args.seed)
+  stream = tokenize(tokenizer, read_text(args.calib))
+  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=args.seed, source=args.calib)
+  return windows
+
+
+def _host_device():
+  """This process's CPU device, or None (the default device) where JAX has no CPU backend."""
+  import jax
+
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return None
+
+
+def to_host(params):
+  """Every leaf as a host numpy array; a collective when arrays span several processes."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, params)
+
+
+def sharding_summary(params, mesh) -> dict:
+  """How many parameter leaves (and values) the `model` axis splits."""
+  import jax
+  import numpy as np
+
+  from jaxprune import sharding
+
+  leaves = jax.tree.leaves(params)
+  split = [x for x in leaves if sharding.MODEL in jax.tree.leaves(tuple(x.sharding.spec))]
+  per_device = sum(x.addressable_shards[0].data.size for x in leaves)
+  return {"leaves": len(leaves), "leaves_split_over_model": len(split),
+          "values": int(sum(np.size(x) for x in leaves)), "values_on_one_device": int(per_device)}
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  why = init_distributed(args)
+
+  import jax
+  from jax.experimental import multihost_utils
+
+  import jaxprune
+  from jaxprune import sharding
+  from jaxprune.io.atomic import atomic_dir, check_target
+  from jaxprune.io.export import hf_problems, save_hf
+  from jaxprune.pipeline import prune
+
+  pid, nproc = jax.process_index(), jax.process_count()
+  if pid == 0:
+    check_target(args.out, args.force)  # fail before any work
+  log.info("process %d of %d (%s); %d devices in all, %d local (%s)", pid, nproc, why or "single process",
+           jax.device_count(), jax.local_device_count(), jax.default_backend())
+
+  n_dev = jax.device_count()
+  data = args.mesh_data if args.mesh_data is not None else n_dev // args.mesh_model
+  mesh = sharding.make_mesh(data, args.mesh_model)
+  if data * args.mesh_model < n_dev:
+    log.warning("the %dx%d mesh uses %d of %d devices", data, args.mesh_model, data * args.mesh_model, n_dev)
+
+  t0 = time.perf_counter()
+  # jaxprune.load places the tree on the default device; on an accelerator that would put the whole model on
+  # one chip before sharding it. Load into host memory (the CPU backend) instead.
+  with jax.default_device(_host_device()):
+    model = jaxprune.load(args.model)
+    if args.dtype is not None:
+      model = model.astype(args.dtype)
+  tokenizer = jaxprune.load_tokenizer(args.model) if args.calib != "random" or pid == 0 else None
+  config = build_config(args, data).check(model.spec)
+  calib = calibration(args, model, tokenizer)
+  # Host arrays -> the mesh: each process puts its own devices' shards from its (identical) full copy.
+  params = sharding.shard_params(jax.device_get(model.params), mesh)
+  model = jaxprune.Model(model.spec, params, model.source)
+  load_s = time.perf_counter() - t0
+  shard_info = sharding_summary(params, mesh)
+  log.info("loaded in %.1fs; %d of %d parameter leaves split over `model`; %.1f%% of the values on each device",
+           load_s, shard_info["leaves_split_over_model"], shard_info["leaves"],
+           100 * shard_info["values_on_one_device"] / shard_info["values"])
+
+  def progress(event):
+    if pid == 0 and event.get("event") == "module":
+      log.info("layer %d %s: %d -> %d units, error %.4f (%.1fs)", event["layer"], event["module"],
+               event["units_before"], event["units_after"], event["error_after"], event["seconds"])
+
+  t0 = time.perf_counter()
+  result = prune(model, calib, config, mesh=mesh, progress=progress)
+  prune_s = time.perf_counter() - t0
+
+  host_params = to_host(result.model.params)  # every process takes part in the gather
+  if pid == 0:
+    pruned = jaxprune.Model(result.model.spec, host_params, result.model.source)
+    report = {**result.report, "model": args.model,
+              "mesh": {"data": data, "model": args.mesh_model, "processes": nproc, "devices": n_dev,
+                       "backend": jax.default_backend(), "distributed": why},
+              "parameter_sharding": shard_info}
+    report["seconds"] = {**report["seconds"], "load": load_s, "prune": prune_s,
+                         "wall": time.perf_counter() - t_start}
+    with atomic_dir(args.out, force=args.force) as tmp:
+      save_hf(pruned, tmp, tokenizer=tokenizer, force=True,
+              jax_only=bool(hf_problems(pruned.spec)))
+      with open(os.path.join(tmp, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    p = report["params"]
+    log.info("parameters %.2fM -> %.2fM (%.1f%% of the pruned blocks); pruning %.1fs; wrote %s", p["before"] / 1e6,
+             p["after"] / 1e6, 100 * p["ratio_of_pruned_blocks"], prune_s, args.out)
+  if nproc > 1:
+    multihost_utils.sync_global_devices("prune_distributed: saved")  # nobody exits while process 0 writes
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
