@@ -80,11 +80,13 @@ RUNS = [
     # settings with random channels (what the criterion is worth).
     ("goa-obs recipe", RECIPE, "valid"),
     ("goa-obs recipe@ref", dict(RECIPE, **AT_REF), "valid"),
+    ("goa-obs recipe w/o reconstruct", dict(RECIPE, reconstruct=False), "valid"),
     ("random recipe", dict(RECIPE, method="random"), "valid"),
     ("goa", dict(method="goa", reconstruct=False), "valid"),
     ("goa+similarity", dict(method="goa", heads="similarity", reconstruct=False), "valid"),
     ("goa+reconstruct", dict(method="goa", reconstruct=True), "valid"),
     ("goa+refit", dict(method="goa", reconstruct=False, refit=True, intercept=True), "valid"),
+    ("goa@ref", dict(method="goa", reconstruct=False, **AT_REF), "valid"),
     ("goa-energy@ref", dict(method="goa-energy", reconstruct=False, **AT_REF), "valid"),
     # The paper's method, data-free.
     ("goa data-free (S = I)", dict(method="goa", score_data="identity", reconstruct=False), "random"),

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  if not args.verbose:  # JAX's own INFO lines (e.g. the missing-TPU probe) are noise to users
+    logging.getLogger("jax").setLevel(logging.WARNING)
   try:
     return int(args._run(args) or 0)
   except JaxpruneError as e:
