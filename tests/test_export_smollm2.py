@@ -30,7 +30,7 @@ from jaxprune.torch import count_parameters, load_pruned  # noqa: E402
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
 
-TEXT = "/work/shared/data/wikitext-2/test.txt"
+TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
 SEQ_LEN, WINDOWS = 128, 4
 
 
