@@ -162,6 +162,23 @@ def hf_problems(spec: ModelSpec) -> list[str]:
   return problems
 
 
+def _per_layer_config(spec: ModelSpec, base: dict, groups) -> dict[str, dict]:
+  """{layer key: overrides} for the layers whose sizes differ from the global config `base`.
+
+  `groups(layer)` gives dicts of config keys that go together (a layer states
+  both head counts when either differs).
+  """
+  out = {}
+  for i, l in enumerate(spec.layers):
+    over = {}
+    for g in groups(l):
+      if any(base[k] != v for k, v in g.items()):
+        over.update(g)
+    if over:
+      out[_layer_key(i, spec.num_layers)] = over
+  return out
+
+
 def _llama_config(spec: ModelSpec, model_type: str, flags: dict[str, bool]) -> tuple[dict, bool]:
   n, D, H = spec.num_layers, spec.hidden_size, spec.layers[0].head_dim
   heads = [(l.num_heads, l.num_kv_heads) for l in spec.layers]
@@ -203,15 +220,8 @@ def _llama_config(spec: ModelSpec, model_type: str, flags: dict[str, bool]) -> t
     cfg["sliding_window"] = spec.sliding_window
   elif model_type == "qwen2":
     cfg.update(use_sliding_window=False, sliding_window=None)
-  per_layer = {}
-  for i, l in enumerate(spec.layers):
-    over = {}
-    if (l.num_heads, l.num_kv_heads) != (N, K):
-      over.update(num_attention_heads=l.num_heads, num_key_value_heads=l.num_kv_heads)
-    if l.ffn_dim != F:
-      over["intermediate_size"] = l.ffn_dim
-    if over:
-      per_layer[_layer_key(i, n)] = over
+  per_layer = _per_layer_config(spec, cfg, lambda l: (
+      {"num_attention_heads": l.num_heads, "num_key_value_heads": l.num_kv_heads}, {"intermediate_size": l.ffn_dim}))
   if per_layer:
     cfg["per_layer_config"] = per_layer
     if model_type == "llama" and any("num_attention_heads" in v for v in per_layer.values()):
@@ -242,15 +252,7 @@ def _gpt2_config(spec: ModelSpec) -> tuple[dict, bool]:
       "bos_token_id": spec.bos_token_id,
       "eos_token_id": spec.eos_token_id,
   }
-  per_layer = {}
-  for i, l in enumerate(spec.layers):
-    over = {}
-    if l.num_heads != N:
-      over["n_head"] = l.num_heads
-    if l.ffn_dim != F:
-      over["n_inner"] = l.ffn_dim
-    if over:
-      per_layer[_layer_key(i, n)] = over
+  per_layer = _per_layer_config(spec, cfg, lambda l: ({"n_head": l.num_heads}, {"n_inner": l.ffn_dim}))
   if per_layer:
     cfg["per_layer_config"] = per_layer
   return cfg, not per_layer
