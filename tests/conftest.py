@@ -33,3 +33,58 @@ def tiny_dir(tmp_path_factory):
     return cache[kind]
 
   return get
+
+
+@pytest.fixture
+def max_traces(monkeypatch):
+  """max_traces(module, name, n, **jit_kwargs): for this test, module.name is re-jitted under
+  chex.assert_max_traces(n), so a kernel traced more than n times fails the test."""
+  import chex
+
+  def wrap(module, name: str, n: int, **jit_kwargs):
+    fn = getattr(module, name)
+    chex.clear_trace_counter()
+    monkeypatch.setattr(module, name, jax.jit(chex.assert_max_traces(fn.__wrapped__, n=n), **jit_kwargs))
+
+  return wrap
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module():
+  """Returns a module's freed memory to the OS when it ends.
+
+  Module-scoped fixtures (SmolLM2 in JAX and in PyTorch, exported copies, float64
+  references) are freed when their module ends, but glibc keeps the freed heap
+  mapped, so a worker that runs several SmolLM2 modules in a row grew to 7-9 GB of
+  RSS. Collecting cycles and trimming the heap after each module keeps a worker at
+  the size of its largest module instead of the sum of them.
+  """
+  yield
+  import ctypes
+  import gc
+
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to trim
+    pass
+
+
+# Memory accounting (issue 8): with JAXPRUNE_TEST_RSS=FILE every test appends its
+# worker's current and peak RSS to FILE (JSON lines), to find the tests that hold
+# several model copies. Off by default.
+_RSS_LOG = os.environ.get("JAXPRUNE_TEST_RSS")
+
+
+if _RSS_LOG:
+  import json
+  import resource
+
+  @pytest.hookimpl(trylast=True)
+  def pytest_runtest_teardown(item):
+    with open("/proc/self/statm") as f:
+      rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open(_RSS_LOG, "a") as f:
+      f.write(json.dumps({"test": item.nodeid, "rss_gb": rss / 2**30, "peak_gb": peak / 2**30,
+                          "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}) + "\n")

@@ -23,6 +23,7 @@ from jaxprune.eval import perplexity
 from jaxprune.io.export import save_hf
 from jaxprune.io.orbax_io import save_orbax
 from jaxprune.surgery import prune_model
+from tests.numerics import check_yardstick, gamma, yardstick_errors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -94,27 +95,36 @@ def test_config_form(exported):
     assert (tm.config.num_attention_heads, tm.config.num_key_value_heads, tm.config.intermediate_size) == (6, 3, 1216)
 
 
-def test_logit_parity(exported, windows):
-  layout, model, _, tm, _ = exported
-  diff = np.abs(torch_logits(tm, windows) - np.asarray(jaxprune.logits(model.spec, model.params, windows)))
-  print(f"\n{layout}: max |logit diff| JAX vs PyTorch = {diff.max():.2e}")
-  assert diff.max() <= 1e-3
-
-
-def test_differences_are_float32_rounding(exported, windows):
-  """Against the exported model run in float64, JAX's float32 error is of the same order as PyTorch's.
-
-  Pruned models without reconstruction amplify rounding (SmolLM2's residual
-  stream carries large outliers), so the absolute gap between two float32
-  implementations grows with the damage; a float64 run of the same export
-  shows that the gap is rounding, not a difference in what is computed.
-  """
+@pytest.fixture(scope="module")
+def parity(exported, windows):
+  """The export's float32 logits in JAX and PyTorch against its float64 run, reduced to what
+  the tests need (the full logits are ~100 MB per copy, so none is kept)."""
   layout, model, _, tm, out = exported
   ref = torch_logits(load_pruned(out, dtype=torch.float64), windows).astype(np.float64)
-  err_jax = np.abs(np.asarray(jaxprune.logits(model.spec, model.params, windows)) - ref).max()
-  err_torch = np.abs(torch_logits(tm, windows) - ref).max()
-  print(f"\n{layout}: max |logit error| vs float64: JAX {err_jax:.2e}, PyTorch {err_torch:.2e}")
-  assert err_jax <= max(1e-3, 4 * err_torch)
+  got = np.asarray(jaxprune.logits(model.spec, model.params, windows))
+  theirs = torch_logits(tm, windows)
+  errors = yardstick_errors(got, theirs, ref)
+  del ref
+  # For the perplexity test: transformers' perplexity and each position's largest logit gap.
+  logits = torch.as_tensor(theirs[:, :-1])
+  nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          torch.as_tensor(windows[:, 1:].reshape(-1), dtype=torch.long))
+  gaps = np.abs(got[:, :-1] - theirs[:, :-1]).max(-1).astype(np.float64)
+  return dict(errors=errors, torch_ppl=math.exp(float(nll)), gaps=gaps)
+
+
+def test_logit_parity(exported, parity):
+  """JAX's float32 error against float64 is of the order of PyTorch's, on whatever CPU this runs.
+
+  A fixed bound cannot hold across CPUs: pruned SmolLM2 carries large residual
+  outliers, so 30 layers amplify float32 rounding to ~1e-3 on one CPU and more
+  on another. tests/numerics.py derives the bound from PyTorch's float32 error
+  against the float64 run, measured here on the same CPU.
+  """
+  layout = exported[0]
+  r = check_yardstick(parity["errors"], f"smollm2 export {layout}")
+  print(f"\n{layout}: max |logit error| vs float64: JAX {r['err_jax']:.2e}, PyTorch {r['err_torch']:.2e}, "
+        f"JAX-PyTorch gap {r['gap']:.2e} (derived bound {r['gap_bound']:.2e})")
 
 
 def test_parameter_counts(exported):
@@ -131,17 +141,19 @@ def test_round_trip_exact(exported):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_perplexity_matches_transformers(exported, windows):
-  layout, model, _, tm, out = exported
+def test_perplexity_matches_transformers(exported, windows, parity):
+  layout, model, _, _, out = exported
   ours = perplexity(model.spec, model.params, windows, batch_size=WINDOWS).perplexity
   back = jaxprune.load(out)
   assert perplexity(back.spec, back.params, windows, batch_size=WINDOWS).perplexity == ours
-  logits = torch.as_tensor(torch_logits(tm, windows)[:, :-1], dtype=torch.float32)
-  nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                          torch.as_tensor(windows[:, 1:].reshape(-1), dtype=torch.long))
-  theirs = math.exp(float(nll))
-  print(f"\n{layout}: perplexity jaxprune {ours:.4f}, transformers {theirs:.4f}")
-  assert theirs == pytest.approx(ours, rel=1e-4)
+  theirs = parity["torch_ppl"]
+  # Derived bound: a token's NLL z_y - logsumexp(z) moves by at most 2 max_v |dz_v| when
+  # the logits move by dz, so the mean NLL moves by at most the mean over positions of
+  # that, and the perplexity by expm1 of it; plus float32 rounding of the two means.
+  gaps = parity["gaps"]
+  rel = math.expm1(2 * gaps.mean()) + gamma(gaps.size) * 4
+  print(f"\n{layout}: perplexity jaxprune {ours:.4f}, transformers {theirs:.4f}, derived rel bound {rel:.2e}")
+  assert theirs == pytest.approx(ours, rel=rel)
 
 
 def test_tokenizer_exported(exported, smol):

@@ -6,6 +6,7 @@ import pytest
 
 from jaxprune import reconstruct
 from jaxprune.stats import moments
+from tests.numerics import U32, assert_within, gamma
 
 
 def _moments(x, y):
@@ -17,6 +18,30 @@ def _objective(x, y, w, lam, intercept):
   xa = np.concatenate([x, np.ones((len(x), 1))], 1) if intercept else x
   ridge = lam * np.sum(w[:x.shape[1]]**2)
   return np.sum((xa @ w - y)**2) + ridge
+
+
+def _aug(x, intercept):
+  return np.concatenate([x, np.ones((len(x), 1))], 1) if intercept else x
+
+
+def _ridge64(x, y, delta, intercept):
+  """The float64 solution of the system ridge_solve solves, and its matrix A."""
+  xa = _aug(x, intercept)
+  lam = delta * np.mean(np.sum(x**2, 0))
+  a = xa.T @ xa + np.diag([lam] * x.shape[1] + [0.0] * (xa.shape[1] - x.shape[1]))
+  return np.linalg.solve(a, xa.T @ y), a
+
+
+def _solve_bound(x, y, w, a):
+  """Elementwise first-order bound on |w_float32_stats - w_exact| (tests/numerics.py, point 1).
+
+  ridge_solve solves (A + dA) w' = b + db in float64, where dA, db are the float32
+  sums' errors (and x, y rounded to float32): |dA| <= gamma(N+4) |X|^T|X|, |db| <=
+  gamma(N+4) |X|^T|Y|. Then |w' - w| <= |A^-1| (|dA| |w| + |db|), plus rounding w' to float32.
+  """
+  xa = np.abs(_aug(x, a.shape[0] > x.shape[1]))
+  g = gamma(len(x) + 4)
+  return np.abs(np.linalg.inv(a)) @ (g * (xa.T @ xa @ np.abs(w) + xa.T @ np.abs(y))) + U32 * np.abs(w)
 
 
 @pytest.mark.parametrize("intercept", [False, True])
@@ -31,16 +56,26 @@ def test_solution_is_optimal(intercept):
   assert info.retries == 0 and w.shape == (13 if intercept else 12, 5)
   lam = delta * np.mean(np.sum(x**2, 0))
   # Gradient of the damped objective vanishes (relative to its scale)...
-  xa = np.concatenate([x, np.ones((400, 1))], 1) if intercept else x
+  xa = _aug(x, intercept)
   grad = 2 * xa.T @ (xa @ w - y) + 2 * lam * np.concatenate([w[:12], np.zeros((len(w) - 12, 5))])
-  assert np.max(np.abs(grad)) < 1e-3 * np.max(np.abs(2 * xa.T @ y))
+  # w solves (A + dA) w = b + db exactly (float64) up to rounding w to float32, so the
+  # gradient 2 (A w - b) = 2 (db - dA w) is bounded by the float32 sums' errors (see _solve_bound).
+  ax = np.abs(xa)
+  a = xa.T @ xa + lam * np.diag([1.0] * 12 + [0.0] * (len(w) - 12))
+  bound = 2 * gamma(400 + 4) * (ax.T @ ax @ np.abs(w) + ax.T @ np.abs(y)) + 2 * U32 * np.abs(a) @ np.abs(w)
+  assert_within(grad, np.zeros_like(grad), bound, "ridge gradient")
   # ... and no random perturbation does better.
   best = _objective(x, y, w, lam, intercept)
   for _ in range(50):
     assert _objective(x, y, w + 1e-3 * rng.normal(size=w.shape), lam, intercept) > best
   # The residual computed from the sums matches the direct one.
-  r = float(reconstruct.residual(m, m.xy, yy, jnp.asarray(w, jnp.float32)))
-  assert r == pytest.approx(np.sum((xa @ w - y)**2), rel=1e-4)
+  w32 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+  r = float(reconstruct.residual(m, m.xy, yy, jnp.asarray(w32, jnp.float32)))
+  # r = w^T G w - 2 w^T X^T Y + ||Y||^2 from float32 sums: each part off by gamma(N+4) times
+  # its absolute-value form; the float64 arithmetic on top adds nothing comparable.
+  aw = np.abs(w32)
+  bound = gamma(400 + 4) * (np.sum(aw * (ax.T @ ax @ aw)) + 2 * np.sum(aw * (ax.T @ np.abs(y))) + np.sum(y**2))
+  assert_within(r, np.sum((xa @ w32 - y)**2), bound, "residual from sums")
 
 
 def test_exact_recovery_when_representable():
@@ -51,8 +86,11 @@ def test_exact_recovery_when_representable():
   y = x @ w_true + b_true
   m, _ = _moments(x.astype(np.float32), y.astype(np.float32))
   w, _ = reconstruct.ridge_solve(m, m.xy, 1e-9, intercept=True)
-  np.testing.assert_allclose(np.asarray(w)[:8], w_true, atol=2e-4)
-  np.testing.assert_allclose(np.asarray(w)[8], b_true, atol=2e-4)
+  exact, a = _ridge64(x, y, 1e-9, True)
+  # The float64 solution recovers the truth up to the damping (lam ~ 3e-7 against Gram
+  # eigenvalues ~ 300: relative 1e-9) and float64 rounding.
+  np.testing.assert_allclose(exact, np.vstack([w_true, b_true]), atol=1e-7)
+  assert_within(w, exact, _solve_bound(x, y, exact, a), "exact recovery")
 
 
 def test_without_intercept_bias_is_not_fitted():
@@ -63,7 +101,10 @@ def test_without_intercept_bias_is_not_fitted():
   w0, _ = reconstruct.ridge_solve(m, m.xy, 1e-6, intercept=False)
   w1, _ = reconstruct.ridge_solve(m, m.xy, 1e-6, intercept=True)
   assert w0.shape == (4, 2) and w1.shape == (5, 2)
-  np.testing.assert_allclose(np.asarray(w1)[4], 5.0, atol=1e-3)
+  exact, a = _ridge64(x, y, 1e-6, True)
+  np.testing.assert_allclose(exact[4], 5.0, atol=1e-4)  # float64: damping moves it by ~1e-6 relative
+  assert_within(w1, exact, _solve_bound(x, y, exact, a), "intercept")
+  # The bias-free fit leaves the offset: 25 per entry against ~0 with the intercept.
   assert float(reconstruct.residual(m, m.xy, yy, w1)) < 1e-3 * float(reconstruct.residual(m, m.xy, yy, w0))
 
 
@@ -74,7 +115,9 @@ def test_dead_inputs_and_retry_are_handled():
   m, _ = _moments(x, y)
   w, info = reconstruct.ridge_solve(m, m.xy, 1e-3, intercept=False)
   assert np.all(np.isfinite(np.asarray(w)))
-  np.testing.assert_allclose(np.asarray(w)[3:], 0.0, atol=1e-6)
+  # Dead inputs have all-zero Gram rows and cross moments (exact zeros in float32), so their
+  # weights solve lam * w = 0: exactly zero up to the Cholesky's rounding of zero right-hand sides.
+  np.testing.assert_array_equal(np.asarray(w)[3:], 0.0)
   # A non-finite Gram cannot be solved at any damping: a clear error, not NaN weights.
   bad = moments.Moments(m.xx.at[0, 0].set(jnp.nan), m.xy)
   with pytest.raises(FloatingPointError, match="not finite"):

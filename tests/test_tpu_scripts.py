@@ -1,9 +1,12 @@
 """tpu_scripts/prune_distributed.py on host CPU devices: a 4x2 (data x model) mesh in one
 process, and the same mesh over two processes joined by jax.distributed (gloo collectives).
 
-Each run's saved model must load with `jaxprune.load` and give the logits of the same
-pruning run on a one-device mesh within 1e-4: the statistics are sums, so only the
-summation order differs.
+Each run's saved model must load with `jaxprune.load`, keep the same units as the same
+pruning run on a one-device mesh, and give its logits up to float32 rounding: the
+statistics are sums, so only the summation order differs. How far a reordering of those
+sums moves the pruned model's logits is measured, not fitted: the one-device run is
+repeated with the calibration windows permuted (the same sums in another order), and
+the mesh runs must stay within tests/numerics.py's FACTOR times that spread (plus its floor).
 """
 
 import importlib.util
@@ -20,6 +23,7 @@ import jaxprune
 from jaxprune import sharding
 from jaxprune.pipeline import prune
 from tests import tiny
+from tests.numerics import FACTOR, FLOOR_ULPS, U32, assert_within
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPT = os.path.join(ROOT, "tpu_scripts", "prune_distributed.py")
@@ -46,7 +50,12 @@ def setup(tmp_path_factory):
   ref = prune(model, calib, mod.build_config(args, data=1), mesh=sharding.make_mesh(1, 1))
   tokens = calib[:4]
   ref_logits = np.asarray(jaxprune.logits(ref.model.spec, ref.model.params, tokens))
-  return root, model_dir, text, ref, tokens, ref_logits
+  perm = np.random.default_rng(0).permutation(len(calib))
+  again = prune(model, calib[perm], mod.build_config(args, data=1), mesh=sharding.make_mesh(1, 1))
+  assert [m["kept"] for m in again.report["modules"]] == [m["kept"] for m in ref.report["modules"]]
+  spread = float(np.max(np.abs(np.asarray(jaxprune.logits(again.model.spec, again.model.params, tokens)) - ref_logits)))
+  bound = FACTOR * spread + FLOOR_ULPS * U32 * float(np.max(np.abs(ref_logits)))
+  return root, model_dir, text, ref, tokens, ref_logits, bound
 
 
 def _env(devices: int) -> dict:
@@ -58,11 +67,11 @@ def _env(devices: int) -> dict:
 
 
 def _check_output(out, setup, processes: int):
-  _, _, _, ref, tokens, ref_logits = setup
+  _, _, _, ref, tokens, ref_logits, bound = setup
   pruned = jaxprune.load(str(out))
   assert pruned.spec == ref.model.spec
   got = np.asarray(jaxprune.logits(pruned.spec, pruned.params, tokens))
-  np.testing.assert_allclose(got, ref_logits, atol=1e-4, rtol=0)
+  assert_within(got, ref_logits, bound, f"mesh run, {processes} process(es)")
   with open(out / "report.json") as f:
     report = json.load(f)
   assert report["mesh"]["data"] == 4 and report["mesh"]["model"] == 2 and report["mesh"]["processes"] == processes
