@@ -67,21 +67,30 @@ def feasible_heads(layer: LayerSpec, free_groups: bool = False) -> list[tuple[in
   return sorted({(k * g, k) for k in range(1, K + 1) for g in range(1, G + 1)})
 
 
-def choose_heads(layer: LayerSpec, priority: np.ndarray, n_keep: int, free_groups: bool = False) -> np.ndarray:
+def choose_heads(layer: LayerSpec, priority: np.ndarray, n_keep: int, free_groups: bool = False,
+                 n_kv: int | None = None) -> np.ndarray:
   """The feasible set of query heads with `n_keep` members (or the nearest feasible size)
-  that maximises the summed priority. Returns sorted head indices."""
+  that maximises the summed priority. Returns sorted head indices.
+
+  `n_kv` fixes how many KV groups the set spans, as the parameter budget was
+  costed: under GQA one head count can be reachable with different numbers of
+  groups (6 of 9 heads as 3 groups of 2 or 2 groups of 3), and the groups that
+  go free their K and V weights. It is ignored with free groups.
+  """
   priority = np.asarray(priority, np.float64)
   N = layer.num_heads
   n_keep = int(min(max(n_keep, 1), N))
   if free_groups or layer.kv_map is not None:
     return np.sort(np.argsort(-priority, kind="stable")[:n_keep]).astype(np.int32)
   K, G = layer.num_kv_heads, N // layer.num_kv_heads
-  sizes = sorted({k * g for k in range(1, K + 1) for g in range(1, G + 1)})
-  size = min(sizes, key=lambda s: (abs(s - n_keep), -s))
+  pairs = [(k * g, k) for k in range(1, K + 1) for g in range(1, G + 1) if n_kv is None or k == n_kv]
+  if not pairs:
+    raise ValueError(f"{n_kv} KV heads is not possible in a layer with {K} KV heads; expected 1..{K}")
+  size = min(sorted({n for n, _ in pairs}), key=lambda s: (abs(s - n_keep), -s))
   groups = np.asarray(layer.kv_index)
   best, best_val = None, -np.inf
   for k in range(1, K + 1):
-    if size % k or size // k > G:
+    if size % k or size // k > G or (n_kv is not None and k != n_kv):
       continue
     g = size // k
     # Best g heads inside each group, then the best k groups.
@@ -104,12 +113,17 @@ def choose_channels(scores: np.ndarray, n_keep: int) -> np.ndarray:
   return np.sort(np.argsort(-scores, kind="stable")[:n_keep]).astype(np.int32)
 
 
-def uniform_heads(layer: LayerSpec, costs: Costs, ratio: float, free_groups: bool = False) -> int:
-  """Query heads to keep so the attention module loses the fraction closest to `ratio`."""
+def uniform_head_pair(layer: LayerSpec, costs: Costs, ratio: float, free_groups: bool = False) -> tuple[int, int]:
+  """(query heads, KV heads) to keep so the attention module loses the fraction closest
+  to `ratio` (ties: keep more heads)."""
   dense = costs.attn(layer.num_heads, layer.num_kv_heads)
   target = (1 - ratio) * dense
-  n, _ = min(feasible_heads(layer, free_groups), key=lambda nk: (abs(costs.attn(*nk) - target), -nk[0]))
-  return n
+  return min(feasible_heads(layer, free_groups), key=lambda nk: (abs(costs.attn(*nk) - target), -nk[0]))
+
+
+def uniform_heads(layer: LayerSpec, costs: Costs, ratio: float, free_groups: bool = False) -> int:
+  """Query heads to keep so the attention module loses the fraction closest to `ratio`."""
+  return uniform_head_pair(layer, costs, ratio, free_groups)[0]
 
 
 def channels_for_budget(costs: Costs, budget: float, ffn_dim: int) -> int:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import allocate, criteria, kernels, reconstruct, sharding, surgery
+from jaxprune import allocate, criteria, kernels, presets, reconstruct, sharding, surgery
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.errors import UsageError
 from jaxprune.model import Model
@@ -35,71 +35,91 @@ log = logging.getLogger(__name__)
 HEAD_MODES = ("second-moment", "similarity")
 ALLOCATIONS = ("uniform", "adaptive")
 SCORE_DATA = ("calib", "random", "identity")
+ROUNDINGS = ("once", "carry")
 DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _opt(name: str, default, help: str, kind: str = "str", choices=None, optional: bool = False):
+  """A PruneConfig field: its default (the recommended preset's where it sets one) and,
+  in `metadata`, what the CLI and the YAML reader need (help, type, allowed values)."""
+  return dataclasses.field(default=presets.RECOMMENDED.get(name, default),
+                           metadata=dict(help=help, kind=kind, choices=choices, optional=optional))
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-  """What to prune and how. Defaults follow the paper (METHOD.md).
+  """What to prune and how. Defaults are the `recommended` preset's (see
+  `jaxprune.presets`); `PruneConfig.preset("paper")` gives the paper's method.
 
-  Attributes:
-    sparsity: fraction of the attention + MLP parameters of the pruned blocks to remove.
-    method: criterion name (see `jaxprune.criteria.names()`); "goa" is the paper's metric.
-    heads: "second-moment" (heads ranked by the criterion) or "similarity"
-      (redundant heads by Jensen-Shannon divergence; MLP channels take the rest).
-    tau: similarity threshold (Algorithm 2). None with heads="similarity": the
-      tau whose selections meet the head budget of the uniform allocation.
-    reconstruct: two-step least-squares reconstruction before selection.
-    refit: refit the second level on the kept channels after selection.
-    intercept: solve with a ones column, giving the fitted levels a bias.
-    damping: delta in lam = delta * mean(diag(X^T X)).
-    auto_damping: choose delta for every solve from DAMPING_GRID by the fit on a
-      held-out batch of calibration windows (then solve on all windows).
-    layers: half-open block range [start, stop) to prune; None = all blocks.
-    allocation: "uniform" (every module loses the same fraction) or "adaptive" (global ranking).
-    attn_sparsity: with uniform allocation, the fraction of each attention module to
-      remove (rounded to whole heads); None = `sparsity`. MLP channels take the
-      rest of each block's budget either way.
-    score_data: statistics the criterion sees: "calib" (the pruned stream),
-      "random" (uniformly random token windows) or "identity" (S = I, data-free).
-    free_groups: allow uneven query heads per KV head (JAX-only models).
-    compensate: FLAP's bias compensation: after selection, the removed channels'
-      mean contribution E[x2_j] W2[j] is added to the second level's bias.
-    batch_size: calibration windows per chunk (a multiple of the data-parallel devices).
-    seed: for random choices (the random criterion, random-token windows).
+  Each field's help text (`dataclasses.fields(PruneConfig)[i].metadata["help"]`)
+  is also the `jaxprune prune` option's help, and YAML config files use the
+  field names as keys.
   """
 
-  sparsity: float = 0.2
-  method: str = "goa"
-  heads: str = "second-moment"
-  tau: float | None = None
-  reconstruct: bool = True
-  refit: bool = False
-  intercept: bool = False
-  damping: float = 1e-3
-  auto_damping: bool = False
-  layers: tuple[int, int] | None = None
-  allocation: str = "uniform"
-  attn_sparsity: float | None = None
-  score_data: str = "calib"
-  free_groups: bool = False
-  compensate: bool = False
-  batch_size: int = 16
-  seed: int = 0
+  sparsity: float = _opt("sparsity", 0.2, "fraction of the attention + MLP parameters of the pruned blocks to "
+                         "remove, in [0, 1)", "float")
+  method: str = _opt("method", "goa", "criterion: goa (the paper's metric), goa-energy, goa-obs (greedy "
+                     "output approximation with refit-aware costs) or a baseline", choices=lambda: criteria.names())
+  heads: str = _opt("heads", "second-moment", "how heads are chosen: second-moment (ranked by the criterion) "
+                    "or similarity (redundant heads by Jensen-Shannon divergence; MLP channels take the rest)",
+                    choices=HEAD_MODES)
+  tau: float | None = _opt("tau", None, "similarity threshold for heads=similarity (Algorithm 2). Unset: "
+                           "with adaptive allocation the tau whose selections meet the plan's head budget is "
+                           "searched; with uniform allocation every layer drops its uniform head count, most "
+                           "similar pair first", "float", optional=True)
+  reconstruct: bool = _opt("reconstruct", True, "two-step least-squares reconstruction before selection", "bool")
+  refit: bool = _opt("refit", False, "refit the second level on the kept channels after selection", "bool")
+  intercept: bool = _opt("intercept", False, "fit biases (a ones column) in the solves", "bool")
+  damping: float = _opt("damping", 1e-3, "ridge delta: lam = delta * mean(diag(X^T X)); 'auto' chooses it per "
+                        "solve on a held-out batch of calibration windows", "float")
+  auto_damping: bool = _opt("auto_damping", False, "choose the damping of every solve from DAMPING_GRID by the "
+                            "fit on a held-out batch of calibration windows (then solve on all windows)", "bool")
+  layers: tuple[int, int] | None = _opt("layers", None, "half-open block range A:B to prune (default: all blocks)",
+                                        "range", optional=True)
+  allocation: str = _opt("allocation", "uniform", "uniform (every pruned layer keeps the same heads and channels) "
+                         "or adaptive (FLAP-style global ranking)", choices=ALLOCATIONS)
+  attn_sparsity: float | None = _opt("attn_sparsity", None, "with uniform allocation: fraction of each attention "
+                                     "module to remove, rounded to a head count the GQA groups allow (unset: "
+                                     "sparsity); MLP channels take the rest of the budget", "float", optional=True)
+  score_data: str = _opt("score_data", "calib", "statistics the criterion sees: calib (the calibration windows "
+                         "through the pruned model), random (random-token windows) or identity (S = I)",
+                         choices=SCORE_DATA)
+  free_groups: bool = _opt("free_groups", False, "allow uneven query heads per KV head (JAX-only models)", "bool")
+  compensate: bool = _opt("compensate", False, "FLAP's bias compensation: the removed channels' mean "
+                          "contribution is added to the second level's bias", "bool")
+  rounding: str = _opt("rounding", "once", "with uniform allocation: once (one shape for every pruned layer, "
+                       "the budget error reported) or carry (each layer's rounding carried to the next, so the "
+                       "total lands on the budget but widths differ by a channel)", choices=ROUNDINGS)
+  batch_size: int = _opt("batch_size", 16, "calibration windows per chunk (a multiple of the data-parallel "
+                         "devices)", "int")
+  seed: int = _opt("seed", 0, "seed for random choices (calibration windows, the random criterion, random-token "
+                   "windows)", "int")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "PruneConfig":
+    """The named preset (`jaxprune.presets.PRESETS`) with `overrides` on top.
+
+    Example: `PruneConfig.preset("paper", sparsity=0.5)`; baselines:
+    `PruneConfig.preset("baseline", method="flap")`.
+    """
+    return cls(**presets.values(name, overrides))
 
   def check(self, spec: ModelSpec) -> "PruneConfig":
     allocate.check_ratio(self.sparsity)
     if self.attn_sparsity is not None:
       allocate.check_ratio(self.attn_sparsity)
-    criteria.get(self.method)
+    crit = criteria.get(self.method)
+    if "hidden_cross" in crit.needs and self.score_data == "identity":
+      raise UsageError(f"method {self.method!r} solves against the calibration outputs, so score_data 'identity' "
+                       "(no statistics) cannot serve it; use score_data 'calib' or another method")
     for name, value, allowed in (("heads", self.heads, HEAD_MODES), ("allocation", self.allocation, ALLOCATIONS),
-                                 ("score_data", self.score_data, SCORE_DATA)):
+                                 ("score_data", self.score_data, SCORE_DATA), ("rounding", self.rounding, ROUNDINGS)):
       if value not in allowed:
         raise UsageError(f"{name}={value!r} is not one of {', '.join(allowed)}")
     if self.tau is not None and not self.tau > 0:
       raise UsageError(f"tau must be positive (JS divergences lie in [0, ln 2 = 0.693]), got {self.tau}")
     if not self.damping > 0:
-      raise UsageError(f"damping must be positive, got {self.damping}; the default is 1e-3")
+      raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
       raise UsageError(f"batch_size must be positive, got {self.batch_size}")
     start, stop = self.block_range(spec)
@@ -223,10 +243,17 @@ def _solve_level(parts: list[_Part], w_orig_aug, delta, grid, intercept, what):
   before = float(reconstruct.residual(t.m, t.xty, t.yy, w_orig_aug if intercept else w_orig_aug[:d]))
   after = float(reconstruct.residual(t.m, t.xty, t.yy, w))
   scale = max(float(t.yy), 1e-30)
-  rep.update(residual_before=before / scale, residual_after=min(after, before) / scale, damping=info.delta,
-             retries=info.retries, kept_original=after >= before)
+  # residual_after is the solve's own fit, stored raw so that a solve that fits
+  # worse than the original weights shows; those weights are then kept.
+  rep.update(residual_before=before / scale, residual_after=after / scale, damping=info.delta,
+             retries=info.retries, kept_original=after >= before, intercept=bool(intercept))
   if after >= before:
     return None, rep
+  # The solve comes back replicated on the statistics' mesh; the fitted weights go where
+  # the weights they replace live, so a module's kernels see one placement (no retrace)
+  # and a model held on one device does not gain a copy per device.
+  if isinstance(w_orig_aug, jax.Array) and len(w_orig_aug.sharding.device_set) == 1:
+    w = jnp.asarray(np.asarray(w))  # uncommitted, like weights loaded from a checkpoint
   return (w[:d], w[d] if intercept else None), rep
 
 
@@ -322,7 +349,7 @@ class _Pruner:
       if sol is not None:
         p2 = A.with_second_level(kind, p1, *sol)
 
-    stats = self.score_stats(kind, i, cfg, norm_p, p1, m_in, m2, js, xs, layer)
+    stats = self.score_stats(kind, i, cfg, norm_p, p1, p2, m_in, m2, js, xs, layer)
     scores = np.asarray(self.crit.score(kind, p2, stats), np.float64)
     keep = self.select(kind, i, layer, scores, js, plan, tau, rep)
 
@@ -339,7 +366,7 @@ class _Pruner:
     if c.refit:
       idx = _x2_index(kind, p2, keep)
       subs = [_Part(moments.subset(p.m, idx), moments.subset(p.m, idx).xy, p.yy) for p in m2_parts]
-      icpt = c.intercept or _has_bias(kind, blk2[kind.key], "second")
+      icpt = self.second_intercept(kind, blk2[kind.key])
       w2, b2 = A.second_level(kind, blk2[kind.key])
       w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
       sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
@@ -358,7 +385,8 @@ class _Pruner:
     yy = max(yy, 1e-30)
     rep["error_inherited"] = err_in / yy
     if c.reconstruct:
-      rep["error_reconstructed"] = rep["second_level"]["residual_after"]
+      lvl = rep["second_level"]
+      rep["error_reconstructed"] = lvl["residual_before"] if lvl["kept_original"] else lvl["residual_after"]
     rep["error_after"] = err_out / yy
     rep["units_before"] = int(len(scores))
     rep["units_after"] = int(len(keep))
@@ -368,58 +396,87 @@ class _Pruner:
     self.progress({"event": "module", **rep})
     return nxt, xs_next
 
-  def score_stats(self, kind, i, cfg, norm_p, p1, m_in, m2, js, xs, layer) -> ModuleStats:
+  def second_intercept(self, kind, p) -> bool:
+    """Whether the second level's solves fit a bias: asked for, or the module has
+    one (its own, or FLAP's compensation). The refit and `goa-obs` both use this."""
     c = self.config
-    kw = dict(js=js, kv_index=layer.kv_index if kind is A.ATTN else None, damping=c.damping,
-              intercept=c.intercept, layer=i, seed=c.seed)
+    return c.intercept or c.compensate or _has_bias(kind, p, "second")
+
+  def stats_kw(self, kind, i, layer, p) -> dict:
+    """ModuleStats fields other than the moments, the same for the plan and the loop."""
+    c = self.config
+    kw = dict(kv_index=layer.kv_index if kind is A.ATTN else None, damping=c.damping,
+              intercept=self.second_intercept(kind, p), layer=i, seed=c.seed)
     if self.extra:
       for name in ("grads", "sq_grads"):
         if self.extra.get(name) is not None:
           kw[name] = self.extra[name][i][kind.key]
+    return kw
+
+  def uses_score_windows(self) -> bool:
+    """Criteria read the random-token windows, unless they solve against the dense
+    outputs (goa-obs), which only the calibration windows have."""
+    return self.config.score_data == "random" and "hidden_cross" not in self.crit.needs
+
+  def score_stats(self, kind, i, cfg, norm_p, p1, p2, m_in, m2, js, xs, layer) -> ModuleStats:
+    c = self.config
+    kw = dict(self.stats_kw(kind, i, layer, p2), js=js)
     if c.score_data == "identity":
       return ModuleStats(identity=True, **kw)
-    if c.score_data == "random" and "hidden_cross" not in self.crit.needs:
+    if self.uses_score_windows():
       pos = _positions(xs.shape[2])
       m_in = kernels.input_moments(kind, cfg, norm_p, xs)
       m2, _, _ = kernels.second_pass(kind, cfg, norm_p, p1, xs, None, pos, False)
-    # Criteria that solve against the dense outputs keep the calibration cross moment.
     return ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, **kw)
+
+  def attn_shape(self, i, layer, costs, plan) -> tuple[int, int | None]:
+    """(query heads, KV heads) to keep in block i's attention, as the budget was costed.
+
+    The KV count matters: under GQA the same number of query heads may sit in
+    fewer, fuller groups (6 of 9 heads in 2 or 3 groups on SmolLM2), which frees
+    different parameters. None: no constraint (uneven groups).
+    """
+    c = self.config
+    free = c.free_groups or layer.kv_map is not None
+    if plan is not None:
+      lp = self.dense.spec.layers[i]
+      return plan.heads, None if free else allocate.kv_heads_after(lp, plan.heads, c.free_groups)
+    ratio = c.sparsity if c.attn_sparsity is None else c.attn_sparsity
+    n, k = allocate.uniform_head_pair(layer, costs, ratio, c.free_groups)
+    return n, None if free else k
 
   def select(self, kind, i, layer, scores, js, plan, tau, rep) -> np.ndarray:
     c = self.config
     costs = self.costs(i)
     if kind is A.ATTN:
+      n_keep, n_kv = self.attn_shape(i, layer, costs, plan)
       if c.heads == "similarity":
         D = np.asarray(js, np.float64)
         if tau is not None:
           drop = criteria.algorithm2(D, tau)
+          n_keep, n_kv = layer.num_heads - len(drop), None  # tau decides the count
         else:
-          n_drop = layer.num_heads - self.uniform_heads(layer, costs)
-          drop = criteria.budgeted(D, scores, n_drop)
+          drop = criteria.budgeted(D, scores, layer.num_heads - n_keep)
         priority = _rank01(scores) + 2.0 * ~np.isin(np.arange(layer.num_heads), drop)
-        keep = allocate.choose_heads(layer, priority, layer.num_heads - len(drop), c.free_groups)
         rep.update(tau=tau, js=D.round(6).tolist(), similar_heads=[int(h) for h in drop])
-        return keep
-      n = plan.heads if plan is not None else self.uniform_heads(layer, costs)
-      return allocate.choose_heads(layer, scores, n, c.free_groups)
-    # MLP channels take the rest of the block's budget; what earlier blocks kept
-    # beyond (or below) theirs is carried so the total lands on the budget.
+        return allocate.choose_heads(layer, priority, n_keep, c.free_groups, n_kv=n_kv)
+      return allocate.choose_heads(layer, scores, n_keep, c.free_groups, n_kv=n_kv)
+    # MLP channels take the rest of the block's budget. Adaptive plans and
+    # rounding="carry" carry what earlier blocks kept beyond (or below) theirs,
+    # so the total lands on the budget; uniform "once" rounds every block alike,
+    # so every pruned block has one shape (the budget error is reported).
     if plan is not None:
       lp = self.dense.spec.layers[i]
       target = costs.attn(plan.heads, allocate.kv_heads_after(lp, plan.heads, c.free_groups)) + costs.mlp(
           plan.channels)
     else:
       target = self.layer_target(i)
+    carry = self.carry if plan is not None or c.rounding == "carry" else 0.0
     attn = self.blocks[i]["attn"]
     attn_params = costs.attn(attn["q"]["kernel"].shape[1], attn["k"]["kernel"].shape[1])
-    n = allocate.channels_for_budget(costs, target - attn_params - self.carry, layer.ffn_dim)
+    n = allocate.channels_for_budget(costs, target - attn_params - carry, layer.ffn_dim)
     self.carry += attn_params + costs.mlp(n) - target
     return allocate.choose_channels(scores, n)
-
-  def uniform_heads(self, layer, costs) -> int:
-    c = self.config
-    ratio = c.sparsity if c.attn_sparsity is None else c.attn_sparsity
-    return allocate.uniform_heads(layer, costs, ratio, c.free_groups)
 
   def fill_biases(self, blk):
     """Adds zero biases so every block has the biases the exported config will declare."""
@@ -446,28 +503,40 @@ def _rank01(x) -> np.ndarray:
 # Plans that need the whole model first (adaptive allocation, tau search)
 
 
-def _dense_scores(pr: _Pruner, tokens, want_js: bool):
-  """Per-layer head and channel scores (and JS matrices) of the dense model."""
+def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
+  """Per-layer head and channel scores (and JS matrices) of the dense model on `tokens` [C, B, T].
+
+  The criterion sees what it sees in the layer loop (`_Pruner.stats_kw`: the
+  block index, the seed, gradients, the intercept), only with the dense model's
+  statistics of `tokens`.
+  """
   c = pr.config
   x = _embed_stream(pr.spec, pr.params, tokens, pr.mesh)
   pos = _positions(x.shape[2])
+  cross = "hidden_cross" in pr.crit.needs
   heads, chans, Ds = {}, {}, {}
   for i in range(pr.stop):
     blk, layer = pr.blocks[i], pr.layer_specs[i]
     cfg = L.block_config(pr.spec, i)
     if i >= pr.start:
       for kind in (A.ATTN, A.MLP):
-        m_in, _, _, _, yd = kernels.first_pass(kind, cfg, blk[kind.norm_key], blk[kind.key], x, x, pos)
-        m2, js, rows = kernels.second_pass(kind, cfg, blk[kind.norm_key], blk[kind.key], x, None, pos,
-                                           want_js and kind is A.ATTN)
-        js = None if js is None else js / rows
-        identity = c.score_data == "identity"
-        stats = ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, js=js, identity=identity,
-                            kv_index=layer.kv_index if kind is A.ATTN else None)
-        s = np.asarray(pr.crit.score(kind, blk[kind.key], stats), np.float64)
-        (heads if kind is A.ATTN else chans)[i] = s
-        if js is not None:
+        p = blk[kind.key]
+        m_in, _, _, _, yd = kernels.first_pass(kind, cfg, blk[kind.norm_key], p, x, x, pos)
+        js_here = want_js and kind is A.ATTN
+        if want_scores or js_here:
+          # The cross moment with the dense output for criteria that solve against it (goa-obs).
+          m2, js, rows = kernels.second_pass(kind, cfg, blk[kind.norm_key], p, x, yd if cross else None, pos, js_here)
+          js = None if js is None else js / rows
+        if js_here:
           Ds[i] = np.asarray(js, np.float64)
+        if want_scores:
+          kw = dict(pr.stats_kw(kind, i, layer, p), js=js)
+          if c.score_data == "identity":
+            stats = ModuleStats(identity=True, **kw)
+          else:
+            stats = ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, **kw)
+          s = np.asarray(pr.crit.score(kind, p, stats), np.float64)
+          (heads if kind is A.ATTN else chans)[i] = s
         x = kernels.add(x, yd)
       pr.progress({"event": "plan", "layer": i})
     else:
@@ -507,14 +576,22 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
     pr.extra = pr.crit.prepare(model, np.asarray(calib), c)
     log.info("criterion %s prepared in %.1fs", c.method, time.perf_counter() - t0)
 
-  # Plans from the dense model: adaptive allocation and/or the tau meeting the head budget.
+  # Plans from the dense model: adaptive allocation and the tau meeting its head budget.
   plans: dict[int, allocate.LayerPlan] = {}
   tau = c.tau
   plan_seconds = 0.0
+  # With uniform allocation and no tau, each layer drops its uniform head count
+  # by the budgeted similarity rule (`select`), which keeps one shape per layer.
   need_tau = c.heads == "similarity" and c.tau is None and c.allocation == "adaptive"
   if c.allocation == "adaptive":
     t0 = time.perf_counter()
-    head_s, chan_s, Ds = _dense_scores(pr, np.concatenate(tokens), want_js=need_tau)
+    calib_tokens = np.concatenate(tokens)
+    # The plan scores the windows the criterion scores in the layer loop.
+    score_tokens = s_tokens if pr.uses_score_windows() else calib_tokens
+    js_here = need_tau and score_tokens is calib_tokens
+    head_s, chan_s, Ds = _dense_scores(pr, score_tokens, want_js=js_here)
+    if need_tau and not js_here:  # head similarity is measured on the calibration windows
+      Ds = _dense_scores(pr, calib_tokens, want_js=True, want_scores=False)[2]
     idx = list(range(pr.start, pr.stop))
     budget = c.sparsity * sum(pr.dense_block_params(i) for i in idx)
     # Added biases count against the budget.
@@ -559,6 +636,8 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
   block_before = sum(block_param_count(dense.params["layers"][i]) for i in idx)
   block_after = sum(block_param_count(pruned.params["layers"][i]) for i in idx)
   total_before, total_after = count_params(dense.params), count_params(pruned.params)
+  # The budget keeps (1 - sparsity) of the dense blocks, added biases included.
+  target_after = (1 - c.sparsity) * block_before
   return {
       "config": {**dataclasses.asdict(c), "layers": list(c.block_range(dense.spec))},
       "tau": tau,
@@ -572,7 +651,12 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
           "pruned_blocks_after": block_after,
           "ratio_of_pruned_blocks": 1 - block_after / block_before,
           "ratio_global": 1 - total_after / total_before,
+          "budget_after": target_after,
+          # Parameters kept beyond the budget (negative: below), from rounding to whole units.
+          "budget_error": block_after - target_after,
+          "budget_error_ratio": (block_after - target_after) / block_before,
       },
+      "rounding": c.rounding if c.allocation == "uniform" else "carry",
       "layers": [dataclasses.asdict(l) for l in pruned.spec.layers],
       "modules": pr.modules,
       "damping_retries": sum(m.get(k, {}).get("retries", 0) for m in pr.modules

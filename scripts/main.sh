@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job: sets everything up, prunes the built-in SmolLM2-135M by 20% of
-# its block parameters (calibrated on WikiText-2 valid) with jaxprune's
-# recommended recipe (README, Results), and reports dense vs pruned perplexity
-# on WikiText-2 test, parameters and time. The pruned model,
+# its block parameters (calibrated on WikiText-2 valid) with jaxprune's default
+# preset, `recommended` (README, Results; no recipe flags needed), and reports
+# dense vs pruned perplexity on WikiText-2 test, parameters and time. The pruned model,
 # report.json and progress.jsonl go to runs/smollm2-20 (replaced on each run).
-# Extra arguments go to `jaxprune prune`, e.g. `bash scripts/main.sh --calib selfgen`.
+# Extra arguments go to `jaxprune prune`, e.g. `bash scripts/main.sh --calib selfgen`
+# (the data-free preset) or `bash scripts/main.sh --preset paper` (the paper's method).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,6 +13,5 @@ bash scripts/setup.sh
 . "${JAXPRUNE_VENV:-.venv}/bin/activate"
 DATA=${JAXPRUNE_DATA:-../shared/data/wikitext-2}
 exec jaxprune prune smollm2-135m --sparsity 0.2 \
-  --method goa-obs --attn-sparsity 0 --refit --intercept --damping 1e-5 \
   --calib "$DATA/valid.txt" --eval-text "$DATA/test.txt" \
   --out runs/smollm2-20 --force "$@"

@@ -286,7 +286,7 @@ def _calib(n=16, t=16, seed=0):
 def test_every_baseline_runs_through_the_pipeline(tiny_dir, methods, extra):
   m = jaxprune.load(tiny_dir("llama_gqa"))
   for method in methods:
-    cfg = PruneConfig(**{**dict(sparsity=0.3, method=method, reconstruct=False, batch_size=8), **extra})
+    cfg = PruneConfig.preset("baseline", **{**dict(sparsity=0.3, method=method, batch_size=8), **extra})
     r = prune(m, _calib(), cfg)
     assert abs(r.report["params"]["ratio_of_pruned_blocks"] - 0.3) < 0.05, method
     assert np.all(np.isfinite(np.asarray(logits(r.model.spec, r.model.params, _calib(2, 10, seed=1)))))
@@ -296,7 +296,7 @@ def test_every_baseline_runs_through_the_pipeline(tiny_dir, methods, extra):
 def test_baselines_on_models_with_biases(tiny_dir, kind):
   m = jaxprune.load(tiny_dir(kind))
   for method in ("l1", "flap", "taylor-vector"):
-    r = prune(m, _calib(), PruneConfig(sparsity=0.3, method=method, reconstruct=False, compensate=method == "flap",
+    r = prune(m, _calib(), PruneConfig.preset("baseline", sparsity=0.3, method=method, compensate=method == "flap",
                                        batch_size=8))
     assert abs(r.report["params"]["ratio_of_pruned_blocks"] - 0.3) < 0.06, method
     assert np.all(np.isfinite(np.asarray(logits(r.model.spec, r.model.params, _calib(2, 10, seed=1)))))
@@ -304,7 +304,7 @@ def test_baselines_on_models_with_biases(tiny_dir, kind):
 
 def test_random_pipeline_is_reproducible_and_seeded(tiny_dir):
   m = jaxprune.load(tiny_dir("llama_mha"))
-  cfg = PruneConfig(sparsity=0.4, method="random", reconstruct=False, batch_size=8)
+  cfg = PruneConfig.preset("baseline", sparsity=0.4, method="random", batch_size=8)
   kept = lambda c: [mod["kept"] for mod in prune(m, _calib(), c).report["modules"]]
   assert kept(cfg) == kept(cfg)
   assert kept(cfg) != kept(dataclasses.replace(cfg, seed=1))
@@ -312,11 +312,11 @@ def test_random_pipeline_is_reproducible_and_seeded(tiny_dir):
 
 def test_flap_with_uniform_attention_kept_and_adaptive(tiny_dir):
   m = jaxprune.load(tiny_dir("llama_gqa"))
-  r = prune(m, _calib(), PruneConfig(sparsity=0.2, method="flap", compensate=True, reconstruct=False,
+  r = prune(m, _calib(), PruneConfig.preset("baseline", sparsity=0.2, method="flap", compensate=True,
                                      attn_sparsity=0.0, batch_size=8))
   assert all(mod["units_after"] == mod["units_before"] for mod in r.report["modules"] if mod["module"] == "attn")
   assert all("bias" in blk["mlp"]["down"] for blk in r.model.params["layers"])
-  r = prune(m, _calib(), PruneConfig(sparsity=0.3, method="flap", compensate=True, reconstruct=False,
+  r = prune(m, _calib(), PruneConfig.preset("baseline", sparsity=0.3, method="flap", compensate=True,
                                      allocation="adaptive", batch_size=8))
   assert abs(r.report["params"]["ratio_of_pruned_blocks"] - 0.3) < 0.05
 

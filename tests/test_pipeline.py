@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune import kernels
+from jaxprune import kernels, presets
 from jaxprune.errors import UsageError
 from jaxprune.models import logits
 from jaxprune.pipeline import PruneConfig, prune
@@ -29,9 +29,8 @@ def _leaves_equal(a, b) -> bool:
   return True
 
 
-# The paper's configuration spelled out, so that these tests do not move with the defaults.
-PAPER = dict(method="goa", heads="second-moment", reconstruct=True, refit=False, intercept=False, damping=1e-3,
-             allocation="uniform", score_data="calib", attn_sparsity=None, compensate=False)
+# The paper's configuration, so that these tests do not move with the recommended defaults.
+PAPER = presets.PAPER
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -79,7 +78,7 @@ def test_reconstruction_lowers_the_error_it_targets(tiny_dir):
 
 def test_nothing_removed_at_zero_sparsity_without_reconstruction(tiny_dir):
   m = jaxprune.load(tiny_dir("qwen2"))
-  r = prune(m, _calib(), PruneConfig(sparsity=0.0, reconstruct=False, batch_size=8))
+  r = prune(m, _calib(), PruneConfig(sparsity=0.0, batch_size=8, **{**PAPER, "reconstruct": False}))
   assert r.model.spec == m.spec and _leaves_equal(r.model.params, m.params)
 
 

@@ -7,6 +7,13 @@ tokenizer), `report.json` and a per-module `progress.jsonl` to DIR. Everything
 is written to a temporary directory first and renamed into place at the end,
 so a failed or interrupted run leaves nothing half-written, and an existing DIR
 is never replaced without --force.
+
+Options start from a preset (`--preset`): `recommended` by default (jaxprune's
+recipe), `recommended-datafree` with `--calib selfgen`, `paper` and
+`paper-datafree` for the paper's method as published, and `baseline` when
+`--method` names a published tool (flap, wanda-sp, l1, l2, random, taylor-*),
+which then runs as that tool does. A `--config FILE.yaml` of PruneConfig
+fields overrides the preset, and options given here override both.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from jaxprune.errors import UsageError
 
 CALIB_SPECIAL = ("selfgen", "random")
 
-
 def parse_block_range(text: str) -> tuple[int, int]:
   try:
     a, b = text.split(":")
@@ -30,52 +36,107 @@ def parse_block_range(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"--layers takes A:B (a half-open block range such as 4:28), got {text!r}")
 
 
-def _float(text: str, flag: str) -> float:
-  try:
-    return float(text)
-  except ValueError:
-    raise UsageError(f"{flag} takes a number or 'auto', got {text!r}") from None
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+  if isinstance(value, bool):
+    return "on" if value else "off"
+  return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _config_options(p) -> None:
+  """One option per PruneConfig field, with the field's help; unset options stay None so
+  that the preset and the --config file decide (precedence: preset < file < flags)."""
+  import dataclasses
+
+  from jaxprune import presets
+  from jaxprune.pipeline import PruneConfig
+
+  g = p.add_argument_group("pruning options (PruneConfig fields; defaults from the preset)")
+  rec = presets.PRESETS["recommended"]
+  for f in dataclasses.fields(PruneConfig):
+    meta = f.metadata
+    help = meta["help"]
+    if f.name == "sparsity":
+      help += " (required, here or in --config)"
+    elif f.name in rec:
+      help += f" (recommended: {_show(rec[f.name])})"
+    elif f.default is not None:
+      help += f" (default: {_show(f.default)})"
+    if meta["kind"] == "bool":
+      g.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
+      continue
+    kw = dict(dest=f.name, default=None, help=help)
+    choices = presets.choices(f.name)
+    if choices is not None:
+      kw["choices"] = choices
+    if f.name == "layers":
+      kw.update(type=parse_block_range, metavar="A:B")
+    else:
+      kw["metavar"] = f.name.upper() if choices is None else None  # text, checked by presets.coerce
+    g.add_argument(_flag(f.name), **kw)
 
 
 def add_parser(sub):
-  from jaxprune import criteria
-  from jaxprune.pipeline import ALLOCATIONS, HEAD_MODES, SCORE_DATA
+  from jaxprune import presets
 
   p = sub.add_parser("prune", help="prune a model and save it", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("model", help="built-in name (smollm2-135m), HF directory, .gguf file or Hub id")
-  p.add_argument("--sparsity", type=float, required=True, help="fraction of the pruned blocks' parameters to remove")
-  p.add_argument("--method", default="goa", choices=criteria.names(), help="criterion (default: goa, the paper's)")
+  p.add_argument("--preset", default=None, choices=presets.names(),
+                 help="the recipe options start from (default: recommended; recommended-datafree with --calib "
+                 "selfgen; baseline with --method naming a published tool, which then runs as that tool does)")
+  p.add_argument("--config", default=None, metavar="FILE.yaml",
+                 help="YAML file of PruneConfig fields (e.g. 'sparsity: 0.2'); overrides the preset, and "
+                 "options on the command line override it")
   p.add_argument("--calib", default="selfgen",
                  help="calibration text file, 'selfgen' (text the model generates; default) or 'random' tokens")
   p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-  p.add_argument("--heads", default="second-moment", choices=HEAD_MODES, help="how heads are chosen")
-  p.add_argument("--tau", type=float, default=None, help="JS threshold for --heads similarity (default: searched "
-                 "so the head budget matches the allocation)")
-  p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
-                 help="two-step least-squares reconstruction (default on)")
-  p.add_argument("--refit", action="store_true", help="refit the second level on the kept channels")
-  p.add_argument("--intercept", action="store_true", help="fit biases (a ones column) in the solves")
-  p.add_argument("--damping", default="1e-3",
-                 help="ridge delta: lam = delta * mean(diag(X^T X)), or 'auto' to choose it per solve on a held-out "
-                 "batch of calibration windows")
-  p.add_argument("--layers", type=parse_block_range, default=None, help="block range A:B to prune (default: all)")
-  p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
-  p.add_argument("--score-data", default=None, choices=SCORE_DATA,
-                 help="statistics the criterion sees (default: calib; random for --calib selfgen, as in the paper)")
-  p.add_argument("--free-groups", action="store_true", help="allow uneven query heads per KV head (JAX-only)")
-  p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
-                 help="FLAP's bias compensation for removed channels (default: on for --method flap only)")
-  p.add_argument("--attn-sparsity", type=float, default=None,
-                 help="with uniform allocation: fraction of each attention module to remove (default: --sparsity)")
-  p.add_argument("--batch-size", type=int, default=16, help="calibration windows per chunk")
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval-text", default=None, help="text file for perplexity before and after")
   p.add_argument("--eval-windows", type=int, default=256, help="windows of --eval-text to use (default 256)")
   p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
   p.add_argument("--force", action="store_true", help="replace an existing --out")
+  _config_options(p)
   return p
+
+
+def resolve_config(args):
+  """(PruneConfig, preset name) from the preset, the --config file and the options given.
+
+  Precedence: preset < config file < command-line options. Without --preset,
+  the preset follows from the method (a baseline runs as its tool does) and
+  the calibration source.
+  """
+  import dataclasses
+
+  from jaxprune import presets
+  from jaxprune.pipeline import PruneConfig
+
+  from_file = presets.from_yaml(args.config) if args.config else {}
+  flags = {}
+  for f in dataclasses.fields(PruneConfig):
+    value = getattr(args, f.name, None)
+    if value is None:
+      continue
+    if f.name == "damping" and value == "auto":
+      flags["auto_damping"] = True
+      continue
+    if f.name == "damping":
+      try:
+        float(value)
+      except ValueError:
+        raise UsageError(f"--damping takes a number or 'auto', got {value!r}") from None
+    flags[f.name] = presets.coerce(f.name, value, f"option {_flag(f.name)}")
+  given = {**from_file, **flags}
+  if "sparsity" not in given:
+    raise UsageError("no sparsity given; pass --sparsity R (the fraction of block parameters to remove, e.g. 0.2) "
+                     "or set 'sparsity' in the --config file")
+  name = args.preset or presets.default_preset(given.get("method"), args.calib)
+  values = presets.values(name, given)
+  return PruneConfig(**values), name
 
 
 def _check_out(out: str, force: bool):
@@ -83,18 +144,18 @@ def _check_out(out: str, force: bool):
     raise UsageError(f"output directory {out} already exists; pass --force to replace it or choose another --out")
 
 
-def _calibration(args, model, tokenizer):
+def _calibration(args, model, tokenizer, seed: int):
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
 
   if args.calib_samples < 1:
     raise UsageError(f"--calib-samples must be positive, got {args.calib_samples}")
   if args.calib == "selfgen":
-    return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=args.seed)
+    return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=seed)
   if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=args.seed)
+    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=seed)
   stream = tokenize(tokenizer, read_text(args.calib))
-  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=args.seed, source=args.calib)
+  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=seed, source=args.calib)
   return windows
 
 
@@ -106,19 +167,12 @@ def run(args) -> int:
   from jaxprune.eval import perplexity
   from jaxprune.io.atomic import atomic_dir
   from jaxprune.io.export import hf_problems, save_hf
-  from jaxprune.pipeline import PruneConfig, prune
+  from jaxprune.pipeline import prune
 
   _check_out(args.out, args.force)
+  config, preset = resolve_config(args)
   if args.eval_text is not None:
     read_text(args.eval_text)  # fail before any work if it is missing
-  score_data = args.score_data or ("random" if args.calib == "selfgen" else "calib")
-  config = PruneConfig(sparsity=args.sparsity, method=args.method, heads=args.heads, tau=args.tau,
-                       reconstruct=args.reconstruct, refit=args.refit, intercept=args.intercept,
-                       damping=1e-3 if args.damping == "auto" else _float(args.damping, "--damping"),
-                       auto_damping=args.damping == "auto", layers=args.layers, allocation=args.allocation, score_data=score_data,
-                       attn_sparsity=args.attn_sparsity, free_groups=args.free_groups,
-                       compensate=args.method == "flap" if args.compensate is None else args.compensate,
-                       batch_size=args.batch_size, seed=args.seed)
   t0 = time.perf_counter()
   model = jaxprune.load(args.model)
   config.check(model.spec)
@@ -126,7 +180,7 @@ def run(args) -> int:
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  calib = _calibration(args, model, tokenizer)
+  calib = _calibration(args, model, tokenizer, config.seed)
   calib_s = time.perf_counter() - t0
 
   evaluation = {}
@@ -158,6 +212,7 @@ def run(args) -> int:
 
   report = dict(result.report)
   report["model"] = args.model
+  report["preset"] = preset
   report["calibration"] = {**report["calibration"], "source": args.calib, "seconds": calib_s}
   report["seconds"] = {**report["seconds"], "load": load_s}
   if evaluation:

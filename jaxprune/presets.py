@@ -1,0 +1,193 @@
+"""Named pruning recipes, and turning text (command line, YAML) into `PruneConfig` values.
+
+A preset is a plain dict of `PruneConfig` field values. `PruneConfig()`'s
+defaults are the `recommended` preset's, so the API, the CLI and the notebook
+agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
+
+  recommended           jaxprune's recipe (README, Results): the exact greedy
+                        output-approximation order (`goa-obs`), MLP channels
+                        only, the paper's reconstruction, refit of the kept
+                        channels with an intercept, small damping.
+  recommended-datafree  the recipe on self-generated text, with the statistics
+                        taken from that text itself (the default of
+                        `jaxprune prune --calib selfgen`).
+  paper                 the paper as METHOD.md states it: gated second-moment
+                        metric, uniform allocation, two-step reconstruction
+                        before selection, damping 1e-3.
+  paper-datafree        the paper's Self-Gen: as `paper`, calibrated on
+                        self-generated text, statistics from random tokens.
+  baseline              a published tool as it runs itself: no
+                        reconstruction, refit or intercept; FLAP with its bias
+                        compensation. `jaxprune prune --method M` for a
+                        baseline M starts here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from jaxprune.errors import UsageError
+
+# jaxprune's recommended recipe: the one place that says what the default is.
+RECOMMENDED = dict(method="goa-obs", heads="second-moment", allocation="uniform", attn_sparsity=0.0,
+                   reconstruct=True, refit=True, intercept=True, damping=1e-5, auto_damping=False,
+                   score_data="calib", compensate=False)
+
+# The paper's method (METHOD.md sections 2-6); also what PruneConfig's defaults
+# were before the presets, so results made with those defaults are this preset.
+PAPER = dict(method="goa", heads="second-moment", allocation="uniform", attn_sparsity=None, reconstruct=True,
+             refit=False, intercept=False, damping=1e-3, auto_damping=False, score_data="calib", compensate=False)
+
+# Published tools run without any of jaxprune's least-squares steps.
+BASELINE = dict(heads="second-moment", allocation="uniform", attn_sparsity=None, reconstruct=False, refit=False,
+                intercept=False, damping=1e-3, auto_damping=False, score_data="calib", compensate=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "recommended": RECOMMENDED,
+    # Statistics from the self-generated text itself, not from random tokens.
+    "recommended-datafree": dict(RECOMMENDED, score_data="calib"),
+    "paper": PAPER,
+    "paper-datafree": dict(PAPER, score_data="random"),
+    "baseline": BASELINE,
+}
+
+# Presets meant for self-generated calibration: the CLI generates it unless --calib says otherwise.
+DATAFREE = ("recommended-datafree", "paper-datafree")
+
+# Criteria that stand for published tools (METHOD.md section 7).
+BASELINE_METHODS = ("flap", "wanda-sp", "l1", "l2", "random", "taylor-element1", "taylor-element2", "taylor-vector")
+
+
+def names() -> list[str]:
+  return list(PRESETS)
+
+
+def default_preset(method: str | None, calib: str | None) -> str:
+  """The preset a run starts from when none is named: `baseline` for a baseline
+  method, `recommended-datafree` on self-generated text, else `recommended`."""
+  if method in BASELINE_METHODS:
+    return "baseline"
+  return "recommended-datafree" if calib == "selfgen" else "recommended"
+
+
+def values(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The preset's field values with `overrides` on top (names checked against PruneConfig)."""
+  if name not in PRESETS:
+    raise UsageError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+  overrides = dict(overrides or {})
+  check_names(overrides, f"preset {name!r} overrides")
+  out = {**PRESETS[name], **overrides}
+  if name == "baseline":
+    if "method" not in out:
+      raise UsageError(f"preset 'baseline' needs a method; pass one of {', '.join(BASELINE_METHODS)}")
+    # FLAP's published form includes its bias compensation.
+    if "compensate" not in overrides:
+      out["compensate"] = out["method"] == "flap"
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Field values from text or YAML
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+  from jaxprune.pipeline import PruneConfig
+  return {f.name: f for f in dataclasses.fields(PruneConfig)}
+
+
+def check_names(d: Mapping[str, Any], where: str) -> None:
+  fields = _fields()
+  unknown = [k for k in d if k not in fields]
+  if unknown:
+    raise UsageError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                     f"allowed: {', '.join(fields)}")
+
+
+def choices(name: str) -> tuple[str, ...] | None:
+  """The allowed values of a string field, or None when any value of its type goes."""
+  c = _fields()[name].metadata.get("choices")
+  return tuple(c()) if callable(c) else c
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+  """`value` (a command-line string or a YAML scalar) as field `name`'s type, checked.
+
+  Raises UsageError naming the key, the bad value and what is allowed.
+  """
+  fields = _fields()
+  if name not in fields:
+    check_names({name: value}, where)
+  kind = fields[name].metadata.get("kind", "str")
+  bad = f"{where}: {name}={value!r}"
+  if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if fields[name].metadata.get("optional"):
+      return None
+    raise UsageError(f"{bad} is not allowed; {name} needs a value ({_describe(name, kind)})")
+  if kind == "bool":
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+      return value.lower() in ("true", "yes", "on", "1")
+    raise UsageError(f"{bad} is not a boolean; use true or false")
+  if kind in ("int", "float"):
+    if isinstance(value, bool):
+      raise UsageError(f"{bad} is not a number; {name} takes {_describe(name, kind)}")
+    try:
+      out = int(value) if kind == "int" else float(value)
+    except (TypeError, ValueError):
+      raise UsageError(f"{bad} is not a number; {name} takes {_describe(name, kind)}") from None
+    if kind == "int" and isinstance(value, float) and out != value:
+      raise UsageError(f"{bad} is not an integer")
+    return out
+  if kind == "range":
+    if isinstance(value, str):
+      try:
+        a, b = value.split(":")
+        return int(a), int(b)
+      except ValueError:
+        pass
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+      return int(value[0]), int(value[1])
+    raise UsageError(f"{bad} is not a block range; use A:B (a half-open range such as 4:28) or [A, B]")
+  if not isinstance(value, str):
+    raise UsageError(f"{bad} is not a string; {name} takes {_describe(name, kind)}")
+  allowed = choices(name)
+  if allowed is not None and value not in allowed:
+    raise UsageError(f"{bad} is not one of {', '.join(allowed)}")
+  return value
+
+
+def _describe(name: str, kind: str) -> str:
+  allowed = choices(name)
+  if allowed is not None:
+    return "one of " + ", ".join(allowed)
+  return {"int": "an integer", "float": "a number", "bool": "true or false", "range": "a block range A:B"}.get(
+      kind, "a string")
+
+
+def from_yaml(path: str) -> dict[str, Any]:
+  """PruneConfig field values from a YAML mapping of field names (checked and typed)."""
+  import yaml
+
+  try:
+    with open(path) as f:
+      data = yaml.safe_load(f)
+  except FileNotFoundError:
+    raise UsageError(f"config file {path} does not exist; pass a YAML file of PruneConfig fields") from None
+  except yaml.YAMLError as e:
+    raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise UsageError(f"config file {path} must hold a mapping of PruneConfig fields (e.g. 'sparsity: 0.2'), "
+                     f"got a {type(data).__name__}")
+  where = f"config file {path}"
+  check_names(data, where)
+  out = {}
+  for k, v in data.items():
+    if k == "damping" and isinstance(v, str) and v == "auto":
+      out["auto_damping"] = True
+      continue
+    out[k] = coerce(k, v, where)
+  return out

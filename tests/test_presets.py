@@ -1,0 +1,150 @@
+"""Presets, and the prune command's options built from PruneConfig's fields (issue 9, item 1)."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+import jaxprune
+from jaxprune import presets
+from jaxprune.cli import build_parser, main
+from jaxprune.cli.prune_cmd import resolve_config
+from jaxprune.errors import UsageError
+from jaxprune.pipeline import PruneConfig
+from tests import tiny
+
+FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]
+
+# PruneConfig's defaults before the presets existed: the paper's method. Rows of
+# benchmarks/quality.py made with them must stay reproducible through `paper`.
+OLD_DEFAULTS = dict(method="goa", heads="second-moment", tau=None, reconstruct=True, refit=False, intercept=False,
+                    damping=1e-3, auto_damping=False, allocation="uniform", attn_sparsity=None, score_data="calib",
+                    free_groups=False, compensate=False, batch_size=16, seed=0)
+
+
+def _args(*argv):
+  return build_parser().parse_args(["prune", "m", "--out", "o", *map(str, argv)])
+
+
+def test_defaults_are_the_recommended_preset():
+  assert PruneConfig() == PruneConfig.preset("recommended")
+  rec = presets.PRESETS["recommended"]
+  assert all(getattr(PruneConfig(), k) == v for k, v in rec.items())
+  # The recipe the README's results table calls recommended.
+  assert (rec["method"], rec["refit"], rec["intercept"], rec["damping"], rec["attn_sparsity"]) == (
+      "goa-obs", True, True, 1e-5, 0.0)
+
+
+def test_paper_presets_are_the_old_defaults():
+  assert PruneConfig.preset("paper") == PruneConfig(**OLD_DEFAULTS)
+  assert PruneConfig.preset("paper-datafree") == PruneConfig(**{**OLD_DEFAULTS, "score_data": "random"})
+  assert PruneConfig.preset("recommended-datafree").score_data == "calib"
+
+
+@pytest.mark.parametrize("method", presets.BASELINE_METHODS)
+def test_baselines_run_as_their_tools(method):
+  c = PruneConfig.preset("baseline", method=method)
+  assert not (c.reconstruct or c.refit or c.intercept)
+  assert c.compensate == (method == "flap") and c.allocation == "uniform" and c.attn_sparsity is None
+  # An option still wins.
+  assert PruneConfig.preset("baseline", method=method, compensate=False, refit=True).refit
+  assert not PruneConfig.preset("baseline", method=method, compensate=False).compensate
+
+
+def test_every_baseline_method_is_a_criterion():
+  from jaxprune import criteria
+  assert set(presets.BASELINE_METHODS) <= set(criteria.names())
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: PruneConfig.preset("fast"), r"unknown preset 'fast'; available: recommended, recommended-datafree"),
+    (lambda: PruneConfig.preset("paper", dampng=1e-3), r"unknown key 'dampng'; allowed: sparsity, method"),
+    (lambda: PruneConfig.preset("baseline"), r"preset 'baseline' needs a method; pass one of flap"),
+])
+def test_bad_preset_requests_name_the_value_and_the_choices(call, msg):
+  with pytest.raises(UsageError, match=msg):
+    call()
+
+
+def test_every_field_is_an_option_with_the_fields_help():
+  actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["prune"]._actions}
+  for f in dataclasses.fields(PruneConfig):
+    assert f.name in actions, f.name
+    assert f.metadata["help"] in actions[f.name].help
+    assert actions[f.name].default is None  # unset, so that the preset decides
+
+
+@pytest.mark.parametrize("argv,preset,expect", [
+    (("--sparsity", 0.2, "--calib", "t.txt"), "recommended", dict(method="goa-obs", refit=True, damping=1e-5)),
+    (("--sparsity", 0.2), "recommended-datafree", dict(method="goa-obs", score_data="calib")),
+    (("--sparsity", 0.2, "--method", "flap", "--allocation", "adaptive"), "baseline",
+     dict(method="flap", reconstruct=False, refit=False, intercept=False, compensate=True, allocation="adaptive")),
+    (("--sparsity", 0.2, "--method", "wanda-sp", "--reconstruct"), "baseline",
+     dict(reconstruct=True, compensate=False, refit=False)),
+    (("--sparsity", 0.2, "--method", "goa"), "recommended-datafree", dict(method="goa", refit=True)),
+    (("--sparsity", 0.2, "--preset", "paper", "--calib", "t.txt"), "paper", OLD_DEFAULTS),
+    (("--sparsity", 0.5, "--preset", "paper-datafree", "--damping", "auto", "--layers", "1:3", "--seed", 4),
+     "paper-datafree", dict(score_data="random", auto_damping=True, layers=(1, 3), seed=4, sparsity=0.5)),
+])
+def test_options_start_from_the_right_preset(argv, preset, expect):
+  config, name = resolve_config(_args(*argv))
+  assert name == preset
+  for k, v in expect.items():
+    assert getattr(config, k) == v, k
+
+
+def test_precedence_is_preset_then_file_then_options(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("sparsity: 0.3\ndamping: 1.0e-2\nrefit: true\nlayers: [0, 1]\nallocation: adaptive\n")
+  config, name = resolve_config(_args("--preset", "paper", "--config", path, "--damping", "1e-4"))
+  assert name == "paper"
+  assert (config.sparsity, config.damping, config.refit, config.layers, config.allocation) == (
+      0.3, 1e-4, True, (0, 1), "adaptive")
+  assert config.method == "goa" and not config.intercept  # from the preset
+  # A method in the file picks the preset as on the command line.
+  path.write_text("sparsity: 0.3\nmethod: flap\n")
+  config, name = resolve_config(_args("--config", path))
+  assert name == "baseline" and config.compensate and not config.reconstruct
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("sparsity: 0.2\nalocation: uniform\n", r"unknown key 'alocation'; allowed: sparsity, method, heads"),
+    ("sparsity: 0.2\nallocation: global\n", r"allocation='global' is not one of uniform, adaptive"),
+    ("sparsity: lots\n", r"sparsity='lots' is not a number"),
+    ("sparsity: 0.2\nrefit: maybe\n", r"refit='maybe' is not a boolean"),
+    ("sparsity: 0.2\nlayers: 3\n", r"layers=3 is not a block range"),
+    ("- sparsity\n", r"must hold a mapping of PruneConfig fields"),
+    ("sparsity: [0.2\n", r"is not valid YAML"),
+])
+def test_bad_config_files_name_the_key_and_the_allowed_values(tmp_path, text, msg):
+  path = tmp_path / "c.yaml"
+  path.write_text(text)
+  with pytest.raises(UsageError, match=msg):
+    resolve_config(_args("--config", path))
+
+
+def test_missing_sparsity_and_missing_file_are_clear_errors(tmp_path):
+  with pytest.raises(UsageError, match="no sparsity given; pass --sparsity"):
+    resolve_config(_args())
+  with pytest.raises(UsageError, match="config file .*nope.yaml does not exist"):
+    resolve_config(_args("--config", tmp_path / "nope.yaml"))
+
+
+def test_prune_command_with_preset_and_config_file(capsys, tiny_dir, tmp_path):
+  model = tiny.add_word_tokenizer(shutil.copytree(tiny_dir("llama_gqa"), tmp_path / "model"))
+  calib = tiny.write_words(str(tmp_path / "calib.txt"), 600, seed=1)
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("sparsity: 0.3\nbatch_size: 8\nrefit: true\n")
+  out = tmp_path / "out"
+  code = main(["prune", str(model), "--preset", "paper", "--config", str(cfg), "--damping", "1e-2", "--calib", calib,
+               "--calib-samples", "16", "--seq-len", "16", "--out", str(out)])
+  assert code == 0, capsys.readouterr().err
+  report = json.loads((out / "report.json").read_text())
+  assert report["preset"] == "paper"
+  c = report["config"]
+  assert (c["method"], c["sparsity"], c["refit"], c["damping"], c["batch_size"]) == ("goa", 0.3, True, 1e-2, 8)
+  # Uniform allocation: one shape in every layer, loadable as a plain config.
+  pruned = jaxprune.load(str(out))
+  assert len({(l.num_heads, l.num_kv_heads, l.ffn_dim) for l in pruned.spec.layers}) == 1
+  assert "per_layer_config" not in json.loads((out / "config.json").read_text())
