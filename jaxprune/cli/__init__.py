@@ -15,7 +15,7 @@ import sys
 
 from jaxprune.errors import JaxpruneError
 
-SUBCOMMANDS = ("eval", "inspect", "prune", "export")
+SUBCOMMANDS = ("eval", "inspect", "prune", "export", "generate", "report", "heal", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """Data-free calibration: text the model writes itself, and random token windows.
 
 Sampling runs entirely under one `jax.jit`: a `lax.fori_loop` over positions
-with a per-layer KV cache (layers may differ in shape), seeded with a
-`jax.random` key, so the same seed gives the same windows.
+with the per-layer KV cache of `models.decode` (layers may differ in shape),
+seeded with a `jax.random` key, so the same seed gives the same windows.
 """
 
 from __future__ import annotations
@@ -14,38 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import UsageError
-from jaxprune.models import layers as L
-from jaxprune.models.forward import head, head_params
+from jaxprune.models import decode
 from jaxprune.spec import ModelSpec, Params
 
 
-def _decode_step(spec: ModelSpec, params: Params, caches, token, pos):
-  """One token for every row: token [B] at position pos -> logits [B,V], updated caches."""
-  x = jnp.take(params["embed"]["embedding"], token[:, None], axis=0)  # [B,1,D]
-  q_pos = jnp.full((1, 1), pos, jnp.int32)
-  if spec.fam.positions == "learned":
-    x = x + params["pos_embed"]["embedding"][pos][None, None]
-  new = []
-  for i, (blk, (kc, vc)) in enumerate(zip(params["layers"], caches)):
-    cfg = L.block_config(spec, i)
-    h = L.norm(cfg, blk["attn_norm"], x)
-    q, k, v = L.project_qkv(cfg, blk["attn"], h, q_pos)
-    kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), pos, axis=1)
-    vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), pos, axis=1)
-    k_pos = jnp.arange(kc.shape[1], dtype=jnp.int32)[None]
-    heads, _ = L.attend(cfg, q, kc, vc, q_pos, k_pos)
-    x = x + L.dense(blk["attn"]["o"], heads, "btnh,nhd->btd")
-    x = x + L.mlp(cfg, blk["mlp"], L.norm(cfg, blk["mlp_norm"], x))[0]
-    new.append((kc, vc))
-  logits = head(L.block_config(spec, 0), head_params(params), x)[:, 0]
-  return logits, tuple(new)
+# The decoder lives in models/decode.py (shared with `jaxprune generate`); the old name stays importable.
+_decode_step = decode.decode_step
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "batch", "length", "top_k"))
 def _sample(spec: ModelSpec, params: Params, key, first, batch: int, length: int, temperature, top_k: int):
-  dtype = params["embed"]["embedding"].dtype
-  caches = tuple((jnp.zeros((batch, length, l.num_kv_heads, l.head_dim), dtype),
-                  jnp.zeros((batch, length, l.num_kv_heads, l.head_dim), dtype)) for l in spec.layers)
+  caches = decode.init_cache(spec, batch, length, params["embed"]["embedding"].dtype)
   out = jnp.zeros((batch, length), jnp.int32).at[:, 0].set(first)
 
   def body(pos, state):

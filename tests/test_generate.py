@@ -1,0 +1,144 @@
+"""The KV-cache decoder against the full forward, the sampler, and `jaxprune generate`."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import surgery
+from jaxprune.cli import main
+from jaxprune.generate import SampleConfig, filter_top_p, generate, pick
+from jaxprune.models import decode
+from tests import tiny
+
+# Cached and full logits run the same float32 operations; only the reduction
+# shapes differ (keys over the cache's L slots instead of the T positions, one
+# query row at a time instead of T), so XLA may sum in another order. Masked
+# slots add exact zeros (exp(finfo.min - max) underflows to 0). Reassociating a
+# dot product of n terms changes it by at most about n * eps * sum|terms|; the
+# widest reduction here is n = 96 (the MLP), so with eps = 2^-23 one dot moves
+# by <= 1.2e-5 relative, and the two blocks' ~10 chained dots of these tiny
+# models (|logits| < 2) stay below 1e-4 even in that worst case. A wrong cache
+# slot, position or mask moves the logits by O(0.1).
+ATOL = 1e-4
+
+
+def _model(tiny_dir, kind):
+  return jaxprune.load(tiny_dir(kind))
+
+
+def _tokens(T, seed=0, B=2):
+  return np.random.default_rng(seed).integers(0, tiny.VOCAB, (B, T)).astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", list(tiny.KINDS))
+def test_cached_decoder_equals_full_forward(tiny_dir, kind):
+  m = _model(tiny_dir, kind)
+  # 20 tokens: longer than Mistral's sliding window of 8, so the window mask must act in
+  # both the prefill (5 tokens) and the 15 single-token steps; 24 cache slots leave 4 never written.
+  toks = _tokens(20)
+  full = np.asarray(jaxprune.logits(m.spec, m.params, toks))
+  cached = np.asarray(decode.cached_logits(m.spec, m.params, toks, prefix=5, length=24))
+  assert cached.shape == full.shape
+  np.testing.assert_allclose(cached, full, rtol=0, atol=ATOL)
+
+
+def test_cached_decoder_on_layers_of_different_widths(tiny_dir):
+  """A pruned model: layer 0 keeps one KV group (2 of 4 heads), layer 1 keeps 48 of 96 channels."""
+  m = surgery.prune_model(_model(tiny_dir, "llama_gqa"), heads={0: np.array([2, 3])},
+                          channels={1: np.arange(0, 96, 2)})
+  assert m.spec.layers[0].num_kv_heads == 1 and m.spec.layers[1].ffn_dim == 48
+  toks = _tokens(12, seed=1)
+  full = np.asarray(jaxprune.logits(m.spec, m.params, toks))
+  np.testing.assert_allclose(np.asarray(decode.cached_logits(m.spec, m.params, toks, prefix=3)), full, rtol=0,
+                             atol=ATOL)
+
+
+def test_greedy_follows_the_argmax_of_the_full_forward(tiny_dir):
+  m = _model(tiny_dir, "qwen2")
+  prompt = _tokens(6, seed=2)
+  new = generate(m.spec, m.params, prompt, SampleConfig(max_new_tokens=8, temperature=0))
+  assert new.shape == (2, 8)
+  # Causal model: the logits at position t of the whole sequence are those the sampler saw.
+  lg = np.asarray(jaxprune.logits(m.spec, m.params, np.concatenate([prompt, new], axis=1)))
+  np.testing.assert_array_equal(new, lg[:, 5:-1].argmax(-1))
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny_dir):
+  m = _model(tiny_dir, "qwen2")
+  prompt = _tokens(4, seed=3)
+  cfg = SampleConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, seed=7)
+  a = generate(m.spec, m.params, prompt, cfg)
+  b = generate(m.spec, m.params, prompt, cfg)
+  c = generate(m.spec, m.params, prompt, SampleConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, seed=8))
+  np.testing.assert_array_equal(a, b)
+  # The tiny model's next-token distributions are nearly uniform over 128 tokens, so two
+  # seeds agreeing on all 32 draws has probability far below 1e-20.
+  assert (a != c).any()
+
+
+def test_eos_stops_generation(tiny_dir):
+  m = _model(tiny_dir, "qwen2")
+  prompt = _tokens(4, seed=4, B=1)
+  free = generate(m.spec, m.params, prompt, SampleConfig(max_new_tokens=10, temperature=0))[0]
+  stop = int(free[3])
+  first = int(np.flatnonzero(free == stop)[0])  # the stop token may appear before position 3
+  got = generate(m.spec, m.params, prompt, SampleConfig(max_new_tokens=10, temperature=0, stop=(stop,)))[0]
+  np.testing.assert_array_equal(got, free[:first + 1])
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
+  kept = lambda p: np.flatnonzero(np.isfinite(np.asarray(filter_top_p(logits, p))[0])).tolist()
+  assert kept(0.7) == [0, 1]  # mass before token 2 is 0.8 >= 0.7
+  assert kept(0.85) == [0, 1, 2]
+  assert kept(0.01) == [0]  # the most likely token always stays
+  assert kept(0.999) == [0, 1, 2, 3]
+  # Sampling under top_p = 0.7 draws only from {0, 1}, token 0 with probability 0.5 / 0.8.
+  keys = jax.random.split(jax.random.key(0), 4000)
+  draws = np.asarray(jax.vmap(lambda k: pick(logits, k, jnp.float32(1.0), False, 0.7, 0)[0])(keys))
+  assert set(draws.tolist()) == {0, 1}
+  # 5 standard deviations of a binomial proportion over 4000 draws.
+  assert abs((draws == 0).mean() - 0.625) < 5 * np.sqrt(0.625 * 0.375 / 4000)
+
+
+def test_bad_sampling_settings_are_refused(tiny_dir):
+  m = _model(tiny_dir, "qwen2")
+  with pytest.raises(jaxprune.UsageError, match="top_p must lie in"):
+    generate(m.spec, m.params, _tokens(3), SampleConfig(top_p=0))
+  with pytest.raises(jaxprune.UsageError, match="exceeds the model's 64 positions"):
+    generate(m.spec, m.params, _tokens(60), SampleConfig(max_new_tokens=10))
+
+
+@pytest.fixture(scope="module")
+def word_model(tiny_dir, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("gen") / "model")
+  shutil.copytree(tiny_dir("llama_gqa"), path)
+  return tiny.add_word_tokenizer(path)
+
+
+def _cli(capsys, *argv):
+  capsys.readouterr()
+  code = main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_generate_cli_prints_the_greedy_continuation(capsys, word_model):
+  code, out, err = _cli(capsys, "generate", word_model, "--prompt", "w3 w5 w7", "--max-new-tokens", "6",
+                        "--temperature", "0")
+  assert code == 0, err
+  m = jaxprune.load(word_model)
+  tok = jaxprune.load_tokenizer(word_model)
+  ids = tok("w3 w5 w7")["input_ids"]
+  new = generate(m.spec, m.params, [ids], SampleConfig(max_new_tokens=6, temperature=0, stop=(m.spec.eos_token_id,)))
+  assert out.strip() == tok.decode(new[0], skip_special_tokens=True).strip()
+  assert len(out.split()) >= 1 and all(w in tiny.WORDS for w in out.split())
+
+
+def test_generate_cli_refuses_chat_without_a_template(capsys, word_model):
+  code, _, err = _cli(capsys, "generate", word_model, "--prompt", "w3", "--chat")
+  assert code == 2 and "chat template" in err and "Traceback" not in err
