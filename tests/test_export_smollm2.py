@@ -18,7 +18,6 @@ import pytest
 import jaxprune
 from jaxprune import cli
 from jaxprune.data import eval_windows, tokenize
-from jaxprune.errors import CheckpointError
 from jaxprune.eval import perplexity
 from jaxprune.io.export import save_hf
 from jaxprune.io.orbax_io import save_orbax
@@ -29,7 +28,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from jaxprune.torch import count_parameters, load_pruned  # noqa: E402
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
+pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2-export")]
 
 TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
 SEQ_LEN, WINDOWS = 128, 4
@@ -47,14 +46,6 @@ def keep_plan(spec, layout: str):
     heads[i] = [k * G + j for k in range(l.num_kv_heads) for j in range(g)]
     channels[i] = list(range(f))
   return heads, channels
-
-
-@pytest.fixture(scope="module")
-def smol():
-  try:
-    return jaxprune.load("smollm2-135m")
-  except CheckpointError as e:
-    pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

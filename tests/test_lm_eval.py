@@ -332,14 +332,6 @@ def wikitext_documents(n: int = 3, chars: int = 400) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def smol():
-  try:
-    return jaxprune.load("smollm2-135m")
-  except CheckpointError as e:
-    pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def smol_tasks(tmp_path_factory):
   items = [{"question": q, "choices": c, "label": y} for q, c, y in MC_ITEMS]
   return write_tasks(tmp_path_factory.mktemp("smol_tasks"), items, wikitext_documents())
@@ -412,7 +404,7 @@ def compare_runs(ours, theirs):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2")
+@pytest.mark.xdist_group("smollm2-export")
 def test_smollm2_dense_matches_hf_backend(smol, smol_tasks, tmp_path):
   from jaxprune.io.export import save_hf
 
@@ -444,7 +436,7 @@ def transformers_float64(path):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2")
+@pytest.mark.xdist_group("smollm2-export")
 def test_smollm2_pruned_matches_hf_backend(smol, smol_tasks, tmp_path):
   from jaxprune.io.export import save_hf
   from jaxprune.surgery import prune_model

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from jaxprune.errors import UsageError
 
@@ -81,16 +81,21 @@ def atomic_dir(out: str, force: bool = False) -> Iterator[str]:
       _remove(tmp)
 
 
-def write_json(path: str, obj: Any, force: bool = False) -> str:
-  """Writes `obj` as JSON to `path` through a temporary file and `os.replace`."""
+def write_file(path: str, write: Callable[[IO], None], force: bool = False, binary: bool = False) -> str:
+  """Calls `write(f)` on a temporary sibling of `path`, then moves it into place with `os.replace`.
+
+  The file gets the permissions an ordinary `open` would give (mkstemp's are 0600).
+  """
   path = check_target(path, force)
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
+    os.chmod(tmp, 0o666 & ~umask)
+    with os.fdopen(fd, "wb" if binary else "w") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -99,6 +104,16 @@ def write_json(path: str, obj: Any, force: bool = False) -> str:
       os.remove(tmp)
     raise
   return path
+
+
+def write_json(path: str, obj: Any, force: bool = False) -> str:
+  """Writes `obj` as JSON to `path` atomically (see `write_file`)."""
+
+  def dump(f):
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+  return write_file(path, dump, force)
 
 
 def dump_json(path: str, obj: Any) -> None:

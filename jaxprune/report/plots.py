@@ -7,8 +7,6 @@ atomically and refuses to replace a file without `force`.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import matplotlib
 import numpy as np
@@ -17,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Rectangle
 
-from jaxprune.io.atomic import check_target
+from jaxprune.io.atomic import write_file
 from jaxprune.report.data import ERRORS, HeadSimilarity
 
 DPI = 100
@@ -31,24 +29,8 @@ def _figure(w: float, h: float) -> Figure:
 
 
 def save_png(fig: Figure, path: str, force: bool = False) -> str:
-  """Writes `fig` as a PNG through a temporary file and `os.replace`."""
-  path = check_target(path, force)
-  parent, name = os.path.split(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=".png", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  try:
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a figure is as readable as any other output
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.lexists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  """Writes `fig` as a PNG atomically; refuses to replace a file without `force`."""
+  return write_file(path, lambda f: fig.savefig(f, format="png", dpi=DPI), force, binary=True)
 
 
 def plot_kept(kept: dict[str, np.ndarray], title: str) -> Figure:
