@@ -7,22 +7,23 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxprune.spec import ModelSpec, Params, check_params, count_params
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Model:
   """Parameters (a Flax-style dict pytree) and the `ModelSpec` they realise.
 
-  `Model` is itself a pytree whose only leaves are the parameters; the spec
-  and the source path are static metadata, so `jax.jit` and `jax.tree.map`
-  see through it.
+  `Model` is a frozen `flax.struct` dataclass, itself a pytree whose only
+  leaves are the parameters; the spec and the source path are static metadata,
+  so `jax.jit` and `jax.tree.map` see through it.
   """
 
-  spec: ModelSpec
+  spec: ModelSpec = struct.field(pytree_node=False)
   params: Params
-  source: str | None = None  # where the weights and tokenizer came from
+  source: str | None = struct.field(pytree_node=False, default=None)  # where the weights and tokenizer came from
 
   @classmethod
   def checked(cls, spec: ModelSpec, params: Params, source: str | None = None) -> "Model":
@@ -41,5 +42,3 @@ class Model:
   def to_numpy(self) -> Params:
     return jax.tree.map(np.asarray, self.params)
 
-
-jax.tree_util.register_dataclass(Model, data_fields=["params"], meta_fields=["spec", "source"])

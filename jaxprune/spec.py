@@ -17,6 +17,7 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from jaxprune.errors import ConfigError, ShapeError
 
@@ -265,25 +266,25 @@ def param_shapes(spec: ModelSpec) -> Params:
   return tree
 
 
-def _is_shape(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+def _flatten(tree) -> dict[str, Any]:
+  """Leaves of a parameter (or shape) tree by path name, e.g. `layers[0].mlp.up.kernel`.
 
-
-def _flatten(tree, prefix=""):
-  if isinstance(tree, Mapping):
-    for k in tree:
-      yield from _flatten(tree[k], f"{prefix}.{k}" if prefix else k)
-  elif isinstance(tree, (tuple, list)) and not _is_shape(tree):
-    for i, v in enumerate(tree):
-      yield from _flatten(v, f"{prefix}[{i}]")
-  else:
-    yield prefix, tree
+  Flax's `flatten_dict` walks the nested dicts; the tuple of blocks is the one
+  sequence in the tree, so its entries are flattened one by one and named
+  `layers[i]`, as in error messages and the rest of jaxprune.
+  """
+  tree = dict(tree)
+  blocks = tree.pop("layers", ())
+  flat = traverse_util.flatten_dict(tree, sep=".")
+  for i, block in enumerate(blocks):
+    flat.update({f"layers[{i}].{k}": v for k, v in traverse_util.flatten_dict(block, sep=".").items()})
+  return flat
 
 
 def check_params(spec: ModelSpec, params: Params) -> None:
   """Raises ShapeError listing every leaf whose shape disagrees with `spec`."""
-  want = dict(_flatten(param_shapes(spec)))
-  have = {k: tuple(np.shape(v)) for k, v in _flatten(params)}
+  want = _flatten(param_shapes(spec))
+  have = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
   problems = []
   for k in sorted(set(want) | set(have)):
     if k not in have:
@@ -321,7 +322,7 @@ def spec_from_params(spec: ModelSpec, params: Params) -> ModelSpec:
 
 
 def count_params(params: Params) -> int:
-  return int(sum(int(np.prod(np.shape(v))) for _, v in _flatten(params)))
+  return int(sum(int(np.prod(np.shape(v))) for v in _flatten(params).values()))
 
 
 def block_param_count(block: Params) -> int:

@@ -13,6 +13,7 @@ import re
 from typing import Callable
 
 import numpy as np
+from flax import traverse_util
 
 from jaxprune.errors import CheckpointError, ShapeError
 from jaxprune.spec import LayerSpec, ModelSpec, Params
@@ -199,18 +200,6 @@ def _normalize_keys(table: FamilyTable, tensors: dict) -> dict:
   return {(k if k.startswith("lm_head.") else base + k): v for k, v in tensors.items()}
 
 
-def _set(tree: dict, path: Path, value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path: Path):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
 def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> Params:
   """HF tensors (PyTorch layout) -> jaxprune parameter tree (numpy leaves).
 
@@ -220,9 +209,10 @@ def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: s
   tensors = _normalize_keys(table, dict(tensors))
   used: set[str] = set()
   missing: list[str] = []
-  params: Params = {}
+  # Leaves are collected by path, {("attn", "q", "kernel"): array}, and nested by flax's unflatten_dict.
+  top: dict[Path, np.ndarray] = {}
 
-  def take(rule: Rule, key: str, layer: LayerSpec | None, root: dict):
+  def take(rule: Rule, key: str, layer: LayerSpec | None, flat: dict):
     if not rule.when(spec, layer):
       return
     if key not in tensors:
@@ -236,18 +226,17 @@ def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: s
       raise ShapeError(
           f"{source}: tensor {key} has shape {arr.shape}, which does not fit the config "
           f"(layer sizes {layer}). Check that config.json belongs to these weights.") from None
-    for path, leaf in zip(rule.paths, leaves, strict=True):
-      _set(root, path, leaf)
+    flat.update(zip(rule.paths, leaves, strict=True))
 
   for rule in table.top:
-    take(rule, rule.hf, None, params)
+    take(rule, rule.hf, None, top)
   blocks = []
   for i, layer in enumerate(spec.layers):
     blk: dict = {}
     for rule in table.block:
       take(rule, table.block_prefix.format(i=i) + rule.hf, layer, blk)
-    blocks.append(blk)
-  params["layers"] = tuple(blocks)
+    blocks.append(traverse_util.unflatten_dict(blk))
+  params: Params = {**traverse_util.unflatten_dict(top), "layers": tuple(blocks)}
 
   ignored = [re.compile(p) for p in table.ignored]
   # Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight. All-zero biases that the spec
@@ -271,15 +260,16 @@ def params_to_tensors(spec: ModelSpec, params: Params) -> dict[str, np.ndarray]:
   """jaxprune parameter tree -> HF tensors (PyTorch layout), exactly the table's keys."""
   table = TABLES[spec.family]
   out = {}
+  top = traverse_util.flatten_dict(params)  # {path: leaf}; the tuple of blocks is one leaf here
   for rule in table.top:
     if rule.when(spec, None):
-      out[rule.hf] = rule.save(*[np.asarray(_get(params, p)) for p in rule.paths], None)
+      out[rule.hf] = rule.save(*[np.asarray(top[p]) for p in rule.paths], None)
   for i, layer in enumerate(spec.layers):
-    blk = params["layers"][i]
+    blk = traverse_util.flatten_dict(params["layers"][i])
     for rule in table.block:
       if rule.when(spec, layer):
         out[table.block_prefix.format(i=i) + rule.hf] = rule.save(
-            *[np.asarray(_get(blk, p)) for p in rule.paths], layer)
+            *[np.asarray(blk[p]) for p in rule.paths], layer)
   return out
 
 
