@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${JAXPRUNE_VENV:-.venv}/bin/activate"
-exec python -m pytest -n 2 --dist loadgroup "$@"
+# Whole test files go to a worker (--dist loadfile): a file's module-scoped fixtures
+# (SmolLM2 in JAX and PyTorch, exports) are built once, and a worker holds one file's at a time.
+exec python -m pytest -n 2 --dist loadfile "$@"

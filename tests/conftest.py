@@ -68,13 +68,15 @@ def _release_memory_after_each_module():
   Module-scoped fixtures (SmolLM2 in JAX and in PyTorch, exported copies, float64
   references) are freed when their module ends, but glibc keeps the freed heap
   mapped, so a worker that runs several SmolLM2 modules in a row grew to 7-9 GB of
-  RSS. Collecting cycles and trimming the heap after each module keeps a worker at
-  the size of its largest module instead of the sum of them.
+  RSS. Dropping the module's compiled kernels, collecting cycles and trimming the
+  heap after each module keeps a worker near the size of its largest module
+  instead of the sum of them.
   """
   yield
   import ctypes
   import gc
 
+  jax.clear_caches()  # compiled executables of the module's shapes (SmolLM2's are large)
   gc.collect()
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from jaxprune.torch import count_parameters, load_pruned  # noqa: E402
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2-export")]
+pytestmark = pytest.mark.smollm2
 
 TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
 SEQ_LEN, WINDOWS = 128, 4

@@ -404,7 +404,6 @@ def compare_runs(ours, theirs):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2-export")
 def test_smollm2_dense_matches_hf_backend(smol, smol_tasks, tmp_path):
   from jaxprune.io.export import save_hf
 
@@ -436,7 +435,6 @@ def transformers_float64(path):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2-export")
 def test_smollm2_pruned_matches_hf_backend(smol, smol_tasks, tmp_path):
   from jaxprune.io.export import save_hf
   from jaxprune.surgery import prune_model

@@ -121,7 +121,6 @@ def run_notebook(monkeypatch):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2")
 def test_quickstart_runs(run_notebook):
   ns = run_notebook("quickstart")
   assert ns["calib"].shape == (8, 64) and ns["test"].shape == (4, 64)
@@ -132,7 +131,6 @@ def test_quickstart_runs(run_notebook):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2")
 def test_custom_criterion_runs(run_notebook):
   from jaxprune import criteria
 
@@ -149,7 +147,6 @@ def test_custom_criterion_runs(run_notebook):
 
 
 @pytest.mark.smollm2
-@pytest.mark.xdist_group("smollm2")
 def test_to_pytorch_runs(run_notebook):
   ns = run_notebook("to_pytorch")
   model, pruned = ns["model"], ns["pruned"]

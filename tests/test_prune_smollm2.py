@@ -11,7 +11,7 @@ from jaxprune.data import eval_windows, read_text, sample_windows, tokenize
 from jaxprune.eval import perplexity
 from jaxprune.pipeline import PruneConfig, prune
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
+pytestmark = pytest.mark.smollm2
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2")
 
