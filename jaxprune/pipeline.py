@@ -3,12 +3,13 @@
 For each block in order, attention then MLP: collect statistics on the dense
 and the pruned activation streams -> (optional) two-step reconstruction ->
 score -> select -> slice -> (optional) refit -> advance both streams. The loop
-is plain Python around the jitted kernels of `jaxprune.kernels`; parameters
+is plain Python around the jitted passes of `jaxprune.stats.passes`; parameters
 are transformed by pure functions and the input model is never modified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import allocate, criteria, kernels, presets, reconstruct, sharding, surgery
+from jaxprune import allocate, criteria, presets, reconstruct, sharding, surgery
+from jaxprune import checkpoint as run_checkpoint
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.errors import UsageError
 from jaxprune.model import Model
@@ -28,7 +30,8 @@ from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import embed
 from jaxprune.spec import ModelSpec, block_param_count, count_params, spec_from_params
-from jaxprune.stats import moments
+from jaxprune.stats import moments, passes
+from jaxprune.stats import needs as needs_lib
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,9 @@ class PruneConfig:
   rounding: str = _opt("rounding", "once", "with uniform allocation: once (one shape for every pruned layer, "
                        "the budget error reported) or carry (each layer's rounding carried to the next, so the "
                        "total lands on the budget but widths differ by a channel)", choices=ROUNDINGS)
+  inherited_error: bool = _opt("inherited_error", False, "also measure each module's inherited error (its original "
+                                "weights on the pruned stream against the dense outputs; a diagnostic for "
+                                "`jaxprune report` that costs one more pass of every module)", "bool")
   batch_size: int = _opt("batch_size", 16, "calibration windows per chunk (a multiple of the data-parallel "
                          "devices)", "int")
   seed: int = _opt("seed", 0, "seed for random choices (calibration windows, the random criterion, random-token "
@@ -259,9 +265,9 @@ def _solve_level(parts: list[_Part], w_orig_aug, delta, grid, intercept, what):
 
 @dataclasses.dataclass(frozen=True)
 class _Group:
-  """One group of calibration windows: its dense and pruned activation streams."""
+  """One group of calibration windows: its dense (None when the run needs none) and pruned streams."""
 
-  xd: jax.Array
+  xd: jax.Array | None
   xp: jax.Array
 
 
@@ -269,6 +275,43 @@ def _x2_index(kind, p, units: np.ndarray) -> np.ndarray:
   """Channels of X2 that belong to `units` (heads span head_dim channels each)."""
   w = A.unit_width(kind, p)
   return (units[:, None] * w + np.arange(w)[None]).reshape(-1)
+
+
+def _full_width_second(kind, p_pruned, idx: np.ndarray, width: int):
+  """The pruned module's second level as a full-width [U2, D] kernel, zero rows for removed
+  channels, and its bias: `second_apply` then advances every module of one shape with one compile."""
+  w, b = A.second_level(kind, p_pruned)
+  full = jnp.zeros((width, w.shape[1]), w.dtype).at[jnp.asarray(idx)].set(w)
+  return full, b
+
+
+class _Compiles:
+  """Seconds JAX spends tracing, lowering and compiling, and how many backend compiles (process-wide)."""
+
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+  seconds = 0.0
+  count = 0
+  _registered = False
+
+  @classmethod
+  def start(cls) -> tuple[float, int]:
+    if not cls._registered:
+      jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+      cls._registered = True
+    return cls.seconds, cls.count
+
+  @classmethod
+  def _on_event(cls, event, duration, **_):
+    if event in cls.EVENTS:
+      cls.seconds += duration
+      cls.count += event == cls.EVENTS[-1]
+
+
+def _sum(trees):
+  """The sum of pytrees of statistics (Moments, Diag, dicts of them); None if there are none."""
+  trees = [t for t in trees if t is not None]
+  return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees) if trees else None
 
 
 class _Pruner:
@@ -295,6 +338,27 @@ class _Pruner:
     self.bias_after = dict(qkv_bias=s.qkv_bias or adds, o_bias=s.o_bias or adds, mlp_bias=s.mlp_bias or adds)
     self.carry = 0.0  # parameters kept beyond the running budget
     self.extra: dict | None = None  # what the criterion's prepare() computed
+    # The dense stream is carried only when some module solves against (or measures
+    # errors against) the dense model's outputs.
+    self.with_dense = any(self.needs(kind, True).dense for kind in (A.ATTN, A.MLP))
+    self.passes: dict[str, int] = {}
+    self.phase_seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    """Adds the wall time of the block to phase `name` (what it computes is waited for inside)."""
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - t
+
+  def needs(self, kind, scores: bool) -> needs_lib.ModuleNeeds:
+    js = kind is A.ATTN and self.config.heads == "similarity" and scores
+    return needs_lib.module_needs(self.config, self.crit.needs, kind, scores, js)
+
+  def count(self, name: str, n: int = 1):
+    self.passes[name] = self.passes.get(name, 0) + n
 
   # -- budget ---------------------------------------------------------------
   def costs(self, i: int) -> allocate.Costs:
@@ -314,83 +378,124 @@ class _Pruner:
     blk, layer = self.blocks[i], self.layer_specs[i]
     cfg = L.block_config(self.spec.with_layers(self.layer_specs), i)
     norm_p, p0 = blk[kind.norm_key], blk[kind.key]
-    pos = _positions(groups[0].xd.shape[2])
+    pos = _positions(groups[0].xp.shape[2])
     rep: dict[str, Any] = {"layer": i, "module": kind.name}
     grid = DAMPING_GRID if c.auto_damping else None
 
-    firsts = [kernels.first_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos) for g in groups]
-    m_in = _total([f[0] for f in firsts])
-    yds = [f[4] for f in firsts]
-    err_in, yy = sum(float(f[2]) for f in firsts), sum(float(f[3]) for f in firsts)
+    # How many units stay is known before the statistics (the budget and plan
+    # decide it); a module that keeps them all is not scored.
+    shape = self.keep_shape(kind, i, layer, plan)
+    n_units = A.num_units(kind, p0)
+    scored = shape[0] < n_units or (kind is A.ATTN and c.heads == "similarity" and tau is not None)
+    nd = self.needs(kind, scored)
+
+    douts = [None] * len(groups)
+    if self.with_dense:
+      with self.phase("statistics"):
+        douts = jax.block_until_ready([
+            passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error)
+            for g in groups])
+      self.count("dense_pass", len(groups))
     p1 = p0
     if c.reconstruct:
       parts = []
-      for f in firsts:
-        w1a, xty, yy1 = _first_level_targets(kind, p0, f[0], f[1])
-        parts.append(_Part(f[0], xty, yy1))
+      for d in douts:
+        w1a, xty, yy1 = _first_level_targets(kind, p0, d.m_in, d.m_dense)
+        parts.append(_Part(d.m_in, xty, yy1))
       icpt = c.intercept or _has_bias(kind, p0, "first")
-      sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
+      with self.phase("solves"):
+        sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
+      self.count("solve", 1 + len(grid or ()))
       if sol is not None:
         p1 = A.with_first_level(kind, p0, *sol)
 
-    want_js = kind is A.ATTN and c.heads == "similarity"
-    seconds = [kernels.second_pass(kind, cfg, norm_p, p1, g.xp, yd, pos, want_js) for g, yd in zip(groups, yds)]
-    m2_parts = [_Part(m2, m2.xy, jnp.asarray(float(f[3]))) for (m2, _, _), f in zip(seconds, firsts)]
-    m2 = _total([m for m, _, _ in seconds])
+    with self.phase("statistics"):
+      hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, None if d is None else d.yd, pos, nd.calib)
+              for g, d in zip(groups, douts)]
+      hs = None
+      if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
+        hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score)
+      elif xs is not None:
+        hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds())
+      hids, hs = jax.block_until_ready((hids, hs))
+    self.count("hidden_pass", len(groups) + (hs is not None))
+    m2 = _sum([h.hidden for h in hids])
     js = None
-    if want_js:
-      js = sum(j for _, j, _ in seconds) / max(sum(float(r) for _, _, r in seconds), 1.0)
+    if nd.calib.js:
+      js = sum(h.js for h in hids) / max(sum(float(h.rows) for h in hids), 1.0)
     p2 = p1
     if c.reconstruct:
+      m2_parts = [_Part(h.hidden, h.hidden.xy, d.yy) for h, d in zip(hids, douts)]
       w2, b2 = A.second_level(kind, p1)
       w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
       icpt = c.intercept or _has_bias(kind, p1, "second")
-      sol, rep["second_level"] = _solve_level(m2_parts, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} W2")
+      with self.phase("solves"):
+        sol, rep["second_level"] = _solve_level(m2_parts, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} W2")
+      self.count("solve", 1 + len(grid or ()))
       if sol is not None:
         p2 = A.with_second_level(kind, p1, *sol)
 
-    stats = self.score_stats(kind, i, cfg, norm_p, p1, p2, m_in, m2, js, xs, layer)
-    scores = np.asarray(self.crit.score(kind, p2, stats), np.float64)
-    keep = self.select(kind, i, layer, scores, js, plan, tau, rep)
+    if scored:
+      t1 = time.perf_counter()
+      with self.phase("scoring"):
+        stats = self.score_stats(kind, i, layer, p2, hids, m2, js, hs if nd.score is not None else None)
+        scores = np.asarray(self.crit.score(kind, p2, stats), np.float64)
+        keep = self.select(kind, layer, scores, js, shape, tau, rep)
+      rep["score_seconds"] = time.perf_counter() - t1
+    else:
+      keep = np.arange(n_units, dtype=np.int32)
 
+    t_surgery = time.perf_counter()
     blk2 = {**blk, kind.key: p2}
     if kind is A.ATTN:
       blk2, layer2 = surgery.prune_heads(blk2, layer, keep, free_groups=c.free_groups)
     else:
       blk2, layer2 = surgery.prune_channels(blk2, layer, keep)
+    idx = _x2_index(kind, p2, keep)
     if c.compensate:
       w2, b2 = A.second_level(kind, p2)
-      gone = np.setdiff1d(np.arange(w2.shape[0]), _x2_index(kind, p2, keep))
+      gone = np.setdiff1d(np.arange(w2.shape[0]), idx)
       b2 = b2 + jnp.matmul(m2.mean[gone], w2[gone].astype(jnp.float32), precision="highest")
       blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], A.second_level(kind, blk2[kind.key])[0], b2)}
+    self.phase_seconds["surgery"] = self.phase_seconds.get("surgery", 0.0) + time.perf_counter() - t_surgery
     if c.refit:
-      idx = _x2_index(kind, p2, keep)
-      subs = [_Part(moments.subset(p.m, idx), moments.subset(p.m, idx).xy, p.yy) for p in m2_parts]
+      subs = [_Part(moments.subset(h.hidden, idx), moments.subset(h.hidden, idx).xy, d.yy) for h, d in zip(hids, douts)]
       icpt = self.second_intercept(kind, blk2[kind.key])
       w2, b2 = A.second_level(kind, blk2[kind.key])
       w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
-      sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
+      with self.phase("solves"):
+        sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
+      self.count("solve", 1 + len(grid or ()))
       if sol is not None:
         blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], *sol)}
-    blk2 = self.fill_biases(blk2)
-    self.blocks[i], self.layer_specs[i] = blk2, layer2
-    cfg2 = L.block_config(self.spec.with_layers(self.layer_specs), i)
-    nxt, err_out = [], 0.0
-    for g, yd in zip(groups, yds):
-      xp_next, e = kernels.final_pass(kind, cfg2, norm_p, blk2[kind.key], g.xp, yd, pos)
-      nxt.append(_Group(kernels.add(g.xd, yd), xp_next))
-      err_out += float(e)
-    xs_next = None if xs is None else kernels.final_pass(kind, cfg2, norm_p, blk2[kind.key], xs, None, pos)[0]
+    with self.phase("surgery"):
+      blk2 = self.fill_biases(blk2)
+      self.blocks[i], self.layer_specs[i] = blk2, layer2
+      w2f, b2f = _full_width_second(kind, blk2[kind.key], idx, hids[0].x2.shape[-1])
 
-    yy = max(yy, 1e-30)
-    rep["error_inherited"] = err_in / yy
-    if c.reconstruct:
-      lvl = rep["second_level"]
-      rep["error_reconstructed"] = lvl["residual_before"] if lvl["kept_original"] else lvl["residual_after"]
-    rep["error_after"] = err_out / yy
-    rep["units_before"] = int(len(scores))
+    # Both streams advance: the dense one by the dense outputs already computed, the
+    # pruned one by the final second level on the X2 its statistics pass kept.
+    with self.phase("advance"):
+      nxt, err_out = [], 0.0
+      for g, d, h in zip(groups, douts, hids):
+        xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd)
+        nxt.append(_Group(None if d is None else passes.add(g.xd, d.yd), xp_next))
+        err_out += float(e)
+      xs_next = None if hs is None else jax.block_until_ready(passes.second_apply(hs.x2, w2f, b2f, xs, None)[0])
+    self.count("second_apply", len(groups) + (hs is not None))
+
+    if self.with_dense:
+      yy = max(sum(float(d.yy) for d in douts), 1e-30)
+      if nd.inherited_error:
+        rep["error_inherited"] = sum(float(d.err) for d in douts) / yy
+      if c.reconstruct:
+        lvl = rep["second_level"]
+        rep["error_reconstructed"] = lvl["residual_before"] if lvl["kept_original"] else lvl["residual_after"]
+      rep["error_after"] = err_out / yy
+    rep["units_before"] = int(n_units)
     rep["units_after"] = int(len(keep))
     rep["kept"] = [int(k) for k in keep]
+    rep["scored"] = bool(scored)
     rep["seconds"] = time.perf_counter() - t0
     self.modules.append(rep)
     self.progress({"event": "module", **rep})
@@ -413,58 +518,38 @@ class _Pruner:
           kw[name] = self.extra[name][i][kind.key]
     return kw
 
-  def uses_score_windows(self) -> bool:
-    """Criteria read the random-token windows, unless they solve against the dense
-    outputs (goa-obs), which only the calibration windows have."""
-    return self.config.score_data == "random" and "hidden_cross" not in self.crit.needs
-
-  def score_stats(self, kind, i, cfg, norm_p, p1, p2, m_in, m2, js, xs, layer) -> ModuleStats:
+  def score_stats(self, kind, i, layer, p2, hids, m2, js, hs) -> ModuleStats:
+    """What the criterion sees: the calibration windows' statistics (pruned stream), the
+    random-token stream's `hs` (score_data="random"), or none (identity)."""
     c = self.config
     kw = dict(self.stats_kw(kind, i, layer, p2), js=js)
     if c.score_data == "identity":
       return ModuleStats(identity=True, **kw)
-    if self.uses_score_windows():
-      pos = _positions(xs.shape[2])
-      m_in = kernels.input_moments(kind, cfg, norm_p, xs)
-      m2, _, _ = kernels.second_pass(kind, cfg, norm_p, p1, xs, None, pos, False)
-    return ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, **kw)
+    if hs is not None:
+      return ModuleStats(inputs=hs.inputs, hidden=hs.hidden, first=hs.first, **kw)
+    return ModuleStats(inputs=_sum([h.inputs for h in hids]), hidden=m2, first=_sum([h.first for h in hids]), **kw)
 
-  def attn_shape(self, i, layer, costs, plan) -> tuple[int, int | None]:
-    """(query heads, KV heads) to keep in block i's attention, as the budget was costed.
+  def keep_shape(self, kind, i, layer, plan) -> tuple[int, int | None]:
+    """(units to keep, KV heads to keep or None) of block i's module, as the budget was costed.
 
-    The KV count matters: under GQA the same number of query heads may sit in
-    fewer, fuller groups (6 of 9 heads in 2 or 3 groups on SmolLM2), which frees
-    different parameters. None: no constraint (uneven groups).
+    Attention: query heads and KV heads. Under GQA the same number of query heads
+    may sit in fewer, fuller groups (6 of 9 heads in 2 or 3 groups on SmolLM2),
+    which frees different parameters; None: no constraint (uneven groups).
+    MLP: the channels that take the rest of the block's budget. Adaptive plans and
+    rounding="carry" carry what earlier blocks kept beyond (or below) theirs, so
+    the total lands on the budget; uniform "once" rounds every block alike, so
+    every pruned block has one shape (the budget error is reported).
     """
-    c = self.config
-    free = c.free_groups or layer.kv_map is not None
-    if plan is not None:
-      lp = self.dense.spec.layers[i]
-      return plan.heads, None if free else allocate.kv_heads_after(lp, plan.heads, c.free_groups)
-    ratio = c.sparsity if c.attn_sparsity is None else c.attn_sparsity
-    n, k = allocate.uniform_head_pair(layer, costs, ratio, c.free_groups)
-    return n, None if free else k
-
-  def select(self, kind, i, layer, scores, js, plan, tau, rep) -> np.ndarray:
     c = self.config
     costs = self.costs(i)
     if kind is A.ATTN:
-      n_keep, n_kv = self.attn_shape(i, layer, costs, plan)
-      if c.heads == "similarity":
-        D = np.asarray(js, np.float64)
-        if tau is not None:
-          drop = criteria.algorithm2(D, tau)
-          n_keep, n_kv = layer.num_heads - len(drop), None  # tau decides the count
-        else:
-          drop = criteria.budgeted(D, scores, layer.num_heads - n_keep)
-        priority = _rank01(scores) + 2.0 * ~np.isin(np.arange(layer.num_heads), drop)
-        rep.update(tau=tau, js=D.round(6).tolist(), similar_heads=[int(h) for h in drop])
-        return allocate.choose_heads(layer, priority, n_keep, c.free_groups, n_kv=n_kv)
-      return allocate.choose_heads(layer, scores, n_keep, c.free_groups, n_kv=n_kv)
-    # MLP channels take the rest of the block's budget. Adaptive plans and
-    # rounding="carry" carry what earlier blocks kept beyond (or below) theirs,
-    # so the total lands on the budget; uniform "once" rounds every block alike,
-    # so every pruned block has one shape (the budget error is reported).
+      free = c.free_groups or layer.kv_map is not None
+      if plan is not None:
+        lp = self.dense.spec.layers[i]
+        return plan.heads, None if free else allocate.kv_heads_after(lp, plan.heads, c.free_groups)
+      ratio = c.sparsity if c.attn_sparsity is None else c.attn_sparsity
+      n, k = allocate.uniform_head_pair(layer, costs, ratio, c.free_groups)
+      return n, None if free else k
     if plan is not None:
       lp = self.dense.spec.layers[i]
       target = costs.attn(plan.heads, allocate.kv_heads_after(lp, plan.heads, c.free_groups)) + costs.mlp(
@@ -476,7 +561,24 @@ class _Pruner:
     attn_params = costs.attn(attn["q"]["kernel"].shape[1], attn["k"]["kernel"].shape[1])
     n = allocate.channels_for_budget(costs, target - attn_params - carry, layer.ffn_dim)
     self.carry += attn_params + costs.mlp(n) - target
-    return allocate.choose_channels(scores, n)
+    return n, None
+
+  def select(self, kind, layer, scores, js, shape, tau, rep) -> np.ndarray:
+    c = self.config
+    if kind is A.ATTN:
+      n_keep, n_kv = shape
+      if c.heads == "similarity":
+        D = np.asarray(js, np.float64)
+        if tau is not None:
+          drop = criteria.algorithm2(D, tau)
+          n_keep, n_kv = layer.num_heads - len(drop), None  # tau decides the count
+        else:
+          drop = criteria.budgeted(D, scores, layer.num_heads - n_keep)
+        priority = _rank01(scores) + 2.0 * ~np.isin(np.arange(layer.num_heads), drop)
+        rep.update(tau=tau, js=D.round(6).tolist(), similar_heads=[int(h) for h in drop])
+        return allocate.choose_heads(layer, priority, n_keep, c.free_groups, n_kv=n_kv)
+      return allocate.choose_heads(layer, scores, n_keep, c.free_groups, n_kv=n_kv)
+    return allocate.choose_channels(scores, shape[0])
 
   def fill_biases(self, blk):
     """Adds zero biases so every block has the biases the exported config will declare."""
@@ -508,12 +610,12 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
 
   The criterion sees what it sees in the layer loop (`_Pruner.stats_kw`: the
   block index, the seed, gradients, the intercept), only with the dense model's
-  statistics of `tokens`.
+  statistics of `tokens`. One pass per module: on the dense model the module's
+  output is X2 W2 + b2, so the cross moment with it comes from X2's Gram.
   """
   c = pr.config
   x = _embed_stream(pr.spec, pr.params, tokens, pr.mesh)
   pos = _positions(x.shape[2])
-  cross = "hidden_cross" in pr.crit.needs
   heads, chans, Ds = {}, {}, {}
   for i in range(pr.stop):
     blk, layer = pr.blocks[i], pr.layer_specs[i]
@@ -521,26 +623,31 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
     if i >= pr.start:
       for kind in (A.ATTN, A.MLP):
         p = blk[kind.key]
-        m_in, _, _, _, yd = kernels.first_pass(kind, cfg, blk[kind.norm_key], p, x, x, pos)
         js_here = want_js and kind is A.ATTN
-        if want_scores or js_here:
-          # The cross moment with the dense output for criteria that solve against it (goa-obs).
-          m2, js, rows = kernels.second_pass(kind, cfg, blk[kind.norm_key], p, x, yd if cross else None, pos, js_here)
-          js = None if js is None else js / rows
+        st = needs_lib.StreamNeeds()
+        if want_scores and c.score_data != "identity":
+          st = needs_lib.criterion_stats(pr.crit.needs, kind)
+        h = passes.hidden_pass(kind, cfg, blk[kind.norm_key], p, x, None, pos,
+                               dataclasses.replace(st, cross=False, js=js_here))
+        w2, b2 = A.second_level(kind, p)
         if js_here:
-          Ds[i] = np.asarray(js, np.float64)
+          Ds[i] = np.asarray(h.js / h.rows, np.float64)
         if want_scores:
-          kw = dict(pr.stats_kw(kind, i, layer, p), js=js)
+          hidden = h.hidden
+          if st.cross:
+            w2a = jnp.concatenate([w2, b2[None]], axis=0)
+            hidden = moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a))
+          kw = dict(pr.stats_kw(kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
           if c.score_data == "identity":
             stats = ModuleStats(identity=True, **kw)
           else:
-            stats = ModuleStats(inputs=moments.Moments(m_in.xx), hidden=m2, **kw)
+            stats = ModuleStats(inputs=h.inputs, hidden=hidden, first=h.first, **kw)
           s = np.asarray(pr.crit.score(kind, p, stats), np.float64)
           (heads if kind is A.ATTN else chans)[i] = s
-        x = kernels.add(x, yd)
+        x = passes.second_apply(h.x2, w2, b2, x, None)[0]
       pr.progress({"event": "plan", "layer": i})
     else:
-      x = kernels.block_pass(cfg, blk, x, pos)
+      x = passes.block_pass(cfg, blk, x, pos)
   return heads, chans, Ds
 
 
@@ -549,7 +656,7 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
 
 
 def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), *, score_windows=None, mesh=None,
-          progress: Callable[[dict], None] | None = None) -> PruneResult:
+          progress: Callable[[dict], None] | None = None, checkpoint: str | None = None) -> PruneResult:
   """Prunes `model` with calibration token windows `calib` [S, T].
 
   Args:
@@ -557,6 +664,10 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
       uniformly random ids with config.seed, as many as `calib`).
     mesh: a Mesh with a `data` axis (default: all devices on `data`).
     progress: called with a dict after every module (and plan layer).
+    checkpoint: a directory where every finished block's state is saved
+      (`jaxprune.checkpoint`); if it already holds the state of this run (same
+      model, windows and config), the run resumes after its last finished block
+      and gives bit-identical results to an uninterrupted run.
 
   Returns:
     PruneResult(model, report): the pruned Model (the input is untouched) and a JSON-able report.
@@ -564,17 +675,25 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   c = config.check(model.spec)
   mesh = mesh or sharding.make_mesh()
   t_start = time.perf_counter()
+  compiles0 = _Compiles.start()
   pr = _Pruner(model, c, mesh, progress)
   tokens = _split_holdout(_chunks(calib, c.batch_size, mesh, "calibration"), c.auto_damping)
   if c.score_data == "random" and score_windows is None:
     rng = np.random.default_rng(c.seed + 1)
     score_windows = rng.integers(0, model.spec.vocab_size, size=np.asarray(calib).shape, dtype=np.int32)
   s_tokens = _chunks(score_windows, c.batch_size, mesh, "scoring") if c.score_data == "random" else None
+  ckpt = resumed = None
+  if checkpoint is not None:
+    ckpt = run_checkpoint.RunCheckpoint(checkpoint, run_checkpoint.fingerprint(model, c, calib, score_windows))
+    if ckpt.exists():
+      resumed = ckpt.load()
+      log.info("resuming from %s at block %d", checkpoint, resumed.next_block)
 
   if pr.crit.prepare is not None:
     t0 = time.perf_counter()
     pr.extra = pr.crit.prepare(model, np.asarray(calib), c)
-    log.info("criterion %s prepared in %.1fs", c.method, time.perf_counter() - t0)
+    pr.phase_seconds["prepare"] = time.perf_counter() - t0
+    log.info("criterion %s prepared in %.1fs", c.method, pr.phase_seconds["prepare"])
 
   # Plans from the dense model: adaptive allocation and the tau meeting its head budget.
   plans: dict[int, allocate.LayerPlan] = {}
@@ -583,11 +702,14 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   # With uniform allocation and no tau, each layer drops its uniform head count
   # by the budgeted similarity rule (`select`), which keeps one shape per layer.
   need_tau = c.heads == "similarity" and c.tau is None and c.allocation == "adaptive"
-  if c.allocation == "adaptive":
+  if resumed is not None:  # the plan the run made before it stopped
+    plans = {int(i): allocate.LayerPlan(*hc) for i, hc in resumed.state["plans"].items()}
+    tau, plan_seconds = resumed.state["tau"], resumed.state["plan_seconds"]
+  elif c.allocation == "adaptive":
     t0 = time.perf_counter()
     calib_tokens = np.concatenate(tokens)
     # The plan scores the windows the criterion scores in the layer loop.
-    score_tokens = s_tokens if pr.uses_score_windows() else calib_tokens
+    score_tokens = s_tokens if pr.needs(A.MLP, True).score is not None else calib_tokens
     js_here = need_tau and score_tokens is calib_tokens
     head_s, chan_s, Ds = _dense_scores(pr, score_tokens, want_js=js_here)
     if need_tau and not js_here:  # head similarity is measured on the calibration windows
@@ -605,19 +727,28 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
       tau = criteria.search_tau([Ds[i] for i in idx], n_drop)
     plan_seconds = time.perf_counter() - t0
 
-  groups = [_Group(x, x) for x in (_embed_stream(model.spec, model.params, t, mesh) for t in tokens)]
-  xs = _embed_stream(model.spec, model.params, s_tokens, mesh) if s_tokens is not None else None
+  first = 0
+  if resumed is None:
+    groups = [_Group(x if pr.with_dense else None, x)
+              for x in (_embed_stream(model.spec, model.params, t, mesh) for t in tokens)]
+    xs = _embed_stream(model.spec, model.params, s_tokens, mesh) if s_tokens is not None else None
+  else:
+    first, groups, xs = _restore(pr, resumed, len(tokens), mesh)
   pos = _positions(tokens[0].shape[2])
-  for i in range(model.spec.num_layers):
+  for i in range(first, model.spec.num_layers):
     if pr.start <= i < pr.stop:
       plan = plans.get(i)
       groups, xs = pr.module(A.ATTN, i, groups, xs, plan, tau)
       groups, xs = pr.module(A.MLP, i, groups, xs, plan, tau)
+      if ckpt is not None:
+        with pr.phase("checkpoint"):
+          _save(pr, ckpt, i, groups, xs, plans, tau, plan_seconds)
       pr.progress({"event": "block", "layer": i})
     elif i < pr.stop:
       cfg = L.block_config(pr.spec, i)
-      run = functools.partial(kernels.block_pass, cfg, pr.blocks[i], positions=pos)
-      groups = [_Group(run(x=g.xd), run(x=g.xp)) for g in groups]
+      run = functools.partial(passes.block_pass, cfg, pr.blocks[i], positions=pos)
+      # Before the first pruned block both streams are the dense model's: one pass.
+      groups = [_Group(None if g.xd is None else x, x) for g, x in ((g, run(x=g.xp)) for g in groups)]
       if xs is not None:
         xs = run(x=xs)
     else:
@@ -627,8 +758,39 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   params = {**model.params, "layers": tuple(blocks)}
   spec = spec_from_params(model.spec.with_layers(pr.layer_specs), params)
   pruned = Model.checked(spec, params, model.source)
+  pr.phase_seconds["plan"] = plan_seconds
+  pr.phase_seconds["compile"] = _Compiles.seconds - compiles0[0]
+  pr.passes["compiles"] = _Compiles.count - compiles0[1]
   report = _report(model, pruned, c, pr, tau, plan_seconds, time.perf_counter() - t_start, calib, mesh)
   return PruneResult(pruned, report)
+
+
+def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> None:
+  """Block i is done: its parameters and the state entering block i + 1 become durable."""
+  streams = {}
+  for g, grp in enumerate(groups):
+    streams[f"xp_{g}"] = np.asarray(grp.xp)
+    if grp.xd is not None:
+      streams[f"xd_{g}"] = np.asarray(grp.xd)
+  if xs is not None:
+    streams["xs"] = np.asarray(xs)
+  state = {"carry": pr.carry, "modules": pr.modules, "passes": pr.passes, "phase_seconds": pr.phase_seconds,
+           "plans": {str(k): [v.heads, v.channels] for k, v in plans.items()}, "tau": tau,
+           "plan_seconds": plan_seconds}
+  ckpt.save(i, pr.blocks[i], pr.layer_specs[i], streams, state)
+
+
+def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
+  """The pruner's state and the streams entering the checkpoint's next block."""
+  for i, blk in resumed.blocks.items():
+    pr.blocks[i], pr.layer_specs[i] = blk, resumed.layer_specs[i]
+  st = resumed.state
+  pr.carry, pr.modules = st["carry"], list(st["modules"])
+  pr.passes, pr.phase_seconds = dict(st["passes"]), dict(st["phase_seconds"])
+  put = functools.partial(jax.device_put, device=sharding.stream_sharding(mesh))
+  z = resumed.streams
+  groups = [_Group(put(z[f"xd_{g}"]) if f"xd_{g}" in z else None, put(z[f"xp_{g}"])) for g in range(n_groups)]
+  return resumed.next_block, groups, put(z["xs"]) if "xs" in z else None
 
 
 def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_seconds, seconds, calib, mesh):
@@ -661,6 +823,12 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
       "modules": pr.modules,
       "damping_retries": sum(m.get(k, {}).get("retries", 0) for m in pr.modules
                              for k in ("first_level", "second_level", "refit")),
+      # Wall seconds by phase; "compile" (tracing and compiling, process-wide) overlaps the
+      # phases whose first call compiled, and "other" is what no phase covers.
       "seconds": {"total": seconds, "plan": plan_seconds,
-                  "modules": math.fsum(m["seconds"] for m in pr.modules)},
+                  "modules": math.fsum(m["seconds"] for m in pr.modules),
+                  "phases": {**pr.phase_seconds,
+                             "other": seconds - math.fsum(v for k, v in pr.phase_seconds.items() if k != "compile")}},
+      "streams": {"dense": pr.with_dense, "score": c.score_data == "random"},
+      "passes": pr.passes,
   }

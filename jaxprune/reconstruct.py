@@ -75,16 +75,20 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
     return replicate_like(jnp.asarray(w, jnp.float32), m.xx), SolveInfo(delta=float(delta), retries=retry)
 
 
+@jax.jit
+def _residual(g, c, yy, w):
+  return jnp.maximum(jnp.sum(w * (g @ w)) - 2 * jnp.sum(w * c) + yy, 0.0)
+
+
 def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Array:
   """||[X 1] W - Y||^2 from sums: tr(W^T G W) - 2 tr(W^T X^T Y) + ||Y||^2.
 
   `w` has d rows (no intercept) or d+1 rows (last row = bias).
   """
-  with jax.enable_x64(solve_dtype() == jnp.float64):
-    dt = solve_dtype()
+  dt = solve_dtype()
+  with jax.enable_x64(dt == jnp.float64):
     k = w.shape[0]
     g = jnp.asarray(local_copy(m.xx)[:k, :k], dt)
     c = jnp.asarray(local_copy(xy)[:k], dt)
-    w = jnp.asarray(local_copy(w), dt)
-    r = jnp.sum(w * (g @ w)) - 2 * jnp.sum(w * c) + jnp.asarray(local_copy(yy), dt)
-    return jnp.asarray(jnp.maximum(r, 0.0), jnp.float32)
+    r = _residual(g, c, jnp.asarray(local_copy(yy), dt), jnp.asarray(local_copy(w), dt))
+    return jnp.asarray(r, jnp.float32)

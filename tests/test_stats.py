@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune import kernels, sharding
+from jaxprune import sharding
+from jaxprune.stats import passes
+from jaxprune.stats.needs import StreamNeeds
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.pipeline import _chunks, _embed_stream, _positions
@@ -88,10 +90,11 @@ def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind):
       assert len(x.sharding.device_set) == 8
     res = {}
     for kind_ in (A.ATTN, A.MLP):
-      m_in, m_d, err, yy, yd = kernels.first_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, x * 0.5, pos)
-      m2, js, _ = kernels.second_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, yd, pos,
-                                      kind_ is A.ATTN)
-      res[kind_.name] = [m_in.xx, m_in.xy, m_d.xx, err, yy, m2.xx, m2.xy] + ([js] if js is not None else [])
+      d = passes.dense_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, x * 0.5, pos, True, True)
+      h = passes.hidden_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, d.yd, pos,
+                             StreamNeeds(hidden="gram", cross=True, js=kind_ is A.ATTN))
+      res[kind_.name] = [d.m_in.xx, d.m_in.xy, d.m_dense.xx, d.err, d.yy, h.hidden.xx, h.hidden.xy] + (
+          [h.js] if h.js is not None else [])
     out[n] = res
   # The two runs add the same per-token terms in a different order (per device, then
   # psum). Each entry is a sum over the 16 x 12 tokens of terms computed with <= ~2D

@@ -20,13 +20,15 @@ LLAMA_LIKE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidd
 VOCAB = 128
 
 
-def build(kind: str, seed: int = 0):
-  """A transformers model of `kind` with every parameter (biases too) random."""
+def build(kind: str, seed: int = 0, layers: int | None = None):
+  """A transformers model of `kind` with every parameter (biases too) random (`layers` blocks, default 2)."""
   import torch
   import transformers
 
   cls_name, extra = KINDS[kind]
   kw = dict(extra) if kind == "gpt2" else {**LLAMA_LIKE, **extra}
+  if layers is not None:
+    kw["n_layer" if kind == "gpt2" else "num_hidden_layers"] = layers
   if kind == "gpt2":
     kw["vocab_size"] = VOCAB
   cfg = getattr(transformers, cls_name)(**kw)
@@ -39,8 +41,8 @@ def build(kind: str, seed: int = 0):
   return model
 
 
-def save(kind: str, path: str, seed: int = 0) -> str:
-  build(kind, seed).save_pretrained(path)
+def save(kind: str, path: str, seed: int = 0, layers: int | None = None) -> str:
+  build(kind, seed, layers).save_pretrained(path)
   return path
 
 

@@ -245,7 +245,8 @@ def main(argv=None) -> int:
   def progress(event):
     if pid == 0 and event.get("event") == "module":
       log.info("layer %d %s: %d -> %d units, error %.4f (%.1fs)", event["layer"], event["module"],
-               event["units_before"], event["units_after"], event["error_after"], event["seconds"])
+               event["units_before"], event["units_after"], event.get("error_after", float("nan")),
+               event["seconds"])
 
   t0 = time.perf_counter()
   result = prune(model, calib, config, mesh=mesh, progress=progress)

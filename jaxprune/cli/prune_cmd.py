@@ -98,7 +98,14 @@ def add_parser(sub):
   p.add_argument("--eval-text", default=None, help="text file for perplexity before and after")
   p.add_argument("--eval-windows", type=int, default=256, help="windows of --eval-text to use (default 256)")
   p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-  p.add_argument("--force", action="store_true", help="replace an existing --out")
+  p.add_argument("--force", action="store_true", help="replace an existing --out (and start over from a checkpoint "
+                 "a killed run left)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue a killed run from its last finished block (the checkpoint in OUT.checkpoint); "
+                 "the result is bit-identical to an uninterrupted run with the same inputs and options")
+  p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                 help="do not save each finished block's state in OUT.checkpoint (a killed run then starts over)")
+  p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
   _config_options(p)
   return p
 
@@ -144,6 +151,32 @@ def _check_out(out: str, force: bool):
     raise UsageError(f"output directory {out} already exists; pass --force to replace it or choose another --out")
 
 
+def checkpoint_dir(out: str) -> str:
+  return os.path.normpath(out) + ".checkpoint"
+
+
+def _prepare_checkpoint(args) -> str | None:
+  """The run's checkpoint directory: checked against --resume and --force before any work."""
+  import shutil
+
+  from jaxprune.checkpoint import STATE
+
+  ckpt = checkpoint_dir(args.out)
+  held = os.path.exists(os.path.join(ckpt, STATE))
+  if args.resume and not held:
+    raise UsageError(f"--resume: there is no checkpoint in {ckpt} to continue; run without --resume")
+  if held and not args.resume:
+    if not args.force:
+      raise UsageError(f"a previous run for {args.out} stopped and left a checkpoint in {ckpt}; pass --resume to "
+                       "continue it, or --force to start over")
+    shutil.rmtree(ckpt)
+  if not args.checkpoint:
+    if args.resume:
+      raise UsageError("--resume and --no-checkpoint contradict each other; drop one")
+    return None
+  return ckpt  # created by the run itself, once the inputs have been checked
+
+
 def _calibration(args, model, tokenizer, seed: int):
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
@@ -159,6 +192,28 @@ def _calibration(args, model, tokenizer, seed: int):
   return windows
 
 
+def _resumed_events(ckpt: str, log_path: str) -> list[dict]:
+  """The killed run's log, cut to the blocks its checkpoint holds (a block it was in
+  the middle of is redone), with a "block" event for every finished block."""
+  from jaxprune.checkpoint import STATE
+
+  with open(os.path.join(ckpt, STATE)) as f:
+    done = set(json.load(f)["finished_blocks"])
+  events = []
+  if os.path.exists(log_path):
+    with open(log_path) as f:
+      for line in f:
+        try:
+          e = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+          continue
+        if e.get("event") not in ("module", "block") or e.get("layer") in done:
+          events.append(e)
+  logged = {e["layer"] for e in events if e.get("event") == "block"}
+  events += [{"event": "block", "layer": i} for i in sorted(done - logged)]
+  return events + [{"event": "resumed", "next_block": max(done) + 1}]
+
+
 def run(args) -> int:
   from tqdm import tqdm
 
@@ -171,6 +226,7 @@ def run(args) -> int:
 
   _check_out(args.out, args.force)
   config, preset = resolve_config(args)
+  ckpt = _prepare_checkpoint(args)
   if args.eval_text is not None:
     read_text(args.eval_text)  # fail before any work if it is missing
   t0 = time.perf_counter()
@@ -188,25 +244,45 @@ def run(args) -> int:
   if args.eval_text is not None:
     test = eval_windows(tokenize(tokenizer, read_text(args.eval_text)), args.seq_len, args.eval_windows,
                         source=args.eval_text)
-    with tqdm(total=len(test), desc="perplexity (dense)", unit="win") as bar:
+    with tqdm(total=len(test), desc="perplexity (dense)", unit="win", disable=not args.show_progress) as bar:
       evaluation["dense"] = dataclasses.asdict(perplexity(model.spec, model.params, test, progress=bar.update))
 
-  events = []
+  # progress.jsonl is written as the run goes (in the checkpoint directory, so that a
+  # resumed run continues it), and copied into the output at the end.
+  log_path = os.path.join(ckpt, "progress.jsonl") if ckpt else None
+  events = _resumed_events(ckpt, log_path) if args.resume else []
+  log_file = None
+  if log_path and events:
+    log_file = open(log_path, "w")
+    for e in events:
+      log_file.write(json.dumps(e) + "\n")
   start, stop = config.block_range(model.spec)
-  with tqdm(total=stop - start, desc="pruning", unit="block") as bar:
+  with tqdm(total=stop - start, desc="pruning", unit="block", disable=not args.show_progress) as bar:
 
     def progress(event):
+      nonlocal log_file
       events.append(event)
+      if log_path is not None:
+        if log_file is None:  # the directory exists once the run has started (nothing before bad input)
+          os.makedirs(ckpt, exist_ok=True)
+          log_file = open(log_path, "w")
+        log_file.write(json.dumps(event) + "\n")
+        log_file.flush()
       if event["event"] == "block":
         bar.update(1)
       elif event["event"] == "module":
+        err = f" err {event['error_after']:.3f}" if "error_after" in event else ""
         bar.set_postfix_str(f"layer {event['layer']} {event['module']}: {event['units_before']}->"
-                            f"{event['units_after']} err {event['error_after']:.3f}")
+                            f"{event['units_after']}{err}")
 
-    result = prune(model, calib, config, progress=progress)
+    try:
+      result = prune(model, calib, config, progress=progress, checkpoint=ckpt)
+    finally:
+      if log_file is not None:
+        log_file.close()
 
   if test is not None:
-    with tqdm(total=len(test), desc="perplexity (pruned)", unit="win") as bar:
+    with tqdm(total=len(test), desc="perplexity (pruned)", unit="win", disable=not args.show_progress) as bar:
       evaluation["pruned"] = dataclasses.asdict(
           perplexity(result.model.spec, result.model.params, test, progress=bar.update))
 
@@ -226,6 +302,10 @@ def run(args) -> int:
     with open(os.path.join(tmp, "progress.jsonl"), "w") as f:
       for e in events:
         f.write(json.dumps(e) + "\n")
+  if ckpt:
+    import shutil
+
+    shutil.rmtree(ckpt)  # the output is in place; nothing left to resume
 
   p = report["params"]
   print(f"parameters: {p['before'] / 1e6:.2f}M -> {p['after'] / 1e6:.2f}M "
@@ -233,6 +313,10 @@ def run(args) -> int:
   if evaluation:
     print(f"perplexity on {args.eval_text} ({len(test)} windows of {args.seq_len}): "
           f"dense {evaluation['dense']['perplexity']:.2f} -> pruned {evaluation['pruned']['perplexity']:.2f}")
-  print(f"time: load {load_s:.1f}s, calibration {calib_s:.1f}s, pruning {report['seconds']['total']:.1f}s")
+  ph = report["seconds"]["phases"]
+  split = ", ".join(f"{k} {ph[k]:.1f}s" for k in ("statistics", "advance", "solves", "scoring", "surgery", "plan",
+                                                  "prepare", "compile") if ph.get(k))
+  print(f"time: load {load_s:.1f}s, calibration {calib_s:.1f}s, pruning {report['seconds']['total']:.1f}s ({split}; "
+        f"{report['passes']['compiles']} compiles)")
   print(f"wrote {args.out} (model, report.json, progress.jsonl)")
   return 0

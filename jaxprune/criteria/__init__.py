@@ -2,8 +2,11 @@
 
 A criterion is `score(kind, module_params, stats) -> f32[units]`: one score per
 query head (attention) or MLP channel; the lowest scores are removed first.
-`needs` lists what it reads beyond the calibration moments, so the pipeline
-computes it only when asked. `prepare(model, windows, config)`, if given, runs
+`needs` lists the statistics it reads (`jaxprune.stats.needs`: first_sq,
+hidden_sq, hidden_var, hidden_gram, hidden_cross, inputs, grads, sq_grads), and
+the engine computes exactly the union of what the criterion and the options
+need; a criterion registered without `needs` gets the full input and X2
+moments. `prepare(model, windows, config)`, if given, runs
 once before the layer loop (e.g. language-model gradients for Taylor scores)
 and returns {"grads": per-layer trees, "sq_grads": per-layer trees}; the
 pipeline hands each module its part through `ModuleStats`.
@@ -19,13 +22,14 @@ from jaxprune.criteria.head_similarity import algorithm2, budgeted, search_tau
 from jaxprune.criteria.second_moment import output_energy, second_moment
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.errors import UsageError
+from jaxprune.stats.needs import KNOWN
 
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
   name: str
   score: Callable
-  needs: frozenset = frozenset()
+  needs: frozenset | None = None
   description: str = ""
   prepare: Callable | None = None
   # True when scores of different layers and of heads vs channels are already
@@ -36,9 +40,17 @@ class Criterion:
 REGISTRY: dict[str, Criterion] = {}
 
 
-def register(name: str, needs=(), description: str = "", prepare: Callable | None = None, prescaled: bool = False):
+def register(name: str, needs=None, description: str = "", prepare: Callable | None = None, prescaled: bool = False):
+  """Registers `score` under `name`. `needs`: an iterable of `jaxprune.stats.needs.KNOWN`
+  names (() for a criterion that reads no statistics); None: the full moments."""
+  if needs is not None:
+    needs = frozenset(needs)
+    if needs - KNOWN:
+      raise UsageError(f"criterion {name!r} declares unknown needs {sorted(needs - KNOWN)}; "
+                       f"choose from {', '.join(sorted(KNOWN))}")
+
   def deco(fn):
-    REGISTRY[name] = Criterion(name, fn, frozenset(needs), description or (fn.__doc__ or "").split("\n")[0],
+    REGISTRY[name] = Criterion(name, fn, needs, description or (fn.__doc__ or "").split("\n")[0],
                                prepare, prescaled)
     return fn
   return deco
@@ -64,10 +76,10 @@ def _load_baselines():
       raise
 
 
-register("goa", description="the paper's second-moment metric (gated FFN: product of up and gate forms)")(
+register("goa", needs=("first_sq", "hidden_sq"), description="the paper's second-moment metric (gated FFN: product of up and gate forms)")(
     second_moment)
-register("goa-energy", description="exact output energy ||b_j||^2 E[h_j^2] of each unit")(output_energy)
-register("goa-obs", needs=("hidden_cross",),
+register("goa-energy", needs=("hidden_sq",), description="exact output energy ||b_j||^2 E[h_j^2] of each unit")(output_energy)
+register("goa-obs", needs=("hidden_gram", "hidden_cross"),
          description="greedy removal order by the exact increase of the refit error (OBS; beyond the paper)")(
              refit_aware)
 

@@ -114,20 +114,20 @@ def _f32(x):
 # Data-free baselines
 
 
-@register("random", description="uniform random scores, seeded by (seed, layer, module)")
+@register("random", needs=(), description="uniform random scores, seeded by (seed, layer, module)")
 def random_scores(kind: A.ModuleKind, p: Params, stats: ModuleStats):
   """Uniform random scores, reproducible from (stats.seed, stats.layer, kind)."""
   rng = np.random.default_rng([stats.seed, stats.layer, 0 if kind is A.ATTN else 1])
   return jnp.asarray(rng.random(A.num_units(kind, p)), F32)
 
 
-@register("l1", description="L1 norm of all weights a unit owns (LLM-Pruner MagnitudeImportance p=1)")
+@register("l1", needs=(), description="L1 norm of all weights a unit owns (LLM-Pruner MagnitudeImportance p=1)")
 def l1(kind: A.ModuleKind, p: Params, stats: ModuleStats):
   """sum |w| over the unit's weights (heads: plus 1/G of their KV head's)."""
   return _unit_sums(kind, p, stats, lambda k, leaf, w: jnp.abs(_f32(w)))
 
 
-@register("l2", description="squared L2 norm of all weights a unit owns (LLM-Pruner MagnitudeImportance p=2)")
+@register("l2", needs=(), description="squared L2 norm of all weights a unit owns (LLM-Pruner MagnitudeImportance p=2)")
 def l2(kind: A.ModuleKind, p: Params, stats: ModuleStats):
   """sum w^2 over the unit's weights (heads: plus 1/G of their KV head's)."""
   return _unit_sums(kind, p, stats, lambda k, leaf, w: jnp.square(_f32(w)))
@@ -153,7 +153,7 @@ def _per_unit(kind: A.ModuleKind, p: Params, per_channel: jax.Array) -> jax.Arra
   return per_channel.reshape(A.num_units(kind, p), -1).sum(axis=-1)
 
 
-@register("wanda-sp", description="FLAP's wanda_sp: mean|W2 row| * sqrt(E[x2^2]) per second-level channel")
+@register("wanda-sp", needs=("hidden_sq",), description="FLAP's wanda_sp: mean|W2 row| * sqrt(E[x2^2]) per second-level channel")
 def wanda_sp(kind: A.ModuleKind, p: Params, stats: ModuleStats):
   """mean_d |W2[j, d]| * sqrt(E[x2_j^2]) per channel j of X2, summed over a head's channels."""
   _need_hidden(stats, "wanda-sp")
@@ -171,7 +171,7 @@ def flap_metric(kind: A.ModuleKind, p: Params, stats: ModuleStats) -> jax.Array:
   return jnp.square(metric) if kind is A.ATTN else metric
 
 
-@register("flap", description="FLAP's fluctuation metric Var[x2] ||W2 row||^2, standardized per module "
+@register("flap", needs=("hidden_var",), description="FLAP's fluctuation metric Var[x2] ||W2 row||^2, standardized per module "
           "(use with compensate)", prescaled=True)
 def flap(kind: A.ModuleKind, p: Params, stats: ModuleStats):
   """FLAP's AL-AM score: the per-channel metric standardized over the module's

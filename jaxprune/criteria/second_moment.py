@@ -26,8 +26,16 @@ def _row_norms2(w):
   return jnp.sum(jnp.square(w.astype(F32)), axis=-1)
 
 
-def _first_level_energy(p_lin: Params, S_aug):
-  """E[(x a_j + a0_j)^2] for every column j of a [D, F] kernel (bias optional)."""
+def _first_level_energy(p: Params, key: str, stats: ModuleStats):
+  """E[(x a_j + a0_j)^2] for every column j of the [D, F] kernel p[key] (bias optional).
+
+  Measured directly from the pre-activations' sums of squares when the run took
+  them (`first_sq`, O(F) per token), else as a_j^T S a_j from the input moments.
+  """
+  if stats.first is not None and not stats.identity:
+    return stats.first[key].sq_mean
+  p_lin = p[key]
+  S_aug = augmented_S(stats, p_lin["kernel"].shape[0])
   a = p_lin["kernel"].astype(F32)
   a0 = p_lin["bias"].astype(F32) if "bias" in p_lin else jnp.zeros((a.shape[1],), F32)
   aa = jnp.concatenate([a, a0[None]], axis=0)  # [D+1, F]
@@ -50,10 +58,9 @@ def second_moment(kind: ModuleKind, p: Params, stats: ModuleStats):
   if kind is ATTN:
     return 0.5 * _head_energy(p, stats)
   b2 = _row_norms2(p["down"]["kernel"])
-  S = augmented_S(stats, p["up"]["kernel"].shape[0])
-  m = 0.5 * b2 * _first_level_energy(p["up"], S)
+  m = 0.5 * b2 * _first_level_energy(p, "up", stats)
   if "gate" in p:
-    m = m * (0.5 * b2 * _first_level_energy(p["gate"], S))
+    m = m * (0.5 * b2 * _first_level_energy(p, "gate", stats))
   return m
 
 

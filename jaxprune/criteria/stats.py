@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.spec import Params
-from jaxprune.stats.moments import Moments
+from jaxprune.stats.moments import Diag, Moments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,9 +16,14 @@ class ModuleStats:
   """Calibration statistics of one module (pruned stream unless stated).
 
   Attributes:
-    inputs: Moments of the normalized module input x (augmented Gram: S, mean, count).
-    hidden: Moments of the second level's input X2 (attention: per-head value
-      outputs, flattened [N*H]; MLP: act(gate) * up, [F]).
+    inputs: Moments of the normalized module input x (augmented Gram: S, mean,
+      count); only for criteria that declare the `inputs` need (or none).
+    hidden: statistics of the second level's input X2 (attention: per-head value
+      outputs, flattened [N*H]; MLP: act(gate) * up, [F]): full Moments for
+      criteria that need the Gram or cross moment, else a `Diag` (mean, sq_mean,
+      variance), which Moments also expose.
+    first: {first-level kernel name: Diag of its pre-activations x a_j + a0_j}
+      (MLP; criteria that declare `first_sq`).
     js: [N, N] mean Jensen-Shannon divergence between head attention maps, or None.
     grads: gradient of the language-model loss w.r.t. the module's parameters, or None.
     sq_grads: summed squared per-sample gradients (Fisher diagonal), or None.
@@ -31,7 +36,8 @@ class ModuleStats:
   """
 
   inputs: Moments | None = None
-  hidden: Moments | None = None
+  hidden: Moments | Diag | None = None
+  first: dict[str, Diag] | None = None
   js: jax.Array | None = None
   grads: Params | None = None
   sq_grads: Params | None = None
@@ -43,7 +49,7 @@ class ModuleStats:
   seed: int = 0
 
 
-jax.tree_util.register_dataclass(ModuleStats, data_fields=["inputs", "hidden", "js", "grads", "sq_grads"],
+jax.tree_util.register_dataclass(ModuleStats, data_fields=["inputs", "hidden", "first", "js", "grads", "sq_grads"],
                                  meta_fields=["identity", "kv_index", "damping", "intercept", "layer", "seed"])
 
 

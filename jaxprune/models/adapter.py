@@ -95,16 +95,28 @@ def num_units(kind: ModuleKind, p: Params) -> int:
   return p["q"]["kernel"].shape[1] if kind is ATTN else p["up"]["kernel"].shape[1]
 
 
-def inner(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, want_probs: bool = False):
-  """X2 [B,T,U2] of normalized input h [B,T,D] (and attention probabilities if asked)."""
+def inner_parts(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, want_probs: bool = False,
+                want_pre: bool = False):
+  """X2 [B,T,U2] of normalized input h [B,T,D], the attention probabilities (if
+  asked, else None) and the MLP's first-level pre-activations {name: [B,T,F]}
+  (if asked, else {})."""
   if kind is ATTN:
     q, k, v = L.project_qkv(cfg, p, h, positions)
     heads, probs = L.attend(cfg, q, k, v, positions, positions)
-    return heads.reshape(*heads.shape[:2], -1), (probs if want_probs else None)
-  up = L.dense(p["up"], h, "btd,df->btf")
+    return heads.reshape(*heads.shape[:2], -1), (probs if want_probs else None), {}
+  pre = {"up": L.dense(p["up"], h, "btd,df->btf")}
   if cfg.gated:
-    return L.activation(cfg.act, L.dense(p["gate"], h, "btd,df->btf")) * up, None
-  return L.activation(cfg.act, up), None
+    pre["gate"] = L.dense(p["gate"], h, "btd,df->btf")
+    x2 = L.activation(cfg.act, pre["gate"]) * pre["up"]
+  else:
+    x2 = L.activation(cfg.act, pre["up"])
+  return x2, None, (pre if want_pre else {})
+
+
+def inner(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, want_probs: bool = False):
+  """X2 [B,T,U2] of normalized input h [B,T,D] (and attention probabilities if asked)."""
+  x2, probs, _ = inner_parts(kind, cfg, p, h, positions, want_probs)
+  return x2, probs
 
 
 def apply(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions):

@@ -89,3 +89,58 @@ def subset(m: Moments, idx) -> Moments:
   idx = jnp.concatenate([jnp.asarray(idx, jnp.int32), jnp.asarray([m.dim], jnp.int32)])
   xx = m.xx[idx][:, idx]
   return Moments(xx, None if m.xy is None else m.xy[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class Diag:
+  """Per-feature sums over tokens: s1 = sum x_j, s2 = sum x_j^2, and the token count.
+
+  What criteria that read only a diagonal, a mean or a variance need (FLAP,
+  wanda-sp, the output energy): O(d) memory and work per token where `Moments`
+  costs O(d^2). Exposes the same `mean`, `sq_mean` and `variance` as `Moments`.
+  """
+
+  s1: jax.Array
+  s2: jax.Array
+  n: jax.Array
+
+  @property
+  def dim(self) -> int:
+    return self.s1.shape[0]
+
+  @property
+  def count(self) -> jax.Array:
+    return self.n
+
+  @property
+  def mean(self) -> jax.Array:
+    return self.s1 / self.n
+
+  @property
+  def sq_mean(self) -> jax.Array:
+    return self.s2 / self.n
+
+  @property
+  def variance(self) -> jax.Array:
+    return jnp.maximum(self.sq_mean - jnp.square(self.mean), 0.0)
+
+  def __add__(self, other: "Diag") -> "Diag":
+    return Diag(self.s1 + other.s1, self.s2 + other.s2, self.n + other.n)
+
+
+jax.tree_util.register_dataclass(Diag, data_fields=["s1", "s2", "n"], meta_fields=[])
+
+
+def init_diag(d: int) -> Diag:
+  return Diag(jnp.zeros((d,), F32), jnp.zeros((d,), F32), jnp.zeros((), F32))
+
+
+def update_diag(m: Diag, x) -> Diag:
+  """Adds the tokens of x [..., d] to the per-feature sums."""
+  xf = x.reshape(-1, x.shape[-1]).astype(F32)
+  return Diag(m.s1 + jnp.sum(xf, axis=0), m.s2 + jnp.sum(jnp.square(xf), axis=0), m.n + xf.shape[0])
+
+
+def diag_of(m: Moments) -> Diag:
+  """The diagonal part of full Moments."""
+  return Diag(m.xx[-1, :-1], jnp.diagonal(m.gram), m.count)

@@ -1,0 +1,147 @@
+"""Durable per-block state of a pruning run, so a killed run resumes where it stopped.
+
+After every finished block the pipeline saves, in a checkpoint directory:
+
+  block_0007.npz     the pruned block's parameters (written once, when the block is done)
+  streams_0007.npz   the activation streams entering the next block (dense, pruned,
+                     random-token), exactly as float arrays
+  state.json         the next block, the budget carry, the report rows so far, the
+                     adaptive plan and tau, and the run's fingerprint
+
+Every file is written to a temporary name and renamed into place, and state.json
+(which names the streams file) is replaced last, so a run killed at any instant
+leaves the previous consistent state. A resumed run loads the finished blocks
+and the streams and continues with the next block; since every later step is a
+deterministic function of those arrays, its output is bit-identical to that of
+an uninterrupted run. A checkpoint written for a different model, calibration
+set or configuration is refused (the fingerprint names which one differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxprune.errors import UsageError
+from jaxprune.spec import LayerSpec
+
+STATE = "state.json"
+# Test hook: the process SIGKILLs itself right after saving this block's state,
+# which is what a preemption at that instant looks like.
+KILL_ENV = "JAXPRUNE_KILL_AFTER_BLOCK"
+
+
+def _digest(*arrays) -> str:
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def fingerprint(model, config, calib, score_windows) -> dict[str, str]:
+  """What a checkpoint must agree on with the run that resumes it, one digest per input."""
+  cfg = dataclasses.asdict(config)
+  # The same weights: the spec, the embedding and the first and last blocks' tensors.
+  probe = [model.params["embed"]["embedding"] if "embed" in model.params else None]
+  blocks = model.params["layers"]
+  probe += jax.tree.leaves(blocks[0]) + jax.tree.leaves(blocks[-1])
+  return {
+      "model": hashlib.sha256(json.dumps(model.spec.to_json(), sort_keys=True).encode()).hexdigest()[:16] + ":" +
+               _digest(*[p for p in probe if p is not None]),
+      "calibration": _digest(calib),
+      "score_windows": _digest(score_windows) if score_windows is not None else "none",
+      "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
+  }
+
+
+def _atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  with open(tmp, "rb") as f:
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _atomic_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class Resumed:
+  """What a checkpoint restores: the next block to prune and the state entering it."""
+
+  next_block: int
+  blocks: dict[int, dict]
+  layer_specs: dict[int, LayerSpec]
+  streams: dict[str, np.ndarray]
+  state: dict[str, Any]
+
+
+class RunCheckpoint:
+  """The checkpoint directory of one run (see the module docstring)."""
+
+  def __init__(self, path: str, fp: dict[str, str]):
+    self.path = path
+    self.fp = fp
+    os.makedirs(path, exist_ok=True)
+
+  def exists(self) -> bool:
+    return os.path.exists(os.path.join(self.path, STATE))
+
+  def load(self) -> Resumed:
+    with open(os.path.join(self.path, STATE)) as f:
+      state = json.load(f)
+    differ = [k for k in self.fp if state["fingerprint"].get(k) != self.fp[k]]
+    if differ:
+      raise UsageError(f"the checkpoint in {self.path} belongs to a run with a different {', '.join(differ)}; "
+                       "resume with the same model, calibration data and options, or remove the checkpoint "
+                       "(pass --force) to start over")
+    nxt = state["next_block"]
+    blocks, specs = {}, {}
+    for i in state["finished_blocks"]:
+      with np.load(os.path.join(self.path, f"block_{i:04d}.npz")) as z:
+        flat = {tuple(k.split("/")): jax.numpy.asarray(z[k]) for k in z.files}
+      blocks[i] = traverse_util.unflatten_dict(flat)
+      d = state["layer_specs"][str(i)]
+      specs[i] = LayerSpec(**{**d, "kv_map": None if d["kv_map"] is None else tuple(d["kv_map"])})
+    with np.load(os.path.join(self.path, state["streams"])) as z:
+      streams = {k: z[k] for k in z.files}
+    return Resumed(nxt, blocks, specs, streams, state)
+
+  def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict[str, np.ndarray],
+           state: dict[str, Any]) -> None:
+    """Saves block i (just finished) and the state entering block i + 1."""
+    flat = traverse_util.flatten_dict(block, sep="/")
+    _atomic_save_npz(os.path.join(self.path, f"block_{i:04d}.npz"), {k: np.asarray(v) for k, v in flat.items()})
+    name = f"streams_{i + 1:04d}.npz"
+    _atomic_save_npz(os.path.join(self.path, name), streams)
+    prev = {}
+    if self.exists():
+      with open(os.path.join(self.path, STATE)) as f:
+        prev = json.load(f)
+    finished = sorted(set(prev.get("finished_blocks", [])) | {i})
+    specs = {**prev.get("layer_specs", {}), str(i): dataclasses.asdict(layer_spec)}
+    _atomic_json(os.path.join(self.path, STATE), {**state, "fingerprint": self.fp, "next_block": i + 1,
+                                                  "finished_blocks": finished, "layer_specs": specs,
+                                                  "streams": name})
+    for old in glob.glob(os.path.join(self.path, "streams_*.npz")):
+      if os.path.basename(old) != name:
+        os.remove(old)
+    if os.environ.get(KILL_ENV) == str(i):
+      os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,181 @@
+"""Jitted passes over whole activation streams, one module at a time.
+
+A stream is an array [C, B, T, D] of C chunks of B calibration windows, with
+the batch axis sharded over the mesh's `data` axis. Each pass scans the chunks
+with `lax.scan`, so only one chunk's intermediates (e.g. attention maps) are
+alive at a time, and returns f32 sums. Every kernel is jitted with the module
+kind, the block config and what to accumulate static: one compile per distinct
+module shape and set of needs.
+
+A module is visited by at most three passes, each doing only its share of the
+work (see `jaxprune.stats.needs`):
+
+  dense_pass   the dense stream through the original module (targets of the
+               solves), with the first level's input moments when reconstructing;
+  hidden_pass  the pruned stream up to the second level's input X2, accumulating
+               what the criterion and the solves read; X2 is returned and kept;
+  second_apply the (pruned, refit) second level on the kept X2, which advances
+               the pruned stream without recomputing the first level.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.models import adapter as A
+from jaxprune.models import layers as L
+from jaxprune.models.forward import block_step
+from jaxprune.stats import heads as js_stats
+from jaxprune.stats import moments
+from jaxprune.stats.needs import StreamNeeds
+
+F32 = jnp.float32
+
+
+def _sq(x):
+  return jnp.sum(jnp.square(x.astype(F32)))
+
+
+class DenseOut(NamedTuple):
+  """What `dense_pass` returns.
+
+  Attributes:
+    yd: dense module outputs f(hd), a stream [C,B,T,D].
+    yy: sum ||f(hd)||^2.
+    m_in: Moments of the pruned-stream input hp with cross moment hp^T hd (or None).
+    m_dense: Moments of the dense-stream input hd (or None).
+    err: sum ||f(hp) - f(hd)||^2 with the original weights, the inherited error (or None).
+  """
+
+  yd: jax.Array
+  yy: jax.Array
+  m_in: moments.Moments | None
+  m_dense: moments.Moments | None
+  err: jax.Array | None
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "cfg", "first_moments", "inherited_error"))
+def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positions, first_moments: bool,
+               inherited_error: bool) -> DenseOut:
+  """The dense stream through the original module, with the first level's statistics if asked."""
+  D = xd.shape[-1]
+
+  def body(carry, chunk):
+    m_in, m_d, err, yy = carry
+    xd_c, xp_c = chunk
+    hd = L.norm(cfg, norm_p, xd_c)
+    yd = A.apply(kind, cfg, p, hd, positions)
+    yy = yy + _sq(yd)
+    if first_moments or inherited_error:
+      hp = L.norm(cfg, norm_p, xp_c)
+    if first_moments:
+      m_in, m_d = moments.update(m_in, hp, hd), moments.update(m_d, hd)
+    if inherited_error:
+      err = err + _sq(A.apply(kind, cfg, p, hp, positions) - yd)
+    return (m_in, m_d, err, yy), yd
+
+  init = (moments.init(D, D) if first_moments else None, moments.init(D) if first_moments else None,
+          jnp.zeros((), F32) if inherited_error else None, jnp.zeros((), F32))
+  (m_in, m_d, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
+  return DenseOut(yd, yy, m_in, m_d, err)
+
+
+class HiddenOut(NamedTuple):
+  """What `hidden_pass` returns.
+
+  Attributes:
+    x2: the second level's input X2, a stream [C,B,T,U2], kept for `second_apply`.
+    hidden: Diag or Moments of X2 (with cross moment X2^T yd when asked), or None.
+    first: {first-level kernel name: Diag of its pre-activations} (MLP, when asked), or None.
+    inputs: Moments of the normalized input (when asked), or None.
+    js: [N, N] sums of Jensen-Shannon divergences between heads (or None), over `rows` rows.
+  """
+
+  x2: jax.Array
+  hidden: moments.Moments | moments.Diag | None
+  first: dict | None
+  inputs: moments.Moments | None
+  js: jax.Array | None
+  rows: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "cfg", "needs"))
+def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, positions, needs: StreamNeeds) -> HiddenOut:
+  """X2 of the pruned stream and the statistics `needs` lists.
+
+  `yd` (dense outputs) is read only for the cross moment, and may be None.
+  """
+  cross = needs.hidden == "gram" and needs.cross
+
+  def body(carry, chunk):
+    hid, first, inp, js, rows = carry
+    xp_c, yd_c = chunk
+    h = L.norm(cfg, norm_p, xp_c)
+    x2, probs, pre = A.inner_parts(kind, cfg, p, h, positions, needs.js, needs.first_sq)
+    if needs.hidden == "gram":
+      hid = moments.update(hid, x2, yd_c) if cross else moments.update(hid, x2)
+    elif needs.hidden == "diag":
+      hid = moments.update_diag(hid, x2)
+    if needs.first_sq:
+      first = {k: moments.update_diag(first[k], pre[k]) for k in first}
+    if needs.inputs:
+      inp = moments.update(inp, h)
+    if needs.js:
+      js, rows = js + js_stats.js_sums(probs), rows + js_stats.js_rows(probs)
+    return (hid, first, inp, js, rows), x2
+
+  h0 = L.norm(cfg, norm_p, xp[0])
+  shapes = jax.eval_shape(lambda h: A.inner_parts(kind, cfg, p, h, positions, False, needs.first_sq), h0)
+  U2, D = shapes[0].shape[-1], xp.shape[-1]
+  hid = {"none": None, "diag": moments.init_diag(U2), "gram": moments.init(U2, D if cross else None)}[needs.hidden]
+  first = {k: moments.init_diag(v.shape[-1]) for k, v in shapes[2].items()} if needs.first_sq else None
+  N = A.num_units(kind, p) if kind is A.ATTN else 1
+  init = (hid, first, moments.init(D) if needs.inputs else None, jnp.zeros((N, N), F32), jnp.zeros((), F32))
+  (hid, first, inp, js, rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
+  return HiddenOut(x2, hid, first, inp, js if needs.js else None, rows)
+
+
+@jax.jit
+def second_apply(x2, w2, b2, xp, yd):
+  """Advances the pruned stream by the second level on X2: xp + X2 W2 + b2; also sum ||y - yd||^2.
+
+  `w2` [U2, D] has the full width of X2 with the removed units' rows zero, so
+  every module of one shape shares one compile whatever it keeps. `yd` may be None.
+  """
+
+  def body(err, chunk):
+    x2_c, xp_c, yd_c = chunk
+    y = jnp.einsum("btu,ud->btd", x2_c, w2.astype(x2_c.dtype), preferred_element_type=F32) + b2.astype(F32)
+    y = y.astype(jnp.result_type(x2_c, w2))
+    if yd_c is not None:
+      err = err + _sq(y - yd_c)
+    return err, xp_c + y.astype(xp_c.dtype)
+
+  err, xp_next = jax.lax.scan(body, jnp.zeros((), F32), (x2, xp, yd))
+  return xp_next, err
+
+
+@jax.jit
+def dense_cross(xx, w2a):
+  """X2^T Y for Y = [X2 1] [W2; b2] from the augmented Gram: [X2 1]^T [X2 1] [W2; b2], (U2+1, D)."""
+  return jnp.matmul(xx, w2a.astype(F32), precision="highest")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def block_pass(cfg: L.BlockConfig, blk, x, positions):
+  """Advances a stream through a whole block (blocks outside the pruned range)."""
+
+  def body(_, x_c):
+    return None, block_step(cfg, blk, x_c, positions)[0]
+
+  _, out = jax.lax.scan(body, None, x)
+  return out
+
+
+@jax.jit
+def add(x, y):
+  return x + y.astype(x.dtype)
