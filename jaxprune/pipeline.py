@@ -5,6 +5,15 @@ and the pruned activation streams -> (optional) two-step reconstruction ->
 score -> select -> slice -> (optional) refit -> advance both streams. The loop
 is plain Python around the jitted passes of `jaxprune.stats.passes`; parameters
 are transformed by pure functions and the input model is never modified.
+
+Each module costs only what the run needs (`jaxprune.stats.needs`): the dense
+stream exists only when something solves against (or measures errors against)
+the dense outputs; full Gram matrices only for solves and for criteria that
+declare them; the second level's input X2 of the statistics pass is kept and
+the pruned stream advances by the final second level on it, so no module's
+activations are computed twice. A module whose units all stay is not scored.
+With a `checkpoint` directory every finished block is durable and a killed run
+resumes bit-identically (`jaxprune.checkpoint`).
 """
 
 from __future__ import annotations
@@ -188,14 +197,12 @@ def _positions(T: int):
 # One module
 
 
-def _first_level_targets(kind, p, m_in: moments.Moments, m_dense: moments.Moments):
-  """X^T Y1 (D+1, U1) and ||Y1||^2 for Y1 = [hd 1] [W1; b1], from the sums."""
+def _first_level_targets(kind, p, m_in: moments.Moments):
+  """[W1; b1] and X^T Y1 (D+1, U1) for Y1 = [hd 1] [W1; b1], from the cross moment."""
   w1, b1 = A.first_level(kind, p)
   w1a = jnp.concatenate([w1, b1[None]], axis=0).astype(jnp.float32)
   cross = jnp.concatenate([m_in.xy, m_in.xx[:, -1:]], axis=1)  # [hp 1]^T [hd 1]
-  xty = jnp.matmul(cross, w1a, precision="highest")
-  yy = jnp.sum(w1a * jnp.matmul(m_dense.xx, w1a, precision="highest"))
-  return w1a, xty, yy
+  return w1a, jnp.matmul(cross, w1a, precision="highest")
 
 
 def _has_bias(kind, p, level: str) -> bool:
@@ -244,10 +251,10 @@ def _solve_level(parts: list[_Part], w_orig_aug, delta, grid, intercept, what):
     delta = float(grid[int(np.argmin(errs))])
     rep["heldout_residuals"] = {f"{d:g}": e / max(float(held.yy), 1e-30) for d, e in zip(grid, errs)}
   t = _total(parts)
-  w, info = reconstruct.ridge_solve(t.m, t.xty, delta, intercept, what)
+  w, info = reconstruct.ridge_solve(t.m, t.xty, delta, intercept, what, yy=t.yy)
   d = t.m.dim
   before = float(reconstruct.residual(t.m, t.xty, t.yy, w_orig_aug if intercept else w_orig_aug[:d]))
-  after = float(reconstruct.residual(t.m, t.xty, t.yy, w))
+  after = info.residual
   scale = max(float(t.yy), 1e-30)
   # residual_after is the solve's own fit, stored raw so that a solve that fits
   # worse than the original weights shows; those weights are then kept.
@@ -281,8 +288,11 @@ def _full_width_second(kind, p_pruned, idx: np.ndarray, width: int):
   """The pruned module's second level as a full-width [U2, D] kernel, zero rows for removed
   channels, and its bias: `second_apply` then advances every module of one shape with one compile."""
   w, b = A.second_level(kind, p_pruned)
-  full = jnp.zeros((width, w.shape[1]), w.dtype).at[jnp.asarray(idx)].set(w)
-  return full, b
+  if surgery._on_host(w):  # numpy: no scatter compiled per distinct kept count
+    full = np.zeros((width, w.shape[1]), w.dtype)
+    full[idx] = np.asarray(w)
+    return jnp.asarray(full), b
+  return jnp.zeros((width, w.shape[1]), w.dtype).at[jnp.asarray(idx)].set(w), b
 
 
 class _Compiles:
@@ -400,8 +410,8 @@ class _Pruner:
     if c.reconstruct:
       parts = []
       for d in douts:
-        w1a, xty, yy1 = _first_level_targets(kind, p0, d.m_in, d.m_dense)
-        parts.append(_Part(d.m_in, xty, yy1))
+        w1a, xty = _first_level_targets(kind, p0, d.m_in)
+        parts.append(_Part(d.m_in, xty, d.yy1))
       icpt = c.intercept or _has_bias(kind, p0, "first")
       with self.phase("solves"):
         sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")

@@ -3,8 +3,9 @@
     W' = argmin ||X W - Y||^2 + lam ||W||^2 = (X^T X + lam I)^-1 X^T Y,
     lam = delta * mean(diag(X^T X)),
 
-solved by Cholesky in float64 where the platform has it (CPU, GPU) and in
-float32 elsewhere. A failed factorisation (non-finite result) is retried with
+solved by Cholesky in float64: on the accelerator where it has float64 (CPU,
+GPU), and on the host CPU where it has not (TPU), since a float32 Cholesky of
+an ill-conditioned Gram matrix loses the small directions the fit needs. A failed factorisation (non-finite result) is retried with
 10x the damping, and every retry is reported, never silently skipped. With an
 intercept the augmented system [X 1] is solved and the ones column is not
 damped, so the fitted bias is the exact least-squares bias.
@@ -12,12 +13,14 @@ damped, so the fitted bias is the exact least-squares bias.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.sharding import local_copy, replicate_like
 from jaxprune.stats.moments import Moments
@@ -29,14 +32,36 @@ MAX_RETRIES = 6
 
 @dataclasses.dataclass(frozen=True)
 class SolveInfo:
-  """What a solve did: the damping finally used and how many retries it took."""
+  """What a solve did: the damping finally used, how many retries it took and, when
+  ||Y||^2 was given, the residual ||[X 1] W - Y||^2 of its (float64) solution."""
 
   delta: float
   retries: int
+  residual: float | None = None
 
 
-def solve_dtype():
-  return jnp.float32 if jax.default_backend() == "tpu" else jnp.float64
+def solve_on_host() -> bool:
+  """Platforms without float64 arithmetic (TPU) solve in float64 on the host CPU."""
+  return jax.default_backend() == "tpu"
+
+
+@contextlib.contextmanager
+def float64_solves():
+  """float64 enabled and, where the accelerator has none, the host CPU as the default device."""
+  with jax.enable_x64(True):
+    if solve_on_host():
+      with jax.default_device(jax.devices("cpu")[0]):
+        yield
+    else:
+      yield
+
+
+def to_solve(x) -> jax.Array:
+  """`x` as a float64 array where the solves run (inside `float64_solves`)."""
+  x = local_copy(x)
+  if solve_on_host():
+    x = np.asarray(x)
+  return jnp.asarray(x, jnp.float64)
 
 
 @functools.partial(jax.jit, static_argnames=("intercept",))
@@ -53,18 +78,30 @@ def _solve(xx, xy, delta, intercept: bool):
   return jax.scipy.linalg.cho_solve(c, xy)
 
 
-def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "") -> tuple[jax.Array,
-                                                                                                  SolveInfo]:
+@functools.partial(jax.jit, static_argnames=("intercept",))
+def _own_residual(xx, xy, yy, w, delta, intercept: bool):
+  """||[X 1] W - Y||^2 of the ridge solution W: with (G + L) W = X^T Y (L the ridge, zero
+  for the ones column) tr(W^T G W) = tr(W^T X^T Y) - tr(W^T L W), so the residual
+  yy - 2 tr(W^T X^T Y) + tr(W^T G W) needs no product with G."""
+  d = xx.shape[0] - 1
+  lam = delta * jnp.mean(jnp.diagonal(xx)[:d])
+  lam = jnp.where(lam > 0, lam, delta)
+  k = w.shape[0]
+  r = yy - jnp.sum(w * xy[:k]) - lam * jnp.sum(jnp.square(w[:d]))
+  return jnp.maximum(r, 0.0)
+
+
+def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
+                yy=None) -> tuple[jax.Array, SolveInfo]:
   """Solves for W given Moments of X and X^T Y (augmented rows, (d+1, e)).
 
   Returns W with d rows (no intercept) or d+1 rows (the last row is the bias),
-  in float32, and a SolveInfo.
+  in float32, and a SolveInfo (with the fit's residual when `yy` = ||Y||^2 is given).
   """
-  dt = solve_dtype()
-  with jax.enable_x64(dt == jnp.float64):
-    xx, xy64 = jnp.asarray(local_copy(m.xx), dt), jnp.asarray(local_copy(xy), dt)
+  with float64_solves():
+    xx, xy64 = to_solve(m.xx), to_solve(xy)
     for retry in range(MAX_RETRIES + 1):
-      w = _solve(xx, xy64, jnp.asarray(delta, dt), intercept)
+      w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
       if bool(jnp.all(jnp.isfinite(w))):
         break
       log.warning("Cholesky failed for %s at damping %.1e; retrying with %.1e", what or "a solve", delta, delta * 10)
@@ -72,7 +109,11 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
     else:
       raise FloatingPointError(f"least-squares solve for {what} failed even at damping {delta:.1e}; the calibration "
                                "statistics are not finite (check the input data and model weights)")
-    return replicate_like(jnp.asarray(w, jnp.float32), m.xx), SolveInfo(delta=float(delta), retries=retry)
+    res = None
+    if yy is not None:
+      res = float(_own_residual(xx, xy64, to_solve(yy), w, jnp.asarray(delta, jnp.float64), intercept))
+    return replicate_like(jnp.asarray(w, jnp.float32), m.xx), SolveInfo(delta=float(delta), retries=retry,
+                                                                        residual=res)
 
 
 @jax.jit
@@ -85,10 +126,7 @@ def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Arra
 
   `w` has d rows (no intercept) or d+1 rows (last row = bias).
   """
-  dt = solve_dtype()
-  with jax.enable_x64(dt == jnp.float64):
+  with float64_solves():
     k = w.shape[0]
-    g = jnp.asarray(local_copy(m.xx)[:k, :k], dt)
-    c = jnp.asarray(local_copy(xy)[:k], dt)
-    r = _residual(g, c, jnp.asarray(local_copy(yy), dt), jnp.asarray(local_copy(w), dt))
+    r = _residual(to_solve(m.xx)[:k, :k], to_solve(xy)[:k], to_solve(yy), to_solve(w))
     return jnp.asarray(r, jnp.float32)

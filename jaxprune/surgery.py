@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,8 +43,22 @@ def check_indices(idx, n: int, what: str) -> np.ndarray:
   return idx.astype(np.int32)
 
 
+def _on_host(v) -> bool:
+  return isinstance(v, np.ndarray) or (isinstance(v, jax.Array) and v.is_fully_addressable and
+                                       all(d.platform == "cpu" for d in v.sharding.device_set))
+
+
+def _gather(v, idx, axis: int):
+  """v[..., idx, ...] along `axis`. Arrays held by the host CPU are cut with numpy: an XLA
+  gather would compile anew for every distinct kept count (every layer, under adaptive
+  allocation), for a copy numpy makes at memory speed."""
+  if _on_host(v):
+    return jnp.asarray(np.take(np.asarray(v), idx, axis=axis))
+  return jnp.take(v, idx, axis=axis)
+
+
 def _take(p: Params, idx, axes: dict[str, int]) -> Params:
-  return {k: (jnp.take(v, idx, axis=axes[k]) if k in axes else v) for k, v in p.items()}
+  return {k: (_gather(v, idx, axes[k]) if k in axes else v) for k, v in p.items()}
 
 
 def kept_kv_heads(layer: LayerSpec, heads: np.ndarray, free_groups: bool = False) -> tuple[np.ndarray, tuple | None]:

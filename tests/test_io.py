@@ -244,3 +244,32 @@ def test_a_file_that_is_not_a_model(tmp_path):
 def test_directory_without_tokenizer(tiny_dir):
   with pytest.raises(CheckpointError, match="has no usable tokenizer files .*copy the tokenizer"):
     jaxprune.load_tokenizer(tiny_dir("llama_mha"))
+
+
+def test_io_modules_import_without_cycles():
+  """No chain of imports among jaxprune.io's modules (lazy, in-function ones included) comes back
+  to where it started: leaves (layout, locate) below the readers and writers, the dispatcher on top."""
+  import glob
+  import os
+  import re
+
+  import jaxprune.io
+
+  root = os.path.dirname(jaxprune.io.__file__)
+  graph = {}
+  for path in glob.glob(os.path.join(root, "*.py")):
+    name = os.path.basename(path)[:-3]
+    if name == "__init__":
+      continue
+    text = open(path).read()
+    graph[name] = set(re.findall(r"from jaxprune\.io\.(\w+) import|import jaxprune\.io\.(\w+)", text))
+    graph[name] = {a or b for a, b in graph[name]} - {name}
+
+  def visit(node, stack):
+    assert node not in stack, "import cycle: " + " -> ".join([*stack, node])
+    for nxt in graph.get(node, ()):
+      visit(nxt, [*stack, node])
+
+  for node in graph:
+    visit(node, [])
+  assert "orbax_io" in graph["resolve"] and "locate" in graph["export"]  # the graph was read

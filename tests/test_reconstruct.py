@@ -151,3 +151,68 @@ def test_replicated_statistics_are_solved_once_and_stay_replicated():
   w8, _ = reconstruct.ridge_solve(m8, m8.xy, 1e-3, True)
   assert w8.sharding.is_equivalent_to(rep, w8.ndim)
   np.testing.assert_array_equal(np.asarray(w8), np.asarray(w1))
+
+
+def test_solves_are_float64_even_where_the_accelerator_has_none(monkeypatch):
+  """An ill-conditioned Gram (condition > 1e6): the float64 solve matches numpy's float64
+  solution, a float32 Cholesky of the same system does not; on a TPU (no float64) the solve
+  runs on the host CPU in float64 rather than in float32 on the chip."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxprune import reconstruct
+  from jaxprune.stats import moments
+
+  rng = np.random.default_rng(3)
+  n, d = 4000, 24
+  base = rng.normal(size=(n, 4))
+  x = base @ rng.normal(size=(4, d)) + 3e-3 * rng.normal(size=(n, d))  # rank 4 + a whisper
+  y = x @ rng.normal(size=(d, 3)) + 0.01 * rng.normal(size=(n, 3))
+  xa = np.concatenate([x, np.ones((n, 1))], axis=1)
+  m = moments.Moments(jnp.asarray(xa.T @ xa, jnp.float32), None)
+  xy = jnp.asarray(xa.T @ y, jnp.float32)
+  delta = 1e-9
+  g = np.asarray(m.xx, np.float64)[:d, :d]
+  lam = delta * np.mean(np.diag(g))
+  want = np.linalg.solve(g + lam * np.eye(d), np.asarray(xy, np.float64)[:d])
+  assert np.linalg.cond(g + lam * np.eye(d)) > 1e6
+  got, _ = reconstruct.ridge_solve(m, xy, delta, intercept=False)
+  scale = np.max(np.abs(want))
+  assert np.max(np.abs(np.asarray(got, np.float64) - want)) < 1e-5 * scale
+  g32 = jnp.asarray(g + lam * np.eye(d), jnp.float32)
+  f32 = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(g32, lower=True), jnp.asarray(xy)[:d])
+  assert not np.max(np.abs(np.asarray(f32, np.float64) - want)) < 1e-3 * scale
+  # On a TPU the same code runs on the host CPU, in float64.
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert reconstruct.solve_on_host()
+  with reconstruct.float64_solves():
+    a = reconstruct.to_solve(m.xx)
+    assert a.dtype == jnp.float64 and a.devices() == {jax.devices("cpu")[0]}
+  host, _ = reconstruct.ridge_solve(m, xy, delta, intercept=False)
+  np.testing.assert_array_equal(np.asarray(host), np.asarray(got))
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_a_solve_reports_the_residual_of_its_own_solution(intercept):
+  """The residual from the normal equations' identity (no product with G) equals
+  ||[X 1] W - Y||^2 computed from the data for the float64 ridge solution."""
+  from jaxprune import reconstruct
+  from jaxprune.stats import moments
+
+  rng = np.random.default_rng(4)
+  n, d, e = 500, 12, 3
+  x = rng.normal(size=(n, d)) + 0.5
+  y = x @ rng.normal(size=(d, e)) + 2.0 + 0.3 * rng.normal(size=(n, e))
+  xa = np.concatenate([x, np.ones((n, 1))], axis=1)
+  m = moments.Moments(jnp.asarray(xa.T @ xa), None)
+  xy, yy = jnp.asarray(xa.T @ y), jnp.asarray(np.sum(y ** 2))
+  delta = 1e-2
+  w, info = reconstruct.ridge_solve(m, xy, delta, intercept, yy=yy)
+  g = np.asarray(m.xx, np.float64)  # the float32 sums the solve saw, in float64
+  c = np.asarray(xy, np.float64)
+  k = d + 1 if intercept else d
+  lam = delta * np.mean(np.diag(g)[:d])
+  w64 = np.linalg.solve(g[:k, :k] + np.diag([lam] * d + [0.0] * (k - d)), c[:k])
+  want = np.sum(w64 * (g[:k, :k] @ w64)) - 2 * np.sum(w64 * c[:k]) + float(yy)
+  # Two float64 evaluations of one quantity from float32 sums: agree to float64 rounding of ||Y||^2.
+  assert abs(info.residual - want) <= 1e-9 * float(yy)

@@ -93,8 +93,11 @@ def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind):
       d = passes.dense_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, x * 0.5, pos, True, True)
       h = passes.hidden_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, d.yd, pos,
                              StreamNeeds(hidden="gram", cross=True, js=kind_ is A.ATTN))
-      res[kind_.name] = [d.m_in.xx, d.m_in.xy, d.m_dense.xx, d.err, d.yy, h.hidden.xx, h.hidden.xy] + (
+      res[kind_.name] = [d.m_in.xx, d.m_in.xy, d.yy1, d.err, d.yy, h.hidden.xx, h.hidden.xy] + (
           [h.js] if h.js is not None else [])
+      # sqrt(sum_t hd_ti^2) of the dense input, for the cross moment's Cauchy-Schwarz bound
+      hd = np.asarray(L.norm(cfg, blk[kind_.norm_key], x), np.float64).reshape(-1, x.shape[-1])
+      res[kind_.name + "_dd"] = np.sqrt(np.sum(hd ** 2, axis=0))
     out[n] = res
   # The two runs add the same per-token terms in a different order (per device, then
   # psum). Each entry is a sum over the 16 x 12 tokens of terms computed with <= ~2D
@@ -102,12 +105,13 @@ def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind):
   # the exact value; by Cauchy-Schwarz sum_t |x_ti y_tj| <= sqrt(G_ii G_jj), which the
   # runs' own Gram diagonals give (tests/numerics.py, point 1).
   n = 16 * 12 + 2 * model.spec.hidden_size
-  for k in out[1]:
+  for k in ("attn", "mlp"):
     a = [np.asarray(v, np.float64) for v in out[1][k]]
     b = [np.asarray(v, np.float64) for v in out[8][k]]
-    din, dd, d2 = (np.sqrt(np.abs(np.diag(a[i]))) for i in (0, 2, 5))
+    din, d2 = (np.sqrt(np.abs(np.diag(a[i]))) for i in (0, 5))
+    dd = out[1][k + "_dd"]
     yy = np.sqrt(abs(a[4]))
-    scales = [np.outer(din, din), np.outer(din, dd[:a[1].shape[1]]), np.outer(dd, dd),
+    scales = [np.outer(din, din), np.outer(din, dd), abs(a[2]),
               abs(a[3]), abs(a[4]), np.outer(d2, d2), np.outer(d2, np.full(a[6].shape[1], yy))]
     scales += [np.full_like(a[7], np.log(2) * 16 * 12)] if len(a) > 7 else []
     for i, (x, y, sc) in enumerate(zip(a, b, scales)):

@@ -6,7 +6,9 @@ per block, and writes the pruned model (safetensors + config + jaxprune.json +
 tokenizer), `report.json` and a per-module `progress.jsonl` to DIR. Everything
 is written to a temporary directory first and renamed into place at the end,
 so a failed or interrupted run leaves nothing half-written, and an existing DIR
-is never replaced without --force.
+is never replaced without --force. Every finished block is checkpointed in
+DIR.checkpoint (with progress.jsonl as the run goes); a killed run continues
+with --resume, bit-identically, and the checkpoint goes once DIR is in place.
 
 Options start from a preset (`--preset`): `recommended` by default (jaxprune's
 recipe), `recommended-datafree` with `--calib selfgen`, `paper` and

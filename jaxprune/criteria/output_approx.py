@@ -22,8 +22,9 @@ attention heads), with the exact joint update for the removed group.
 
 Cost, for U2 channels: the inverse (2 U2^3 flops in float64) and MAX_STEPS
 updates of it (2 U2^3 in all), so about 4 U2^3 and 8 U2^2 bytes. At SmolLM2's
-MLP (U2 = 1536) that is 15 GFLOP, a sixth of one forward of the module over
-128 x 128 calibration tokens (87 GFLOP). At LLaMA-70B's (U2 = 28672) it would
+MLP (U2 = 1536) that is 15 GFLOP, a sixth of the module's forward over 128 x 128
+calibration tokens (87 GFLOP), but each step streams the inverse through memory,
+so it takes about twice that forward's time on a CPU. At LLaMA-70B's (U2 = 28672) it would
 be 9.4e13 flops and a 6.6 GB inverse per module, four times the module's
 forward over 16k tokens (2.3e13), so modules wider than OBS_BLOCK channels use
 the blocked form: the sweep runs on diagonal blocks of the Gram matrix
@@ -44,8 +45,7 @@ import numpy as np
 
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
-from jaxprune.reconstruct import solve_dtype
-from jaxprune.sharding import local_copy
+from jaxprune.reconstruct import float64_solves, to_solve
 from jaxprune.spec import Params
 
 
@@ -64,6 +64,7 @@ def _removal_order(xx, xy, delta, width: int, intercept: bool, per_step: int = 1
   lam = jnp.where(lam > 0, lam, delta)
   g = xx + jnp.diag(jnp.concatenate([jnp.full((d,), lam), jnp.zeros((xx.shape[0] - d,))]).astype(xx.dtype))
   ginv = jnp.linalg.inv(g)
+  ginv = 0.5 * (ginv + ginv.T)
   w = ginv @ xy
   n = d // width
   idx = jnp.arange(n)[:, None] * width + jnp.arange(width)[None]  # channels of each unit
@@ -87,13 +88,12 @@ def _removal_order(xx, xy, delta, width: int, intercept: bool, per_step: int = 1
     valid = jnp.arange(per_step, dtype=jnp.int32) < take
     cols = (s[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None]).reshape(-1)
     colmask = jnp.repeat(valid, width).astype(ginv.dtype)
-    gss = ginv[cols[:, None], cols[None, :]] * colmask[:, None] * colmask[None, :]
-    gss = gss + jnp.diag(1.0 - colmask)  # padding rows solve to zero
-    gs = ginv[:, cols] * colmask[None]  # [d', k*width]
-    # (G^-1_SS)^-1 [G^-1_{S,:} | W_S] in one solve.
-    k = jnp.linalg.solve(gss, jnp.concatenate([gs.T, w[cols] * colmask[:, None]], axis=1))
-    ginv = ginv - gs @ k[:, :ginv.shape[0]]
-    w = w - gs @ k[:, ginv.shape[0]:]
+    # G^-1 is symmetric, so its rows S (contiguous) stand for its columns S (strided).
+    rows = ginv[cols] * colmask[:, None]  # G^-1_{S,:}, [k*width, d']
+    gss = rows[:, cols] * colmask[None, :] + jnp.diag(1.0 - colmask)  # padding rows solve to zero
+    m = jnp.linalg.inv(gss)  # (G^-1_SS)^-1: small, and one product serves G^-1 and W
+    ginv = ginv - rows.T @ (m @ rows)
+    w = w - rows.T @ (m @ (w[cols] * colmask[:, None]))
     pos = t * per_step + jnp.arange(per_step, dtype=jnp.int32)
     alive = alive.at[s].set(jnp.where(valid, False, alive[s]))
     order = order.at[s].set(jnp.where(valid, pos, order[s]))
@@ -121,14 +121,12 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   with at most that many channels run the exact sweep).
   """
   width = A.unit_width(kind, p)
-  dt = solve_dtype()
   block = OBS_BLOCK if block is None else block
-  xx, xy = local_copy(stats.hidden.xx), local_copy(stats.hidden.xy)
-  d = xx.shape[0] - 1
+  d = stats.hidden.xx.shape[0] - 1
   n = d // width
-  with jax.enable_x64(dt == jnp.float64):
-    xx, xy = jnp.asarray(xx, dt), jnp.asarray(xy, dt)
-    delta = jnp.asarray(stats.damping, dt)
+  with float64_solves():
+    xx, xy = to_solve(stats.hidden.xx), to_solve(stats.hidden.xy)
+    delta = jnp.asarray(stats.damping, jnp.float64)
     if d <= block:
       order, _ = _removal_order(xx, xy, delta, width, stats.intercept, -(-n // MAX_STEPS))
       return jnp.asarray(order, jnp.float32)

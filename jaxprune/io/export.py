@@ -42,15 +42,14 @@ import numpy as np
 
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
+from jaxprune.io.layout import DTYPES, SPEC_FILE, SPEC_FORMAT, parse_dtype
+from jaxprune.io.locate import load_tokenizer
 from jaxprune.io.mapping import TABLES, params_to_tensors
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, Params
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "jaxprune.json"
-SPEC_FORMAT = 1
-DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
 _LLAMA_ACTS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -305,14 +304,6 @@ def pad_biases(params: Params, groups) -> Params:
 # Writing.
 
 
-def parse_dtype(dtype) -> tuple[str, object]:
-  """('float32'|'bfloat16'|'float16', numpy dtype) for a name or dtype."""
-  name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-  if name not in DTYPES:
-    raise UsageError(f"dtype {dtype!r} is not supported for export; choose one of {', '.join(DTYPES)}")
-  return name, DTYPES[name]
-
-
 def parse_size(size) -> int:
   """Bytes for an int or a string such as '5GB' or '500MB'."""
   if isinstance(size, int):
@@ -367,7 +358,6 @@ def resolve_tokenizer(model: Model, tokenizer):
   if os.path.isdir(model.source) and not any(os.path.exists(os.path.join(model.source, f)) for f in _TOKENIZER_FILES):
     log.warning("%s has no tokenizer files; the export has none (pass tokenizer= to add one)", model.source)
     return None
-  from jaxprune.io.resolve import load_tokenizer
   try:
     return load_tokenizer(model.source)
   except JaxpruneError as e:

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import CheckpointError
+from jaxprune.io.layout import SPEC_FILE
 from jaxprune.io.hf_config import spec_from_hf_config
 from jaxprune.io.mapping import tensors_to_params
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, check_params
 
-SPEC_FILE = "jaxprune.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 

@@ -24,22 +24,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from jaxprune.errors import CheckpointError, ShapeError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
-from jaxprune.io.export import SPEC_FILE, SPEC_FORMAT, parse_dtype, resolve_tokenizer
+from jaxprune.io.export import resolve_tokenizer
+from jaxprune.io.layout import PARAMS_DIR, SPEC_FILE, SPEC_FORMAT, is_orbax_dir, parse_dtype
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, param_shapes
 
 log = logging.getLogger(__name__)
 
-PARAMS_DIR = "params"
 WEIGHTS = "orbax"
 
 #: Target shardings: a pytree of `Sharding` shaped like the parameters, or f(keystr_path, shape) -> Sharding.
 ShardingsArg = Union[Callable[[str, tuple[int, ...]], Sharding], Any]
-
-
-def is_orbax_dir(path: str) -> bool:
-  """True for a directory written by `save_orbax`."""
-  return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, SPEC_FILE))
 
 
 def save_orbax(model: Model, out: str, *, dtype=None, force: bool = False, tokenizer=None) -> str:

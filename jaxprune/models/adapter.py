@@ -98,12 +98,15 @@ def num_units(kind: ModuleKind, p: Params) -> int:
 def inner_parts(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, want_probs: bool = False,
                 want_pre: bool = False):
   """X2 [B,T,U2] of normalized input h [B,T,D], the attention probabilities (if
-  asked, else None) and the MLP's first-level pre-activations {name: [B,T,F]}
-  (if asked, else {})."""
+  asked, else None) and the first level's outputs {name: array} (if asked, else
+  {}): the MLP's pre-activations, attention's q, k (rotated) and v."""
   if kind is ATTN:
     q, k, v = L.project_qkv(cfg, p, h, positions)
     heads, probs = L.attend(cfg, q, k, v, positions, positions)
-    return heads.reshape(*heads.shape[:2], -1), (probs if want_probs else None), {}
+    # Q and K after RoPE, a rotation of pairs of channels: their norms are those of the
+    # first level's outputs [h 1] [W1; b1], which is what callers take from them.
+    pre = {"q": q, "k": k, "v": v} if want_pre else {}
+    return heads.reshape(*heads.shape[:2], -1), (probs if want_probs else None), pre
   pre = {"up": L.dense(p["up"], h, "btd,df->btf")}
   if cfg.gated:
     pre["gate"] = L.dense(p["gate"], h, "btd,df->btf")
@@ -117,6 +120,18 @@ def inner(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, want_pr
   """X2 [B,T,U2] of normalized input h [B,T,D] (and attention probabilities if asked)."""
   x2, probs, _ = inner_parts(kind, cfg, p, h, positions, want_probs)
   return x2, probs
+
+
+def apply_with_first(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions):
+  """The module's output [B,T,D] for normalized input h and sum ||[h 1] [W1; b1]||^2, the
+  energy of its first level's outputs, computed on the way (the same operations as `apply`)."""
+  x2, _, pre = inner_parts(kind, cfg, p, h, positions, False, True)
+  if kind is ATTN:
+    y = L.dense(p["o"], x2.reshape(*x2.shape[:2], *p["o"]["kernel"].shape[:2]), "btnh,nhd->btd")
+  else:
+    y = L.dense(p["down"], x2, "btf,fd->btd")
+  energy = sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in pre.values())
+  return y, energy
 
 
 def apply(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions):

@@ -11,7 +11,8 @@ A module is visited by at most three passes, each doing only its share of the
 work (see `jaxprune.stats.needs`):
 
   dense_pass   the dense stream through the original module (targets of the
-               solves), with the first level's input moments when reconstructing;
+               solves), with the first level's input moments and target energy
+               when reconstructing;
   hidden_pass  the pruned stream up to the second level's input X2, accumulating
                what the criterion and the solves read; X2 is returned and kept;
   second_apply the (pruned, refit) second level on the kept X2, which advances
@@ -47,14 +48,14 @@ class DenseOut(NamedTuple):
     yd: dense module outputs f(hd), a stream [C,B,T,D].
     yy: sum ||f(hd)||^2.
     m_in: Moments of the pruned-stream input hp with cross moment hp^T hd (or None).
-    m_dense: Moments of the dense-stream input hd (or None).
+    yy1: sum ||[hd 1] [W1; b1]||^2, the first level's target energy (with m_in, else None).
     err: sum ||f(hp) - f(hd)||^2 with the original weights, the inherited error (or None).
   """
 
   yd: jax.Array
   yy: jax.Array
   m_in: moments.Moments | None
-  m_dense: moments.Moments | None
+  yy1: jax.Array | None
   err: jax.Array | None
 
 
@@ -65,23 +66,28 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
   D = xd.shape[-1]
 
   def body(carry, chunk):
-    m_in, m_d, err, yy = carry
+    m_in, yy1, err, yy = carry
     xd_c, xp_c = chunk
     hd = L.norm(cfg, norm_p, xd_c)
-    yd = A.apply(kind, cfg, p, hd, positions)
+    if first_moments:
+      yd, e1 = A.apply_with_first(kind, cfg, p, hd, positions)
+      yy1 = yy1 + e1
+    else:
+      yd = A.apply(kind, cfg, p, hd, positions)
     yy = yy + _sq(yd)
     if first_moments or inherited_error:
       hp = L.norm(cfg, norm_p, xp_c)
     if first_moments:
-      m_in, m_d = moments.update(m_in, hp, hd), moments.update(m_d, hd)
+      m_in = moments.update(m_in, hp, hd)
     if inherited_error:
       err = err + _sq(A.apply(kind, cfg, p, hp, positions) - yd)
-    return (m_in, m_d, err, yy), yd
+    return (m_in, yy1, err, yy), yd
 
-  init = (moments.init(D, D) if first_moments else None, moments.init(D) if first_moments else None,
-          jnp.zeros((), F32) if inherited_error else None, jnp.zeros((), F32))
-  (m_in, m_d, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
-  return DenseOut(yd, yy, m_in, m_d, err)
+  zero = jnp.zeros((), F32)
+  init = (moments.init(D, D) if first_moments else None, zero if first_moments else None,
+          zero if inherited_error else None, zero)
+  (m_in, yy1, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
+  return DenseOut(yd, yy, m_in, yy1, err)
 
 
 class HiddenOut(NamedTuple):
