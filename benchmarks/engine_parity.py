@@ -11,6 +11,8 @@ to 1e-3 relative, so that a faster engine is shown to compute the same pruning.
 
 SmolLM2-135M at 20%, 128 x 128 calibration tokens from WikiText-2 valid (seed
 0), perplexity over the first 64 windows of 128 tokens of WikiText-2 test.
+The recorded prune seconds are those of whatever else the machine ran at the
+time: timings belong to `prune_speed.py`, which measures them as ratios.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     W' = argmin ||X W - Y||^2 + lam ||W||^2 = (X^T X + lam I)^-1 X^T Y,
     lam = delta * mean(diag(X^T X)),
 
-solved by Cholesky in float64: on the accelerator where it has float64 (CPU,
-GPU), and on the host CPU where it has not (TPU), since a float32 Cholesky of
-an ill-conditioned Gram matrix loses the small directions the fit needs. A failed factorisation (non-finite result) is retried with
+solved by Cholesky in float64: on the GPU, and with SciPy's LAPACK on the CPU
+(the CPU backend, and the host of a TPU, which has no float64), since a float32
+Cholesky of an ill-conditioned Gram matrix loses the small directions the fit
+needs. A failed factorisation (non-finite result) is retried with
 10x the damping, and every retry is reported, never silently skipped. With an
 intercept the augmented system [X 1] is solved and the ones column is not
 damped, so the fitted bias is the exact least-squares bias.
@@ -78,6 +79,30 @@ def _solve(xx, xy, delta, intercept: bool):
   return jax.scipy.linalg.cho_solve(c, xy)
 
 
+def lapack_solves() -> bool:
+  """Where the solves run on a CPU (the CPU backend, or the host of a TPU), they go to
+  SciPy's LAPACK: its blocked, threaded Cholesky took a quarter of the time of XLA's
+  CPU one on a 1537 x 1537 system (`benchmarks/README.md`). GPUs factor on the device."""
+  return jax.default_backend() in ("cpu", "tpu")
+
+
+def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool) -> np.ndarray | None:
+  """`_solve` with SciPy in float64; None when the factorisation fails."""
+  import scipy.linalg
+
+  d = xx.shape[0] - 1
+  if not intercept:
+    xx, xy = xx[:d, :d], xy[:d]
+  lam = delta * np.mean(np.diagonal(xx)[:d])
+  lam = lam if lam > 0 else delta
+  a = xx + np.diag(np.concatenate([np.full((d,), lam), np.zeros((xx.shape[0] - d,))]))
+  try:
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True, check_finite=False), xy,
+                                  check_finite=False)
+  except (np.linalg.LinAlgError, ValueError):
+    return None
+
+
 @functools.partial(jax.jit, static_argnames=("intercept",))
 def _own_residual(xx, xy, yy, w, delta, intercept: bool):
   """||[X 1] W - Y||^2 of the ridge solution W: with (G + L) W = X^T Y (L the ridge, zero
@@ -100,10 +125,17 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   """
   with float64_solves():
     xx, xy64 = to_solve(m.xx), to_solve(xy)
+    lapack = lapack_solves()
     for retry in range(MAX_RETRIES + 1):
-      w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
-      if bool(jnp.all(jnp.isfinite(w))):
-        break
+      if lapack:
+        w = _solve_lapack(np.asarray(xx), np.asarray(xy64), float(delta), intercept)
+        if w is not None and np.all(np.isfinite(w)):
+          w = jnp.asarray(w)
+          break
+      else:
+        w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
+        if bool(jnp.all(jnp.isfinite(w))):
+          break
       log.warning("Cholesky failed for %s at damping %.1e; retrying with %.1e", what or "a solve", delta, delta * 10)
       delta *= 10
     else:
