@@ -182,16 +182,6 @@ def forward_seconds(model, windows, repeats: int = 2, warm_up: bool = True) -> f
   return best
 
 
-def write_json(path: str, obj) -> None:
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".prune_speed.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--only", nargs="*", default=list(METHODS), choices=list(METHODS))
@@ -238,7 +228,8 @@ def main(argv=None) -> int:
          "seq_len": SEQ_LEN, "environment": env, "forward_seconds_each": forwards, "forward_flops": fwd_flops,
          "forward_what": "jaxprune.eval.perplexity over the calibration windows (batch 16), jitted, after warm-up",
          "methods": rows}
-  write_json(args.out, out)
+  from jaxprune.io.atomic import write_json
+  write_json(args.out, out, force=True)
   print(f"wrote {args.out}", file=sys.stderr)
   return 0
 

@@ -32,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxprune.errors import UsageError
+from jaxprune.io.atomic import write_file, write_json
 from jaxprune.spec import LayerSpec
 
 STATE = "state.json"
@@ -65,21 +66,8 @@ def fingerprint(model, config, calib, score_windows) -> dict[str, str]:
   }
 
 
-def _atomic_save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  with open(tmp, "rb") as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _atomic_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  write_file(path, lambda f: np.savez(f, **arrays), force=True, binary=True)
 
 
 @dataclasses.dataclass
@@ -128,18 +116,18 @@ class RunCheckpoint:
            state: dict[str, Any]) -> None:
     """Saves block i (just finished) and the state entering block i + 1."""
     flat = traverse_util.flatten_dict(block, sep="/")
-    _atomic_save_npz(os.path.join(self.path, f"block_{i:04d}.npz"), {k: np.asarray(v) for k, v in flat.items()})
+    _save_npz(os.path.join(self.path, f"block_{i:04d}.npz"), {k: np.asarray(v) for k, v in flat.items()})
     name = f"streams_{i + 1:04d}.npz"
-    _atomic_save_npz(os.path.join(self.path, name), streams)
+    _save_npz(os.path.join(self.path, name), streams)
     prev = {}
     if self.exists():
       with open(os.path.join(self.path, STATE)) as f:
         prev = json.load(f)
     finished = sorted(set(prev.get("finished_blocks", [])) | {i})
     specs = {**prev.get("layer_specs", {}), str(i): dataclasses.asdict(layer_spec)}
-    _atomic_json(os.path.join(self.path, STATE), {**state, "fingerprint": self.fp, "next_block": i + 1,
-                                                  "finished_blocks": finished, "layer_specs": specs,
-                                                  "streams": name})
+    state = {**state, "fingerprint": self.fp, "next_block": i + 1, "finished_blocks": finished,
+             "layer_specs": specs, "streams": name}
+    write_json(os.path.join(self.path, STATE), state, force=True)  # last: names the streams file
     for old in glob.glob(os.path.join(self.path, "streams_*.npz")):
       if os.path.basename(old) != name:
         os.remove(old)
