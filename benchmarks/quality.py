@@ -73,6 +73,7 @@ RUNS = [
     ("dense", None, None, "valid"),
     # What `jaxprune prune` does without recipe options.
     ("default preset", "recommended", {}, "valid"),
+    ("default preset, uniform shape", "recommended-uniform", {}, "valid"),
     ("default preset, data-free", "recommended-datafree", {}, "selfgen"),
     # Baselines, run as their tools run them.
     ("flap-uniform", "baseline", dict(method="flap"), "valid"),

@@ -9,6 +9,7 @@ every kept KV head keeps the same number of query heads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
@@ -144,7 +145,8 @@ class LayerPlan:
 
 
 def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[Costs], head_scores, channel_scores,
-             budget: float, free_groups: bool = False, standardize: bool = True) -> dict[int, LayerPlan]:
+             budget: float, free_groups: bool = False, standardize: bool = True,
+             per_param: bool = False, min_keep: float = 0.0) -> dict[int, LayerPlan]:
   """FLAP-style global allocation (AL-AM) from dense-model scores.
 
   Scores are standardized per module kind over all pruned layers and ranked
@@ -153,7 +155,11 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   counts are then moved to the nearest feasible GQA size that keeps at least
   as many heads, and MLP channels (continuing down the same ranking) make up
   the difference so the total lands on the budget. `standardize=False` takes
-  scores that are already on one scale (FLAP's per-layer z-scores) as they are.
+  scores that are already on one scale (FLAP's per-layer z-scores) as they are;
+  `per_param=True` ranks units by score per parameter removed (scores that are
+  costs, such as output errors, where removing a head costs as much as several
+  channels). `min_keep`: every module keeps at least this fraction of its heads
+  and channels (at least one), which bounds how far the ranking may empty a layer.
   """
   z_h = np.concatenate([np.asarray(s, np.float64) for s in head_scores])
   z_c = np.concatenate([np.asarray(s, np.float64) for s in channel_scores])
@@ -164,21 +170,24 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   for pos, (l, c) in enumerate(zip(specs, costs)):
     # A query head's share of its KV head goes with it (all of it under MHA).
     head_cost = (c.attn(l.num_heads, l.num_kv_heads) - c.attn(0, 0)) / l.num_heads
-    units += [(z, 0, pos, head_cost) for z in z_h[off_h:off_h + l.num_heads]]
-    units += [(z, 1, pos, c.per_channel) for z in z_c[off_c:off_c + l.ffn_dim]]
+    hk, ck = (head_cost, c.per_channel) if per_param else (1.0, 1.0)
+    units += [(z / hk, 0, pos, head_cost) for z in z_h[off_h:off_h + l.num_heads]]
+    units += [(z / ck, 1, pos, c.per_channel) for z in z_c[off_c:off_c + l.ffn_dim]]
     off_h += l.num_heads
     off_c += l.ffn_dim
   units.sort(key=lambda u: u[0])
   heads = [l.num_heads for l in specs]
   chans = [l.ffn_dim for l in specs]
+  h_min = [max(1, math.ceil(min_keep * l.num_heads)) for l in specs]
+  c_min = [max(1, math.ceil(min_keep * l.ffn_dim)) for l in specs]
   removed_units = np.zeros(len(units), bool)
   removed = 0.0
   for u, (z, kind, pos, cost) in enumerate(units):
     if budget - removed < cost / 2:
       continue  # would overshoot: let smaller units fill the rest
-    if kind == 0 and heads[pos] > 1:
+    if kind == 0 and heads[pos] > h_min[pos]:
       heads[pos] -= 1
-    elif kind == 1 and chans[pos] > 1:
+    elif kind == 1 and chans[pos] > c_min[pos]:
       chans[pos] -= 1
     else:
       continue
@@ -199,7 +208,7 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   # Too little removed: continue down the ranking with channels; too much:
   # give back the last channels removed.
   for u, (_, kind, pos, cost) in enumerate(units):
-    if kind != 1 or removed_units[u] or chans[pos] <= 1:
+    if kind != 1 or removed_units[u] or chans[pos] <= c_min[pos]:
       continue
     if deficit <= cost / 2:
       break

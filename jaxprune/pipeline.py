@@ -90,6 +90,8 @@ class PruneConfig:
                                         "range", optional=True)
   allocation: str = _opt("allocation", "uniform", "uniform (every pruned layer keeps the same heads and channels) "
                          "or adaptive (FLAP-style global ranking)", choices=ALLOCATIONS)
+  min_keep: float = _opt("min_keep", 0.0, "with adaptive allocation: the fraction of every module's heads and "
+                         "channels that stays whatever the ranking says (0: at least one)", "float")
   attn_sparsity: float | None = _opt("attn_sparsity", None, "with uniform allocation: fraction of each attention "
                                      "module to remove, rounded to a head count the GQA groups allow (unset: "
                                      "sparsity); MLP channels take the rest of the budget", "float", optional=True)
@@ -97,6 +99,9 @@ class PruneConfig:
                          "through the pruned model), random (random-token windows) or identity (S = I)",
                          choices=SCORE_DATA)
   free_groups: bool = _opt("free_groups", False, "allow uneven query heads per KV head (JAX-only models)", "bool")
+  shrink: float = _opt("shrink", 0.0, "shrink the second level's input covariance toward its diagonal by this "
+                       "fraction in [0, 1] before its solves and the goa-obs ranking (0: as measured; 1: channels "
+                       "taken as uncorrelated, FLAP's fluctuation and compensation)", "float")
   compensate: bool = _opt("compensate", False, "FLAP's bias compensation: the removed channels' mean "
                           "contribution is added to the second level's bias", "bool")
   rounding: str = _opt("rounding", "once", "with uniform allocation: once (one shape for every pruned layer, "
@@ -133,6 +138,10 @@ class PruneConfig:
         raise UsageError(f"{name}={value!r} is not one of {', '.join(allowed)}")
     if self.tau is not None and not self.tau > 0:
       raise UsageError(f"tau must be positive (JS divergences lie in [0, ln 2 = 0.693]), got {self.tau}")
+    if not 0 <= self.min_keep < 1:
+      raise UsageError(f"min_keep must lie in [0, 1), got {self.min_keep}; e.g. 0.25 keeps a quarter of every module")
+    if not 0 <= self.shrink <= 1:
+      raise UsageError(f"shrink must lie in [0, 1], got {self.shrink}; 0 keeps the measured covariance")
     if not self.damping > 0:
       raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
@@ -429,6 +438,10 @@ class _Pruner:
         hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds())
       hids, hs = jax.block_until_ready((hids, hs))
     self.count("hidden_pass", len(groups) + (hs is not None))
+    if c.shrink and nd.calib.hidden == "gram":
+      w2, b2 = A.second_level(kind, p1)
+      w2a = jnp.concatenate([w2, b2[None]], axis=0)
+      hids = [h._replace(hidden=moments.shrink(h.hidden, c.shrink, w2a)) for h in hids]
     m2 = _sum([h.hidden for h in hids])
     js = None
     if nd.calib.js:
@@ -646,13 +659,15 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
           hidden = h.hidden
           if st.cross:
             w2a = jnp.concatenate([w2, b2[None]], axis=0)
-            hidden = moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a))
+            hidden = moments.shrink(moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a)), c.shrink, w2a)
           kw = dict(pr.stats_kw(kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
           if c.score_data == "identity":
             stats = ModuleStats(identity=True, **kw)
           else:
             stats = ModuleStats(inputs=h.inputs, hidden=hidden, first=h.first, **kw)
           s = np.asarray(pr.crit.score(kind, p, stats), np.float64)
+          if pr.crit.stream_costs:  # errors relative to the residual stream they are added to
+            s = s / max(float(jnp.sum(jnp.square(x.astype(jnp.float32)))), 1e-30)
           (heads if kind is A.ATTN else chans)[i] = s
         x = passes.second_apply(h.x2, w2, b2, x, None)[0]
       pr.progress({"event": "plan", "layer": i})
@@ -731,7 +746,8 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
                   pr.costs(i).mlp(pr.layer_specs[i].ffn_dim) - pr.dense_block_params(i) for i in idx)
     plans = allocate.adaptive(idx, [pr.layer_specs[i] for i in idx], [pr.costs(i) for i in idx],
                               [head_s[i] for i in idx], [chan_s[i] for i in idx], budget, c.free_groups,
-                              standardize=not pr.crit.prescaled)
+                              standardize=not (pr.crit.prescaled or pr.crit.stream_costs),
+                              per_param=pr.crit.stream_costs, min_keep=c.min_keep)
     if need_tau:
       n_drop = sum(pr.layer_specs[i].num_heads - plans[i].heads for i in idx)
       tau = criteria.search_tau([Ds[i] for i in idx], n_drop)

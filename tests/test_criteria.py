@@ -159,6 +159,10 @@ def test_registry_lookup_and_errors():
     criteria.get("nope")
 
 
+def _ranks(x):
+  return np.argsort(np.argsort(x, kind="stable"), kind="stable")
+
+
 @pytest.mark.parametrize("width", [1, 2])
 def test_refit_aware_order_equals_brute_force_greedy(width):
   """The OBS sweep removes, at every step, the unit whose loss raises the refit error least."""
@@ -190,7 +194,7 @@ def test_refit_aware_order_equals_brute_force_greedy(width):
     kind, p = A.ATTN, _attn(rng, N=n_units, K=n_units, H=width)
   stats = ModuleStats(hidden=m, damping=delta)
   got = np.asarray(criteria.get("goa-obs").score(kind, p, stats))
-  np.testing.assert_array_equal(got, [want[u] for u in range(n_units)])
+  np.testing.assert_array_equal(_ranks(got), [want[u] for u in range(n_units)])
 
 
 def test_blocked_obs_sweep_equals_the_exact_one_on_uncorrelated_blocks():
@@ -208,6 +212,23 @@ def test_blocked_obs_sweep_equals_the_exact_one_on_uncorrelated_blocks():
   m = moments.update(moments.init(U, 3), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   p = _mlp(rng, F=U)
   stats = ModuleStats(hidden=m, damping=1e-6)
-  exact = np.asarray(refit_aware(A.MLP, p, stats))
-  np.testing.assert_array_equal(np.asarray(refit_aware(A.MLP, p, stats, block=U)), exact)
-  np.testing.assert_array_equal(np.asarray(refit_aware(A.MLP, p, stats, block=4)), exact)
+  exact = _ranks(refit_aware(A.MLP, p, stats))
+  np.testing.assert_array_equal(_ranks(refit_aware(A.MLP, p, stats, block=U)), exact)
+  np.testing.assert_array_equal(_ranks(refit_aware(A.MLP, p, stats, block=4)), exact)
+
+
+def test_fully_shrunk_refit_aware_order_is_flaps_fluctuation():
+  """With the covariance shrunk to its diagonal the greedy OBS cost of a channel is
+  var_j ||w_j||^2 (FLAP's fluctuation, its own weights W2), so the order is FLAP's."""
+  rng = np.random.default_rng(7)
+  F = 12
+  x = rng.normal(size=(500, F)) @ rng.normal(size=(F, F)) * rng.uniform(0.2, 3, size=F) + rng.normal(size=F)
+  p = _mlp(rng, F=F)
+  w2 = np.asarray(p["down"]["kernel"], np.float64)
+  b2 = np.zeros(w2.shape[1])
+  y = x @ w2 + 0.2 * rng.normal(size=(500, w2.shape[1]))
+  m = moments.update(moments.init(F, w2.shape[1]), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  m = moments.shrink(m, 1.0, np.concatenate([w2, b2[None]], 0))
+  got = np.asarray(criteria.get("goa-obs").score(A.MLP, p, ModuleStats(hidden=m, damping=1e-9, intercept=True)))
+  fluct = x.var(0) * np.sum(w2**2, 1)
+  np.testing.assert_array_equal(np.argsort(got), np.argsort(fluct))

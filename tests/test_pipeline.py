@@ -180,7 +180,7 @@ def test_calibration_that_does_not_split_is_refused(tiny_dir):
 def test_auto_damping_chooses_on_held_out_windows(tiny_dir):
   from jaxprune.pipeline import DAMPING_GRID
   m = jaxprune.load(tiny_dir("llama_gqa"))
-  r = prune(m, _calib(24), PruneConfig(sparsity=0.3, batch_size=8, auto_damping=True, refit=True))
+  r = prune(m, _calib(24), PruneConfig(sparsity=0.3, batch_size=8, auto_damping=True, refit=True, reconstruct=True))
   assert r.report["calibration"]["held_out_for_damping"] == 8
   for mod in r.report["modules"]:
     for level in ("first_level", "second_level", "refit"):

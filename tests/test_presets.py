@@ -20,7 +20,7 @@ FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]
 # benchmarks/quality.py made with them must stay reproducible through `paper`.
 OLD_DEFAULTS = dict(method="goa", heads="second-moment", tau=None, reconstruct=True, refit=False, intercept=False,
                     damping=1e-3, auto_damping=False, allocation="uniform", attn_sparsity=None, score_data="calib",
-                    free_groups=False, compensate=False, batch_size=16, seed=0)
+                    free_groups=False, compensate=False, batch_size=16, seed=0, shrink=0.0, min_keep=0.0)
 
 
 def _args(*argv):
@@ -58,7 +58,7 @@ def test_every_baseline_method_is_a_criterion():
 
 
 @pytest.mark.parametrize("call,msg", [
-    (lambda: PruneConfig.preset("fast"), r"unknown preset 'fast'; available: recommended, recommended-datafree"),
+    (lambda: PruneConfig.preset("fast"), r"unknown preset 'fast'; available: recommended, recommended-uniform, recommended-datafree"),
     (lambda: PruneConfig.preset("paper", dampng=1e-3), r"unknown key 'dampng'; allowed: sparsity, method"),
     (lambda: PruneConfig.preset("baseline"), r"preset 'baseline' needs a method; pass one of flap"),
 ])

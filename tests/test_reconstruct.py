@@ -234,3 +234,61 @@ def test_lapack_and_xla_solves_agree(intercept):
   b = reconstruct._solve_lapack(xx, xy, 1e-3, intercept)
   # Two backward-stable float64 Cholesky solves of a system with condition < 1e4.
   np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * np.max(np.abs(b)))
+
+
+def _shrunk_problem(seed=0, n=400, d=6, e=3):
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(d, d))
+  x = rng.normal(size=(n, d)) @ mix + rng.normal(size=d)  # correlated channels with nonzero means
+  w = rng.normal(size=(d, e))
+  b = rng.normal(size=e)
+  y = x @ w + b + 0.3 * rng.normal(size=(n, e))  # the target: W's output plus an inherited error
+  return x, y, np.concatenate([w, b[None]], 0)
+
+
+def test_shrink_zero_is_the_measured_statistics_and_one_keeps_the_weights():
+  x, y, w_aug = _shrunk_problem()
+  m, _ = _moments(x, y)
+  same = moments.shrink(m, 0.0, w_aug)
+  np.testing.assert_array_equal(np.asarray(same.xx), np.asarray(m.xx))
+  full = moments.shrink(m, 1.0, w_aug)
+  # Covariance diagonal, means and count as measured.
+  s = np.asarray(full.xx, np.float64)
+  n = s[-1, -1]
+  cov = s[:-1, :-1] - np.outer(s[-1, :-1], s[-1, :-1]) / n
+  np.testing.assert_allclose(cov - np.diag(np.diag(cov)), 0, atol=1e-3 * np.abs(cov).max())
+  np.testing.assert_array_equal(s[-1], np.asarray(m.xx)[-1])
+  # A refit of channels 0..2 on fully shrunk statistics keeps their weights and moves the
+  # mean output of the removed channels into the bias: FLAP's compensation.
+  keep = np.array([0, 1, 2])
+  sub = moments.subset(full, keep)
+  w, _ = reconstruct.ridge_solve(sub, sub.xy, 1e-9, True)
+  gone = np.setdiff1d(np.arange(x.shape[1]), keep)
+  expect_b = w_aug[-1] + x.mean(0)[gone] @ w_aug[gone]
+  scale = np.abs(w_aug).max() * np.abs(x).max()
+  np.testing.assert_allclose(np.asarray(w)[:-1], w_aug[keep], atol=1e-3 * np.abs(w_aug).max())
+  np.testing.assert_allclose(np.asarray(w)[-1], expect_b, atol=1e-3 * scale)
+
+
+def test_shrink_is_a_variance_weighted_ridge_toward_the_weights():
+  """Solving on shrunk statistics is the ridge (G + l D) V = X^T Y + l D W, l = a / (1 - a),
+  D the statistics with the covariance's off-diagonal removed: the fit pulled toward W."""
+  x, y, w_aug = _shrunk_problem(1)
+  m, _ = _moments(x, y)
+  a = 0.4
+  sh = moments.shrink(m, a, w_aug)
+  v, _ = reconstruct.ridge_solve(sh, sh.xy, 1e-12, True)
+  xa = _aug(x, True).astype(np.float64)
+  xx = xa.T @ xa
+  n = len(x)
+  mu = x.mean(0)
+  cov = x.T @ x - n * np.outer(mu, mu)
+  off = cov - np.diag(np.diag(cov))
+  dd = xx.copy()
+  dd[:-1, :-1] -= off
+  lam = a / (1 - a)
+  expect = np.linalg.solve(xx + lam * dd, xa.T @ y + lam * dd @ w_aug)
+  np.testing.assert_allclose(np.asarray(v), expect, rtol=1e-3, atol=1e-3 * np.abs(expect).max())
+  # Between the unshrunk solution and W.
+  full = np.linalg.solve(xx, xa.T @ y)
+  assert np.linalg.norm(expect - w_aug) < np.linalg.norm(full - w_aug)

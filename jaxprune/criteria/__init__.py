@@ -35,12 +35,17 @@ class Criterion:
   # True when scores of different layers and of heads vs channels are already
   # on one scale, so adaptive allocation must not standardize them again.
   prescaled: bool = False
+  # True when scores are what removing a unit adds to the module's squared output error
+  # (summed over tokens): adaptive allocation divides them by the residual stream's
+  # energy entering the module and ranks units by that per parameter removed.
+  stream_costs: bool = False
 
 
 REGISTRY: dict[str, Criterion] = {}
 
 
-def register(name: str, needs=None, description: str = "", prepare: Callable | None = None, prescaled: bool = False):
+def register(name: str, needs=None, description: str = "", prepare: Callable | None = None, prescaled: bool = False,
+             stream_costs: bool = False):
   """Registers `score` under `name`. `needs`: an iterable of `jaxprune.stats.needs.KNOWN`
   names (() for a criterion that reads no statistics); None: the full moments."""
   if needs is not None:
@@ -51,7 +56,7 @@ def register(name: str, needs=None, description: str = "", prepare: Callable | N
 
   def deco(fn):
     REGISTRY[name] = Criterion(name, fn, needs, description or (fn.__doc__ or "").split("\n")[0],
-                               prepare, prescaled)
+                               prepare, prescaled, stream_costs)
     return fn
   return deco
 
@@ -79,7 +84,7 @@ def _load_baselines():
 register("goa", needs=("first_sq", "hidden_sq"), description="the paper's second-moment metric (gated FFN: product of up and gate forms)")(
     second_moment)
 register("goa-energy", needs=("hidden_sq",), description="exact output energy ||b_j||^2 E[h_j^2] of each unit")(output_energy)
-register("goa-obs", needs=("hidden_gram", "hidden_cross"),
+register("goa-obs", needs=("hidden_gram", "hidden_cross"), stream_costs=True,
          description="greedy removal order by the exact increase of the refit error (OBS; beyond the paper)")(
              refit_aware)
 

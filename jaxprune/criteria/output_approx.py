@@ -114,8 +114,24 @@ def _blocks(n_units: int, width: int, block: int) -> list[np.ndarray]:
   return [np.asarray(b) for b in np.array_split(np.arange(n_units), k)]
 
 
+def _increasing_along(order: np.ndarray, costs: np.ndarray) -> np.ndarray:
+  """`costs` made strictly increasing along the removal `order` (a running maximum, then
+  the next float64 up where it ties), so ranking them gives back `order`."""
+  by_order = np.argsort(order, kind="stable")
+  c = np.maximum.accumulate(np.asarray(costs, np.float64)[by_order])
+  for k in range(1, len(c)):
+    if c[k] <= c[k - 1]:
+      c[k] = np.nextafter(c[k - 1], np.inf)
+  out = np.empty_like(c)
+  out[by_order] = c
+  return out
+
+
 def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | None = None):
-  """Later-removed units score higher; the last survivor scores highest.
+  """The refit error a unit's removal adds (summed over calibration tokens) when the
+  greedy sweep removes it, made increasing along the sweep's order: later-removed
+  units score higher, and the scores are on the scale of the module's output, so
+  adaptive allocation can compare them across modules ([units], float64).
 
   `block`: channels per block of the blocked sweep (default OBS_BLOCK; modules
   with at most that many channels run the exact sweep).
@@ -128,8 +144,8 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
     xx, xy = to_solve(stats.hidden.xx), to_solve(stats.hidden.xy)
     delta = jnp.asarray(stats.damping, jnp.float64)
     if d <= block:
-      order, _ = _removal_order(xx, xy, delta, width, stats.intercept, -(-n // MAX_STEPS))
-      return jnp.asarray(order, jnp.float32)
+      order, paid = _removal_order(xx, xy, delta, width, stats.intercept, -(-n // MAX_STEPS))
+      return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
     scores = np.zeros(n, np.float64)
     diag = np.asarray(jnp.diagonal(xx))[:d]
     for units in _blocks(n, width, block):
@@ -140,10 +156,7 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
       scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
       order, paid = _removal_order(sub_xx, sub_xy, delta * scale, width, stats.intercept,
                                    -(-len(units) // MAX_STEPS))
-      order, paid = np.asarray(order), np.asarray(paid, np.float64)
-      # The cost each unit had when it went, made non-decreasing along the block's removal
-      # order, so that merging the blocks by cost keeps each block's own order.
-      by_order = np.argsort(order, kind="stable")
-      scores[units[by_order]] = np.maximum.accumulate(paid[by_order])
-  rank = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
-  return jnp.asarray(rank, jnp.float32)
+      # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
+      scores[units] = _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
+  # Ties between blocks: the lower index goes first.
+  return _increasing_along(np.argsort(np.argsort(scores, kind="stable"), kind="stable"), scores)

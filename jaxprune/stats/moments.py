@@ -144,3 +144,35 @@ def update_diag(m: Diag, x) -> Diag:
 def diag_of(m: Moments) -> Diag:
   """The diagonal part of full Moments."""
   return Diag(m.xx[-1, :-1], jnp.diagonal(m.gram), m.count)
+
+
+def shrink(m: Moments, alpha: float, w_aug) -> Moments:
+  """Moments whose centered covariance is shrunk toward its diagonal by `alpha` in [0, 1].
+
+  Cov' = (1 - alpha) Cov + alpha diag(Cov); the means and the token count stay.
+  The cross moment becomes (1 - alpha) X^T Y + alpha D W for the module's own
+  second level `w_aug` ([W; b], (d+1, e)) and D the statistics with the
+  covariance's off-diagonal removed, so a least-squares solve on the result is
+  a ridge toward W whose penalty is each channel's variance, of weight
+  alpha / (1 - alpha): the solve of all channels stays W plus a damped
+  correction of the error inherited from earlier modules,
+  and a refit of the kept ones moves the removed channels' output onto them only
+  as far as their correlations are trusted. alpha = 0 is the measured
+  statistics; alpha = 1 treats channels as uncorrelated: a refit keeps the kept
+  channels' weights and puts the removed ones' mean output in the bias (FLAP's
+  compensation), and the greedy output-approximation cost of a channel is its
+  variance times ||w_j||^2 (FLAP's fluctuation). A fit on one domain's windows
+  then relies less on correlations that text of another domain does not share.
+  """
+  if alpha == 0:
+    return m
+  d = m.dim
+  s = m.xx[-1, :d]
+  cov = m.xx[:d, :d] - jnp.outer(s, s) / m.count
+  off = cov - jnp.diag(jnp.diagonal(cov))
+  xy = None
+  if m.xy is not None:
+    # (G + l D) V = X^T Y + l D W with l = alpha / (1 - alpha), divided by 1 + l.
+    uncorrelated = m.xx.at[:d, :d].add(-off)
+    xy = (1 - alpha) * m.xy + alpha * jnp.matmul(uncorrelated, jnp.asarray(w_aug, F32), precision="highest")
+  return Moments(m.xx.at[:d, :d].add(-alpha * off), xy)

@@ -1,0 +1,195 @@
+"""How the recipe is chosen: candidates scored on held-out calibration-domain windows, checked off-domain.
+
+Every candidate prunes SmolLM2-135M with the same 128 x 128 calibration
+windows of WikiText-2 *valid* (sample_windows, seed 0 unless --seed) and is
+scored on:
+
+  heldout      --heldout-windows other windows of WikiText-2 valid, disjoint
+               from the calibration windows: what a choice is made on;
+  shakespeare  the first --check-windows windows of tinyshakespeare/input.txt:
+               a text of another domain, never calibrated or chosen on, that a
+               choice must also hold on before it becomes a default.
+
+WikiText-2 *test* is never read here (it is what benchmarks/quality.py
+reports). Rows go to a JSON file with the git commit and whether the tree was
+dirty, and a markdown table next to it; the script resumes (rows already in the
+JSON are skipped unless --force) and refuses rows of several commits unless
+--allow-mixed.
+
+    python benchmarks/selection.py [--only NAME ...] [--set NAME key=value ...] [--ratio 0.2] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import quality  # noqa: E402  (the shared protocol: model, data paths, git state, atomic writes)
+
+# (name, preset, PruneConfig fields over the preset, calibration source). The
+# ratio is --ratio unless a row sets sparsity. The recipe rows spell out every
+# recipe field over the `paper` preset, so they stay what they were when the
+# recommended preset changes. OLD is the recommended recipe before this table
+# (uniform, MLP channels only, reconstruction, measured covariance).
+OLD = dict(method="goa-obs", allocation="uniform", attn_sparsity=0.0, reconstruct=True, refit=True, intercept=True,
+           damping=1e-5, shrink=0.0, min_keep=0.0)
+ADAPTIVE = dict(OLD, allocation="adaptive", reconstruct=False)
+CANDIDATES = [
+    ("dense", None, None, "valid"),
+    ("flap uniform (MLP only)", "baseline", dict(method="flap", attn_sparsity=0.0), "valid"),
+    ("flap adaptive", "baseline", dict(method="flap", allocation="adaptive"), "valid"),
+    # FLAP uniform at the reference 50% structure (85.9M; run with --ratio 0.5).
+    ("flap uniform@ref", "baseline", dict(method="flap", sparsity=0.4583, attn_sparsity=0.25), "valid"),
+    # Covariance shrinkage, uniform structure, with and without the reconstruction before selection.
+    ("goa-obs recipe, shrink 0 (the old default)", "paper", OLD, "valid"),
+    ("goa-obs recipe, shrink 0.5", "paper", dict(OLD, shrink=0.5), "valid"),
+    ("goa-obs recipe, shrink 0.75", "paper", dict(OLD, shrink=0.75), "valid"),
+    ("goa-obs recipe, shrink 1", "paper", dict(OLD, shrink=1.0), "valid"),
+    ("shrink 0.5, no reconstruct", "paper", dict(OLD, shrink=0.5, reconstruct=False), "valid"),
+    ("shrink 0.75, no reconstruct", "paper", dict(OLD, shrink=0.75, reconstruct=False), "valid"),
+    # Adaptive allocation by the goa-obs costs.
+    ("adaptive, shrink 0.25, no reconstruct", "paper", dict(ADAPTIVE, shrink=0.25), "valid"),
+    ("adaptive, shrink 0.5, no reconstruct", "paper", dict(ADAPTIVE, shrink=0.5), "valid"),
+    ("adaptive, shrink 0.75, no reconstruct", "paper", dict(ADAPTIVE, shrink=0.75), "valid"),
+    ("adaptive, shrink 0.25, no reconstruct, min_keep 0.25", "paper", dict(ADAPTIVE, shrink=0.25, min_keep=0.25),
+     "valid"),
+    ("adaptive, shrink 0.25, no reconstruct, min_keep 0.5", "paper", dict(ADAPTIVE, shrink=0.25, min_keep=0.5),
+     "valid"),
+    # Data-free: self-generated calibration.
+    ("random, data-free (self-generated)", "baseline", dict(method="random", attn_sparsity=0.0), "selfgen"),
+    ("data-free: adaptive, shrink 0.25, no reconstruct, min_keep 0.25", "paper",
+     dict(ADAPTIVE, shrink=0.25, min_keep=0.25), "selfgen"),
+]
+
+
+def parse_set(items: list[str]) -> tuple[str, dict]:
+  from jaxprune import presets
+  name, *pairs = items
+  kw = {}
+  for pair in pairs:
+    k, _, v = pair.partition("=")
+    kw[k] = presets.coerce(k, v, "--set")
+  return name, kw
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ratio", type=float, default=0.2)
+  p.add_argument("--seed", type=int, default=0, help="calibration (and held-out) windows' seed")
+  p.add_argument("--calib-samples", type=int, default=128)
+  p.add_argument("--heldout-windows", type=int, default=64)
+  p.add_argument("--check-windows", type=int, default=64)
+  p.add_argument("--only", nargs="+", default=None, help="run only these candidate names")
+  p.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME key=value",
+                 help="an extra candidate over the recommended preset (repeatable)")
+  p.add_argument("--preset", default="recommended", help="preset of --set candidates")
+  p.add_argument("--set-calib", default="valid", choices=("valid", "selfgen"),
+                 help="calibration of --set candidates: WikiText-2 valid or self-generated text")
+  p.add_argument("--force", action="store_true")
+  p.add_argument("--allow-mixed", action="store_true")
+  p.add_argument("--out", default=os.path.join(HERE, "results", "selection.json"))
+  args = p.parse_args(argv)
+
+  import numpy as np
+
+  from jaxprune.data import eval_windows, read_text, sample_windows, tokenize
+  from jaxprune.eval import perplexity
+  from jaxprune.io.atomic import write_json
+  from jaxprune.pipeline import PruneConfig, prune
+
+  cands = [c for c in CANDIDATES if not args.only or c[0] in args.only]
+  for items in args.set:
+    name, kw = parse_set(items)
+    cands.append((name, args.preset, kw, args.set_calib))
+  md_out = os.path.splitext(args.out)[0] + ".md"
+  state = quality.git_state(exclude=(args.out, md_out))
+  result = {"runs": []}
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      result = json.load(f)
+  keys = {quality.key(n, None if kw is None else args.ratio, args.seed) for n, _, kw, _ in cands}
+  kept = [r for r in result["runs"] if not (args.force and r["key"] in keys)]
+  others = quality.mixed_commits(kept, state["commit"])
+  if others and not args.allow_mixed:
+    p.error(f"{args.out} holds rows from commit(s) {', '.join(others)}, but HEAD is {state['commit']}; "
+            "rerun them with --force, write to another --out, or pass --allow-mixed")
+  result["runs"] = kept
+  result["protocol"] = {
+      "calibration": f"{args.calib_samples} x {quality.SEQ_LEN} tokens of WikiText-2 valid, seed {args.seed}",
+      "heldout": f"{args.heldout_windows} other windows of WikiText-2 valid (disjoint from the calibration)",
+      "check": f"first {args.check_windows} windows of tinyshakespeare/input.txt (never chosen on)",
+  }
+
+  import jaxprune
+  model = jaxprune.load(quality.MODEL)
+  tok = jaxprune.load_tokenizer(quality.MODEL)
+  valid_path = os.path.join(quality.DATA, "valid.txt")
+  stream = tokenize(tok, read_text(valid_path))
+  calib, idx = sample_windows(stream, quality.SEQ_LEN, args.calib_samples, seed=args.seed, source=valid_path)
+  heldout, _ = sample_windows(stream, quality.SEQ_LEN, args.heldout_windows, seed=args.seed + 1000, exclude=idx,
+                              source=valid_path)
+  check = eval_windows(tokenize(tok, read_text(quality.SHAKESPEARE)), quality.SEQ_LEN, args.check_windows,
+                       source=quality.SHAKESPEARE)
+  done = {r["key"] for r in result["runs"]}
+  selfgen = []
+
+  def calibration(source):
+    if source == "valid":
+      return calib
+    if not selfgen:  # once per process: generating is slower than most prunes
+      from jaxprune.data.selfgen import self_generated
+      selfgen.append(self_generated(model.spec, model.params, args.calib_samples, quality.SEQ_LEN, seed=args.seed))
+    return selfgen[0]
+
+  for name, preset, kw, source in cands:
+    ratio = None if kw is None else args.ratio
+    k = quality.key(name, ratio, args.seed)
+    if k in done:
+      print(f"skip {k}")
+      continue
+    t0 = time.perf_counter()
+    if kw is None:
+      spec, params, rep = model.spec, model.params, None
+    else:
+      config = PruneConfig.preset(preset, **{"sparsity": args.ratio, **kw, "seed": args.seed})
+      res = prune(model, calibration(source), config)
+      spec, params, rep = res.model.spec, res.model.params, res.report
+    prune_s = time.perf_counter() - t0
+    h, s = perplexity(spec, params, heldout), perplexity(spec, params, check)
+    row = {"key": k, "name": name, "preset": preset, "settings": kw or {}, "calibration": source, "ratio": ratio,
+           "seed": args.seed,
+           "params_after": int(sum(np.size(x) for x in __import__("jax").tree.leaves(params))),
+           "heldout_perplexity": h.perplexity, "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
+           "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],
+           "heads_kept": None if rep is None else [l["num_heads"] for l in rep["layers"]], **state}
+    print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} Shakespeare {s.perplexity:.2f} "
+          f"({prune_s:.0f}s)", flush=True)
+    result["runs"].append(row)
+    done.add(k)
+    write_json(args.out, result, force=True)
+    quality.write_text(md_out, markdown(result))
+  return 0
+
+
+def markdown(result: dict) -> str:
+  lines = ["# Recipe selection on SmolLM2-135M", "",
+           "Produced by `python benchmarks/selection.py`. "
+           f"Calibration: {result['protocol']['calibration']}. Chosen on: {result['protocol']['heldout']}. "
+           f"Checked on: {result['protocol']['check']}.", "",
+           "| candidate | preset | settings | ratio | parameters | held-out valid | Shakespeare | prune s | commit |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+  for r in result["runs"]:
+    s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={r.get('calibration', 'valid')}"])
+    lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
+                 f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
+                 f"{(r.get('commit') or '?')[:8]}{'+dirty' if r.get('dirty') else ''} |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  sys.exit(main())
