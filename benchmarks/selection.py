@@ -90,6 +90,8 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="recommended", help="preset of --set candidates")
   p.add_argument("--set-calib", default="valid", choices=("valid", "selfgen"),
                  help="calibration of --set candidates: WikiText-2 valid or self-generated text")
+  p.add_argument("--selfgen-first", type=int, default=None,
+                 help="token self-generated windows start from (default: the model's BOS)")
   p.add_argument("--force", action="store_true")
   p.add_argument("--allow-mixed", action="store_true")
   p.add_argument("--out", default=os.path.join(HERE, "results", "selection.json"))
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
       return calib
     if not selfgen:  # once per process: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
-      selfgen.append(self_generated(model.spec, model.params, args.calib_samples, quality.SEQ_LEN, seed=args.seed))
+      selfgen.append(self_generated(model.spec, model.params, args.calib_samples, quality.SEQ_LEN, seed=args.seed,
+                                    first_token=args.selfgen_first))
     return selfgen[0]
 
   for name, preset, kw, source in cands:
@@ -188,6 +191,9 @@ def markdown(result: dict) -> str:
     lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
                  f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
                  f"{(r.get('commit') or '?')[:8]}{'+dirty' if r.get('dirty') else ''} |")
+  notes = sorted({r["note"] for r in result["runs"] if r.get("note")})
+  if notes:
+    lines += [""] + [f"Rows marked +dirty: {n}." for n in notes]
   return "\n".join(lines) + "\n"
 
 

@@ -67,3 +67,36 @@ def test_adaptive_meets_budget_and_floors():
 def test_ratio_outside_range_is_refused(r):
   with pytest.raises(UsageError, match=r"outside \[0, 1\)"):
     allocate.check_ratio(r)
+
+
+def test_adaptive_min_keep_bounds_every_module():
+  """Scores that would empty one layer's MLP: min_keep keeps a fraction of it, and the
+  budget is still met by the other layers."""
+  c = allocate.Costs(64, 16, True, True, True, True)
+  specs = [LayerSpec(4, 2, 16, 96)] * 3
+  hs = [np.full(4, 10.0)] * 3  # heads never go first
+  cs = [np.full(96, 0.01), np.linspace(1, 2, 96), np.linspace(1, 2, 96)]  # layer 0 is cheapest
+  dense = c.attn(4, 2) + c.mlp(96)
+  free = allocate.adaptive([0, 1, 2], specs, [c] * 3, hs, cs, 0.4 * 3 * dense, standardize=False)
+  assert free[0].channels == 1
+  bounded = allocate.adaptive([0, 1, 2], specs, [c] * 3, hs, cs, 0.4 * 3 * dense, standardize=False, min_keep=0.25)
+  assert bounded[0].channels == 24 and bounded[0].heads >= 1
+  kept = sum(c.attn(p.heads, allocate.kv_heads_after(specs[0], p.heads)) + c.mlp(p.channels)
+             for p in bounded.values())
+  assert abs((1 - kept / (3 * dense)) - 0.4) < 0.01
+
+
+def test_adaptive_per_param_ranks_costs_per_parameter_removed():
+  """A head costs as many parameters as several channels: with per_param its cost is
+  divided by its parameters, so a head whose cost per parameter is lowest goes first."""
+  c = allocate.Costs(64, 16, False, False, False, True)
+  spec = LayerSpec(4, 4, 16, 96)  # MHA: any head count is feasible
+  head_params = (c.attn(4, 4) - c.attn(0, 0)) / 4
+  ratio = head_params / c.per_channel  # a head is worth this many channels
+  hs = [np.array([0.5 * ratio, 100, 100, 100]) * 1.0]  # head 0: half a channel's cost per parameter
+  cs = [np.linspace(1, 2, 96)]
+  budget = head_params  # room for exactly one head
+  per = allocate.adaptive([0], [spec], [c], hs, cs, budget, standardize=False, per_param=True)
+  raw = allocate.adaptive([0], [spec], [c], hs, cs, budget, standardize=False)
+  assert per[0].heads == 3 and per[0].channels == 96
+  assert raw[0].heads == 4  # ranked by raw cost, channels (cost 1-2) go before a head (cost ~ 0.5 * ratio)

@@ -1,6 +1,7 @@
 """The greedy pipeline end to end on tiny models."""
 
 import dataclasses
+import math
 
 import chex
 import jax
@@ -164,7 +165,8 @@ def test_kernels_compile_once_per_module_kind(tiny_dir, max_traces):
     (dict(layers=(0, 3)), "block range 0:3 is outside"), (dict(layers=(1, 1)), "block range"),
     (dict(heads="similarity", tau=0.0), "tau must be positive"), (dict(tau=-1.0), "tau must be positive"),
     (dict(method="nope"), "unknown pruning method"), (dict(damping=0.0), "damping must be positive"),
-    (dict(batch_size=3), "not a multiple of the 8 data-parallel devices")])
+    (dict(batch_size=3), "not a multiple of the 8 data-parallel devices"),
+    (dict(shrink=1.5), r"shrink must lie in \[0, 1\], got 1.5"), (dict(min_keep=1.0), r"min_keep must lie in \[0, 1\)")])
 def test_bad_config_is_refused(tiny_dir, cfg, msg):
   m = jaxprune.load(tiny_dir("llama_mha"))
   with pytest.raises(UsageError, match=msg):
@@ -190,3 +192,19 @@ def test_auto_damping_chooses_on_held_out_windows(tiny_dir):
       assert mod[level]["damping"] == pytest.approx(float(best)) or mod[level]["retries"] > 0
   with pytest.raises(UsageError, match="at least two batches"):
     prune(m, _calib(8), PruneConfig(batch_size=8, auto_damping=True))
+
+
+def test_recommended_plan_ranks_goa_obs_costs_and_keeps_min_keep(tiny_dir):
+  """The default preset allocates adaptively by goa-obs costs (relative to the residual
+  stream, per parameter): layers end with different widths, none below min_keep, on budget."""
+  m = jaxprune.load(tiny_dir("llama_gqa"))
+  c = PruneConfig(sparsity=0.4, batch_size=8)
+  assert (c.allocation, c.method, c.min_keep) == ("adaptive", "goa-obs", 0.25)
+  r = prune(m, _calib(), c)
+  layers = r.model.spec.layers
+  dense = m.spec.layers[0]
+  assert all(l.ffn_dim >= math.ceil(0.25 * dense.ffn_dim) and l.num_heads >= 1 for l in layers)
+  assert abs(r.report["params"]["ratio_of_pruned_blocks"] - 0.4) < 0.02
+  loose = prune(m, _calib(), dataclasses.replace(c, min_keep=0.0, shrink=0.0))
+  assert [l.ffn_dim for l in loose.model.spec.layers] != [l.ffn_dim for l in layers] or \
+      [l.num_heads for l in loose.model.spec.layers] != [l.num_heads for l in layers]

@@ -148,3 +148,33 @@ def test_prune_command_with_preset_and_config_file(capsys, tiny_dir, tmp_path):
   pruned = jaxprune.load(str(out))
   assert len({(l.num_heads, l.num_kv_heads, l.ffn_dim) for l in pruned.spec.layers}) == 1
   assert "per_layer_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_every_benchmark_row_is_a_valid_config():
+  """The rows of benchmarks/quality.py and benchmarks/selection.py name presets and fields
+  that exist, so a renamed field cannot silently drop out of the evidence."""
+  import importlib.util
+  import os
+  import sys
+  bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+  sys.path.insert(0, bench)
+  try:
+    mods = []
+    for name in ("quality", "selection"):
+      spec = importlib.util.spec_from_file_location(name, os.path.join(bench, f"{name}.py"))
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      mods.append(mod)
+  finally:
+    sys.path.remove(bench)
+  quality, selection = mods
+  for name, preset, kwargs, source in quality.RUNS + selection.CANDIDATES:
+    assert source in ("valid", "random", "selfgen"), name
+    if kwargs is None:
+      continue
+    for ratio in (0.2, 0.5):
+      kw = quality.resolve(kwargs, ratio)
+      if kw is not None:
+        PruneConfig.preset(preset, **{"sparsity": ratio, **kw})
+  names = [c[0] for c in selection.CANDIDATES]
+  assert len(names) == len(set(names))
