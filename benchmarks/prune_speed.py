@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -53,6 +54,7 @@ METHODS = {
     "goa --no-reconstruct": ("paper", dict(reconstruct=False)),
     "flap --allocation adaptive": ("baseline", dict(method="flap", allocation="adaptive")),
     "recommended": ("recommended", {}),
+    "recommended-uniform": ("recommended-uniform", {}),
 }
 
 
@@ -72,8 +74,28 @@ def mlp_flops(n, D, F, gated=True, part="full"):
 
 
 def gram(n, d, e=0):
-  """[X 1]^T [X 1] (and [X 1]^T Y with e columns) over n tokens."""
-  return 2 * n * (d + 1) ** 2 + 2 * n * (d + 1) * e
+  """[X 1]^T [X 1] (and [X 1]^T Y with e columns) over n tokens; wide Gram matrices are
+  formed from their upper blocks (`moments.gram`)."""
+  from jaxprune.stats import moments
+
+  g = 2 * n * (d + 1) ** 2
+  if d + 1 >= moments.SYMMETRIC_MIN:
+    nb = moments.SYMMETRIC_BLOCKS
+    g = g * (nb + 1) / (2 * nb)
+  return g + 2 * n * (d + 1) * e
+
+
+def obs_sweep(U2, D, width, n_remove):
+  """The goa-obs sweep: the inverse of the (U2+1)^2 system, W = G^-1 X^T Y, and the rank-k
+  updates of G^-1 and W until n_remove units are gone (k channels a step)."""
+  from jaxprune.criteria.output_approx import MAX_STEPS
+
+  d = U2 + 1
+  units = U2 // width
+  per_step = -(-units // MAX_STEPS)
+  steps = -(-n_remove // per_step)
+  k = per_step * width
+  return d ** 3 + 2 * d * d * D + steps * (2 * d * d * k + 2 * d * D * k)
 
 
 def forward_flops(spec, n, T) -> float:
@@ -117,13 +139,28 @@ def prune_flops(spec, config, crit_needs, report, n, T) -> dict:
       if lvl in m:
         out["solves_f64"] += d ** 3 / 3 + 2 * d * d * e + 2 * (2 * d * d * e)  # Cholesky, solves, two residuals
     if m["scored"] and "hidden_cross" in (crit_needs or ()):
-      out["scoring_f64"] += 2 * U2 ** 3 + 128 * 2 * U2 * U2 * (U2 // 128 + 1)  # inverse, then the OBS sweep
+      width = U2 // m["units_before"]
+      n_remove = m["units_before"] - m["units_after"] if kind is A.MLP else m["units_before"] - 1
+      out["scoring_f64"] += obs_sweep(U2, D, width, n_remove)
+  # Modules whose dense outputs the plan stored are read, not recomputed.
+  read, ran = report["passes"].get("dense_read", 0), report["passes"].get("dense_pass", 0)
+  if read + ran:
+    out["dense_stream"] *= ran / (read + ran)
   if config.allocation == "adaptive":
-    # The plan scores the dense model first: one pass per module up to X2 and its second level.
+    # The plan scores the dense model first: one pass per module up to X2, the statistics
+    # its criterion reads (for goa-obs: X2's Gram, the cross moment from it, the sweep up to
+    # min_keep), and the second level.
     out["plan"] = 0.0
+    st_attn, st_mlp = (needs_lib.criterion_stats(crit_needs, k) for k in (A.ATTN, A.MLP))
     for l in spec.layers:
       N, K, H, F = l.num_heads, l.num_kv_heads, l.head_dim, l.ffn_dim
       out["plan"] += attn_flops(n, T, D, N, K, H) + mlp_flops(n, D, F, gated)
+      for st, U2, width, n_remove in ((st_attn, N * H, H, N - 1),
+                                      (st_mlp, F, 1, F - max(1, math.ceil(config.min_keep * F)))):
+        if st.hidden == "gram":
+          out["plan"] += gram(n, U2) + (2 * (U2 + 1) ** 2 * D if st.cross else 0)
+        if "hidden_cross" in (crit_needs or ()):
+          out["plan"] += obs_sweep(U2, D, width, n_remove)
   out["total"] = sum(out.values())
   return out
 

@@ -144,6 +144,11 @@ class LayerPlan:
   channels: int  # MLP channels to keep
 
 
+def min_units(min_keep: float, n: int) -> int:
+  """Units of `n` that a module keeps under `min_keep` (at least one)."""
+  return max(1, math.ceil(min_keep * n))
+
+
 def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[Costs], head_scores, channel_scores,
              budget: float, free_groups: bool = False, standardize: bool = True,
              per_param: bool = False, min_keep: float = 0.0) -> dict[int, LayerPlan]:
@@ -178,8 +183,8 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   units.sort(key=lambda u: u[0])
   heads = [l.num_heads for l in specs]
   chans = [l.ffn_dim for l in specs]
-  h_min = [max(1, math.ceil(min_keep * l.num_heads)) for l in specs]
-  c_min = [max(1, math.ceil(min_keep * l.ffn_dim)) for l in specs]
+  h_min = [min_units(min_keep, l.num_heads) for l in specs]
+  c_min = [min_units(min_keep, l.ffn_dim) for l in specs]
   removed_units = np.zeros(len(units), bool)
   removed = 0.0
   for u, (z, kind, pos, cost) in enumerate(units):

@@ -23,6 +23,8 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -39,6 +41,7 @@ from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import embed
 from jaxprune.spec import ModelSpec, block_param_count, count_params, spec_from_params
+from jaxprune.stats import dense_outputs as dense_outputs_lib
 from jaxprune.stats import moments, passes
 from jaxprune.stats import needs as needs_lib
 
@@ -271,11 +274,14 @@ def _solve_level(parts: list[_Part], w_orig_aug, delta, grid, intercept, what):
              retries=info.retries, kept_original=after >= before, intercept=bool(intercept))
   if after >= before:
     return None, rep
-  # The solve comes back replicated on the statistics' mesh; the fitted weights go where
-  # the weights they replace live, so a module's kernels see one placement (no retrace)
-  # and a model held on one device does not gain a copy per device.
-  if isinstance(w_orig_aug, jax.Array) and len(w_orig_aug.sharding.device_set) == 1:
-    w = jnp.asarray(np.asarray(w))  # uncommitted, like weights loaded from a checkpoint
+  # The solve comes back replicated on the statistics' mesh (or as numpy from host
+  # statistics); the fitted weights go where the weights they replace live, so a module's
+  # kernels see one placement (no retrace) and a model held on one device does not gain a
+  # copy per device. They are cut on the host: slicing on the device compiles per width.
+  if isinstance(w, np.ndarray) or len(w.sharding.device_set) == 1 or (
+      isinstance(w_orig_aug, jax.Array) and len(w_orig_aug.sharding.device_set) == 1):
+    w = np.asarray(w)  # numpy: `A.with_*_level` shapes it on the host and puts it on the device uncommitted
+    return (w[:d], w[d] if intercept else None), rep
   return (w[:d], w[d] if intercept else None), rep
 
 
@@ -362,15 +368,19 @@ class _Pruner:
     self.with_dense = any(self.needs(kind, True).dense for kind in (A.ATTN, A.MLP))
     self.passes: dict[str, int] = {}
     self.phase_seconds: dict[str, float] = {}
+    self.plan_phase_seconds: dict[str, float] = {}
+    self.dense_outputs: dense_outputs_lib.DenseOutputs | None = None  # the plan's dense module outputs
 
   @contextlib.contextmanager
-  def phase(self, name: str):
-    """Adds the wall time of the block to phase `name` (what it computes is waited for inside)."""
+  def phase(self, name: str, plan: bool = False):
+    """Adds the wall time of the block to phase `name` of the layer loop (or, with `plan`,
+    of the plan); what it computes is waited for inside."""
+    into = self.plan_phase_seconds if plan else self.phase_seconds
     t = time.perf_counter()
     try:
       yield
     finally:
-      self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - t
+      into[name] = into.get(name, 0.0) + time.perf_counter() - t
 
   def needs(self, kind, scores: bool) -> needs_lib.ModuleNeeds:
     js = kind is A.ATTN and self.config.heads == "similarity" and scores
@@ -411,10 +421,14 @@ class _Pruner:
     douts = [None] * len(groups)
     if self.with_dense:
       with self.phase("statistics"):
-        douts = jax.block_until_ready([
-            passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error)
-            for g in groups])
-      self.count("dense_pass", len(groups))
+        douts = self.stored_dense(kind, i, groups, nd)
+        if douts is None:
+          douts = jax.block_until_ready([
+              passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error)
+              for g in groups])
+          self.count("dense_pass", len(groups))
+        else:
+          self.count("dense_read", len(groups))
     p1 = p0
     if c.reconstruct:
       parts = []
@@ -461,7 +475,9 @@ class _Pruner:
     if scored:
       t1 = time.perf_counter()
       with self.phase("scoring"):
-        stats = self.score_stats(kind, i, layer, p2, hids, m2, js, hs if nd.score is not None else None)
+        # MLP channels are kept by plain ranking, so the criterion need rank only the ones that go.
+        n_remove = n_units - shape[0] if kind is A.MLP else None
+        stats = self.score_stats(kind, i, layer, p2, hids, m2, js, hs if nd.score is not None else None, n_remove)
         scores = np.asarray(self.crit.score(kind, p2, stats), np.float64)
         keep = self.select(kind, layer, scores, js, shape, tau, rep)
       rep["score_seconds"] = time.perf_counter() - t1
@@ -482,10 +498,16 @@ class _Pruner:
       blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], A.second_level(kind, blk2[kind.key])[0], b2)}
     self.phase_seconds["surgery"] = self.phase_seconds.get("surgery", 0.0) + time.perf_counter() - t_surgery
     if c.refit:
-      subs = [_Part(moments.subset(h.hidden, idx), moments.subset(h.hidden, idx).xy, d.yy) for h, d in zip(hids, douts)]
+      # The kept channels' sums are cut on the host where the solves run there (one
+      # shape per kept width: no gather compiled for each).
+      on_host = reconstruct.lapack_solves() and all(surgery._on_host(h.hidden.xx) for h in hids)
+      cut = (lambda m: moments.subset(moments.Moments(np.asarray(m.xx), np.asarray(m.xy)), idx)) if on_host else (
+          lambda m: moments.subset(m, idx))
+      subs = [_Part(sub, sub.xy, d.yy) for sub, d in ((cut(h.hidden), d) for h, d in zip(hids, douts))]
       icpt = self.second_intercept(kind, blk2[kind.key])
       w2, b2 = A.second_level(kind, blk2[kind.key])
-      w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
+      w2a = np.concatenate([np.asarray(w2), np.asarray(b2)[None]], axis=0).astype(np.float32) if on_host else (
+          jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
       with self.phase("solves"):
         sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
       self.count("solve", 1 + len(grid or ()))
@@ -524,6 +546,22 @@ class _Pruner:
     self.progress({"event": "module", **rep})
     return nxt, xs_next
 
+  def stored_dense(self, kind, i: int, groups, nd) -> list | None:
+    """The module's dense outputs from the plan's store, split like the groups (None:
+    not stored, or the module also needs what only a dense pass measures)."""
+    if self.dense_outputs is None or nd.first_moments or nd.inherited_error:
+      return None
+    y = self.dense_outputs.get(i, kind.name)
+    if y is None:
+      return None
+    out, start = [], 0
+    for g in groups:
+      n = g.xp.shape[0]
+      yd = jax.device_put(y[start:start + n], sharding.stream_sharding(self.mesh))
+      out.append(passes.DenseOut(yd, passes.energy(yd), None, None, None))
+      start += n
+    return jax.block_until_ready(out)
+
   def second_intercept(self, kind, p) -> bool:
     """Whether the second level's solves fit a bias: asked for, or the module has
     one (its own, or FLAP's compensation). The refit and `goa-obs` both use this."""
@@ -541,11 +579,15 @@ class _Pruner:
           kw[name] = self.extra[name][i][kind.key]
     return kw
 
-  def score_stats(self, kind, i, layer, p2, hids, m2, js, hs) -> ModuleStats:
+  def plan_standardizes(self) -> bool:
+    """Whether adaptive allocation standardizes the criterion's scores over all units."""
+    return not (self.crit.prescaled or self.crit.stream_costs)
+
+  def score_stats(self, kind, i, layer, p2, hids, m2, js, hs, n_remove=None) -> ModuleStats:
     """What the criterion sees: the calibration windows' statistics (pruned stream), the
     random-token stream's `hs` (score_data="random"), or none (identity)."""
     c = self.config
-    kw = dict(self.stats_kw(kind, i, layer, p2), js=js)
+    kw = dict(self.stats_kw(kind, i, layer, p2), js=js, n_remove=n_remove)
     if c.score_data == "identity":
       return ModuleStats(identity=True, **kw)
     if hs is not None:
@@ -606,15 +648,17 @@ class _Pruner:
   def fill_biases(self, blk):
     """Adds zero biases so every block has the biases the exported config will declare."""
     attn = dict(blk["attn"])
+    # Zeros made by numpy and put on the device: jnp.zeros compiles once per kept width.
+    zeros = lambda shape, dtype: jax.device_put(np.zeros(shape, dtype))
     for k in ("q", "k", "v", "o"):
       if self.bias_after["o_bias" if k == "o" else "qkv_bias"] and "bias" not in attn[k]:
         shape = attn[k]["kernel"].shape[1:] if k != "o" else attn[k]["kernel"].shape[-1:]
-        attn[k] = {**attn[k], "bias": jnp.zeros(shape, attn[k]["kernel"].dtype)}
+        attn[k] = {**attn[k], "bias": zeros(shape, attn[k]["kernel"].dtype)}
     mlp = dict(blk["mlp"])
     if self.bias_after["mlp_bias"]:
       for k in mlp:
         if "bias" not in mlp[k]:
-          mlp[k] = {**mlp[k], "bias": jnp.zeros(mlp[k]["kernel"].shape[-1:], mlp[k]["kernel"].dtype)}
+          mlp[k] = {**mlp[k], "bias": zeros(mlp[k]["kernel"].shape[-1:], mlp[k]["kernel"].dtype)}
     return {**blk, "attn": attn, "mlp": mlp}
 
 
@@ -628,13 +672,15 @@ def _rank01(x) -> np.ndarray:
 # Plans that need the whole model first (adaptive allocation, tau search)
 
 
-def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
+def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, store=None):
   """Per-layer head and channel scores (and JS matrices) of the dense model on `tokens` [C, B, T].
 
   The criterion sees what it sees in the layer loop (`_Pruner.stats_kw`: the
   block index, the seed, gradients, the intercept), only with the dense model's
   statistics of `tokens`. One pass per module: on the dense model the module's
   output is X2 W2 + b2, so the cross moment with it comes from X2's Gram.
+  With a `store` (DenseOutputs) every pruned module's output is kept there for the
+  layer loop, which then does not run the dense model again.
   """
   c = pr.config
   x = _embed_stream(pr.spec, pr.params, tokens, pr.mesh)
@@ -650,8 +696,9 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
         st = needs_lib.StreamNeeds()
         if want_scores and c.score_data != "identity":
           st = needs_lib.criterion_stats(pr.crit.needs, kind)
-        h = passes.hidden_pass(kind, cfg, blk[kind.norm_key], p, x, None, pos,
-                               dataclasses.replace(st, cross=False, js=js_here))
+        with pr.phase("statistics", plan=True):
+          h = jax.block_until_ready(passes.hidden_pass(kind, cfg, blk[kind.norm_key], p, x, None, pos,
+                                                       dataclasses.replace(st, cross=False, js=js_here)))
         w2, b2 = A.second_level(kind, p)
         if js_here:
           Ds[i] = np.asarray(h.js / h.rows, np.float64)
@@ -661,15 +708,26 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True):
             w2a = jnp.concatenate([w2, b2[None]], axis=0)
             hidden = moments.shrink(moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a)), c.shrink, w2a)
           kw = dict(pr.stats_kw(kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
+          if kind is A.MLP and not pr.plan_standardizes():
+            # Costs on one scale (not standardized over all units): the plan can remove at most
+            # the channels above min_keep, so the criterion need rank only those.
+            kw["n_remove"] = layer.ffn_dim - allocate.min_units(c.min_keep, layer.ffn_dim)
           if c.score_data == "identity":
             stats = ModuleStats(identity=True, **kw)
           else:
             stats = ModuleStats(inputs=h.inputs, hidden=hidden, first=h.first, **kw)
-          s = np.asarray(pr.crit.score(kind, p, stats), np.float64)
-          if pr.crit.stream_costs:  # errors relative to the residual stream they are added to
-            s = s / max(float(jnp.sum(jnp.square(x.astype(jnp.float32)))), 1e-30)
+          with pr.phase("scoring", plan=True):
+            s = np.asarray(pr.crit.score(kind, p, stats), np.float64)
+            if pr.crit.stream_costs:  # errors relative to the residual stream they are added to
+              s = s / max(float(passes.energy(x)), 1e-30)
           (heads if kind is A.ATTN else chans)[i] = s
-        x = passes.second_apply(h.x2, w2, b2, x, None)[0]
+        with pr.phase("advance", plan=True):
+          if store is not None:
+            y = passes.second_out(h.x2, w2, b2)
+            store.put(i, kind.name, y)
+            x = jax.block_until_ready(passes.add(x, y))
+          else:
+            x = jax.block_until_ready(passes.second_apply(h.x2, w2, b2, x, None)[0])
       pr.progress({"event": "plan", "layer": i})
     else:
       x = passes.block_pass(cfg, blk, x, pos)
@@ -697,6 +755,11 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   Returns:
     PruneResult(model, report): the pruned Model (the input is untouched) and a JSON-able report.
   """
+  with contextlib.ExitStack() as stack:  # owns the temporary store of dense outputs, if any
+    return _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stack)
+
+
+def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stack) -> PruneResult:
   c = config.check(model.spec)
   mesh = mesh or sharding.make_mesh()
   t_start = time.perf_counter()
@@ -730,13 +793,18 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   if resumed is not None:  # the plan the run made before it stopped
     plans = {int(i): allocate.LayerPlan(*hc) for i, hc in resumed.state["plans"].items()}
     tau, plan_seconds = resumed.state["tau"], resumed.state["plan_seconds"]
+    if resumed.state.get("dense_outputs"):
+      pr.dense_outputs = dense_outputs_lib.DenseOutputs(_dense_outputs_dir(checkpoint), durable=True)
+      stack.callback(pr.dense_outputs.close)
   elif c.allocation == "adaptive":
     t0 = time.perf_counter()
     calib_tokens = np.concatenate(tokens)
     # The plan scores the windows the criterion scores in the layer loop.
     score_tokens = s_tokens if pr.needs(A.MLP, True).score is not None else calib_tokens
     js_here = need_tau and score_tokens is calib_tokens
-    head_s, chan_s, Ds = _dense_scores(pr, score_tokens, want_js=js_here)
+    store = _open_dense_outputs(pr, calib_tokens, ckpt, stack) if score_tokens is calib_tokens else None
+    head_s, chan_s, Ds = _dense_scores(pr, score_tokens, want_js=js_here, store=store)
+    pr.dense_outputs = store
     if need_tau and not js_here:  # head similarity is measured on the calibration windows
       Ds = _dense_scores(pr, calib_tokens, want_js=True, want_scores=False)[2]
     idx = list(range(pr.start, pr.stop))
@@ -746,7 +814,7 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
                   pr.costs(i).mlp(pr.layer_specs[i].ffn_dim) - pr.dense_block_params(i) for i in idx)
     plans = allocate.adaptive(idx, [pr.layer_specs[i] for i in idx], [pr.costs(i) for i in idx],
                               [head_s[i] for i in idx], [chan_s[i] for i in idx], budget, c.free_groups,
-                              standardize=not (pr.crit.prescaled or pr.crit.stream_costs),
+                              standardize=pr.plan_standardizes(),
                               per_param=pr.crit.stream_costs, min_keep=c.min_keep)
     if need_tau:
       n_drop = sum(pr.layer_specs[i].num_heads - plans[i].heads for i in idx)
@@ -791,6 +859,28 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   return PruneResult(pruned, report)
 
 
+def _dense_outputs_dir(checkpoint: str) -> str:
+  return os.path.join(checkpoint, "dense_outputs")
+
+
+def _open_dense_outputs(pr: _Pruner, calib_tokens: np.ndarray, ckpt, stack) -> dense_outputs_lib.DenseOutputs | None:
+  """A store for the plan's dense module outputs when the layer loop will need them again:
+  in the checkpoint (durable, so a resumed run reads the same ones) or a temporary
+  directory removed when the run ends. None when the run needs no dense stream, runs on
+  several processes, or the outputs do not fit on the disk."""
+  if not pr.with_dense or jax.process_count() > 1:
+    return None
+  n_modules = 2 * (pr.stop - pr.start)
+  nbytes = n_modules * calib_tokens.size * pr.spec.hidden_size * 4  # streams are at most float32
+  directory = _dense_outputs_dir(ckpt.path) if ckpt is not None else stack.enter_context(
+      tempfile.TemporaryDirectory(prefix="jaxprune-dense-"))
+  if not dense_outputs_lib.DenseOutputs.fits(directory, nbytes):
+    return None
+  store = dense_outputs_lib.DenseOutputs(directory, durable=ckpt is not None)
+  stack.callback(store.close)  # before a temporary directory goes (callbacks run last-in first-out)
+  return store
+
+
 def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> None:
   """Block i is done: its parameters and the state entering block i + 1 become durable."""
   streams = {}
@@ -802,7 +892,8 @@ def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> No
     streams["xs"] = np.asarray(xs)
   state = {"carry": pr.carry, "modules": pr.modules, "passes": pr.passes, "phase_seconds": pr.phase_seconds,
            "plans": {str(k): [v.heads, v.channels] for k, v in plans.items()}, "tau": tau,
-           "plan_seconds": plan_seconds}
+           "plan_seconds": plan_seconds, "plan_phase_seconds": pr.plan_phase_seconds,
+           "dense_outputs": pr.dense_outputs is not None}
   ckpt.save(i, pr.blocks[i], pr.layer_specs[i], streams, state)
 
 
@@ -813,6 +904,7 @@ def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
   st = resumed.state
   pr.carry, pr.modules = st["carry"], list(st["modules"])
   pr.passes, pr.phase_seconds = dict(st["passes"]), dict(st["phase_seconds"])
+  pr.plan_phase_seconds = dict(st.get("plan_phase_seconds", {}))
   put = functools.partial(jax.device_put, device=sharding.stream_sharding(mesh))
   z = resumed.streams
   groups = [_Group(put(z[f"xd_{g}"]) if f"xd_{g}" in z else None, put(z[f"xp_{g}"])) for g in range(n_groups)]
@@ -854,7 +946,9 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
       "seconds": {"total": seconds, "plan": plan_seconds,
                   "modules": math.fsum(m["seconds"] for m in pr.modules),
                   "phases": {**pr.phase_seconds,
-                             "other": seconds - math.fsum(v for k, v in pr.phase_seconds.items() if k != "compile")}},
+                             "other": seconds - math.fsum(v for k, v in pr.phase_seconds.items() if k != "compile")},
+                  # The plan's own split (its total is phases["plan"]).
+                  "plan_phases": dict(pr.plan_phase_seconds)},
       "streams": {"dense": pr.with_dense, "score": c.score_data == "random"},
       "passes": pr.passes,
   }

@@ -13,8 +13,9 @@ agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
                         a quarter of its units), refit of the kept channels
                         with an intercept, small damping, no reconstruction
                         before selection. Layers differ in width, so the
-                        Hugging Face export is a per-layer config
-                        (`jaxprune.torch.load_pruned`).
+                        Hugging Face export is a per-layer config with
+                        its modeling file (`from_pretrained(...,
+                        trust_remote_code=True)` or `jaxprune.torch.load_pruned`).
   recommended-uniform   the same criterion with one shape in every layer (MLP
                         channels only; shrink 0.5, held-out best for uniform):
                         an export that stock `from_pretrained` loads, at some

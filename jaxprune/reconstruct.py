@@ -116,36 +116,69 @@ def _own_residual(xx, xy, yy, w, delta, intercept: bool):
   return jnp.maximum(r, 0.0)
 
 
+def _host64(x) -> np.ndarray:
+  """`x` as a float64 numpy array on this host (gathered from a mesh if need be)."""
+  return np.asarray(local_copy(x), np.float64)
+
+
+def _own_residual_host(xx: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarray, delta: float) -> float:
+  """`_own_residual` in numpy float64 (the LAPACK path: no compile per system size)."""
+  d = xx.shape[0] - 1
+  lam = delta * np.mean(np.diagonal(xx)[:d])
+  lam = lam if lam > 0 else delta
+  k = w.shape[0]
+  return max(float(yy - np.sum(w * xy[:k]) - lam * np.sum(np.square(w[:d]))), 0.0)
+
+
 def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
                 yy=None) -> tuple[jax.Array, SolveInfo]:
   """Solves for W given Moments of X and X^T Y (augmented rows, (d+1, e)).
 
   Returns W with d rows (no intercept) or d+1 rows (the last row is the bias),
   in float32, and a SolveInfo (with the fit's residual when `yy` = ||Y||^2 is given).
+  Where the solves run on a CPU (LAPACK), statistics held as numpy arrays give a
+  numpy W, so a solve per kept width compiles nothing; otherwise W is a JAX array
+  placed like `m.xx`.
   """
-  with float64_solves():
-    xx, xy64 = to_solve(m.xx), to_solve(xy)
-    lapack = lapack_solves()
+  if lapack_solves():
+    xx, xy64 = _host64(m.xx), _host64(xy)
     for retry in range(MAX_RETRIES + 1):
-      if lapack:
-        w = _solve_lapack(np.asarray(xx), np.asarray(xy64), float(delta), intercept)
-        if w is not None and np.all(np.isfinite(w)):
-          w = jnp.asarray(w)
-          break
-      else:
-        w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
-        if bool(jnp.all(jnp.isfinite(w))):
-          break
-      log.warning("Cholesky failed for %s at damping %.1e; retrying with %.1e", what or "a solve", delta, delta * 10)
+      w = _solve_lapack(xx, xy64, float(delta), intercept)
+      if w is not None and np.all(np.isfinite(w)):
+        break
+      _warn_retry(what, delta)
       delta *= 10
     else:
-      raise FloatingPointError(f"least-squares solve for {what} failed even at damping {delta:.1e}; the calibration "
-                               "statistics are not finite (check the input data and model weights)")
+      _fail(what, delta)
+    res = None if yy is None else _own_residual_host(xx, xy64, float(_host64(yy)), w, float(delta))
+    w32 = w.astype(np.float32)
+    if not isinstance(m.xx, np.ndarray):
+      w32 = replicate_like(jax.device_put(w32), m.xx)
+    return w32, SolveInfo(delta=float(delta), retries=retry, residual=res)
+  with float64_solves():
+    xx, xy64 = to_solve(m.xx), to_solve(xy)
+    for retry in range(MAX_RETRIES + 1):
+      w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
+      if bool(jnp.all(jnp.isfinite(w))):
+        break
+      _warn_retry(what, delta)
+      delta *= 10
+    else:
+      _fail(what, delta)
     res = None
     if yy is not None:
       res = float(_own_residual(xx, xy64, to_solve(yy), w, jnp.asarray(delta, jnp.float64), intercept))
     return replicate_like(jnp.asarray(w, jnp.float32), m.xx), SolveInfo(delta=float(delta), retries=retry,
                                                                         residual=res)
+
+
+def _warn_retry(what: str, delta: float) -> None:
+  log.warning("Cholesky failed for %s at damping %.1e; retrying with %.1e", what or "a solve", delta, delta * 10)
+
+
+def _fail(what: str, delta: float):
+  raise FloatingPointError(f"least-squares solve for {what} failed even at damping {delta:.1e}; the calibration "
+                           "statistics are not finite (check the input data and model weights)")
 
 
 @jax.jit
@@ -156,9 +189,13 @@ def _residual(g, c, yy, w):
 def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Array:
   """||[X 1] W - Y||^2 from sums: tr(W^T G W) - 2 tr(W^T X^T Y) + ||Y||^2.
 
-  `w` has d rows (no intercept) or d+1 rows (last row = bias).
+  `w` has d rows (no intercept) or d+1 rows (last row = bias). In float64, on the
+  host where the solves run on a CPU (numpy: nothing compiled per system size).
   """
+  k = w.shape[0]
+  if lapack_solves():
+    g, c, w64 = _host64(m.xx)[:k, :k], _host64(xy)[:k], _host64(w)
+    return np.float32(max(float(np.sum(w64 * (g @ w64)) - 2 * np.sum(w64 * c) + float(_host64(yy))), 0.0))
   with float64_solves():
-    k = w.shape[0]
     r = _residual(to_solve(m.xx)[:k, :k], to_solve(xy)[:k], to_solve(yy), to_solve(w))
     return jnp.asarray(r, jnp.float32)

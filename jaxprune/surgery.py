@@ -53,7 +53,7 @@ def _gather(v, idx, axis: int):
   gather would compile anew for every distinct kept count (every layer, under adaptive
   allocation), for a copy numpy makes at memory speed."""
   if _on_host(v):
-    return jnp.asarray(np.take(np.asarray(v), idx, axis=axis))
+    return jax.device_put(np.take(np.asarray(v), idx, axis=axis))  # jnp.asarray would compile a copy per shape
   return jnp.take(v, idx, axis=axis)
 
 

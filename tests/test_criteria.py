@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import criteria
+from jaxprune import allocate, criteria
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.errors import UsageError
 from jaxprune.models import adapter as A
@@ -195,6 +195,31 @@ def test_refit_aware_order_equals_brute_force_greedy(width):
   stats = ModuleStats(hidden=m, damping=delta)
   got = np.asarray(criteria.get("goa-obs").score(kind, p, stats))
   np.testing.assert_array_equal(_ranks(got), [want[u] for u in range(n_units)])
+
+
+@pytest.mark.parametrize("per_step_units", [40, 300])  # one unit per step, and 3 per step
+def test_refit_aware_stopped_at_n_remove_keeps_the_full_sweeps_prefix(per_step_units):
+  """With n_remove the sweep stops there: the units it removes, their order and their costs
+  are the full sweep's (to the bit), every other unit scores above them, so keeping the top
+  n - n_remove selects the same channels."""
+  from jaxprune.criteria import output_approx
+  rng = np.random.default_rng(11)
+  F, T = per_step_units, 2000
+  x = rng.normal(size=(T, F)) @ (np.eye(F) + 0.3 * rng.normal(size=(F, F)))
+  y = x @ rng.normal(size=(F, 4)) + 0.5 * rng.normal(size=(T, 4))
+  m = moments.update(moments.init(F, 4), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  p = _mlp(rng, F=F)
+  full = criteria.get("goa-obs").score(A.MLP, p, ModuleStats(hidden=m, damping=1e-5, intercept=True))
+  per_step = -(-F // output_approx.MAX_STEPS)
+  for n_remove in (1, per_step + 1, F // 3, F - 1):
+    part = criteria.get("goa-obs").score(A.MLP, p, ModuleStats(hidden=m, damping=1e-5, intercept=True,
+                                                                   n_remove=n_remove))
+    gone = np.argsort(full, kind="stable")[:n_remove]
+    np.testing.assert_array_equal(np.argsort(part, kind="stable")[:n_remove], gone)
+    np.testing.assert_array_equal(part[gone], full[gone])
+    assert np.min(np.delete(part, gone)) > np.max(part[gone])
+    keep = F - n_remove
+    np.testing.assert_array_equal(allocate.choose_channels(part, keep), allocate.choose_channels(full, keep))
 
 
 def test_blocked_obs_sweep_equals_the_exact_one_on_uncorrelated_blocks():

@@ -106,6 +106,11 @@ def stock_load(path: str):
   return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def remote_load(path: str):
+  """Stock transformers with the modeling file a per-layer export ships (`auto_map`)."""
+  return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True).eval()
+
+
 def assert_same_model(a: Model, b: Model):
   assert a.spec == b.spec
   chex.assert_trees_all_equal_structs(a.params, b.params)
@@ -178,6 +183,13 @@ def test_export_parity_and_round_trip(models, kind, layout, tmp_path):
   assert_torch_parity(tm, model)
   assert count_parameters(tm) == info.exported_params == model.num_params
   assert info.padded_params == 0
+  # A per-layer export ships its modeling file: stock from_pretrained builds every layer at its size.
+  assert ("auto_map" in cfg) == (layout == "per_layer") == os.path.exists(os.path.join(out, "modeling_jaxprune.py"))
+  if layout == "per_layer":
+    rm = remote_load(out)
+    assert torch_layer_sizes(rm, model.spec) == spec_sizes(model.spec)
+    assert_torch_parity(rm, model)
+    assert count_parameters(rm) == model.num_params
 
   # JAX -> HF -> JAX is exact, through jaxprune.json and through config.json alone (writer and reader agree).
   assert_same_model(jaxprune.load(out), model)
@@ -209,6 +221,7 @@ def test_gpt2_uniform_head_pruning_goes_per_layer(models, tmp_path):
   assert info.per_layer and not info.stock
   assert cfg["n_head"] == 4 and all(v == {"n_head": 2} for v in cfg["per_layer_config"].values())
   assert_torch_parity(load_pruned(out, dtype=torch.float32), model)
+  assert_torch_parity(remote_load(out), model)
   assert_same_model(jaxprune.load(out), model)
 
 
@@ -221,6 +234,7 @@ def test_heads_not_dividing_hidden_size(models, tmp_path):
   assert info.per_layer and not info.stock and cfg["num_attention_heads"] == 4
   assert [c.num_attention_heads for c in transformers.AutoConfig.from_pretrained(out).per_layer_config] == [3, 3]
   assert_torch_parity(load_pruned(out, dtype=torch.float32), model)
+  assert_torch_parity(remote_load(out), model)
   assert_same_model(jaxprune.load(out), model)
 
 

@@ -2,7 +2,8 @@
 
 Pruned models come from `jaxprune.surgery` with a fixed keep rule: the same
 sizes in every layer (a plain config for stock transformers) or sizes that vary
-by layer (per_layer_config, loaded with `jaxprune.torch.load_pruned`).
+by layer (per_layer_config, loaded by stock transformers with the modeling file the
+export ships, `trust_remote_code=True`, or by `jaxprune.torch.load_pruned`).
 """
 
 from __future__ import annotations
@@ -64,10 +65,9 @@ def exported(request, smol, tmp_path_factory):
   model = smol if layout == "dense" else prune_model(smol, *keep_plan(smol.spec, layout))
   out = str(tmp_path_factory.mktemp("smollm2") / layout)
   info = save_hf(model, out, dtype="float32")
-  if info.stock:
-    tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  else:
-    tm = load_pruned(out, dtype=torch.float32)
+  # Stock transformers in every case: a per-layer export runs the modeling file it ships.
+  tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                         trust_remote_code=not info.stock).eval()
   return layout, model, info, tm, out
 
 
@@ -77,11 +77,13 @@ def torch_logits(tm, tokens) -> np.ndarray:
 
 
 def test_config_form(exported):
-  layout, model, info, tm, _ = exported
+  layout, model, info, tm, out = exported
   assert info.per_layer == (layout == "per_layer") and info.stock == (layout != "per_layer")
   assert model.spec.uniform == (layout != "per_layer")
   if layout == "per_layer":
-    assert tm.jaxprune_loader == "per_layer"
+    assert type(tm).__name__ == "JaxpruneLlamaForCausalLM"  # from the export's modeling_jaxprune.py
+    sizes = lambda m: [(l.self_attn.q_proj.out_features, l.mlp.up_proj.out_features) for l in m.model.layers]
+    assert sizes(tm) == sizes(load_pruned(out)) == [(l.num_heads * l.head_dim, l.ffn_dim) for l in model.spec.layers]
   if layout == "uniform":
     assert (tm.config.num_attention_heads, tm.config.num_key_value_heads, tm.config.intermediate_size) == (6, 3, 1216)
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 
 import chex
 import jax
@@ -208,3 +209,43 @@ def test_recommended_plan_ranks_goa_obs_costs_and_keeps_min_keep(tiny_dir):
   loose = prune(m, _calib(), dataclasses.replace(c, min_keep=0.0, shrink=0.0))
   assert [l.ffn_dim for l in loose.model.spec.layers] != [l.ffn_dim for l in layers] or \
       [l.num_heads for l in loose.model.spec.layers] != [l.num_heads for l in layers]
+
+
+def test_adaptive_plan_keeps_dense_outputs_for_the_layer_loop(tiny_dir, tmp_path, monkeypatch):
+  """The recipe's plan runs the dense model once and stores each module's output; the layer
+  loop reads them instead of a second dense pass, keeps the same units as a run that
+  recomputes them, and leaves no files behind."""
+  import tempfile
+
+  from jaxprune.stats import dense_outputs
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  dirs, init = [], dense_outputs.DenseOutputs.__init__
+  monkeypatch.setattr(dense_outputs.DenseOutputs, "__init__",
+                      lambda self, directory, durable=False: dirs.append(directory) or init(self, directory, durable))
+  m = jaxprune.load(tiny_dir("llama_gqa"))
+  c = PruneConfig(sparsity=0.4, batch_size=8)
+  stored = prune(m, _calib(), c)
+  n_modules = 2 * m.spec.num_layers
+  assert stored.report["passes"]["dense_read"] == n_modules and "dense_pass" not in stored.report["passes"]
+  assert len(dirs) == 1 and dirs[0].startswith(str(tmp_path)) and not os.path.exists(dirs[0])
+  monkeypatch.setattr(dense_outputs.DenseOutputs, "fits", staticmethod(lambda directory, nbytes: False))
+  again = prune(m, _calib(), c)
+  assert again.report["passes"]["dense_pass"] == n_modules and "dense_read" not in again.report["passes"]
+  assert [mod["kept"] for mod in stored.report["modules"]] == [mod["kept"] for mod in again.report["modules"]]
+  chex.assert_trees_all_equal_shapes(stored.model.params, again.model.params)
+
+
+def test_adaptive_allocation_compiles_per_module_kind_not_per_width(tiny_dir):
+  """Layers that end with different widths add no compiles: solves, residuals, surgery and
+  added biases of each width run on the host, so a 6-block run compiles what a 2-block one does."""
+  from tests import tiny
+
+  compiles = []
+  for layers in (2, 6):
+    path = tiny.save("llama_gqa", str(tiny_dir("llama_gqa")) + f"-{layers}", layers=layers)
+    m = jaxprune.load(path)
+    jax.clear_caches()
+    r = prune(m, _calib(), PruneConfig(sparsity=0.4, batch_size=8))
+    assert len({l.ffn_dim for l in r.model.spec.layers}) > 1  # the widths do differ
+    compiles.append(r.report["passes"]["compiles"])
+  assert compiles[1] == compiles[0], compiles

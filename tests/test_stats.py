@@ -117,3 +117,46 @@ def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind):
     for i, (x, y, sc) in enumerate(zip(a, b, scales)):
       assert x.shape == y.shape
       assert np.all(np.abs(x - y) <= 2 * gamma(n) * np.broadcast_to(sc, x.shape) + 1e-30), (k, i)
+
+
+def test_wide_gram_from_its_upper_blocks_is_symmetric_and_exact_to_the_sum_bound():
+  """From SYMMETRIC_MIN features the Gram matrix multiplies only its upper blocks; the
+  result is exactly symmetric and within the float32 summation bound of the float64 sum."""
+  rng = np.random.default_rng(3)
+  t, d = 64, moments.SYMMETRIC_MIN + 13
+  x = rng.normal(size=(t, d)) * rng.uniform(0.1, 3.0, size=d)
+  xa = np.concatenate([x, np.ones((t, 1))], axis=1)
+  g = np.asarray(moments.gram(jnp.asarray(xa, jnp.float32)))
+  np.testing.assert_array_equal(g, g.T)
+  xf = xa.astype(np.float32).astype(np.float64)
+  assert_within_sum_bound(g, xf.T @ xf, np.abs(xf).T @ np.abs(xf), t, "upper-block gram")
+
+
+def test_chunk_sums_are_compensated_to_one_rounding_of_the_exact_sum():
+  """Statistics over thousands of chunks: a float32 running sum is off by up to one rounding
+  per chunk, which buries a Gram matrix's small directions; the passes add chunk sums by
+  Kahan's compensated summation, whose error is one rounding of the total plus each chunk's
+  own (tests/numerics.py, point 1, with n = the tokens of one chunk + 2)."""
+  rng = np.random.default_rng(4)
+  C, T, d = 8192, 2, 3
+  x = (100.0 + rng.normal(size=(C, T, d))).astype(np.float32)  # large mean: every entry adds up
+  xf = x.reshape(-1, d).astype(np.float64)
+  exact = xf.T @ xf
+  terms = np.abs(xf).T @ np.abs(xf)
+
+  def accumulate(compensated: bool):
+    def body(carry, xc):
+      total, comp = carry
+      term = moments.sums(xc)
+      if compensated:
+        return moments.compensated_add(total, comp, term), None
+      return (total + term, comp), None
+    m0 = moments.init(d)
+    return jax.jit(lambda x: jax.lax.scan(body, (m0, m0), x)[0][0])(jnp.asarray(x))
+
+  got = np.asarray(accumulate(True).gram)
+  # One rounding of the total (2u, Kahan) on top of each chunk's own gamma(T + 2).
+  bound = gamma(T + 2) * terms + 2 * 2.0**-24 * np.abs(exact)
+  assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
+  naive = np.asarray(accumulate(False).gram)
+  assert np.max(np.abs(naive - exact) / bound) > 2  # the test tells the two apart (4.7 here)

@@ -20,11 +20,16 @@ is bound by memory traffic; it therefore removes the `ceil(n / MAX_STEPS)`
 cheapest units per step (one at a time for up to MAX_STEPS units, as for
 attention heads), with the exact joint update for the removed group.
 
-Cost, for U2 channels: the inverse (2 U2^3 flops in float64) and MAX_STEPS
-updates of it (2 U2^3 in all), so about 4 U2^3 and 8 U2^2 bytes. At SmolLM2's
-MLP (U2 = 1536) that is 15 GFLOP, a sixth of the module's forward over 128 x 128
-calibration tokens (87 GFLOP), but each step streams the inverse through memory,
-so it takes about twice that forward's time on a CPU. At LLaMA-70B's (U2 = 28672) it would
+When the caller removes only `stats.n_remove` units (the layer loop knows how
+many channels go; the adaptive plan, how many min_keep allows), the sweep stops
+there: the removed units, their order and costs are the full sweep's.
+
+Cost, for U2 channels: the inverse (U2^3 flops in float64 by Cholesky) and up to
+MAX_STEPS updates of it (2 U2^3 in all), so about 3 U2^3 and 8 U2^2 bytes. At
+SmolLM2's MLP (U2 = 1536) that is 11 GFLOP, an eighth of the module's forward over
+128 x 128 calibration tokens (87 GFLOP), but each step streams the inverse
+through memory (4.6 ms a step here: 0.44 s for the 96 steps of the plan at
+min_keep 0.25, 0.12 s for the inverse). At LLaMA-70B's (U2 = 28672) it would
 be 9.4e13 flops and a 6.6 GB inverse per module, four times the module's
 forward over 16k tokens (2.3e13), so modules wider than OBS_BLOCK channels use
 the blocked form: the sweep runs on diagonal blocks of the Gram matrix
@@ -45,7 +50,7 @@ import numpy as np
 
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
-from jaxprune.reconstruct import float64_solves, to_solve
+from jaxprune.reconstruct import float64_solves, lapack_solves, to_solve
 from jaxprune.spec import Params
 
 
@@ -53,19 +58,52 @@ MAX_STEPS = 128
 OBS_BLOCK = 4096  # channels; modules with more units' channels use the blocked sweep
 
 
-@functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step"))
-def _removal_order(xx, xy, delta, width: int, intercept: bool, per_step: int = 1):
-  """Position at which each unit is removed by the greedy OBS sweep ([units] int32) and the
-  cost it had when removed ([units]; inf for the last survivor)."""
+def _ridge_system(xx, delta: float, intercept: bool) -> np.ndarray | jax.Array:
+  """G = [X 1]^T [X 1] + lam I (the ones column undamped; dropped without an intercept)."""
+  xp = np if isinstance(xx, np.ndarray) else jnp
   d = xx.shape[0] - 1
   if not intercept:
-    xx, xy = xx[:d, :d], xy[:d]
-  lam = delta * jnp.mean(jnp.diagonal(xx)[:d])
-  lam = jnp.where(lam > 0, lam, delta)
-  g = xx + jnp.diag(jnp.concatenate([jnp.full((d,), lam), jnp.zeros((xx.shape[0] - d,))]).astype(xx.dtype))
+    xx = xx[:d, :d]
+  lam = delta * xp.mean(xp.diagonal(xx)[:d])
+  lam = xp.where(lam > 0, lam, delta)
+  return xx + xp.diag(xp.concatenate([xp.full((d,), lam), xp.zeros((xx.shape[0] - d,))]).astype(xx.dtype))
+
+
+@jax.jit
+def _inverse_xla(g):
   ginv = jnp.linalg.inv(g)
-  ginv = 0.5 * (ginv + ginv.T)
-  w = ginv @ xy
+  return 0.5 * (ginv + ginv.T)
+
+
+def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
+  """G^-1 (float64, symmetric) of the ridge system. Where solves run on a CPU it is LAPACK's
+  Cholesky inverse (potrf + potri: a third of the time of XLA's CPU LU inverse at
+  SmolLM2's 1537 channels); elsewhere XLA's."""
+  if not lapack_solves():
+    return _inverse_xla(_ridge_system(jnp.asarray(xx, jnp.float64), delta, intercept))
+  import scipy.linalg
+
+  g = _ridge_system(np.asarray(xx, np.float64), float(delta), intercept)
+  chol, info = scipy.linalg.lapack.dpotrf(g, lower=1, clean=1)
+  if info == 0:
+    ginv, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+  if info != 0:  # not positive definite in floating point: the LU inverse, as XLA's
+    return jax.device_put(np.linalg.inv(g))
+  return jax.device_put(np.tril(ginv) + np.tril(ginv, -1).T)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step"))
+def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_remove=None):
+  """Position at which each unit is removed by the greedy OBS sweep ([units] int32) and the
+  cost it had when removed ([units]), from the ridge system's inverse `ginv` (d[+1] square)
+  and the cross moment `xy` (its rows).
+
+  The sweep stops once `n_remove` units are gone (default: all but one); the units
+  still there are ordered after them by what removing each would cost then, and
+  carry that cost. Stopping early changes nothing about the units removed before.
+  """
+  d = ginv.shape[0] - (1 if intercept else 0)  # channels (the ones column is last)
+  w = ginv @ xy[:ginv.shape[0]]
   n = d // width
   idx = jnp.arange(n)[:, None] * width + jnp.arange(width)[None]  # channels of each unit
 
@@ -76,14 +114,16 @@ def _removal_order(xx, xy, delta, width: int, intercept: bool, per_step: int = 1
     ws = w[idx]  # [n, width, D]
     return jnp.einsum("nwd,nwd->n", ws, jnp.linalg.solve(blocks, ws))
 
-  steps = -(-(n - 1) // per_step)
+  n_remove = jnp.asarray(n - 1 if n_remove is None else n_remove, jnp.int32)
+  n_remove = jnp.clip(n_remove, 0, n - 1)
+  steps = (n_remove + per_step - 1) // per_step  # traced: one compile for every stopping point
 
   def step(t, state):
     ginv, w, alive, order, paid = state
     t = t.astype(jnp.int32)
     c = jnp.where(alive, cost(ginv, w), jnp.inf)
     # The per_step cheapest live units (never the last survivor).
-    take = jnp.minimum(per_step, n - 1 - t * per_step)
+    take = jnp.minimum(per_step, n_remove - t * per_step)
     _, s = jax.lax.top_k(-c, per_step)
     valid = jnp.arange(per_step, dtype=jnp.int32) < take
     cols = (s[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None]).reshape(-1)
@@ -101,11 +141,14 @@ def _removal_order(xx, xy, delta, width: int, intercept: bool, per_step: int = 1
     return ginv, w, alive, order, paid
 
   order = jnp.full((n,), n - 1, jnp.int32)
-  paid = jnp.full((n,), jnp.inf, xx.dtype)
+  paid = jnp.full((n,), jnp.inf, ginv.dtype)
   state = (ginv, w, jnp.ones((n,), bool), order, paid)
   ginv, w, alive, order, paid = jax.lax.fori_loop(0, steps, step, state)
-  # The last survivor is never removed; its cost is what removing it now would add.
-  return order, jnp.where(alive, cost(ginv, w), paid)
+  # Survivors (the last one of a full sweep) are not removed; each carries what removing
+  # it now would add, and they follow the removed units in the order of that cost.
+  now = jnp.where(alive, cost(ginv, w), jnp.inf)
+  rank = jnp.argsort(jnp.argsort(now, stable=True), stable=True).astype(jnp.int32)
+  return jnp.where(alive, n_remove + rank, order), jnp.where(alive, now, paid)
 
 
 def _blocks(n_units: int, width: int, block: int) -> list[np.ndarray]:
@@ -142,9 +185,11 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   n = d // width
   with float64_solves():
     xx, xy = to_solve(stats.hidden.xx), to_solve(stats.hidden.xy)
-    delta = jnp.asarray(stats.damping, jnp.float64)
     if d <= block:
-      order, paid = _removal_order(xx, xy, delta, width, stats.intercept, -(-n // MAX_STEPS))
+      # With `stats.n_remove` the sweep stops there: the units it removes, their order and
+      # costs are those of the full sweep, and every other unit scores above them.
+      ginv = _ridge_inverse(xx, stats.damping, stats.intercept)
+      order, paid = _removal_order(ginv, xy, width, stats.intercept, -(-n // MAX_STEPS), stats.n_remove)
       return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
     scores = np.zeros(n, np.float64)
     diag = np.asarray(jnp.diagonal(xx))[:d]
@@ -154,7 +199,8 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
       sub_xx, sub_xy = xx[idx][:, idx], xy[idx]
       # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
       scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
-      order, paid = _removal_order(sub_xx, sub_xy, delta * scale, width, stats.intercept,
+      ginv = _ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
+      order, paid = _removal_order(ginv, sub_xy, width, stats.intercept,
                                    -(-len(units) // MAX_STEPS))
       # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
       scores[units] = _increasing_along(np.asarray(order), np.asarray(paid, np.float64))

@@ -33,6 +33,10 @@ class ModuleStats:
     intercept: whether the run's solves fit a bias.
     layer: the block index (with `seed`, for seeded random scores).
     seed: the run's seed.
+    n_remove: how many units the caller can remove, lowest scores first (None: any
+      number). A criterion may rank only that far, as long as those n_remove units
+      and their order are what a full ranking gives and every other unit scores
+      above them (`goa-obs` stops its sweep there).
   """
 
   inputs: Moments | None = None
@@ -47,10 +51,12 @@ class ModuleStats:
   intercept: bool = False
   layer: int = 0
   seed: int = 0
+  n_remove: int | None = None
 
 
 jax.tree_util.register_dataclass(ModuleStats, data_fields=["inputs", "hidden", "first", "js", "grads", "sq_grads"],
-                                 meta_fields=["identity", "kv_index", "damping", "intercept", "layer", "seed"])
+                                 meta_fields=["identity", "kv_index", "damping", "intercept", "layer", "seed",
+                                              "n_remove"])
 
 
 def augmented_S(stats: ModuleStats, d: int) -> jax.Array:

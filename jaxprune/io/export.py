@@ -10,8 +10,11 @@ atomically. Two config forms:
 * per-layer: layers differ, so the config carries transformers' standard
   `per_layer_config` (layer index -> overridden sizes), which transformers'
   config classes read (so AutoConfig and AutoTokenizer work) but whose sizes
-  transformers 5.x's modeling code does not apply; load the model with
-  `jaxprune.torch.load_pruned`, which builds every layer at its own size.
+  transformers 5.x's modeling code does not apply. The export ships
+  modeling_jaxprune.py (`modeling_per_layer.py`: the family's own transformers
+  class, with every layer rebuilt at its size) and names it in `auto_map`, so
+  stock `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
+  loads it; `jaxprune.torch.load_pruned` loads it without running that file.
   GPT-2 with pruned heads always takes this form (GPT-2 derives head_dim from
   n_embd/n_head), and so does LLaMA when the head count does not divide
   hidden_size (LlamaConfig's validator insists on it).
@@ -35,6 +38,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +46,7 @@ import numpy as np
 
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
-from jaxprune.io.layout import DTYPES, SPEC_FILE, SPEC_FORMAT, parse_dtype
+from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, parse_dtype
 from jaxprune.io.locate import load_tokenizer
 from jaxprune.io.mapping import TABLES, params_to_tensors
 from jaxprune.model import Model
@@ -100,7 +104,10 @@ class ExportInfo:
   def loader(self) -> str:
     if self.format != "hf":
       return "jaxprune.load"
-    return "transformers.AutoModelForCausalLM.from_pretrained" if self.stock else "jaxprune.torch.load_pruned"
+    if self.stock:
+      return "transformers.AutoModelForCausalLM.from_pretrained"
+    return ("transformers.AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) or "
+            "jaxprune.torch.load_pruned")
 
 
 # --------------------------------------------------------------------------
@@ -413,6 +420,13 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     files.append(SPEC_FILE)
     if target is not None:
       cfg = {**target.config, "dtype": dtype_name, "transformers_version": transformers.__version__}
+      if target.per_layer:
+        # Per-layer sizes that transformers' modeling code does not apply: ship the classes
+        # that do, so `from_pretrained(..., trust_remote_code=True)` builds every layer at its size.
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), "modeling_per_layer.py"),
+                        os.path.join(tmp, REMOTE_CODE + ".py"))
+        files.append(REMOTE_CODE + ".py")
+        cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE}.{REMOTE_CLASSES[target.model_type]}"}
       dump_json(os.path.join(tmp, "config.json"), cfg)
       files.append("config.json")
     transformers.GenerationConfig(bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id).save_pretrained(tmp)

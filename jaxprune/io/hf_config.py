@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from jaxprune.io.layout import REMOTE_CLASSES, REMOTE_CODE
 from jaxprune.errors import ConfigError
 from jaxprune.spec import LayerSpec, ModelSpec, RopeSpec
 
@@ -40,8 +41,16 @@ def _get(cfg: Mapping[str, Any], key: str, default=None):
   return default if v is None else v
 
 
+def _own_auto_map(cfg: Mapping[str, Any]) -> bool:
+  """Whether `auto_map` names only the per-layer classes jaxprune's exports ship (which change
+  no computation: they build every layer at the sizes per_layer_config states)."""
+  own = {f"{REMOTE_CODE}.{c}" for c in REMOTE_CLASSES.values()}
+  m = cfg.get("auto_map")
+  return isinstance(m, dict) and set(m) == {"AutoModelForCausalLM"} and m["AutoModelForCausalLM"] in own
+
+
 def _check_keys(cfg: Mapping[str, Any]) -> None:
-  unknown = sorted(k for k in cfg if k not in _HARMLESS)
+  unknown = sorted(k for k in cfg if k not in _HARMLESS and not (k == "auto_map" and _own_auto_map(cfg)))
   if unknown:
     raise ConfigError(
         f"config keys {unknown} are not understood by jaxprune, which will not guess what they change. "

@@ -15,7 +15,9 @@ import dataclasses
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.models import layers as L
 from jaxprune.spec import Params
@@ -40,6 +42,12 @@ def _flat_in(kernel):
   return kernel.reshape(kernel.shape[0], -1)
 
 
+def _placed(x):
+  """Numpy weights (solved on the host) go to the default device, uncommitted; reshaping and
+  casting them there first would compile once per kept width."""
+  return jax.device_put(x) if isinstance(x, np.ndarray) else x
+
+
 def first_level(kind: ModuleKind, p: Params):
   """W1 [D, U1] (all first-level kernels side by side) and b1 [U1] (zeros where absent)."""
   ws, bs = [], []
@@ -57,9 +65,9 @@ def with_first_level(kind: ModuleKind, p: Params, w, b=None) -> Params:
   for k in kind.first_keys(p):
     shape = p[k]["kernel"].shape
     width = math.prod(shape[1:])
-    new = {"kernel": w[:, start:start + width].reshape(shape).astype(p[k]["kernel"].dtype)}
+    new = {"kernel": _placed(w[:, start:start + width].reshape(shape).astype(p[k]["kernel"].dtype))}
     if b is not None:
-      new["bias"] = b[start:start + width].reshape(shape[1:]).astype(p[k]["kernel"].dtype)
+      new["bias"] = _placed(b[start:start + width].reshape(shape[1:]).astype(p[k]["kernel"].dtype))
     elif "bias" in p[k]:
       new["bias"] = p[k]["bias"]
     out[k] = new
@@ -78,9 +86,9 @@ def second_level(kind: ModuleKind, p: Params):
 def with_second_level(kind: ModuleKind, p: Params, w, b=None) -> Params:
   q = p[kind.second_key]
   shape = q["kernel"].shape
-  new = {"kernel": w.reshape(shape).astype(q["kernel"].dtype)}
+  new = {"kernel": _placed(w.reshape(shape).astype(q["kernel"].dtype))}
   if b is not None:
-    new["bias"] = b.astype(q["kernel"].dtype)
+    new["bias"] = _placed(b.astype(q["kernel"].dtype))
   elif "bias" in q:
     new["bias"] = q["bias"]
   return {**p, kind.second_key: new}

@@ -66,7 +66,7 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
   D = xd.shape[-1]
 
   def body(carry, chunk):
-    m_in, yy1, err, yy = carry
+    (m_in, m_c), yy1, err, yy = carry
     xd_c, xp_c = chunk
     hd = L.norm(cfg, norm_p, xd_c)
     if first_moments:
@@ -78,15 +78,15 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
     if first_moments or inherited_error:
       hp = L.norm(cfg, norm_p, xp_c)
     if first_moments:
-      m_in = moments.update(m_in, hp, hd)
+      m_in, m_c = moments.compensated_add(m_in, m_c, moments.sums(hp, hd))
     if inherited_error:
       err = err + _sq(A.apply(kind, cfg, p, hp, positions) - yd)
-    return (m_in, yy1, err, yy), yd
+    return ((m_in, m_c), yy1, err, yy), yd
 
   zero = jnp.zeros((), F32)
-  init = (moments.init(D, D) if first_moments else None, zero if first_moments else None,
-          zero if inherited_error else None, zero)
-  (m_in, yy1, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
+  m0 = moments.init(D, D) if first_moments else None
+  init = ((m0, m0), zero if first_moments else None, zero if inherited_error else None, zero)
+  ((m_in, _), yy1, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
   return DenseOut(yd, yy, m_in, yy1, err)
 
 
@@ -118,31 +118,39 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
   cross = needs.hidden == "gram" and needs.cross
 
   def body(carry, chunk):
-    hid, first, inp, js, rows = carry
+    sums, js, rows = carry
     xp_c, yd_c = chunk
     h = L.norm(cfg, norm_p, xp_c)
     x2, probs, pre = A.inner_parts(kind, cfg, p, h, positions, needs.js, needs.first_sq)
+    # Each chunk's sums join the totals by compensated summation (`moments.compensated_add`).
+    terms = {}
     if needs.hidden == "gram":
-      hid = moments.update(hid, x2, yd_c) if cross else moments.update(hid, x2)
+      terms["hidden"] = moments.sums(x2, yd_c if cross else None)
     elif needs.hidden == "diag":
-      hid = moments.update_diag(hid, x2)
+      terms["hidden"] = moments.diag_sums(x2)
     if needs.first_sq:
-      first = {k: moments.update_diag(first[k], pre[k]) for k in first}
+      terms["first"] = {k: moments.diag_sums(pre[k]) for k in pre}
     if needs.inputs:
-      inp = moments.update(inp, h)
+      terms["inputs"] = moments.sums(h)
+    total, comp = moments.compensated_add(*sums, terms)
     if needs.js:
       js, rows = js + js_stats.js_sums(probs), rows + js_stats.js_rows(probs)
-    return (hid, first, inp, js, rows), x2
+    return ((total, comp), js, rows), x2
 
   h0 = L.norm(cfg, norm_p, xp[0])
   shapes = jax.eval_shape(lambda h: A.inner_parts(kind, cfg, p, h, positions, False, needs.first_sq), h0)
   U2, D = shapes[0].shape[-1], xp.shape[-1]
-  hid = {"none": None, "diag": moments.init_diag(U2), "gram": moments.init(U2, D if cross else None)}[needs.hidden]
-  first = {k: moments.init_diag(v.shape[-1]) for k, v in shapes[2].items()} if needs.first_sq else None
+  zeros = {}
+  if needs.hidden != "none":
+    zeros["hidden"] = moments.init_diag(U2) if needs.hidden == "diag" else moments.init(U2, D if cross else None)
+  if needs.first_sq:
+    zeros["first"] = {k: moments.init_diag(v.shape[-1]) for k, v in shapes[2].items()}
+  if needs.inputs:
+    zeros["inputs"] = moments.init(D)
   N = A.num_units(kind, p) if kind is A.ATTN else 1
-  init = (hid, first, moments.init(D) if needs.inputs else None, jnp.zeros((N, N), F32), jnp.zeros((), F32))
-  (hid, first, inp, js, rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
-  return HiddenOut(x2, hid, first, inp, js if needs.js else None, rows)
+  init = ((zeros, zeros), jnp.zeros((N, N), F32), jnp.zeros((), F32))
+  ((total, _), js, rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
+  return HiddenOut(x2, total.get("hidden"), total.get("first"), total.get("inputs"), js if needs.js else None, rows)
 
 
 @jax.jit
@@ -163,6 +171,24 @@ def second_apply(x2, w2, b2, xp, yd):
 
   err, xp_next = jax.lax.scan(body, jnp.zeros((), F32), (x2, xp, yd))
   return xp_next, err
+
+
+@jax.jit
+def second_out(x2, w2, b2):
+  """The second level's output X2 W2 + b2 of every chunk, a stream [C,B,T,D] (what
+  `second_apply` adds to the stream, computed the same way)."""
+
+  def body(_, x2_c):
+    y = jnp.einsum("btu,ud->btd", x2_c, w2.astype(x2_c.dtype), preferred_element_type=F32) + b2.astype(F32)
+    return None, y.astype(jnp.result_type(x2_c, w2))
+
+  return jax.lax.scan(body, None, x2)[1]
+
+
+@jax.jit
+def energy(y):
+  """sum ||y||^2 in float32."""
+  return _sq(y)
 
 
 @jax.jit
