@@ -144,6 +144,51 @@ class LayerPlan:
   channels: int  # MLP channels to keep
 
 
+@dataclasses.dataclass
+class Budget:
+  """The parameter budget of a layer-by-layer run: how many units each module keeps.
+
+  Attention keeps query heads and KV heads: the plan's (adaptive) or the uniform
+  pair closest to its ratio; under GQA the same number of query heads may sit in
+  fewer, fuller groups, which frees different parameters, so the KV count is
+  part of the shape (None: uneven groups, no constraint). The MLP keeps the
+  channels that take the rest of the block's target. Adaptive plans and
+  `carry=True` (rounding="carry") carry what earlier blocks kept beyond (or
+  below) theirs, so the total lands on the budget; otherwise every block rounds
+  alike and every pruned block has one shape (the budget error is reported).
+  """
+
+  sparsity: float
+  attn_sparsity: float | None = None
+  free_groups: bool = False
+  carry_rounding: bool = False
+  carry: float = 0.0  # parameters kept beyond the running budget
+
+  def heads(self, layer: LayerSpec, dense_layer: LayerSpec, costs: Costs, plan=None) -> tuple[int, int | None]:
+    """(query heads, KV heads or None) the attention module of `layer` keeps."""
+    free = self.free_groups or layer.kv_map is not None
+    if plan is not None:
+      return plan.heads, None if free else kv_heads_after(dense_layer, plan.heads, self.free_groups)
+    ratio = self.sparsity if self.attn_sparsity is None else self.attn_sparsity
+    n, k = uniform_head_pair(layer, costs, ratio, self.free_groups)
+    return n, None if free else k
+
+  def channels(self, layer: LayerSpec, dense_layer: LayerSpec, costs: Costs, dense_params: int,
+               attn_kept: tuple[int, int], plan=None) -> int:
+    """MLP channels the block keeps once its attention kept `attn_kept` (query heads, KV
+    heads); updates the carry. `dense_params`: the dense block's parameter count."""
+    if plan is not None:
+      target = costs.attn(plan.heads, kv_heads_after(dense_layer, plan.heads, self.free_groups)) + costs.mlp(
+          plan.channels)
+    else:
+      target = (1 - self.sparsity) * dense_params
+    carry = self.carry if plan is not None or self.carry_rounding else 0.0
+    attn_params = costs.attn(*attn_kept)
+    n = channels_for_budget(costs, target - attn_params - carry, layer.ffn_dim)
+    self.carry += attn_params + costs.mlp(n) - target
+    return n
+
+
 def min_units(min_keep: float, n: int) -> int:
   """Units of `n` that a module keeps under `min_keep` (at least one)."""
   return max(1, math.ceil(min_keep * n))

@@ -2,9 +2,16 @@
 
 For each block in order, attention then MLP: collect statistics on the dense
 and the pruned activation streams -> (optional) two-step reconstruction ->
-score -> select -> slice -> (optional) refit -> advance both streams. The loop
-is plain Python around the jitted passes of `jaxprune.stats.passes`; parameters
-are transformed by pure functions and the input model is never modified.
+score -> select -> slice -> (optional) refit -> advance both streams. One
+module's step is the function `prune_module(context, block, streams, shape) ->
+ModuleStep(block', layer', streams', report row, ...)`, which changes none of its
+arguments; the loop around it is plain Python that keeps the budget
+(`allocate.Budget`) and the report, and calls the jitted passes of
+`jaxprune.stats.passes`. The input model is never modified.
+
+With adaptive allocation the plan runs the dense model over the calibration
+windows first; its module outputs are kept on disk (`jaxprune.stats.dense_outputs`)
+and the layer loop reads them instead of running the dense model again.
 
 Each module costs only what the run needs (`jaxprune.stats.needs`): the dense
 stream exists only when something solves against (or measures errors against)
@@ -26,7 +33,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -339,212 +346,40 @@ def _sum(trees):
   return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees) if trees else None
 
 
-class _Pruner:
-  """State of one pruning run: streams, the evolving parameters, the report."""
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What one module's step reads and never changes: the run's configuration, its
+  criterion, the mesh, the biases every block ends with, the criterion's prepared
+  extras and the plan's stored dense outputs."""
 
-  def __init__(self, model: Model, config: PruneConfig, mesh, progress):
-    self.config = config
-    self.crit = criteria.get(config.method)
-    self.mesh = mesh
-    self.progress = progress or (lambda event: None)
-    self.dense = model
-    self.spec = model.spec
-    self.params = dict(model.params)
-    self.blocks = list(model.params["layers"])
-    self.layer_specs = list(model.spec.layers)
-    self.rng = np.random.default_rng(config.seed)
-    self.modules: list[dict] = []
-    self.start, self.stop = config.block_range(model.spec)
+  config: PruneConfig
+  crit: Any
+  mesh: Any
+  bias_after: dict
+  with_dense: bool = False
+  extra: dict | None = None  # what the criterion's prepare() computed
+  dense_outputs: dense_outputs_lib.DenseOutputs | None = None  # the plan's dense module outputs
+
+  @classmethod
+  def of(cls, model: Model, config: PruneConfig, mesh) -> "StepContext":
     # A fitted intercept adds biases. Hugging Face's LLaMA config has one flag for
     # the q, k, v and o biases and one for gate, up and down, so an added bias
     # comes with zero biases for its siblings (counted in the budget).
     adds = config.intercept and (config.reconstruct or config.refit) or config.compensate
     s = model.spec
-    self.bias_after = dict(qkv_bias=s.qkv_bias or adds, o_bias=s.o_bias or adds, mlp_bias=s.mlp_bias or adds)
-    self.carry = 0.0  # parameters kept beyond the running budget
-    self.extra: dict | None = None  # what the criterion's prepare() computed
+    ctx = cls(config, criteria.get(config.method), mesh,
+              dict(qkv_bias=s.qkv_bias or adds, o_bias=s.o_bias or adds, mlp_bias=s.mlp_bias or adds))
     # The dense stream is carried only when some module solves against (or measures
     # errors against) the dense model's outputs.
-    self.with_dense = any(self.needs(kind, True).dense for kind in (A.ATTN, A.MLP))
-    self.passes: dict[str, int] = {}
-    self.phase_seconds: dict[str, float] = {}
-    self.plan_phase_seconds: dict[str, float] = {}
-    self.dense_outputs: dense_outputs_lib.DenseOutputs | None = None  # the plan's dense module outputs
-
-  @contextlib.contextmanager
-  def phase(self, name: str, plan: bool = False):
-    """Adds the wall time of the block to phase `name` of the layer loop (or, with `plan`,
-    of the plan); what it computes is waited for inside."""
-    into = self.plan_phase_seconds if plan else self.phase_seconds
-    t = time.perf_counter()
-    try:
-      yield
-    finally:
-      into[name] = into.get(name, 0.0) + time.perf_counter() - t
+    return dataclasses.replace(ctx, with_dense=any(ctx.needs(kind, True).dense for kind in (A.ATTN, A.MLP)))
 
   def needs(self, kind, scores: bool) -> needs_lib.ModuleNeeds:
     js = kind is A.ATTN and self.config.heads == "similarity" and scores
     return needs_lib.module_needs(self.config, self.crit.needs, kind, scores, js)
 
-  def count(self, name: str, n: int = 1):
-    self.passes[name] = self.passes.get(name, 0) + n
-
-  # -- budget ---------------------------------------------------------------
-  def costs(self, i: int) -> allocate.Costs:
-    return allocate.Costs.of(self.spec, self.layer_specs[i], **self.bias_after)
-
-  def dense_block_params(self, i: int) -> int:
-    return block_param_count(self.dense.params["layers"][i])
-
-  def layer_target(self, i: int) -> float:
-    return (1 - self.config.sparsity) * self.dense_block_params(i)
-
-  # -- one module -----------------------------------------------------------
-  def module(self, kind: A.ModuleKind, i: int, groups: list["_Group"], xs, plan, tau):
-    """Prunes one module; returns the groups' and the score stream's next activations."""
-    c = self.config
-    t0 = time.perf_counter()
-    blk, layer = self.blocks[i], self.layer_specs[i]
-    cfg = L.block_config(self.spec.with_layers(self.layer_specs), i)
-    norm_p, p0 = blk[kind.norm_key], blk[kind.key]
-    pos = _positions(groups[0].xp.shape[2])
-    rep: dict[str, Any] = {"layer": i, "module": kind.name}
-    grid = DAMPING_GRID if c.auto_damping else None
-
-    # How many units stay is known before the statistics (the budget and plan
-    # decide it); a module that keeps them all is not scored.
-    shape = self.keep_shape(kind, i, layer, plan)
-    n_units = A.num_units(kind, p0)
-    scored = shape[0] < n_units or (kind is A.ATTN and c.heads == "similarity" and tau is not None)
-    nd = self.needs(kind, scored)
-
-    douts = [None] * len(groups)
-    if self.with_dense:
-      with self.phase("statistics"):
-        douts = self.stored_dense(kind, i, groups, nd)
-        if douts is None:
-          douts = jax.block_until_ready([
-              passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error)
-              for g in groups])
-          self.count("dense_pass", len(groups))
-        else:
-          self.count("dense_read", len(groups))
-    p1 = p0
-    if c.reconstruct:
-      parts = []
-      for d in douts:
-        w1a, xty = _first_level_targets(kind, p0, d.m_in)
-        parts.append(_Part(d.m_in, xty, d.yy1))
-      icpt = c.intercept or _has_bias(kind, p0, "first")
-      with self.phase("solves"):
-        sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
-      self.count("solve", 1 + len(grid or ()))
-      if sol is not None:
-        p1 = A.with_first_level(kind, p0, *sol)
-
-    with self.phase("statistics"):
-      hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, None if d is None else d.yd, pos, nd.calib)
-              for g, d in zip(groups, douts)]
-      hs = None
-      if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
-        hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score)
-      elif xs is not None:
-        hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds())
-      hids, hs = jax.block_until_ready((hids, hs))
-    self.count("hidden_pass", len(groups) + (hs is not None))
-    if c.shrink and nd.calib.hidden == "gram":
-      w2, b2 = A.second_level(kind, p1)
-      w2a = jnp.concatenate([w2, b2[None]], axis=0)
-      hids = [h._replace(hidden=moments.shrink(h.hidden, c.shrink, w2a)) for h in hids]
-    m2 = _sum([h.hidden for h in hids])
-    js = None
-    if nd.calib.js:
-      js = sum(h.js for h in hids) / max(sum(float(h.rows) for h in hids), 1.0)
-    p2 = p1
-    if c.reconstruct:
-      m2_parts = [_Part(h.hidden, h.hidden.xy, d.yy) for h, d in zip(hids, douts)]
-      w2, b2 = A.second_level(kind, p1)
-      w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
-      icpt = c.intercept or _has_bias(kind, p1, "second")
-      with self.phase("solves"):
-        sol, rep["second_level"] = _solve_level(m2_parts, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} W2")
-      self.count("solve", 1 + len(grid or ()))
-      if sol is not None:
-        p2 = A.with_second_level(kind, p1, *sol)
-
-    if scored:
-      t1 = time.perf_counter()
-      with self.phase("scoring"):
-        # MLP channels are kept by plain ranking, so the criterion need rank only the ones that go.
-        n_remove = n_units - shape[0] if kind is A.MLP else None
-        stats = self.score_stats(kind, i, layer, p2, hids, m2, js, hs if nd.score is not None else None, n_remove)
-        scores = np.asarray(self.crit.score(kind, p2, stats), np.float64)
-        keep = self.select(kind, layer, scores, js, shape, tau, rep)
-      rep["score_seconds"] = time.perf_counter() - t1
-    else:
-      keep = np.arange(n_units, dtype=np.int32)
-
-    t_surgery = time.perf_counter()
-    blk2 = {**blk, kind.key: p2}
-    if kind is A.ATTN:
-      blk2, layer2 = surgery.prune_heads(blk2, layer, keep, free_groups=c.free_groups)
-    else:
-      blk2, layer2 = surgery.prune_channels(blk2, layer, keep)
-    idx = _x2_index(kind, p2, keep)
-    if c.compensate:
-      w2, b2 = A.second_level(kind, p2)
-      gone = np.setdiff1d(np.arange(w2.shape[0]), idx)
-      b2 = b2 + jnp.matmul(m2.mean[gone], w2[gone].astype(jnp.float32), precision="highest")
-      blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], A.second_level(kind, blk2[kind.key])[0], b2)}
-    self.phase_seconds["surgery"] = self.phase_seconds.get("surgery", 0.0) + time.perf_counter() - t_surgery
-    if c.refit:
-      # The kept channels' sums are cut on the host where the solves run there (one
-      # shape per kept width: no gather compiled for each).
-      on_host = reconstruct.lapack_solves() and all(surgery._on_host(h.hidden.xx) for h in hids)
-      cut = (lambda m: moments.subset(moments.Moments(np.asarray(m.xx), np.asarray(m.xy)), idx)) if on_host else (
-          lambda m: moments.subset(m, idx))
-      subs = [_Part(sub, sub.xy, d.yy) for sub, d in ((cut(h.hidden), d) for h, d in zip(hids, douts))]
-      icpt = self.second_intercept(kind, blk2[kind.key])
-      w2, b2 = A.second_level(kind, blk2[kind.key])
-      w2a = np.concatenate([np.asarray(w2), np.asarray(b2)[None]], axis=0).astype(np.float32) if on_host else (
-          jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
-      with self.phase("solves"):
-        sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
-      self.count("solve", 1 + len(grid or ()))
-      if sol is not None:
-        blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], *sol)}
-    with self.phase("surgery"):
-      blk2 = self.fill_biases(blk2)
-      self.blocks[i], self.layer_specs[i] = blk2, layer2
-      w2f, b2f = _full_width_second(kind, blk2[kind.key], idx, hids[0].x2.shape[-1])
-
-    # Both streams advance: the dense one by the dense outputs already computed, the
-    # pruned one by the final second level on the X2 its statistics pass kept.
-    with self.phase("advance"):
-      nxt, err_out = [], 0.0
-      for g, d, h in zip(groups, douts, hids):
-        xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd)
-        nxt.append(_Group(None if d is None else passes.add(g.xd, d.yd), xp_next))
-        err_out += float(e)
-      xs_next = None if hs is None else jax.block_until_ready(passes.second_apply(hs.x2, w2f, b2f, xs, None)[0])
-    self.count("second_apply", len(groups) + (hs is not None))
-
-    if self.with_dense:
-      yy = max(sum(float(d.yy) for d in douts), 1e-30)
-      if nd.inherited_error:
-        rep["error_inherited"] = sum(float(d.err) for d in douts) / yy
-      if c.reconstruct:
-        lvl = rep["second_level"]
-        rep["error_reconstructed"] = lvl["residual_before"] if lvl["kept_original"] else lvl["residual_after"]
-      rep["error_after"] = err_out / yy
-    rep["units_before"] = int(n_units)
-    rep["units_after"] = int(len(keep))
-    rep["kept"] = [int(k) for k in keep]
-    rep["scored"] = bool(scored)
-    rep["seconds"] = time.perf_counter() - t0
-    self.modules.append(rep)
-    self.progress({"event": "module", **rep})
-    return nxt, xs_next
+  def plan_standardizes(self) -> bool:
+    """Whether adaptive allocation standardizes the criterion's scores over all units."""
+    return not (self.crit.prescaled or self.crit.stream_costs)
 
   def stored_dense(self, kind, i: int, groups, nd) -> list | None:
     """The module's dense outputs from the plan's store, split like the groups (None:
@@ -579,10 +414,6 @@ class _Pruner:
           kw[name] = self.extra[name][i][kind.key]
     return kw
 
-  def plan_standardizes(self) -> bool:
-    """Whether adaptive allocation standardizes the criterion's scores over all units."""
-    return not (self.crit.prescaled or self.crit.stream_costs)
-
   def score_stats(self, kind, i, layer, p2, hids, m2, js, hs, n_remove=None) -> ModuleStats:
     """What the criterion sees: the calibration windows' statistics (pruned stream), the
     random-token stream's `hs` (score_data="random"), or none (identity)."""
@@ -593,40 +424,6 @@ class _Pruner:
     if hs is not None:
       return ModuleStats(inputs=hs.inputs, hidden=hs.hidden, first=hs.first, **kw)
     return ModuleStats(inputs=_sum([h.inputs for h in hids]), hidden=m2, first=_sum([h.first for h in hids]), **kw)
-
-  def keep_shape(self, kind, i, layer, plan) -> tuple[int, int | None]:
-    """(units to keep, KV heads to keep or None) of block i's module, as the budget was costed.
-
-    Attention: query heads and KV heads. Under GQA the same number of query heads
-    may sit in fewer, fuller groups (6 of 9 heads in 2 or 3 groups on SmolLM2),
-    which frees different parameters; None: no constraint (uneven groups).
-    MLP: the channels that take the rest of the block's budget. Adaptive plans and
-    rounding="carry" carry what earlier blocks kept beyond (or below) theirs, so
-    the total lands on the budget; uniform "once" rounds every block alike, so
-    every pruned block has one shape (the budget error is reported).
-    """
-    c = self.config
-    costs = self.costs(i)
-    if kind is A.ATTN:
-      free = c.free_groups or layer.kv_map is not None
-      if plan is not None:
-        lp = self.dense.spec.layers[i]
-        return plan.heads, None if free else allocate.kv_heads_after(lp, plan.heads, c.free_groups)
-      ratio = c.sparsity if c.attn_sparsity is None else c.attn_sparsity
-      n, k = allocate.uniform_head_pair(layer, costs, ratio, c.free_groups)
-      return n, None if free else k
-    if plan is not None:
-      lp = self.dense.spec.layers[i]
-      target = costs.attn(plan.heads, allocate.kv_heads_after(lp, plan.heads, c.free_groups)) + costs.mlp(
-          plan.channels)
-    else:
-      target = self.layer_target(i)
-    carry = self.carry if plan is not None or c.rounding == "carry" else 0.0
-    attn = self.blocks[i]["attn"]
-    attn_params = costs.attn(attn["q"]["kernel"].shape[1], attn["k"]["kernel"].shape[1])
-    n = allocate.channels_for_budget(costs, target - attn_params - carry, layer.ffn_dim)
-    self.carry += attn_params + costs.mlp(n) - target
-    return n, None
 
   def select(self, kind, layer, scores, js, shape, tau, rep) -> np.ndarray:
     c = self.config
@@ -660,6 +457,280 @@ class _Pruner:
         if "bias" not in mlp[k]:
           mlp[k] = {**mlp[k], "bias": zeros(mlp[k]["kernel"].shape[-1:], mlp[k]["kernel"].dtype)}
     return {**blk, "attn": attn, "mlp": mlp}
+
+
+
+
+class ModuleStep(NamedTuple):
+  """What `prune_module` returns.
+
+  Attributes:
+    block: the block with the module pruned (and refit), biases filled in.
+    layer: the block's sizes after it.
+    groups: the calibration groups' streams entering the next module.
+    xs: the random-token scoring stream entering the next module (or None).
+    report: the module's report row.
+    passes: kernel calls made, by kind.
+    seconds: wall seconds by phase.
+  """
+
+  block: Any
+  layer: Any
+  groups: list
+  xs: Any
+  report: dict
+  passes: dict
+  seconds: dict
+
+
+class _Meter:
+  """Wall seconds by phase and call counts of one step."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self.passes: dict[str, int] = {}
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    """Adds the wall time of the block to phase `name` (what it computes is waited for inside)."""
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+  def count(self, name: str, n: int = 1):
+    self.passes[name] = self.passes.get(name, 0) + n
+
+
+def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: L.BlockConfig,
+                 groups: list["_Group"], xs, shape: tuple[int, int | None], tau) -> ModuleStep:
+  """One module's step: statistics -> (reconstruction) -> scores -> selection -> surgery ->
+  (refit) -> both streams advanced. A function of its arguments: it changes none of them.
+
+  Args:
+    ctx: the run's fixed context.
+    kind, i: the module (attention or MLP) of block i.
+    blk, layer: the block's parameters and sizes entering the step.
+    cfg: the block's config.
+    groups, xs: the activation streams entering the module.
+    shape: (units to keep, KV heads to keep or None), from the budget (`allocate.Budget`).
+    tau: the similarity threshold of heads="similarity", or None.
+  """
+  c = ctx.config
+  meter = _Meter()
+  t0 = time.perf_counter()
+  norm_p, p0 = blk[kind.norm_key], blk[kind.key]
+  pos = _positions(groups[0].xp.shape[2])
+  rep: dict[str, Any] = {"layer": i, "module": kind.name}
+  grid = DAMPING_GRID if c.auto_damping else None
+
+  # How many units stay is known before the statistics (the budget and plan
+  # decide it); a module that keeps them all is not scored.
+  n_units = A.num_units(kind, p0)
+  scored = shape[0] < n_units or (kind is A.ATTN and c.heads == "similarity" and tau is not None)
+  nd = ctx.needs(kind, scored)
+
+
+
+  douts = [None] * len(groups)
+  if ctx.with_dense:
+    with meter.phase("statistics"):
+      douts = ctx.stored_dense(kind, i, groups, nd)
+      if douts is None:
+        douts = jax.block_until_ready([
+            passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error)
+            for g in groups])
+        meter.count("dense_pass", len(groups))
+      else:
+        meter.count("dense_read", len(groups))
+  p1 = p0
+  if c.reconstruct:
+    parts = []
+    for d in douts:
+      w1a, xty = _first_level_targets(kind, p0, d.m_in)
+      parts.append(_Part(d.m_in, xty, d.yy1))
+    icpt = c.intercept or _has_bias(kind, p0, "first")
+    with meter.phase("solves"):
+      sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
+    meter.count("solve", 1 + len(grid or ()))
+    if sol is not None:
+      p1 = A.with_first_level(kind, p0, *sol)
+
+  with meter.phase("statistics"):
+    hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, None if d is None else d.yd, pos, nd.calib)
+            for g, d in zip(groups, douts)]
+    hs = None
+    if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
+      hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score)
+    elif xs is not None:
+      hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds())
+    hids, hs = jax.block_until_ready((hids, hs))
+  meter.count("hidden_pass", len(groups) + (hs is not None))
+  if c.shrink and nd.calib.hidden == "gram":
+    w2, b2 = A.second_level(kind, p1)
+    w2a = jnp.concatenate([w2, b2[None]], axis=0)
+    hids = [h._replace(hidden=moments.shrink(h.hidden, c.shrink, w2a)) for h in hids]
+  m2 = _sum([h.hidden for h in hids])
+  js = None
+  if nd.calib.js:
+    js = sum(h.js for h in hids) / max(sum(float(h.rows) for h in hids), 1.0)
+  p2 = p1
+  if c.reconstruct:
+    m2_parts = [_Part(h.hidden, h.hidden.xy, d.yy) for h, d in zip(hids, douts)]
+    w2, b2 = A.second_level(kind, p1)
+    w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
+    icpt = c.intercept or _has_bias(kind, p1, "second")
+    with meter.phase("solves"):
+      sol, rep["second_level"] = _solve_level(m2_parts, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} W2")
+    meter.count("solve", 1 + len(grid or ()))
+    if sol is not None:
+      p2 = A.with_second_level(kind, p1, *sol)
+
+  if scored:
+    t1 = time.perf_counter()
+    with meter.phase("scoring"):
+      # MLP channels are kept by plain ranking, so the criterion need rank only the ones that go.
+      n_remove = n_units - shape[0] if kind is A.MLP else None
+      stats = ctx.score_stats(kind, i, layer, p2, hids, m2, js, hs if nd.score is not None else None, n_remove)
+      scores = np.asarray(ctx.crit.score(kind, p2, stats), np.float64)
+      keep = ctx.select(kind, layer, scores, js, shape, tau, rep)
+    rep["score_seconds"] = time.perf_counter() - t1
+  else:
+    keep = np.arange(n_units, dtype=np.int32)
+
+  t_surgery = time.perf_counter()
+  blk2 = {**blk, kind.key: p2}
+  if kind is A.ATTN:
+    blk2, layer2 = surgery.prune_heads(blk2, layer, keep, free_groups=c.free_groups)
+  else:
+    blk2, layer2 = surgery.prune_channels(blk2, layer, keep)
+  idx = _x2_index(kind, p2, keep)
+  if c.compensate:
+    # FLAP's compensation, on the host in float64: on the device each count of removed
+    # channels would compile its own gather and product.
+    w2, b2 = A.second_level(kind, p2)
+    gone = np.setdiff1d(np.arange(w2.shape[0]), idx)
+    shift = np.asarray(m2.mean, np.float64)[gone] @ np.asarray(w2, np.float64)[gone]
+    b2 = (np.asarray(b2, np.float64) + shift).astype(np.float32)
+    blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], A.second_level(kind, blk2[kind.key])[0], b2)}
+  meter.seconds["surgery"] = meter.seconds.get("surgery", 0.0) + time.perf_counter() - t_surgery
+  if c.refit:
+    # The kept channels' sums are cut on the host where the solves run there (one
+    # shape per kept width: no gather compiled for each).
+    on_host = reconstruct.lapack_solves() and all(surgery._on_host(h.hidden.xx) for h in hids)
+    cut = (lambda m: moments.subset(moments.Moments(np.asarray(m.xx), np.asarray(m.xy)), idx)) if on_host else (
+        lambda m: moments.subset(m, idx))
+    subs = [_Part(sub, sub.xy, d.yy) for sub, d in ((cut(h.hidden), d) for h, d in zip(hids, douts))]
+    icpt = ctx.second_intercept(kind, blk2[kind.key])
+    w2, b2 = A.second_level(kind, blk2[kind.key])
+    w2a = np.concatenate([np.asarray(w2), np.asarray(b2)[None]], axis=0).astype(np.float32) if on_host else (
+        jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
+    with meter.phase("solves"):
+      sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
+    meter.count("solve", 1 + len(grid or ()))
+    if sol is not None:
+      blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], *sol)}
+  with meter.phase("surgery"):
+    blk2 = ctx.fill_biases(blk2)
+    w2f, b2f = _full_width_second(kind, blk2[kind.key], idx, hids[0].x2.shape[-1])
+
+  # Both streams advance: the dense one by the dense outputs already computed, the
+  # pruned one by the final second level on the X2 its statistics pass kept.
+  with meter.phase("advance"):
+    nxt, err_out = [], 0.0
+    for g, d, h in zip(groups, douts, hids):
+      xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd)
+      nxt.append(_Group(None if d is None else passes.add(g.xd, d.yd), xp_next))
+      err_out += float(e)
+    xs_next = None if hs is None else jax.block_until_ready(passes.second_apply(hs.x2, w2f, b2f, xs, None)[0])
+  meter.count("second_apply", len(groups) + (hs is not None))
+
+  if ctx.with_dense:
+    yy = max(sum(float(d.yy) for d in douts), 1e-30)
+    if nd.inherited_error:
+      rep["error_inherited"] = sum(float(d.err) for d in douts) / yy
+    if c.reconstruct:
+      lvl = rep["second_level"]
+      rep["error_reconstructed"] = lvl["residual_before"] if lvl["kept_original"] else lvl["residual_after"]
+    rep["error_after"] = err_out / yy
+  rep["units_before"] = int(n_units)
+  rep["units_after"] = int(len(keep))
+  rep["kept"] = [int(k) for k in keep]
+  rep["scored"] = bool(scored)
+  rep["seconds"] = time.perf_counter() - t0
+  return ModuleStep(blk2, layer2, nxt, xs_next, rep, meter.passes, meter.seconds)
+
+
+
+class _Pruner:
+  """State of one pruning run: the evolving blocks, the budget, the report rows."""
+
+  def __init__(self, model: Model, config: PruneConfig, mesh, progress):
+    self.config = config
+    self.ctx = StepContext.of(model, config, mesh)
+    self.crit = self.ctx.crit
+    self.mesh = mesh
+    self.progress = progress or (lambda event: None)
+    self.dense = model
+    self.spec = model.spec
+    self.params = dict(model.params)
+    self.blocks = list(model.params["layers"])
+    self.layer_specs = list(model.spec.layers)
+    self.modules: list[dict] = []
+    self.start, self.stop = config.block_range(model.spec)
+    self.budget = allocate.Budget(config.sparsity, config.attn_sparsity, config.free_groups,
+                                  carry_rounding=config.rounding == "carry")
+    self.passes: dict[str, int] = {}
+    self.phase_seconds: dict[str, float] = {}
+    self.plan_phase_seconds: dict[str, float] = {}
+
+  @property
+  def with_dense(self) -> bool:
+    return self.ctx.with_dense
+
+  @contextlib.contextmanager
+  def phase(self, name: str, plan: bool = False):
+    """Adds the wall time of the block to phase `name` of the layer loop (or, with `plan`,
+    of the plan); what it computes is waited for inside."""
+    into = self.plan_phase_seconds if plan else self.phase_seconds
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      into[name] = into.get(name, 0.0) + time.perf_counter() - t
+
+  # -- budget ---------------------------------------------------------------
+  def costs(self, i: int) -> allocate.Costs:
+    return allocate.Costs.of(self.spec, self.layer_specs[i], **self.ctx.bias_after)
+
+  def dense_block_params(self, i: int) -> int:
+    return block_param_count(self.dense.params["layers"][i])
+
+  def keep_shape(self, kind, i, layer, plan) -> tuple[int, int | None]:
+    """(units to keep, KV heads to keep or None) of block i's module (`allocate.Budget`)."""
+    dense_layer = self.dense.spec.layers[i]
+    if kind is A.ATTN:
+      return self.budget.heads(layer, dense_layer, self.costs(i), plan)
+    attn = self.blocks[i]["attn"]
+    kept = (attn["q"]["kernel"].shape[1], attn["k"]["kernel"].shape[1])
+    return self.budget.channels(layer, dense_layer, self.costs(i), self.dense_block_params(i), kept, plan), None
+
+  # -- one module -----------------------------------------------------------
+  def module(self, kind: A.ModuleKind, i: int, groups: list["_Group"], xs, plan, tau):
+    """Prunes one module (`prune_module`) and records its result; returns the next streams."""
+    layer = self.layer_specs[i]
+    cfg = L.block_config(self.spec.with_layers(self.layer_specs), i)
+    shape = self.keep_shape(kind, i, layer, plan)
+    step = prune_module(self.ctx, kind, i, self.blocks[i], layer, cfg, groups, xs, shape, tau)
+    self.blocks[i], self.layer_specs[i] = step.block, step.layer
+    for name, n in step.passes.items():
+      self.passes[name] = self.passes.get(name, 0) + n
+    for name, t in step.seconds.items():
+      self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + t
+    self.modules.append(step.report)
+    self.progress({"event": "module", **step.report})
+    return step.groups, step.xs
 
 
 def _rank01(x) -> np.ndarray:
@@ -707,8 +778,8 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
           if st.cross:
             w2a = jnp.concatenate([w2, b2[None]], axis=0)
             hidden = moments.shrink(moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a)), c.shrink, w2a)
-          kw = dict(pr.stats_kw(kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
-          if kind is A.MLP and not pr.plan_standardizes():
+          kw = dict(pr.ctx.stats_kw(kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
+          if kind is A.MLP and not pr.ctx.plan_standardizes():
             # Costs on one scale (not standardized over all units): the plan can remove at most
             # the channels above min_keep, so the criterion need rank only those.
             kw["n_remove"] = layer.ffn_dim - allocate.min_units(c.min_keep, layer.ffn_dim)
@@ -779,7 +850,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
 
   if pr.crit.prepare is not None:
     t0 = time.perf_counter()
-    pr.extra = pr.crit.prepare(model, np.asarray(calib), c)
+    pr.ctx = dataclasses.replace(pr.ctx, extra=pr.crit.prepare(model, np.asarray(calib), c))
     pr.phase_seconds["prepare"] = time.perf_counter() - t0
     log.info("criterion %s prepared in %.1fs", c.method, pr.phase_seconds["prepare"])
 
@@ -794,17 +865,18 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
     plans = {int(i): allocate.LayerPlan(*hc) for i, hc in resumed.state["plans"].items()}
     tau, plan_seconds = resumed.state["tau"], resumed.state["plan_seconds"]
     if resumed.state.get("dense_outputs"):
-      pr.dense_outputs = dense_outputs_lib.DenseOutputs(_dense_outputs_dir(checkpoint), durable=True)
-      stack.callback(pr.dense_outputs.close)
+      store = dense_outputs_lib.DenseOutputs(_dense_outputs_dir(checkpoint), durable=True)
+      stack.callback(store.close)
+      pr.ctx = dataclasses.replace(pr.ctx, dense_outputs=store)
   elif c.allocation == "adaptive":
     t0 = time.perf_counter()
     calib_tokens = np.concatenate(tokens)
     # The plan scores the windows the criterion scores in the layer loop.
-    score_tokens = s_tokens if pr.needs(A.MLP, True).score is not None else calib_tokens
+    score_tokens = s_tokens if pr.ctx.needs(A.MLP, True).score is not None else calib_tokens
     js_here = need_tau and score_tokens is calib_tokens
     store = _open_dense_outputs(pr, calib_tokens, ckpt, stack) if score_tokens is calib_tokens else None
     head_s, chan_s, Ds = _dense_scores(pr, score_tokens, want_js=js_here, store=store)
-    pr.dense_outputs = store
+    pr.ctx = dataclasses.replace(pr.ctx, dense_outputs=store)
     if need_tau and not js_here:  # head similarity is measured on the calibration windows
       Ds = _dense_scores(pr, calib_tokens, want_js=True, want_scores=False)[2]
     idx = list(range(pr.start, pr.stop))
@@ -814,7 +886,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
                   pr.costs(i).mlp(pr.layer_specs[i].ffn_dim) - pr.dense_block_params(i) for i in idx)
     plans = allocate.adaptive(idx, [pr.layer_specs[i] for i in idx], [pr.costs(i) for i in idx],
                               [head_s[i] for i in idx], [chan_s[i] for i in idx], budget, c.free_groups,
-                              standardize=pr.plan_standardizes(),
+                              standardize=pr.ctx.plan_standardizes(),
                               per_param=pr.crit.stream_costs, min_keep=c.min_keep)
     if need_tau:
       n_drop = sum(pr.layer_specs[i].num_heads - plans[i].heads for i in idx)
@@ -848,7 +920,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
     else:
       break  # nothing after the range changes
 
-  blocks = [pr.fill_biases(b) for b in pr.blocks]
+  blocks = [pr.ctx.fill_biases(b) for b in pr.blocks]
   params = {**model.params, "layers": tuple(blocks)}
   spec = spec_from_params(model.spec.with_layers(pr.layer_specs), params)
   pruned = Model.checked(spec, params, model.source)
@@ -890,10 +962,10 @@ def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> No
       streams[f"xd_{g}"] = np.asarray(grp.xd)
   if xs is not None:
     streams["xs"] = np.asarray(xs)
-  state = {"carry": pr.carry, "modules": pr.modules, "passes": pr.passes, "phase_seconds": pr.phase_seconds,
+  state = {"carry": pr.budget.carry, "modules": pr.modules, "passes": pr.passes, "phase_seconds": pr.phase_seconds,
            "plans": {str(k): [v.heads, v.channels] for k, v in plans.items()}, "tau": tau,
            "plan_seconds": plan_seconds, "plan_phase_seconds": pr.plan_phase_seconds,
-           "dense_outputs": pr.dense_outputs is not None}
+           "dense_outputs": pr.ctx.dense_outputs is not None}
   ckpt.save(i, pr.blocks[i], pr.layer_specs[i], streams, state)
 
 
@@ -902,7 +974,7 @@ def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
   for i, blk in resumed.blocks.items():
     pr.blocks[i], pr.layer_specs[i] = blk, resumed.layer_specs[i]
   st = resumed.state
-  pr.carry, pr.modules = st["carry"], list(st["modules"])
+  pr.budget.carry, pr.modules = st["carry"], list(st["modules"])
   pr.passes, pr.phase_seconds = dict(st["passes"]), dict(st["phase_seconds"])
   pr.plan_phase_seconds = dict(st.get("plan_phase_seconds", {}))
   put = functools.partial(jax.device_put, device=sharding.stream_sharding(mesh))

@@ -100,3 +100,26 @@ def test_adaptive_per_param_ranks_costs_per_parameter_removed():
   raw = allocate.adaptive([0], [spec], [c], hs, cs, budget, standardize=False)
   assert per[0].heads == 3 and per[0].channels == 96
   assert raw[0].heads == 4  # ranked by raw cost, channels (cost 1-2) go before a head (cost ~ 0.5 * ratio)
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_budget_rounds_once_or_carries_to_land_on_the_total(carry):
+  """Uniform 'once': every block keeps the same channels (the error is the rounding of one
+  block, times the blocks); 'carry': each block makes up what the ones before kept beyond
+  theirs, so the total lands within one channel of the budget."""
+  layer = LayerSpec(4, 2, 16, 97)
+  costs = allocate.Costs(D=64, H=16, qkv_bias=False, o_bias=False, mlp_bias=False, gated=True)
+  dense = costs.attn(4, 2) + costs.mlp(97)
+  budget = allocate.Budget(0.3, attn_sparsity=0.0, carry_rounding=carry)
+  kept = []
+  for _ in range(7):
+    heads = budget.heads(layer, layer, costs)
+    assert heads == (4, 2)  # attn_sparsity 0: every head stays
+    kept.append(budget.channels(layer, layer, costs, dense, heads))
+  total = sum(costs.attn(4, 2) + costs.mlp(n) for n in kept)
+  target = 0.7 * dense * len(kept)
+  if carry:
+    assert abs(total - target) <= costs.per_channel / 2 + 1e-6 and len(set(kept)) > 1
+  else:
+    assert len(set(kept)) == 1 and abs(total - target) <= len(kept) * costs.per_channel / 2
+  assert budget.carry == pytest.approx(total - target)
