@@ -503,6 +503,14 @@ class _Meter:
     self.passes[name] = self.passes.get(name, 0) + n
 
 
+def _timed_solve(meter: _Meter, parts, w_aug, delta, grid, intercept, what):
+  """`_solve_level`, timed as the "solves" phase and counted."""
+  with meter.phase("solves"):
+    out = _solve_level(parts, w_aug, delta, grid, intercept, what)
+  meter.count("solve", 1 + len(grid or ()))
+  return out
+
+
 def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: L.BlockConfig,
                  groups: list["_Group"], xs, shape: tuple[int, int | None], tau) -> ModuleStep:
   """One module's step: statistics -> (reconstruction) -> scores -> selection -> surgery ->
@@ -551,9 +559,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       w1a, xty = _first_level_targets(kind, p0, d.m_in)
       parts.append(_Part(d.m_in, xty, d.yy1))
     icpt = c.intercept or _has_bias(kind, p0, "first")
-    with meter.phase("solves"):
-      sol, rep["first_level"] = _solve_level(parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
-    meter.count("solve", 1 + len(grid or ()))
+    sol, rep["first_level"] = _timed_solve(meter, parts, w1a, c.damping, grid, icpt, f"layer {i} {kind.name} W1")
     if sol is not None:
       p1 = A.with_first_level(kind, p0, *sol)
 
@@ -581,9 +587,8 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     w2, b2 = A.second_level(kind, p1)
     w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
     icpt = c.intercept or _has_bias(kind, p1, "second")
-    with meter.phase("solves"):
-      sol, rep["second_level"] = _solve_level(m2_parts, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} W2")
-    meter.count("solve", 1 + len(grid or ()))
+    sol, rep["second_level"] = _timed_solve(meter, m2_parts, w2a, c.damping, grid, icpt,
+                                            f"layer {i} {kind.name} W2")
     if sol is not None:
       p2 = A.with_second_level(kind, p1, *sol)
 
@@ -626,9 +631,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     w2, b2 = A.second_level(kind, blk2[kind.key])
     w2a = np.concatenate([np.asarray(w2), np.asarray(b2)[None]], axis=0).astype(np.float32) if on_host else (
         jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
-    with meter.phase("solves"):
-      sol, rep["refit"] = _solve_level(subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
-    meter.count("solve", 1 + len(grid or ()))
+    sol, rep["refit"] = _timed_solve(meter, subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
     if sol is not None:
       blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], *sol)}
   with meter.phase("surgery"):

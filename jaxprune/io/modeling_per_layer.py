@@ -48,7 +48,9 @@ def _resize_decoder_layers(model, config, layer_cfgs) -> None:
     _adopt(layers[i], layer_cfg, config)
 
 
-class JaxpruneLlamaForCausalLM(LlamaForCausalLM):
+class _PerLayerDecoder:
+  """Builds the family's model, then every layer at its own sizes."""
+
   def __init__(self, config):
     layer_cfgs = _layer_configs(config)
     super().__init__(config)
@@ -56,20 +58,16 @@ class JaxpruneLlamaForCausalLM(LlamaForCausalLM):
     self.post_init()
 
 
-class JaxpruneMistralForCausalLM(MistralForCausalLM):
-  def __init__(self, config):
-    layer_cfgs = _layer_configs(config)
-    super().__init__(config)
-    _resize_decoder_layers(self, config, layer_cfgs)
-    self.post_init()
+class JaxpruneLlamaForCausalLM(_PerLayerDecoder, LlamaForCausalLM):
+  pass
 
 
-class JaxpruneQwen2ForCausalLM(Qwen2ForCausalLM):
-  def __init__(self, config):
-    layer_cfgs = _layer_configs(config)
-    super().__init__(config)
-    _resize_decoder_layers(self, config, layer_cfgs)
-    self.post_init()
+class JaxpruneMistralForCausalLM(_PerLayerDecoder, MistralForCausalLM):
+  pass
+
+
+class JaxpruneQwen2ForCausalLM(_PerLayerDecoder, Qwen2ForCausalLM):
+  pass
 
 
 class JaxpruneGPT2LMHeadModel(GPT2LMHeadModel):
