@@ -47,7 +47,10 @@ if os.path.join(HERE, "..") not in sys.path:  # run from a checkout without `pip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  from jaxprune.cli.prune_cmd import parse_block_range  # argparse only: JAX is not initialised yet
+  # Building the options imports jaxprune (and JAX) but initialises no backend, so
+  # jax.distributed.initialize() can still come after.
+  from jaxprune import presets
+  from jaxprune.cli.prune_cmd import add_config_options
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See tpu_scripts/README.md.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,17 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--calib", default="random", help="calibration text file (the same on every host) or 'random'")
   p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-  p.add_argument("--sparsity", type=float, default=0.2)
-  p.add_argument("--method", default="goa")
-  p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument("--intercept", action="store_true")
-  p.add_argument("--damping", type=float, default=1e-3)
-  p.add_argument("--layers", type=parse_block_range, default=None, help="block range A:B to prune (default: all)")
-  p.add_argument("--batch-size", type=int, default=None,
-                 help="calibration windows per chunk (default: 16 rounded up to a multiple of --mesh-data)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--preset", default=None, choices=presets.names(),
+                 help="the recipe options start from (default: recommended; baseline with --method naming a "
+                 "published tool), as for `jaxprune prune`")
+  p.add_argument("--config", default=None, metavar="FILE.yaml",
+                 help="YAML file of PruneConfig fields; overrides the preset, and options here override it")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="parameter dtype for pruning (default float32; statistics are float32 either way)")
+  # Every PruneConfig field, as `jaxprune prune` has them (--batch-size unset: 16 rounded up
+  # to a multiple of the data axis).
+  add_config_options(p)
   mesh = p.add_argument_group("mesh")
   mesh.add_argument("--mesh-data", type=int, default=None,
                     help="devices on the `data` axis (default: all devices / --mesh-model)")
@@ -133,14 +135,20 @@ def init_distributed(args) -> str | None:
 
 
 def build_config(args, data: int):
-  from jaxprune.pipeline import PruneConfig
+  """The run's PruneConfig: preset < --config file < options, as `jaxprune prune` resolves it."""
+  import dataclasses
 
-  batch = args.batch_size
-  if batch is None:
-    batch = -(-16 // data) * data
-  return PruneConfig(sparsity=args.sparsity, method=args.method, reconstruct=args.reconstruct,
-                     intercept=args.intercept, damping=args.damping, layers=args.layers, batch_size=batch,
-                     seed=args.seed)
+  from jaxprune.cli.prune_cmd import resolve_config
+
+  config, _ = resolve_config(args)
+  if args.batch_size is None:
+    config = dataclasses.replace(config, batch_size=-(-16 // data) * data)
+  return config
+
+
+def _seed(args) -> int:
+  """The run's seed (the preset's unless --seed or the --config file sets it)."""
+  return build_config(args, 1).seed
 
 
 def calibration(args, model, tokenizer):
@@ -149,9 +157,9 @@ def calibration(args, model, tokenizer):
   from jaxprune.data.selfgen import random_tokens
 
   if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=args.seed)
+    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=_seed(args))
   stream = tokenize(tokenizer, read_text(args.calib))
-  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=args.seed, source=args.calib)
+  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=_seed(args), source=args.calib)
   return windows
 
 

@@ -48,7 +48,7 @@ def _show(value) -> str:
   return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _config_options(p) -> None:
+def add_config_options(p) -> None:
   """One option per PruneConfig field, with the field's help; unset options stay None so
   that the preset and the --config file decide (precedence: preset < file < flags)."""
   import dataclasses
@@ -108,7 +108,7 @@ def add_parser(sub):
   p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                  help="do not save each finished block's state in OUT.checkpoint (a killed run then starts over)")
   p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
-  _config_options(p)
+  add_config_options(p)
   return p
 
 
