@@ -672,8 +672,6 @@ class _Pruner:
   def __init__(self, model: Model, config: PruneConfig, mesh, progress):
     self.config = config
     self.ctx = StepContext.of(model, config, mesh)
-    self.crit = self.ctx.crit
-    self.mesh = mesh
     self.progress = progress or (lambda event: None)
     self.dense = model
     self.spec = model.spec
@@ -691,6 +689,14 @@ class _Pruner:
   @property
   def with_dense(self) -> bool:
     return self.ctx.with_dense
+
+  @property
+  def crit(self):
+    return self.ctx.crit
+
+  @property
+  def mesh(self):
+    return self.ctx.mesh
 
   @contextlib.contextmanager
   def phase(self, name: str, plan: bool = False):

@@ -116,7 +116,7 @@ def _own_residual(xx, xy, yy, w, delta, intercept: bool):
   return jnp.maximum(r, 0.0)
 
 
-def _host64(x) -> np.ndarray:
+def host64(x) -> np.ndarray:
   """`x` as a float64 numpy array on this host (gathered from a mesh if need be)."""
   return np.asarray(local_copy(x), np.float64)
 
@@ -141,7 +141,7 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   placed like `m.xx`.
   """
   if lapack_solves():
-    xx, xy64 = _host64(m.xx), _host64(xy)
+    xx, xy64 = host64(m.xx), host64(xy)
     for retry in range(MAX_RETRIES + 1):
       w = _solve_lapack(xx, xy64, float(delta), intercept)
       if w is not None and np.all(np.isfinite(w)):
@@ -150,7 +150,7 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
       delta *= 10
     else:
       _fail(what, delta)
-    res = None if yy is None else _own_residual_host(xx, xy64, float(_host64(yy)), w, float(delta))
+    res = None if yy is None else _own_residual_host(xx, xy64, float(host64(yy)), w, float(delta))
     w32 = w.astype(np.float32)
     if not isinstance(m.xx, np.ndarray):
       w32 = replicate_like(jax.device_put(w32), m.xx)
@@ -194,8 +194,8 @@ def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Arra
   """
   k = w.shape[0]
   if lapack_solves():
-    g, c, w64 = _host64(m.xx)[:k, :k], _host64(xy)[:k], _host64(w)
-    return np.float32(max(float(np.sum(w64 * (g @ w64)) - 2 * np.sum(w64 * c) + float(_host64(yy))), 0.0))
+    g, c, w64 = host64(m.xx)[:k, :k], host64(xy)[:k], host64(w)
+    return np.float32(max(float(np.sum(w64 * (g @ w64)) - 2 * np.sum(w64 * c) + float(host64(yy))), 0.0))
   with float64_solves():
     r = _residual(to_solve(m.xx)[:k, :k], to_solve(xy)[:k], to_solve(yy), to_solve(w))
     return jnp.asarray(r, jnp.float32)

@@ -50,7 +50,7 @@ import numpy as np
 
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
-from jaxprune.reconstruct import float64_solves, lapack_solves, to_solve
+from jaxprune.reconstruct import float64_solves, host64, lapack_solves, to_solve
 from jaxprune.spec import Params
 
 
@@ -83,7 +83,7 @@ def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
     return _inverse_xla(_ridge_system(jnp.asarray(xx, jnp.float64), delta, intercept))
   import scipy.linalg
 
-  g = _ridge_system(np.asarray(xx, np.float64), float(delta), intercept)
+  g = _ridge_system(host64(xx), float(delta), intercept)
   chol, info = scipy.linalg.lapack.dpotrf(g, lower=1, clean=1)
   if info == 0:
     ginv, info = scipy.linalg.lapack.dpotri(chol, lower=1)
@@ -184,7 +184,9 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   d = stats.hidden.xx.shape[0] - 1
   n = d // width
   with float64_solves():
-    xx, xy = to_solve(stats.hidden.xx), to_solve(stats.hidden.xy)
+    # The Gram matrix goes straight to where its inverse is taken (the host, for LAPACK).
+    xx = host64(stats.hidden.xx) if lapack_solves() else to_solve(stats.hidden.xx)
+    xy = to_solve(stats.hidden.xy)
     if d <= block:
       # With `stats.n_remove` the sweep stops there: the units it removes, their order and
       # costs are those of the full sweep, and every other unit scores above them.
@@ -192,7 +194,7 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
       order, paid = _removal_order(ginv, xy, width, stats.intercept, -(-n // MAX_STEPS), stats.n_remove)
       return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
     scores = np.zeros(n, np.float64)
-    diag = np.asarray(jnp.diagonal(xx))[:d]
+    diag = np.diagonal(np.asarray(xx))[:d]
     for units in _blocks(n, width, block):
       ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
       idx = np.concatenate([ch, [d]])  # the block's channels and the ones column

@@ -186,12 +186,6 @@ def diag_sums(x) -> Diag:
   return Diag(jnp.sum(xf, axis=0), jnp.sum(jnp.square(xf), axis=0), jnp.asarray(xf.shape[0], F32))
 
 
-def update_diag(m: Diag, x) -> Diag:
-  """Adds the tokens of x [..., d] to the per-feature sums."""
-  xf = x.reshape(-1, x.shape[-1]).astype(F32)
-  return Diag(m.s1 + jnp.sum(xf, axis=0), m.s2 + jnp.sum(jnp.square(xf), axis=0), m.n + xf.shape[0])
-
-
 def diag_of(m: Moments) -> Diag:
   """The diagonal part of full Moments."""
   return Diag(m.xx[-1, :-1], jnp.diagonal(m.gram), m.count)
