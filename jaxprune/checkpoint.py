@@ -70,12 +70,26 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   write_file(path, lambda f: np.savez(f, **arrays), force=True, binary=True)
 
 
+def save_block(path: str, block: dict) -> None:
+  """One block's parameters as an .npz of its flattened paths (written atomically)."""
+  flat = traverse_util.flatten_dict(block, sep="/")
+  _save_npz(path, {k: np.asarray(v) for k, v in flat.items()})
+
+
+def load_block(path: str) -> dict:
+  """A block written by `save_block`, exactly as it was."""
+  with np.load(path) as z:
+    flat = {tuple(k.split("/")): jax.numpy.asarray(z[k]) for k in z.files}
+  return traverse_util.unflatten_dict(flat)
+
+
 @dataclasses.dataclass
 class Resumed:
-  """What a checkpoint restores: the next block to prune and the state entering it."""
+  """What a checkpoint restores: the next block to prune and the state entering it
+  (finished blocks as the paths of their files, read when needed)."""
 
   next_block: int
-  blocks: dict[int, dict]
+  blocks: dict[int, str]
   layer_specs: dict[int, LayerSpec]
   streams: dict[str, np.ndarray]
   state: dict[str, Any]
@@ -88,6 +102,9 @@ class RunCheckpoint:
     self.path = path
     self.fp = fp
     os.makedirs(path, exist_ok=True)
+
+  def block_path(self, i: int) -> str:
+    return os.path.join(self.path, f"block_{i:04d}.npz")
 
   def exists(self) -> bool:
     return os.path.exists(os.path.join(self.path, STATE))
@@ -103,9 +120,7 @@ class RunCheckpoint:
     nxt = state["next_block"]
     blocks, specs = {}, {}
     for i in state["finished_blocks"]:
-      with np.load(os.path.join(self.path, f"block_{i:04d}.npz")) as z:
-        flat = {tuple(k.split("/")): jax.numpy.asarray(z[k]) for k in z.files}
-      blocks[i] = traverse_util.unflatten_dict(flat)
+      blocks[i] = self.block_path(i)
       d = state["layer_specs"][str(i)]
       specs[i] = LayerSpec(**{**d, "kv_map": None if d["kv_map"] is None else tuple(d["kv_map"])})
     with np.load(os.path.join(self.path, state["streams"])) as z:
@@ -115,8 +130,7 @@ class RunCheckpoint:
   def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict[str, np.ndarray],
            state: dict[str, Any]) -> None:
     """Saves block i (just finished) and the state entering block i + 1."""
-    flat = traverse_util.flatten_dict(block, sep="/")
-    _save_npz(os.path.join(self.path, f"block_{i:04d}.npz"), {k: np.asarray(v) for k, v in flat.items()})
+    save_block(self.block_path(i), block)
     name = f"streams_{i + 1:04d}.npz"
     _save_npz(os.path.join(self.path, name), streams)
     prev = {}

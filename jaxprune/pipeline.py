@@ -21,6 +21,12 @@ the pruned stream advances by the final second level on it, so no module's
 activations are computed twice. A module whose units all stay is not scored.
 With a `checkpoint` directory every finished block is durable and a killed run
 resumes bit-identically (`jaxprune.checkpoint`).
+
+A model loaded with `lazy=True` (`jaxprune.io.lazy`) is streamed: each dense block
+is read when the loop (or the plan) reaches it, and each finished block goes to a
+file (the checkpoint's, or a temporary directory's) and leaves memory; the pruned
+model's blocks are read from those files by whoever uses them (`save_hf` writes
+them shard by shard). The numbers are those of the same run held in memory.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from jaxprune.model import Model
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import embed
-from jaxprune.spec import ModelSpec, block_param_count, count_params, spec_from_params
+from jaxprune.io import lazy as lazy_io
+from jaxprune.spec import ModelSpec, count_params, layer_param_count, layer_shapes, spec_from_params
 from jaxprune.stats import dense_outputs as dense_outputs_lib
 from jaxprune.stats import moments, passes
 from jaxprune.stats import needs as needs_lib
@@ -666,6 +673,31 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
 
 
 
+class _Blocks:
+  """The run's blocks: the input model's (which may still be on disk, `jaxprune.io.lazy`)
+  until a module changes them, then the pruned ones, in memory or, once a streamed run
+  has finished and written them, in their file (read again only to assemble the output)."""
+
+  def __init__(self, dense):
+    self.dense = dense
+    self.new: dict[int, Any] = {}
+
+  def __len__(self) -> int:
+    return len(self.dense)
+
+  def __getitem__(self, i: int):
+    b = self.new.get(i)
+    if b is None:
+      return self.dense[i]
+    return run_checkpoint.load_block(b) if isinstance(b, str) else b
+
+  def __setitem__(self, i: int, block) -> None:
+    self.new[i] = block
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+
 class _Pruner:
   """State of one pruning run: the evolving blocks, the budget, the report rows."""
 
@@ -676,7 +708,11 @@ class _Pruner:
     self.dense = model
     self.spec = model.spec
     self.params = dict(model.params)
-    self.blocks = list(model.params["layers"])
+    self.blocks = _Blocks(model.params["layers"])
+    # A model read block by block keeps only the blocks in use: finished ones go to files.
+    self.streaming = lazy_io.is_lazy(model.params)
+    # A streamed run without a checkpoint writes its finished blocks here.
+    self.spill_dir: tempfile.TemporaryDirectory | None = None
     self.layer_specs = list(model.spec.layers)
     self.modules: list[dict] = []
     self.start, self.stop = config.block_range(model.spec)
@@ -714,7 +750,7 @@ class _Pruner:
     return allocate.Costs.of(self.spec, self.layer_specs[i], **self.ctx.bias_after)
 
   def dense_block_params(self, i: int) -> int:
-    return block_param_count(self.dense.params["layers"][i])
+    return layer_param_count(self.dense.spec, self.dense.spec.layers[i])
 
   def keep_shape(self, kind, i, layer, plan) -> tuple[int, int | None]:
     """(units to keep, KV heads to keep or None) of block i's module (`allocate.Budget`)."""
@@ -859,7 +895,8 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
 
   if pr.crit.prepare is not None:
     t0 = time.perf_counter()
-    pr.ctx = dataclasses.replace(pr.ctx, extra=pr.crit.prepare(model, np.asarray(calib), c))
+    # Preparations see the whole model (gradients through it): a streamed model is read in.
+    pr.ctx = dataclasses.replace(pr.ctx, extra=pr.crit.prepare(lazy_io.materialize(model), np.asarray(calib), c))
     pr.phase_seconds["prepare"] = time.perf_counter() - t0
     log.info("criterion %s prepared in %.1fs", c.method, pr.phase_seconds["prepare"])
 
@@ -918,6 +955,8 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
       if ckpt is not None:
         with pr.phase("checkpoint"):
           _save(pr, ckpt, i, groups, xs, plans, tau, plan_seconds)
+      if pr.streaming:
+        _spill(pr, i, ckpt)
       pr.progress({"event": "block", "layer": i})
     elif i < pr.stop:
       cfg = L.block_config(pr.spec, i)
@@ -929,15 +968,45 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
     else:
       break  # nothing after the range changes
 
-  blocks = [pr.ctx.fill_biases(b) for b in pr.blocks]
-  params = {**model.params, "layers": tuple(blocks)}
-  spec = spec_from_params(model.spec.with_layers(pr.layer_specs), params)
-  pruned = Model.checked(spec, params, model.source)
+  if pr.streaming:
+    pruned = _streamed_result(pr, model)
+  else:
+    blocks = [pr.ctx.fill_biases(b) for b in pr.blocks]
+    params = {**model.params, "layers": tuple(blocks)}
+    spec = spec_from_params(model.spec.with_layers(pr.layer_specs), params)
+    pruned = Model.checked(spec, params, model.source)
   pr.phase_seconds["plan"] = plan_seconds
   pr.phase_seconds["compile"] = _Compiles.seconds - compiles0[0]
   pr.passes["compiles"] = _Compiles.count - compiles0[1]
   report = _report(model, pruned, c, pr, tau, plan_seconds, time.perf_counter() - t_start, calib, mesh)
   return PruneResult(pruned, report)
+
+
+def _spill(pr: _Pruner, i: int, ckpt) -> None:
+  """Block i is finished: a streamed run keeps it in a file only (the checkpoint's, or a
+  temporary directory's that lives as long as the pruned model that reads it)."""
+  if ckpt is not None:
+    pr.blocks[i] = ckpt.block_path(i)
+    return
+  if pr.spill_dir is None:
+    # Removed when the last reference goes: the pruned model's blocks read from it.
+    pr.spill_dir = tempfile.TemporaryDirectory(prefix="jaxprune-blocks-")
+  path = os.path.join(pr.spill_dir.name, f"block_{i:04d}.npz")
+  run_checkpoint.save_block(path, pr.blocks[i])
+  pr.blocks[i] = path
+
+
+def _streamed_result(pr: _Pruner, model: Model) -> Model:
+  """The pruned model of a streamed run: its blocks stay in their files and are read (with
+  the biases every block ends with) one at a time by whoever uses them, e.g. `save_hf`."""
+  b0 = pr.ctx.fill_biases(pr.blocks[0])
+  spec = dataclasses.replace(
+      model.spec, layers=tuple(l.canonical() for l in pr.layer_specs),
+      qkv_bias="bias" in b0["attn"]["q"], o_bias="bias" in b0["attn"]["o"], mlp_bias="bias" in b0["mlp"]["up"])
+  blocks = pr.blocks
+  layers = lazy_io.LazyBlocks(lambda i: pr.ctx.fill_biases(blocks[i]), lazy_io.block_shapes(spec),
+                              source="the pruned blocks")
+  return Model(spec, {**model.params, "layers": layers}, model.source)
 
 
 def _dense_outputs_dir(checkpoint: str) -> str:
@@ -980,8 +1049,8 @@ def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> No
 
 def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
   """The pruner's state and the streams entering the checkpoint's next block."""
-  for i, blk in resumed.blocks.items():
-    pr.blocks[i], pr.layer_specs[i] = blk, resumed.layer_specs[i]
+  for i, path in resumed.blocks.items():  # read when needed: at the end, or never while streaming
+    pr.blocks[i], pr.layer_specs[i] = path, resumed.layer_specs[i]
   st = resumed.state
   pr.budget.carry, pr.modules = st["carry"], list(st["modules"])
   pr.passes, pr.phase_seconds = dict(st["passes"]), dict(st["phase_seconds"])
@@ -994,8 +1063,8 @@ def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
 
 def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_seconds, seconds, calib, mesh):
   idx = range(pr.start, pr.stop)
-  block_before = sum(block_param_count(dense.params["layers"][i]) for i in idx)
-  block_after = sum(block_param_count(pruned.params["layers"][i]) for i in idx)
+  block_before = sum(layer_param_count(dense.spec, dense.spec.layers[i]) for i in idx)
+  block_after = sum(layer_param_count(pruned.spec, pruned.spec.layers[i]) for i in idx)
   total_before, total_after = count_params(dense.params), count_params(pruned.params)
   # The budget keeps (1 - sparsity) of the dense blocks, added biases included.
   target_after = (1 - c.sparsity) * block_before

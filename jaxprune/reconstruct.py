@@ -86,19 +86,28 @@ def lapack_solves() -> bool:
   return jax.default_backend() in ("cpu", "tpu")
 
 
+def _ridge_lam(diag: np.ndarray, delta: float) -> float:
+  """The ridge delta * mean(diag(X^T X)) over the d data rows (not the ones column), in float64."""
+  lam = delta * np.mean(np.asarray(diag, np.float64))
+  return lam if lam > 0 else delta
+
+
 def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool) -> np.ndarray | None:
-  """`_solve` with SciPy in float64; None when the factorisation fails."""
+  """`_solve` with SciPy in float64; None when the factorisation fails.
+
+  `xx` may be the float32 statistics: the one float64 copy made of it gets the ridge on its
+  diagonal and is factored in place (at a 4096-wide MLP each further copy would be 134 MB
+  of a streamed run's peak).
+  """
   import scipy.linalg
 
   d = xx.shape[0] - 1
-  if not intercept:
-    xx, xy = xx[:d, :d], xy[:d]
-  lam = delta * np.mean(np.diagonal(xx)[:d])
-  lam = lam if lam > 0 else delta
-  a = xx + np.diag(np.concatenate([np.full((d,), lam), np.zeros((xx.shape[0] - d,))]))
+  k = d + 1 if intercept else d
+  a = np.array(xx[:k, :k], np.float64, order="F")
+  a[np.arange(d), np.arange(d)] += _ridge_lam(np.diagonal(xx)[:d], delta)
   try:
-    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True, check_finite=False), xy,
-                                  check_finite=False)
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False),
+                                  xy[:k], check_finite=False)
   except (np.linalg.LinAlgError, ValueError):
     return None
 
@@ -121,13 +130,12 @@ def host64(x) -> np.ndarray:
   return np.asarray(local_copy(x), np.float64)
 
 
-def _own_residual_host(xx: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarray, delta: float) -> float:
-  """`_own_residual` in numpy float64 (the LAPACK path: no compile per system size)."""
-  d = xx.shape[0] - 1
-  lam = delta * np.mean(np.diagonal(xx)[:d])
-  lam = lam if lam > 0 else delta
+def _own_residual_host(diag: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarray, delta: float) -> float:
+  """`_own_residual` in numpy float64 (the LAPACK path: no compile per system size), from the
+  Gram matrix's diagonal over the data rows."""
+  lam = _ridge_lam(diag, delta)
   k = w.shape[0]
-  return max(float(yy - np.sum(w * xy[:k]) - lam * np.sum(np.square(w[:d]))), 0.0)
+  return max(float(yy - np.sum(w * xy[:k]) - lam * np.sum(np.square(w[:len(diag)]))), 0.0)
 
 
 def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
@@ -141,7 +149,7 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   placed like `m.xx`.
   """
   if lapack_solves():
-    xx, xy64 = host64(m.xx), host64(xy)
+    xx, xy64 = np.asarray(local_copy(m.xx)), host64(xy)  # the statistics as stored; one float64 copy per try
     for retry in range(MAX_RETRIES + 1):
       w = _solve_lapack(xx, xy64, float(delta), intercept)
       if w is not None and np.all(np.isfinite(w)):
@@ -150,7 +158,8 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
       delta *= 10
     else:
       _fail(what, delta)
-    res = None if yy is None else _own_residual_host(xx, xy64, float(host64(yy)), w, float(delta))
+    res = None if yy is None else _own_residual_host(np.diagonal(xx)[:xx.shape[0] - 1], xy64, float(host64(yy)), w,
+                                                     float(delta))
     w32 = w.astype(np.float32)
     if not isinstance(m.xx, np.ndarray):
       w32 = replicate_like(jax.device_put(w32), m.xx)

@@ -16,6 +16,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -275,6 +276,9 @@ def _flatten(tree) -> dict[str, Any]:
   """
   tree = dict(tree)
   blocks = tree.pop("layers", ())
+  # Blocks still in their checkpoint (jaxprune.io.lazy.LazyBlocks) are described by their shapes,
+  # so counting or checking a lazy model reads nothing.
+  blocks = getattr(blocks, "shapes", blocks)
   flat = traverse_util.flatten_dict(tree, sep=".")
   for i, block in enumerate(blocks):
     flat.update({f"layers[{i}].{k}": v for k, v in traverse_util.flatten_dict(block, sep=".").items()})
@@ -328,3 +332,10 @@ def count_params(params: Params) -> int:
 def block_param_count(block: Params) -> int:
   """Attention + MLP parameters of one block (norms excluded)."""
   return count_params({"attn": block["attn"], "mlp": block["mlp"]})
+
+
+def layer_param_count(spec: ModelSpec, layer: LayerSpec) -> int:
+  """`block_param_count` of a block of `spec` with sizes `layer`, from the sizes alone."""
+  shapes = layer_shapes(spec, layer)
+  leaves = jax.tree.leaves({"attn": shapes["attn"], "mlp": shapes["mlp"]}, is_leaf=lambda x: isinstance(x, tuple))
+  return int(sum(math.prod(s) for s in leaves))

@@ -117,6 +117,19 @@ def test_weights_are_exactly_the_dequantized_file(written):
     np.testing.assert_array_equal(np.asarray(got), exp, err_msg=jax.tree_util.keystr(p))
 
 
+def test_lazy_load_dequantizes_each_block_when_read(written):
+  path, _, _ = written
+  eager, lazy = jaxprune.load(path), jaxprune.load(path, lazy=True)
+  assert lazy.params["layers"].reads == 0 and lazy.num_params == eager.num_params
+  for i in range(eager.spec.num_layers):
+    for a, b in zip(jax.tree.leaves(eager.params["layers"][i]), jax.tree.leaves(lazy.params["layers"][i]),
+                    strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for k in ("embed", "final_norm", "lm_head"):
+    for a, b in zip(jax.tree.leaves(eager.params[k]), jax.tree.leaves(lazy.params[k]), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_logits_match_torch_with_the_dequantized_weights(written):
   import torch
 

@@ -107,6 +107,12 @@ def add_parser(sub):
                  "the result is bit-identical to an uninterrupted run with the same inputs and options")
   p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                  help="do not save each finished block's state in OUT.checkpoint (a killed run then starts over)")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                 help="dtype of the written model (default: the checkpoint's, e.g. bfloat16 stays bfloat16; GGUF "
+                 "quantizations are written as float32)")
+  p.add_argument("--max-shard-size", default="200MB",
+                 help="largest safetensors file written (default 200MB), unless one block is larger; a shard is "
+                 "held in memory while it is written, and a block is never split")
   p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
   add_config_options(p)
   return p
@@ -186,6 +192,9 @@ def _calibration(args, model, tokenizer, seed: int):
   if args.calib_samples < 1:
     raise UsageError(f"--calib-samples must be positive, got {args.calib_samples}")
   if args.calib == "selfgen":
+    from jaxprune.io.lazy import materialize
+
+    model = materialize(model)  # generation runs the whole model for every token
     return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=seed)
   if args.calib == "random":
     return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=seed)
@@ -223,17 +232,22 @@ def run(args) -> int:
   from jaxprune.data import eval_windows, read_text, tokenize
   from jaxprune.eval import perplexity
   from jaxprune.io.atomic import atomic_dir
-  from jaxprune.io.export import hf_problems, save_hf
+  from jaxprune.io.export import hf_problems, parse_size, save_hf
+  from jaxprune.io.lazy import is_lazy
   from jaxprune.pipeline import prune
 
   _check_out(args.out, args.force)
+  parse_size(args.max_shard_size)  # bad input stops before any work
   config, preset = resolve_config(args)
   ckpt = _prepare_checkpoint(args)
   if args.eval_text is not None:
     read_text(args.eval_text)  # fail before any work if it is missing
   t0 = time.perf_counter()
-  model = jaxprune.load(args.model)
+  # Blocks stay in the checkpoint until the run reaches them (safetensors and GGUF; jaxprune.io.lazy).
+  model = jaxprune.load(args.model, lazy=True)
   config.check(model.spec)
+  # A streamed checkpoint keeps its embeddings in the dtype it was saved in: the output's default.
+  source_dtype = str(model.params["embed"]["embedding"].dtype) if is_lazy(model.params) else None
   tokenizer = jaxprune.load_tokenizer(args.model)
   load_s = time.perf_counter() - t0
 
@@ -298,7 +312,8 @@ def run(args) -> int:
 
   with atomic_dir(args.out, force=args.force) as tmp:
     # Uneven GQA groups (--free-groups) have no Hugging Face config: weights + jaxprune.json only.
-    save_hf(result.model, tmp, tokenizer=tokenizer, force=True, jax_only=bool(hf_problems(result.model.spec)))
+    save_hf(result.model, tmp, tokenizer=tokenizer, force=True, jax_only=bool(hf_problems(result.model.spec)),
+            dtype=args.dtype or source_dtype, max_shard_size=args.max_shard_size)
     with open(os.path.join(tmp, "report.json"), "w") as f:
       json.dump(report, f, indent=1)
     with open(os.path.join(tmp, "progress.jsonl"), "w") as f:

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import re
 import shutil
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,7 @@ from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
 from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, parse_dtype
 from jaxprune.io.locate import load_tokenizer
-from jaxprune.io.mapping import TABLES, params_to_tensors
+from jaxprune.io.mapping import TABLES, block_to_tensors, top_to_tensors
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, Params
 
@@ -289,22 +291,24 @@ _BIAS_LEAVES = {
 }
 
 
+def pad_block(blk: Params, groups) -> Params:
+  """Block `blk` with zero biases added to the projections of bias `groups` that lack them."""
+  blk = {k: dict(v) if isinstance(v, dict) else v for k, v in blk.items()}
+  for g in groups:
+    for mod, proj in _BIAS_LEAVES[g]:
+      p = blk[mod].get(proj)
+      if p is None or "bias" in p:
+        continue
+      k = np.asarray(p["kernel"])
+      # Input projections add a bias per output unit ([n, H] or [F]); o and down per model dimension [D].
+      shape = k.shape[-1:] if proj in ("o", "down") else k.shape[1:]
+      blk[mod][proj] = {**p, "bias": np.zeros(shape, k.dtype)}
+  return blk
+
+
 def pad_biases(params: Params, groups) -> Params:
   """`params` with zero biases added to the projections of bias `groups` that lack them."""
-  blocks = []
-  for blk in params["layers"]:
-    blk = {k: dict(v) if isinstance(v, dict) else v for k, v in blk.items()}
-    for g in groups:
-      for mod, proj in _BIAS_LEAVES[g]:
-        p = blk[mod].get(proj)
-        if p is None or "bias" in p:
-          continue
-        k = np.asarray(p["kernel"])
-        # Input projections add a bias per output unit ([n, H] or [F]); o and down per model dimension [D].
-        shape = k.shape[-1:] if proj in ("o", "down") else k.shape[1:]
-        blk[mod][proj] = {**p, "bias": np.zeros(shape, k.dtype)}
-    blocks.append(blk)
-  return {**params, "layers": tuple(blocks)}
+  return {**params, "layers": tuple(pad_block(blk, groups) for blk in params["layers"])}
 
 
 # --------------------------------------------------------------------------
@@ -323,31 +327,46 @@ def parse_size(size) -> int:
   return int(float(m.group(1)) * mult)
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int = DEFAULT_SHARD_SIZE
-                      ) -> list[str]:
-  """Writes `tensors` as model.safetensors, or as shards plus model.safetensors.index.json."""
+def write_safetensors(tensors: dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]], out_dir: str,
+                      max_shard_bytes: int = DEFAULT_SHARD_SIZE) -> list[str]:
+  """Writes `tensors` as model.safetensors, or as shards plus model.safetensors.index.json.
+
+  `tensors` is a dict, or an iterable of dicts (pieces, e.g. one block each) that are
+  consumed as they come: only the shard being filled is held, and a piece is never split.
+  """
   from safetensors.numpy import save_file
 
-  shards: list[list[str]] = [[]]
-  size = 0
-  for k, v in tensors.items():
-    if shards[-1] and size + v.nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append(k)
-    size += v.nbytes
+  pieces = ({k: v} for k, v in tensors.items()) if isinstance(tensors, dict) else tensors
   meta = {"format": "pt"}  # transformers expects PyTorch-layout safetensors to say so
-  if len(shards) == 1:
-    save_file({k: np.ascontiguousarray(tensors[k]) for k in shards[0]}, os.path.join(out_dir, "model.safetensors"),
-              metadata=meta)
+  written: list[tuple[str, list[str]]] = []  # (file, keys), numbered once the count is known
+  shard: dict[str, np.ndarray] = {}
+  size = total = 0
+
+  def flush():
+    name = f"shard-{len(written):05d}.partial"
+    save_file(shard, os.path.join(out_dir, name), metadata=meta)
+    written.append((name, list(shard)))
+
+  for piece in pieces:
+    nbytes = sum(v.nbytes for v in piece.values())
+    if shard and size + nbytes > max_shard_bytes:
+      flush()
+      shard, size = {}, 0
+    shard.update({k: np.ascontiguousarray(v) for k, v in piece.items()})
+    size += nbytes
+    total += nbytes
+  if shard or not written:
+    flush()
+  if len(written) == 1:
+    os.replace(os.path.join(out_dir, written[0][0]), os.path.join(out_dir, "model.safetensors"))
     return ["model.safetensors"]
   names, weight_map = [], {}
-  for i, keys in enumerate(shards):
-    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file({k: np.ascontiguousarray(tensors[k]) for k in keys}, os.path.join(out_dir, name), metadata=meta)
+  for i, (tmp, keys) in enumerate(written):
+    name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+    os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
     names.append(name)
     weight_map.update({k: name for k in keys})
-  index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+  index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
   dump_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
   return names + ["model.safetensors.index.json"]
 
@@ -405,17 +424,28 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     dtype = dtypes[0] if len(dtypes) == 1 else "float32"
   dtype_name, np_dtype = parse_dtype(dtype)
   shard_bytes = parse_size(max_shard_size)
-  if jax_only:
-    target, params, tensors_spec = None, model.params, spec
-  else:
-    target = hf_target(spec)
-    params, tensors_spec = pad_biases(model.params, target.padded), target.spec
-  tensors = {k: np.asarray(v).astype(np_dtype) for k, v in params_to_tensors(tensors_spec, params).items()}
-  exported = int(sum(v.size for v in tensors.values()))
+  target = None if jax_only else hf_target(spec)
+  padded, tensors_spec = ((), spec) if jax_only else (target.padded, target.spec)
+  exported = 0
+
+  def pieces():
+    # The embeddings and head, then one piece per block, each read, padded and cast when
+    # the writer reaches it: a model streamed from disk is never held whole.
+    nonlocal exported
+    blocks = (block_to_tensors(tensors_spec, i, pad_block(model.params["layers"][i], padded))
+              for i in range(spec.num_layers))
+    for piece in itertools.chain([top_to_tensors(tensors_spec, model.params)], blocks):
+      piece = {k: np.asarray(v).astype(np_dtype) for k, v in piece.items()}
+      exported += sum(v.size for v in piece.values())
+      yield piece
+
   tok = resolve_tokenizer(model, tokenizer)
 
   with atomic_dir(final, force) as tmp:
-    files = write_safetensors(tensors, tmp, shard_bytes)
+    # Eagerly loaded models are packed tensor by tensor, as before; streamed ones block by block.
+    streamed = getattr(model.params["layers"], "shapes", None) is not None
+    files = write_safetensors(pieces() if streamed else {k: v for p in pieces() for k, v in p.items()}, tmp,
+                              shard_bytes)
     dump_json(os.path.join(tmp, SPEC_FILE), {"format": SPEC_FORMAT, "spec": spec.to_json()})
     files.append(SPEC_FILE)
     if target is not None:

@@ -229,8 +229,8 @@ def _dequantize(t: GGUFTensor, path: str) -> np.ndarray:
   return np.asarray(w, dtype=np.float32).reshape(t.shape)
 
 
-def read_gguf_tensors(reader: GGUFFile, cfg: dict, path: str = "") -> dict[str, np.ndarray]:
-  """GGUF tensors, dequantized to f32 and renamed to Hugging Face keys."""
+def _hf_names(reader: GGUFFile, path: str = "") -> dict[str, GGUFTensor]:
+  """Hugging Face key -> the GGUF tensor holding it."""
   out = {}
   for t in reader.tensors:
     m = _BLOCK_RE.fullmatch(t.name)
@@ -241,22 +241,40 @@ def read_gguf_tensors(reader: GGUFFile, cfg: dict, path: str = "") -> dict[str, 
     else:
       raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model; expected only "
                             f"{', '.join(_TOP)} and blk.N.{{{', '.join(_BLOCK)}}}")
-    w = _dequantize(t, path)
-    if ".attn_q." in t.name:
-      w = reverse_permute(w, cfg["num_attention_heads"])
-    elif ".attn_k." in t.name:
-      w = reverse_permute(w, cfg["num_key_value_heads"])
-    out[key] = w
+    out[key] = t
   return out
 
 
-def load_gguf(path: str, dtype=np.float32) -> Model:
-  """Loads a LLaMA-architecture GGUF file as a jaxprune `Model`."""
+def _hf_tensor(t: GGUFTensor, cfg: dict, path: str) -> np.ndarray:
+  """One tensor dequantized to f32, with llama.cpp's Q/K row permutation undone."""
+  w = _dequantize(t, path)
+  if ".attn_q." in t.name:
+    w = reverse_permute(w, cfg["num_attention_heads"])
+  elif ".attn_k." in t.name:
+    w = reverse_permute(w, cfg["num_key_value_heads"])
+  return w
+
+
+def read_gguf_tensors(reader: GGUFFile, cfg: dict, path: str = "") -> dict[str, np.ndarray]:
+  """GGUF tensors, dequantized to f32 and renamed to Hugging Face keys."""
+  return {k: _hf_tensor(t, cfg, path) for k, t in _hf_names(reader, path).items()}
+
+
+def load_gguf(path: str, dtype=np.float32, lazy: bool = False) -> Model:
+  """Loads a LLaMA-architecture GGUF file as a jaxprune `Model`.
+
+  With `lazy`, blocks are dequantized when used (`jaxprune.io.lazy`).
+  """
   if not os.path.isfile(path):
     raise CheckpointError(f"{path} is not a file; pass the path of a .gguf file")
   reader = read_gguf(path)
   cfg = hf_config_from_gguf(reader, path)
   spec = spec_from_hf_config(cfg)
+  if lazy:
+    from jaxprune.io.lazy import lazy_model
+
+    names = _hf_names(reader, path)
+    return lazy_model(spec, list(names), lambda k: _hf_tensor(names[k], cfg, path), path, dtype)
   params = tensors_to_params(spec, read_gguf_tensors(reader, cfg, path), source=path)
   check_params(spec, params)
   return Model(spec, to_device(params, dtype), source=os.path.abspath(path))

@@ -99,12 +99,21 @@ def read_tensors(files: Iterable[str]) -> dict[str, np.ndarray]:
   return out
 
 
-def load_hf(path: str, dtype=np.float32) -> Model:
-  """Loads a Hugging Face model directory as a jaxprune `Model`."""
+def load_hf(path: str, dtype=np.float32, lazy: bool = False) -> Model:
+  """Loads a Hugging Face model directory as a jaxprune `Model`.
+
+  With `lazy` (safetensors checkpoints), blocks are read when used (`jaxprune.io.lazy`);
+  PyTorch pickles cannot be read a tensor at a time and are loaded whole.
+  """
   if not os.path.isdir(path):
     raise CheckpointError(f"{path} is not a directory")
   spec = read_spec(path)
   files = weight_files(path)
+  if lazy:
+    from jaxprune.io import lazy as lazy_io
+
+    if lazy_io.can_stream(files):
+      return lazy_io.lazy_model(spec, *lazy_io.safetensors_reader(files), path, dtype)
   params = tensors_to_params(spec, read_tensors(files), source=path)
   check_params(spec, params)
   return Model(spec, to_device(params, dtype), source=os.path.abspath(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import importlib.util
 import os
 
@@ -78,14 +79,26 @@ def resolve(name_or_path: str) -> Location:
       f"(org/name) or a built-in name ({', '.join(BUILTIN)})")
 
 
+_GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer(name_or_path: str):
   """The transformers tokenizer of a model (from its directory or its GGUF)."""
   loc = resolve(name_or_path)
   if loc.kind == "gguf":
     from jaxprune.io.gguf import load_gguf_tokenizer
     return load_gguf_tokenizer(loc.path)
-  from transformers import AutoTokenizer
+  from transformers import PreTrainedTokenizerFast
   try:
+    # A tokenizer saved as the generic fast class (jaxprune's exports of GGUF models) is that
+    # class: loading it directly skips AutoTokenizer's config machinery, which imports torch.
+    cfg = os.path.join(loc.path, "tokenizer_config.json")
+    if os.path.exists(cfg) and os.path.exists(os.path.join(loc.path, "tokenizer.json")):
+      with open(cfg) as f:
+        if json.load(f).get("tokenizer_class") in _GENERIC_TOKENIZERS:
+          return PreTrainedTokenizerFast.from_pretrained(loc.path)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(loc.path)
   except (OSError, ValueError) as e:
     reason = " ".join(str(e).split())  # transformers' messages span lines; the CLI prints one

@@ -192,58 +192,39 @@ _GPT2 = FamilyTable(GPT2_TOP, GPT2_BLOCK, "transformer.h.{i}.", "transformer.",
 TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
 
 
-def _normalize_keys(table: FamilyTable, tensors: dict) -> dict:
-  """Adds the base-model prefix to checkpoints saved without an LM head wrapper."""
+def key_renames(table: FamilyTable, keys) -> dict[str, str]:
+  """Checkpoint key -> the key the tables use: checkpoints saved without the LM-head wrapper
+  lack the base-model prefix."""
   base = table.base_prefix
-  if any(k.startswith(base) for k in tensors):
-    return tensors
-  return {(k if k.startswith("lm_head.") else base + k): v for k, v in tensors.items()}
+  if any(k.startswith(base) for k in keys):
+    return {k: k for k in keys}
+  return {k: (k if k.startswith("lm_head.") else base + k) for k in keys}
 
 
-def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> Params:
-  """HF tensors (PyTorch layout) -> jaxprune parameter tree (numpy leaves).
+def _normalize_keys(table: FamilyTable, tensors: dict) -> dict:
+  names = key_renames(table, tensors)
+  return {names[k]: v for k, v in tensors.items()}
 
-  Raises CheckpointError naming missing and unexpected keys.
+
+def check_keys(spec: ModelSpec, keys, is_zero: Callable[[str], bool], source: str = "checkpoint") -> None:
+  """Raises CheckpointError naming the missing and unexpected tensors among `keys` (table keys).
+
+  `is_zero(key)` says whether a tensor is all zeros: such biases that the spec lacks change
+  nothing (exports write them where the target family requires a bias, jaxprune.io.export),
+  so they are accepted.
   """
   table = TABLES[spec.family]
-  tensors = _normalize_keys(table, dict(tensors))
-  used: set[str] = set()
-  missing: list[str] = []
-  # Leaves are collected by path, {("attn", "q", "kernel"): array}, and nested by flax's unflatten_dict.
-  top: dict[Path, np.ndarray] = {}
-
-  def take(rule: Rule, key: str, layer: LayerSpec | None, flat: dict):
-    if not rule.when(spec, layer):
-      return
-    if key not in tensors:
-      missing.append(key)
-      return
-    used.add(key)
-    arr = np.asarray(tensors[key])
-    try:
-      leaves = rule.load(arr, layer)
-    except ValueError:
-      raise ShapeError(
-          f"{source}: tensor {key} has shape {arr.shape}, which does not fit the config "
-          f"(layer sizes {layer}). Check that config.json belongs to these weights.") from None
-    flat.update(zip(rule.paths, leaves, strict=True))
-
-  for rule in table.top:
-    take(rule, rule.hf, None, top)
-  blocks = []
-  for i, layer in enumerate(spec.layers):
-    blk: dict = {}
-    for rule in table.block:
-      take(rule, table.block_prefix.format(i=i) + rule.hf, layer, blk)
-    blocks.append(traverse_util.unflatten_dict(blk))
-  params: Params = {**traverse_util.unflatten_dict(top), "layers": tuple(blocks)}
-
+  keys = set(keys)
+  want = [r.hf for r in table.top if r.when(spec, None)]
+  want += [table.block_prefix.format(i=i) + r.hf for i, layer in enumerate(spec.layers)
+           for r in table.block if r.when(spec, layer)]
+  missing = [k for k in want if k not in keys]
   ignored = [re.compile(p) for p in table.ignored]
-  # Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight. All-zero biases that the spec
-  # lacks change nothing; exports write them where the target family requires a bias (jaxprune.io.export).
-  extra = [k for k in tensors if k not in used and not any(p.fullmatch(k) for p in ignored)
+  wanted = set(want)
+  # Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight.
+  extra = [k for k in keys if k not in wanted and not any(p.fullmatch(k) for p in ignored)
            and not (k == "lm_head.weight" and spec.tie_embeddings)
-           and not (k.endswith(".bias") and not np.any(tensors[k]))]
+           and not (k.endswith(".bias") and is_zero(k))]
   if missing or extra:
     parts = []
     if missing:
@@ -253,23 +234,69 @@ def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: s
     raise CheckpointError(
         f"{source} does not match a {spec.family} model with {spec.num_layers} layers "
         f"({'; '.join(parts)}). Check that the config belongs to these weights.")
-  return params
+
+
+def _take(spec: ModelSpec, rules, prefix: str, layer: LayerSpec | None, get: Callable[[str], np.ndarray],
+          source: str) -> Params:
+  """The leaves of `rules` (HF keys `prefix + rule.hf`, read with `get`), nested by path."""
+  flat: dict[Path, np.ndarray] = {}
+  for rule in rules:
+    if not rule.when(spec, layer):
+      continue
+    key = prefix + rule.hf
+    arr = np.asarray(get(key))
+    try:
+      leaves = rule.load(arr, layer)
+    except ValueError:
+      raise ShapeError(
+          f"{source}: tensor {key} has shape {arr.shape}, which does not fit the config "
+          f"(layer sizes {layer}). Check that config.json belongs to these weights.") from None
+    flat.update(zip(rule.paths, leaves, strict=True))
+  return traverse_util.unflatten_dict(flat)
+
+
+def top_params(spec: ModelSpec, get: Callable[[str], np.ndarray], source: str = "checkpoint") -> Params:
+  """Everything but the blocks (embeddings, final norm, LM head), from HF tensors read with `get`."""
+  return _take(spec, TABLES[spec.family].top, "", None, get, source)
+
+
+def block_params(spec: ModelSpec, i: int, get: Callable[[str], np.ndarray], source: str = "checkpoint") -> Params:
+  """Block i's parameter tree from HF tensors read with `get` (keys as the tables name them)."""
+  table = TABLES[spec.family]
+  return _take(spec, table.block, table.block_prefix.format(i=i), spec.layers[i], get, source)
+
+
+def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> Params:
+  """HF tensors (PyTorch layout) -> jaxprune parameter tree (numpy leaves).
+
+  Raises CheckpointError naming missing and unexpected keys.
+  """
+  tensors = _normalize_keys(TABLES[spec.family], dict(tensors))
+  check_keys(spec, tensors, lambda k: not np.any(tensors[k]), source)
+  blocks = tuple(block_params(spec, i, tensors.__getitem__, source) for i in range(spec.num_layers))
+  return {**top_params(spec, tensors.__getitem__, source), "layers": blocks}
+
+
+def top_to_tensors(spec: ModelSpec, params: Params) -> dict[str, np.ndarray]:
+  """HF tensors of everything but the blocks."""
+  top = traverse_util.flatten_dict({k: v for k, v in params.items() if k != "layers"})
+  return {rule.hf: rule.save(*[np.asarray(top[p]) for p in rule.paths], None)
+          for rule in TABLES[spec.family].top if rule.when(spec, None)}
+
+
+def block_to_tensors(spec: ModelSpec, i: int, block: Params) -> dict[str, np.ndarray]:
+  """HF tensors of block i."""
+  table, layer = TABLES[spec.family], spec.layers[i]
+  blk = traverse_util.flatten_dict(block)
+  return {table.block_prefix.format(i=i) + rule.hf: rule.save(*[np.asarray(blk[p]) for p in rule.paths], layer)
+          for rule in table.block if rule.when(spec, layer)}
 
 
 def params_to_tensors(spec: ModelSpec, params: Params) -> dict[str, np.ndarray]:
   """jaxprune parameter tree -> HF tensors (PyTorch layout), exactly the table's keys."""
-  table = TABLES[spec.family]
-  out = {}
-  top = traverse_util.flatten_dict(params)  # {path: leaf}; the tuple of blocks is one leaf here
-  for rule in table.top:
-    if rule.when(spec, None):
-      out[rule.hf] = rule.save(*[np.asarray(top[p]) for p in rule.paths], None)
-  for i, layer in enumerate(spec.layers):
-    blk = traverse_util.flatten_dict(params["layers"][i])
-    for rule in table.block:
-      if rule.when(spec, layer):
-        out[table.block_prefix.format(i=i) + rule.hf] = rule.save(
-            *[np.asarray(blk[p]) for p in rule.paths], layer)
+  out = top_to_tensors(spec, params)
+  for i in range(spec.num_layers):
+    out.update(block_to_tensors(spec, i, params["layers"][i]))
   return out
 
 

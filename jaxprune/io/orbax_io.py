@@ -105,7 +105,8 @@ def _target_shardings(shapes, shardings, mesh: Mesh | None):
   return jax.tree.map(lambda s: default, shapes, is_leaf=_is_shape)
 
 
-def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: Mesh | None = None) -> Model:
+def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: Mesh | None = None,
+               lazy: bool = False) -> Model:
   """Restores a `save_orbax` checkpoint as a `Model`.
 
   Args:
@@ -114,7 +115,10 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
     shardings: where each array goes: a pytree of `jax.sharding.Sharding`
       shaped like the parameters, or `f(keystr_path, shape) -> Sharding`.
     mesh: shorthand for replicating every array over `mesh`.
-      Without either, arrays land on the first device.
+      Without either, arrays land on the default device, uncommitted (usable with any mesh).
+    lazy: restore only the embeddings, norm and head now (in the stored dtype)
+      and each block when it is used, by orbax's partial restore
+      (`jaxprune.io.lazy`); `dtype` is then the blocks' (default float32).
 
   Raises:
     CheckpointError: the directory is missing, partial or corrupt.
@@ -143,6 +147,8 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
     if missing or extra or wrong:
       raise ShapeError(f"{params_dir} does not match its {SPEC_FILE}: missing {missing[:5]}, unexpected "
                        f"{extra[:5]}, wrong shapes {wrong[:5]}. The checkpoint is partial or from another model")
+    if lazy:
+      return _lazy_orbax(spec, path, params_dir, stored, dtype)
     targets = _target_shardings(shapes, shardings, mesh)
     cast = None if dtype is None else jnp.dtype(dtype)
 
@@ -159,7 +165,51 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
                             "Re-save it") from None
   finally:
     ckptr.close()
+  if shardings is None and mesh is None:
+    # Orbax commits what it restores to a device; a model placed nowhere in particular must
+    # be usable with any mesh (the pipeline shards the activations over all devices).
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
   return Model.checked(spec, params, source=path)
+
+
+def _partial_restore(params_dir: str, item):
+  """The arrays of `item` (a subtree of the checkpoint's, with None for what is skipped) on the first device."""
+  import orbax.checkpoint as ocp
+
+  device = SingleDeviceSharding(jax.devices()[0])
+  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, dtype=s.dtype), item)
+  ckptr = ocp.PyTreeCheckpointer()
+  try:
+    return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+  except Exception as e:  # noqa: BLE001 -- tensorstore and orbax raise many types for missing chunks
+    raise CheckpointError(f"{params_dir} could not be restored ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is partial or corrupt. "
+                          "Re-save it") from None
+  finally:
+    ckptr.close()
+
+
+def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> Model:
+  from jaxprune.io.lazy import LazyBlocks, block_shapes
+
+  shapes = param_shapes(spec)
+
+  def abstract(p, shape):
+    return jax.ShapeDtypeStruct(shape, stored[jax.tree_util.keystr(p)][0])
+
+  target = jax.tree_util.tree_map_with_path(abstract, shapes, is_leaf=_is_shape)
+  blocks = list(target.pop("layers"))
+  # Host copies: restored arrays are committed to one device, and the pipeline places its own.
+  top = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), _partial_restore(params_dir, target))
+  n = len(blocks)
+
+  def read(i):
+    item = {"layers": [blocks[i] if j == i else None for j in range(n)]}
+    return jax.tree.map(np.asarray, _partial_restore(params_dir, item)["layers"][i])
+
+  dtype = jnp.dtype(dtype or jnp.float32)
+  layers = LazyBlocks(read, block_shapes(spec, dtype), dtype, source=path)
+  return Model(spec, {**top, "layers": layers}, source=path)
 
 
 __all__ = ["is_orbax_dir", "load_orbax", "save_orbax"]

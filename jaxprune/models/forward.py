@@ -73,20 +73,25 @@ def block_step(cfg: L.BlockConfig, blk: Params, x, positions, capture=()):
   return x, {**c1, **c2}
 
 
-@functools.partial(jax.jit, static_argnames=("learned_positions",))
-def _embed(params: Params, tokens, positions, learned_positions: bool):
-  x = jnp.take(params["embed"]["embedding"], tokens, axis=0)
+@functools.partial(jax.jit, static_argnames=("learned_positions", "dtype"))
+def _embed(params: Params, tokens, positions, learned_positions: bool, dtype):
+  x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype)
   if learned_positions:
-    x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0)
+    x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(dtype)
   return x
 
 
 def embed(spec: ModelSpec, params: Params, tokens, positions=None):
-  """Token (and learned position) embeddings [B,T,D]."""
+  """Token (and learned position) embeddings [B,T,D].
+
+  Blocks read from disk (jaxprune.io.lazy) compute in their own dtype while the
+  embeddings stay in the checkpoint's: the rows taken are cast, never the tables.
+  """
   if positions is None:
     positions = positions_for(tokens)
+  dtype = getattr(params.get("layers"), "dtype", None) or params["embed"]["embedding"].dtype
   return _embed({k: params[k] for k in ("embed", "pos_embed") if k in params}, tokens, positions,
-                spec.fam.positions == "learned")
+                spec.fam.positions == "learned", jnp.dtype(dtype))
 
 
 def head_params(params: Params) -> Params:
@@ -102,9 +107,10 @@ def head_params(params: Params) -> Params:
 def head(cfg: L.BlockConfig, hp: Params, x):
   """Final norm and unembedding: [B,T,D] -> logits [B,T,V]."""
   h = L.norm(cfg, hp["final_norm"], x)
+  # A streamed model's head keeps the checkpoint's dtype (jaxprune.io.lazy): it is cast to the stream's.
   if "lm_head" in hp:
-    return jnp.einsum("btd,dv->btv", h, hp["lm_head"]["kernel"], preferred_element_type=F32)
-  return jnp.einsum("btd,vd->btv", h, hp["embed"]["embedding"], preferred_element_type=F32)
+    return jnp.einsum("btd,dv->btv", h, hp["lm_head"]["kernel"].astype(h.dtype), preferred_element_type=F32)
+  return jnp.einsum("btd,vd->btv", h, hp["embed"]["embedding"].astype(h.dtype), preferred_element_type=F32)
 
 
 _head = jax.jit(head, static_argnames=("cfg",))

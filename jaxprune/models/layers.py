@@ -48,11 +48,12 @@ def norm(cfg: BlockConfig, p, x):
   xf = x.astype(F32)
   if cfg.norm == "rms":
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.eps)
-    return p["scale"] * xf.astype(x.dtype)
+    # Explicit casts: a streamed model's final norm keeps the checkpoint's dtype (jaxprune.io.lazy).
+    return p["scale"].astype(x.dtype) * xf.astype(x.dtype)
   mean = jnp.mean(xf, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
   y = (xf - mean) * jax.lax.rsqrt(var + cfg.eps)
-  return (y * p["scale"] + p["bias"]).astype(x.dtype)
+  return (y * p["scale"].astype(F32) + p["bias"].astype(F32)).astype(x.dtype)
 
 
 def activation(name: str, x):
