@@ -767,8 +767,11 @@ class _Pruner:
     layer = self.layer_specs[i]
     cfg = L.block_config(self.spec.with_layers(self.layer_specs), i)
     shape = self.keep_shape(kind, i, layer, plan)
-    step = prune_module(self.ctx, kind, i, self.blocks[i], layer, cfg, groups, xs, shape, tau)
-    self.blocks[i], self.layer_specs[i] = step.block, step.layer
+    # Blocks live on the mesh, sharded over its `model` axis (dense ones as they are read, pruned
+    # ones as they come out of surgery), so no device holds a whole block.
+    blk = sharding.place(self.blocks[i], self.mesh)
+    step = prune_module(self.ctx, kind, i, blk, layer, cfg, groups, xs, shape, tau)
+    self.blocks[i], self.layer_specs[i] = sharding.place(step.block, self.mesh), step.layer
     for name, n in step.passes.items():
       self.passes[name] = self.passes.get(name, 0) + n
     for name, t in step.seconds.items():
@@ -803,7 +806,7 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
   pos = _positions(x.shape[2])
   heads, chans, Ds = {}, {}, {}
   for i in range(pr.stop):
-    blk, layer = pr.blocks[i], pr.layer_specs[i]
+    blk, layer = sharding.place(pr.blocks[i], pr.mesh), pr.layer_specs[i]
     cfg = L.block_config(pr.spec, i)
     if i >= pr.start:
       for kind in (A.ATTN, A.MLP):
@@ -861,7 +864,8 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
   Args:
     score_windows: token windows [S', T] for score_data="random" (default:
       uniformly random ids with config.seed, as many as `calib`).
-    mesh: a Mesh with a `data` axis (default: all devices on `data`).
+    mesh: a (data, model) Mesh (`sharding.make_mesh`; default: all devices on `data`). The
+      activations are sharded over `data`, the blocks over `model`.
     progress: called with a dict after every module (and plan layer).
     checkpoint: a directory where every finished block's state is saved
       (`jaxprune.checkpoint`); if it already holds the state of this run (same
@@ -960,7 +964,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
       pr.progress({"event": "block", "layer": i})
     elif i < pr.stop:
       cfg = L.block_config(pr.spec, i)
-      run = functools.partial(passes.block_pass, cfg, pr.blocks[i], positions=pos)
+      run = functools.partial(passes.block_pass, cfg, sharding.place(pr.blocks[i], pr.mesh), positions=pos)
       # Before the first pruned block both streams are the dense model's: one pass.
       groups = [_Group(None if g.xd is None else x, x) for g, x in ((g, run(x=g.xp)) for g in groups)]
       if xs is not None:
@@ -1073,7 +1077,8 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
       "tau": tau,
       "calibration": {"windows": int(np.shape(calib)[0]), "seq_len": int(np.shape(calib)[1]),
                       "held_out_for_damping": c.batch_size if c.auto_damping else 0},
-      "devices": {"data": int(mesh.shape[sharding.DATA]), "platform": jax.default_backend()},
+      "devices": {"data": int(mesh.shape[sharding.DATA]), "model": int(mesh.shape[sharding.MODEL]),
+                  "platform": jax.default_backend()},
       "params": {
           "before": total_before,
           "after": total_after,

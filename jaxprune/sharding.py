@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxprune.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 DATA = "data"
@@ -57,13 +59,48 @@ _LEAF_AXES = {
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices: Sequence | None = None) -> Mesh:
-  """A (data, model) mesh over `devices` (default: all); data defaults to the rest."""
+  """A (data, model) mesh over `devices` (default: all); data defaults to the rest.
+
+  Devices are laid out by `jax.experimental.mesh_utils`, which puts the `model` axis on
+  the closest devices of a TPU or GPU topology.
+  """
+  from jax.experimental import mesh_utils
+
   devices = list(jax.devices() if devices is None else devices)
   if data is None:
     data = len(devices) // model
   if data * model > len(devices) or data < 1 or model < 1:
     raise ValueError(f"a {data}x{model} mesh needs {data * model} devices; {len(devices)} are available")
-  return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+  try:
+    grid = mesh_utils.create_device_mesh((data, model), devices[:data * model])
+  except (ValueError, NotImplementedError, AssertionError):  # topologies it does not know: in order
+    grid = np.asarray(devices[:data * model]).reshape(data, model)
+  return Mesh(grid, (DATA, MODEL))
+
+
+def parse_mesh(text: str) -> tuple[int | None, int]:
+  """'data=2,model=4' (either part optional) -> (data or None, model)."""
+  sizes: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in (DATA, MODEL) or not value.isdigit() or int(value) < 1 or name in sizes:
+      raise UsageError(f"--mesh {text!r}: expected comma-separated data=D and model=M with positive sizes, "
+                       "e.g. data=2,model=4")
+    sizes[name] = int(value)
+  return sizes.get(DATA), sizes.get(MODEL, 1)
+
+
+def place(tree, mesh: Mesh):
+  """A block (or any parameter subtree) sharded over the mesh's `model` axis by logical names.
+
+  With a model axis of 1 the tree is returned as it is (jit replicates it). Dimensions the
+  axis does not divide, as pruned widths often are, are replicated.
+  """
+  if mesh.shape.get(MODEL, 1) == 1:
+    return tree
+  axes = logical_axes(tree)
+  return jax.device_put(tree, jax.tree.map(
+      lambda x, a: NamedSharding(mesh, spec_for(np.shape(x), a, mesh, quiet=True)), tree, axes))
 
 
 def logical_axes(params) -> dict:
@@ -79,8 +116,10 @@ def logical_axes(params) -> dict:
   return jax.tree_util.tree_map_with_path(tag, params)
 
 
-def spec_for(shape, axes: Sequence[str], mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
-  """PartitionSpec for one array; non-dividing or already-used mesh axes are replicated."""
+def spec_for(shape, axes: Sequence[str], mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES,
+             quiet: bool = False) -> P:
+  """PartitionSpec for one array; non-dividing or already-used mesh axes are replicated (with a
+  warning, unless `quiet`)."""
   out, used = [], set()
   for size, name in zip(shape, axes):
     ax = rules.get(name)
@@ -88,7 +127,7 @@ def spec_for(shape, axes: Sequence[str], mesh: Mesh, rules: Mapping[str, str | N
       out.append(None)
       continue
     if size % mesh.shape[ax]:
-      log.warning("dimension %s of size %d is not divisible by mesh axis %r (%d); replicating it", name, size, ax,
+      (log.debug if quiet else log.warning)("dimension %s of size %d is not divisible by mesh axis %r (%d); replicating it", name, size, ax,
                   mesh.shape[ax])
       out.append(None)
       continue

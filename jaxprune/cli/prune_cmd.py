@@ -113,6 +113,9 @@ def add_parser(sub):
   p.add_argument("--max-shard-size", default="200MB",
                  help="largest safetensors file written (default 200MB), unless one block is larger; a shard is "
                  "held in memory while it is written, and a block is never split")
+  p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                 help="device mesh: activations sharded over data, blocks (heads, KV heads, MLP channels) over "
+                 "model (default: every device on data)")
   p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
   add_config_options(p)
   return p
@@ -203,6 +206,18 @@ def _calibration(args, model, tokenizer, seed: int):
   return windows
 
 
+def _mesh(text: str | None):
+  from jaxprune import sharding
+
+  if text is None:
+    return sharding.make_mesh()
+  data, model = sharding.parse_mesh(text)
+  try:
+    return sharding.make_mesh(data, model)
+  except ValueError as e:
+    raise UsageError(f"--mesh {text}: {e}; choose sizes whose product is at most the device count") from None
+
+
 def _resumed_events(ckpt: str, log_path: str) -> list[dict]:
   """The killed run's log, cut to the blocks its checkpoint holds (a block it was in
   the middle of is redone), with a "block" event for every finished block."""
@@ -238,6 +253,7 @@ def run(args) -> int:
 
   _check_out(args.out, args.force)
   parse_size(args.max_shard_size)  # bad input stops before any work
+  mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
   ckpt = _prepare_checkpoint(args)
   if args.eval_text is not None:
@@ -292,7 +308,7 @@ def run(args) -> int:
                             f"{event['units_after']}{err}")
 
     try:
-      result = prune(model, calib, config, progress=progress, checkpoint=ckpt)
+      result = prune(model, calib, config, progress=progress, checkpoint=ckpt, mesh=mesh)
     finally:
       if log_file is not None:
         log_file.close()
