@@ -162,6 +162,7 @@ class Budget:
   attn_sparsity: float | None = None
   free_groups: bool = False
   carry_rounding: bool = False
+  round_to: int = 1  # MLP channels kept in multiples of this (where the layer has that many)
   carry: float = 0.0  # parameters kept beyond the running budget
 
   def heads(self, layer: LayerSpec, dense_layer: LayerSpec, costs: Costs, plan=None) -> tuple[int, int | None]:
@@ -184,9 +185,20 @@ class Budget:
       target = (1 - self.sparsity) * dense_params
     carry = self.carry if plan is not None or self.carry_rounding else 0.0
     attn_params = costs.attn(*attn_kept)
-    n = channels_for_budget(costs, target - attn_params - carry, layer.ffn_dim)
+    n = round_units(channels_for_budget(costs, target - attn_params - carry, layer.ffn_dim), self.round_to,
+                    layer.ffn_dim)
     self.carry += attn_params + costs.mlp(n) - target
     return n
+
+
+def round_units(n: int, multiple: int, most: int) -> int:
+  """`n` kept units rounded to the nearest multiple of `multiple` in [multiple, most] (the lower
+  one on a tie); `n` itself when it keeps all `most` units or no multiple fits."""
+  if multiple <= 1 or n >= most:
+    return n
+  lo = multiple * (n // multiple)
+  fits = [c for c in (lo, lo + multiple) if multiple <= c <= most]
+  return min(fits, key=lambda c: (abs(c - n), c)) if fits else n
 
 
 def min_units(min_keep: float, n: int) -> int:

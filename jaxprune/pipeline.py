@@ -124,6 +124,9 @@ class PruneConfig:
   rounding: str = _opt("rounding", "once", "with uniform allocation: once (one shape for every pruned layer, "
                        "the budget error reported) or carry (each layer's rounding carried to the next, so the "
                        "total lands on the budget but widths differ by a channel)", choices=ROUNDINGS)
+  round_to: int = _opt("round_to", 1, "keep MLP channels in multiples of this (e.g. the mesh's model axis, so "
+                       "pruned weights stay evenly sharded); what the rounding keeps beyond the budget is reported "
+                       "(budget_error) or, with carry, taken from later blocks", "int")
   inherited_error: bool = _opt("inherited_error", False, "also measure each module's inherited error (its original "
                                 "weights on the pruned stream against the dense outputs; a diagnostic for "
                                 "`jaxprune report` that costs one more pass of every module)", "bool")
@@ -163,6 +166,8 @@ class PruneConfig:
       raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
       raise UsageError(f"batch_size must be positive, got {self.batch_size}")
+    if self.round_to < 1:
+      raise UsageError(f"round_to must be a positive number of channels, got {self.round_to}; 1 does not round")
     start, stop = self.block_range(spec)
     if not 0 <= start < stop <= spec.num_layers:
       raise UsageError(f"block range {start}:{stop} is outside the model's {spec.num_layers} blocks; "
@@ -717,7 +722,7 @@ class _Pruner:
     self.modules: list[dict] = []
     self.start, self.stop = config.block_range(model.spec)
     self.budget = allocate.Budget(config.sparsity, config.attn_sparsity, config.free_groups,
-                                  carry_rounding=config.rounding == "carry")
+                                  carry_rounding=config.rounding == "carry", round_to=config.round_to)
     self.passes: dict[str, int] = {}
     self.phase_seconds: dict[str, float] = {}
     self.plan_phase_seconds: dict[str, float] = {}

@@ -87,3 +87,26 @@ def test_cli_mesh(tiny_dir, tmp_path, capsys):
     assert json.load(f)["devices"]["model"] == 4
   assert main(args + [str(tmp_path / "p"), "--mesh", "data=4,model=4"]) == 2
   assert "a 4x4 mesh needs 16 devices; 8 are available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n,m,most,want", [(67, 4, 96, 68), (66, 4, 96, 64), (1, 4, 96, 4), (95, 4, 96, 96),
+                                           (96, 5, 96, 96), (94, 5, 96, 95), (3, 8, 6, 3), (10, 1, 96, 10)])
+def test_round_units(n, m, most, want):
+  from jaxprune.allocate import round_units
+
+  assert round_units(n, m, most) == want
+
+
+@pytest.mark.parametrize("allocation,rounding", [("uniform", "once"), ("uniform", "carry"), ("adaptive", "carry")])
+def test_round_to_keeps_the_mlp_evenly_sharded(tiny_dir, allocation, rounding):
+  mesh = sharding.make_mesh(2, 4)
+  cfg = PruneConfig.preset("paper", sparsity=0.3, batch_size=8, allocation=allocation, rounding=rounding, round_to=4)
+  r = prune(jaxprune.load(tiny_dir("llama_gqa")), _calib(), cfg, mesh=mesh)
+  widths = [l.ffn_dim for l in r.model.spec.layers]
+  assert all(w % 4 == 0 for w in widths) and min(widths) < 96, widths
+  p = r.report["params"]
+  # Rounding moves at most 2 channels a module off the budget (1 parameter a channel is D * 3 here).
+  assert abs(p["budget_error"]) <= 2 * 3 * 64 * len(widths), p
+  for blk in r.model.params["layers"]:  # the pruned model's weights are still split over `model`
+    assert blk["mlp"]["down"]["kernel"].sharding.spec == sharding.P("model", None)
+    assert blk["mlp"]["up"]["kernel"].sharding.spec == sharding.P(None, "model")
