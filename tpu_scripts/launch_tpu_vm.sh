@@ -32,7 +32,8 @@ OUT=${OUT:-runs/pruned}                           # written by worker 0, relativ
 SPARSITY=${SPARSITY:-0.2}
 CALIB_SAMPLES=${CALIB_SAMPLES:-128}
 SEQ_LEN=${SEQ_LEN:-128}
-MESH_MODEL=${MESH_MODEL:-1}                       # devices on the `model` axis; `data` gets the rest
+MESH_MODEL=${MESH_MODEL:-4}                       # devices on the `model` axis (the 4 chips of a v4 host);
+                                                  # `data` gets the rest; MLP widths are kept in multiples of it
 EXTRA_ARGS=${EXTRA_ARGS:-}                        # e.g. "--layers 4:28 --dtype bfloat16"
 LOCAL_OUT=${LOCAL_OUT:-./pruned-from-tpu}         # where step 4 puts the result here
 # -----------------------------------------------------------------------------
@@ -57,7 +58,7 @@ tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && python3 -m venv 
 #    parallel and returns when all have finished; each worker's log stays on that worker.
 tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && . .venv/bin/activate && \
   python tpu_scripts/prune_distributed.py '$MODEL' --calib '$CALIB' --calib-samples $CALIB_SAMPLES \
-    --seq-len $SEQ_LEN --sparsity $SPARSITY --mesh-model $MESH_MODEL --distributed on --out '$OUT' --force \
+    --seq-len $SEQ_LEN --sparsity $SPARSITY --mesh-model $MESH_MODEL --round-to $MESH_MODEL --distributed on --out '$OUT' --force \
     $EXTRA_ARGS 2>&1 | tee prune_distributed.log"
 
 # 4. The pruned model (safetensors, config.json, jaxprune.json, tokenizer, report.json) from worker 0.
