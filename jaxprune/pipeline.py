@@ -54,7 +54,7 @@ from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import embed
 from jaxprune.io import lazy as lazy_io
-from jaxprune.spec import ModelSpec, count_params, layer_param_count, layer_shapes, spec_from_params
+from jaxprune.spec import ModelSpec, count_params, layer_param_count, spec_from_params
 from jaxprune.stats import dense_outputs as dense_outputs_lib
 from jaxprune.stats import moments, passes
 from jaxprune.stats import needs as needs_lib
