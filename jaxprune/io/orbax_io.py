@@ -160,9 +160,7 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
     try:
       params = ckptr.restore(params_dir, target)
     except Exception as e:  # noqa: BLE001 -- tensorstore and orbax raise many types for missing chunks
-      raise CheckpointError(f"{params_dir} could not be restored ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is partial or corrupt. "
-                            "Re-save it") from None
+      raise _unrestorable(params_dir, e) from None
   finally:
     ckptr.close()
   if shardings is None and mesh is None:
@@ -170,6 +168,12 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
     # be usable with any mesh (the pipeline shards the activations over all devices).
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
   return Model.checked(spec, params, source=path)
+
+
+def _unrestorable(params_dir: str, e: Exception) -> CheckpointError:
+  return CheckpointError(f"{params_dir} could not be restored ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is partial or corrupt. "
+                         "Re-save it")
 
 
 def _partial_restore(params_dir: str, item):
@@ -182,9 +186,7 @@ def _partial_restore(params_dir: str, item):
   try:
     return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
   except Exception as e:  # noqa: BLE001 -- tensorstore and orbax raise many types for missing chunks
-    raise CheckpointError(f"{params_dir} could not be restored ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is partial or corrupt. "
-                          "Re-save it") from None
+    raise _unrestorable(params_dir, e) from None
   finally:
     ckptr.close()
 
