@@ -54,7 +54,7 @@ from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import embed
 from jaxprune.io import lazy as lazy_io
-from jaxprune.spec import ModelSpec, count_params, layer_param_count, spec_from_params
+from jaxprune.spec import ModelSpec, bias_flags, count_params, layer_param_count, spec_from_params
 from jaxprune.stats import dense_outputs as dense_outputs_lib
 from jaxprune.stats import moments, passes
 from jaxprune.stats import needs as needs_lib
@@ -1008,10 +1008,8 @@ def _spill(pr: _Pruner, i: int, ckpt) -> None:
 def _streamed_result(pr: _Pruner, model: Model) -> Model:
   """The pruned model of a streamed run: its blocks stay in their files and are read (with
   the biases every block ends with) one at a time by whoever uses them, e.g. `save_hf`."""
-  b0 = pr.ctx.fill_biases(pr.blocks[0])
-  spec = dataclasses.replace(
-      model.spec, layers=tuple(l.canonical() for l in pr.layer_specs),
-      qkv_bias="bias" in b0["attn"]["q"], o_bias="bias" in b0["attn"]["o"], mlp_bias="bias" in b0["mlp"]["up"])
+  spec = dataclasses.replace(model.spec, layers=tuple(l.canonical() for l in pr.layer_specs),
+                             **bias_flags(pr.ctx.fill_biases(pr.blocks[0])))
   blocks = pr.blocks
   layers = lazy_io.LazyBlocks(lambda i: pr.ctx.fill_biases(blocks[i]), lazy_io.block_shapes(spec),
                               source="the pruned blocks")

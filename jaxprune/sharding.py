@@ -98,9 +98,7 @@ def place(tree, mesh: Mesh):
   """
   if mesh.shape.get(MODEL, 1) == 1:
     return tree
-  axes = logical_axes(tree)
-  return jax.device_put(tree, jax.tree.map(
-      lambda x, a: NamedSharding(mesh, spec_for(np.shape(x), a, mesh, quiet=True)), tree, axes))
+  return jax.device_put(tree, param_shardings(tree, mesh, quiet=True))
 
 
 def logical_axes(params) -> dict:
@@ -136,10 +134,10 @@ def spec_for(shape, axes: Sequence[str], mesh: Mesh, rules: Mapping[str, str | N
   return P(*out)
 
 
-def param_shardings(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
-  """NamedShardings for every leaf of `params`."""
+def param_shardings(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES, quiet: bool = False):
+  """NamedShardings for every leaf of `params` (`quiet`: replicated dimensions are not warned about)."""
   axes = logical_axes(params)
-  return jax.tree.map(lambda x, a: NamedSharding(mesh, spec_for(np.shape(x), a, mesh, rules)), params, axes)
+  return jax.tree.map(lambda x, a: NamedSharding(mesh, spec_for(np.shape(x), a, mesh, rules, quiet)), params, axes)
 
 
 def shard_params(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):

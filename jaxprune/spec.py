@@ -315,14 +315,13 @@ def spec_from_params(spec: ModelSpec, params: Params) -> ModelSpec:
     F = np.shape(blk["mlp"]["up"]["kernel"])[1]
     kv_map = old.kv_map if old.kv_map is not None and len(old.kv_map) == N else None
     layers.append(LayerSpec(int(N), int(K), int(H), int(F), kv_map))
-  b0 = params["layers"][0]
-  return dataclasses.replace(
-      spec,
-      layers=tuple(l.canonical() for l in layers),
-      qkv_bias="bias" in b0["attn"]["q"],
-      o_bias="bias" in b0["attn"]["o"],
-      mlp_bias="bias" in b0["mlp"]["up"],
-  )
+  return dataclasses.replace(spec, layers=tuple(l.canonical() for l in layers), **bias_flags(params["layers"][0]))
+
+
+def bias_flags(block: Params) -> dict[str, bool]:
+  """The spec's bias flags (qkv_bias, o_bias, mlp_bias) as one block's leaves say them."""
+  return dict(qkv_bias="bias" in block["attn"]["q"], o_bias="bias" in block["attn"]["o"],
+              mlp_bias="bias" in block["mlp"]["up"])
 
 
 def count_params(params: Params) -> int:

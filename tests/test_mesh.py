@@ -15,6 +15,7 @@ from jaxprune.errors import UsageError
 from jaxprune.eval.perplexity import perplexity
 from jaxprune.pipeline import PruneConfig, prune
 from tests import tiny
+from tests.numerics import FACTOR, FLOOR_ULPS, U32
 
 
 def _calib():
@@ -46,7 +47,13 @@ def test_model_axis_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypat
   assert [m["kept"] for m in got.report["modules"]] == [m["kept"] for m in one.report["modules"]]
   a = perplexity(one.model.spec, one.model.params, calib).mean_nll
   b = perplexity(got.model.spec, got.model.params, calib).mean_nll
-  assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+  # The mesh changes only the order of float32 sums (data-parallel statistics, contractions split
+  # over `model`). How far such a reordering moves the result is measured, not fitted: the one-device
+  # run again on permuted windows (the same sums in another order), as in test_tpu_scripts.
+  perm = np.random.default_rng(1).permutation(len(calib))
+  again = prune(jaxprune.load(tiny_dir(kind), lazy=True), calib[perm], cfg, mesh=sharding.make_mesh(1, 1))
+  spread = abs(perplexity(again.model.spec, again.model.params, calib).mean_nll - a)
+  assert abs(a - b) <= FACTOR * spread + FLOOR_ULPS * U32 * abs(a), (a, b, spread)
 
 
 def test_place_splits_what_the_axis_divides():
@@ -105,8 +112,9 @@ def test_round_to_keeps_the_mlp_evenly_sharded(tiny_dir, allocation, rounding):
   widths = [l.ffn_dim for l in r.model.spec.layers]
   assert all(w % 4 == 0 for w in widths) and min(widths) < 96, widths
   p = r.report["params"]
-  # Rounding moves at most 2 channels a module off the budget (1 parameter a channel is D * 3 here).
-  assert abs(p["budget_error"]) <= 2 * 3 * 64 * len(widths), p
+  # Each module's width is off its budget by under one channel before rounding and by at most
+  # round_to / 2 = 2 more after it: 3 channels of 3 * D parameters (gate, up, down; D = 64) a module.
+  assert abs(p["budget_error"]) <= 3 * 3 * 64 * len(widths), p
   for blk in r.model.params["layers"]:  # the pruned model's weights are still split over `model`
     assert blk["mlp"]["down"]["kernel"].sharding.spec == sharding.P("model", None)
     assert blk["mlp"]["up"]["kernel"].sharding.spec == sharding.P(None, "model")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import UsageError
+from jaxprune.io.lazy import is_lazy
 from jaxprune.models import layers as L
 from jaxprune.models.forward import block_step, embed, head, head_params, hidden_states, positions_for
 from jaxprune.spec import ModelSpec, Params
@@ -65,7 +66,7 @@ def perplexity(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size:
     raise UsageError(f"windows of {T} tokens are longer than the model's {spec.max_positions} positions; "
                      f"use --seq-len {spec.max_positions} or less")
   start = time.perf_counter()
-  if getattr(params["layers"], "shapes", None) is not None:  # blocks read one at a time (jaxprune.io.lazy)
+  if is_lazy(params):  # blocks read one at a time (jaxprune.io.lazy)
     total = _streamed_nll(spec, params, windows, batch_size, progress)
     return _result(total, W, T, time.perf_counter() - start)
   total = 0.0

@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
+from jaxprune.io.lazy import is_lazy
 from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, parse_dtype
 from jaxprune.io.locate import load_tokenizer
 from jaxprune.io.mapping import TABLES, block_to_tensors, top_to_tensors
@@ -443,8 +444,7 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
 
   with atomic_dir(final, force) as tmp:
     # Eagerly loaded models are packed tensor by tensor, as before; streamed ones block by block.
-    streamed = getattr(model.params["layers"], "shapes", None) is not None
-    files = write_safetensors(pieces() if streamed else {k: v for p in pieces() for k, v in p.items()}, tmp,
+    files = write_safetensors(pieces() if is_lazy(model.params) else {k: v for p in pieces() for k, v in p.items()}, tmp,
                               shard_bytes)
     dump_json(os.path.join(tmp, SPEC_FILE), {"format": SPEC_FORMAT, "spec": spec.to_json()})
     files.append(SPEC_FILE)

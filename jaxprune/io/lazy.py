@@ -56,9 +56,7 @@ class LazyBlocks(Sequence):
   def __len__(self) -> int:
     return len(self.shapes)
 
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(len(self)))]
+  def __getitem__(self, i: int):
     n = len(self)
     if not -n <= i < n:
       raise IndexError(f"block {i} of a {n}-block model")
@@ -82,9 +80,6 @@ class LazyBlocks(Sequence):
     while len(self._cache) > self._size:
       self._cache.popitem(last=False)
     return blk
-
-  def drop_cache(self) -> None:
-    self._cache.clear()
 
 
 def block_shapes(spec: ModelSpec, dtype=jnp.float32) -> list[Params]:
@@ -117,7 +112,7 @@ def lazy_model(spec: ModelSpec, keys: Sequence[str], get: Callable[[str], np.nda
   names = key_renames(TABLES[spec.family], keys)
   original = {v: k for k, v in names.items()}
   read = lambda key: get(original[key])
-  check_keys(spec, original, lambda k: k.endswith(".bias") and not np.any(read(k)), source)
+  check_keys(spec, original, lambda k: not np.any(read(k)), source)
   # The embeddings and head stay in the checkpoint's dtype (a quarter of a 7B model's size at
   # float32); what reads them casts rows or products to float32 (`embed_f32`, the head's einsum).
   top = jax.tree.map(jnp.asarray, top_params(spec, read, source))

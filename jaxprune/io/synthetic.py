@@ -10,8 +10,10 @@ more memory than one block.
 from __future__ import annotations
 
 import json
+import math
 import os
 
+import jax
 import numpy as np
 
 
@@ -67,7 +69,10 @@ def write_llama(path: str, *, hidden: int, ffn: int, layers: int, heads: int, kv
 
 
 def num_params(cfg: dict) -> int:
-  D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-  H = D // cfg["num_attention_heads"]
-  attn = 2 * D * D + 2 * D * cfg["num_key_value_heads"] * H
-  return L * (attn + 3 * D * F + 2 * D) + 2 * V * D + D
+  """Parameters of the model `cfg` describes, from jaxprune's own shapes of it."""
+  from jaxprune.io.hf_config import spec_from_hf_config
+  from jaxprune.spec import param_shapes
+
+  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+  shapes = jax.tree.leaves(param_shapes(spec_from_hf_config(cfg)), is_leaf=is_shape)
+  return sum(math.prod(s) for s in shapes)
