@@ -124,6 +124,9 @@ def prune_flops(spec, config, crit_needs, report, n, T) -> dict:
     else:
       F = l.ffn_dim
       full, inner, U1, U2 = mlp_flops(n, D, F, gated), mlp_flops(n, D, F, gated, "inner"), (2 if gated else 1) * F, F
+    if m.get("unchanged"):  # keeps everything on the dense input: the plan's stored output, or a forward
+      out["advance"] += 0 if m.get("from_store") else full
+      continue
     if with_dense:
       out["dense_stream"] += full + (full if nd.inherited_error else 0)
       out["statistics"] += (gram(n, D, D) + gram(n, D)) if nd.first_moments else 0

@@ -523,6 +523,46 @@ def _timed_solve(meter: _Meter, parts, w_aug, delta, grid, intercept, what):
   return out
 
 
+def _unchanged_module(ctx: StepContext, kind, i, blk, layer, cfg, groups, xs, rep, meter, t0) -> ModuleStep:
+  """A module that keeps all its units while its input is still the dense model's: no
+  statistics, no solves. A refit or reconstruction there would fit the module's own
+  output Y = X W + b on its own input, whose least-squares answer is W itself (up to the
+  ridge); the pruned model keeps the original weights and both streams stay one. The
+  stream advances by the module's output from the plan's store when there is one (the
+  plan ran this module on this very stream), else by running the module."""
+  norm_p, p = blk[kind.norm_key], blk[kind.key]
+  pos = _positions(groups[0].xp.shape[2])
+  w2, b2 = A.second_level(kind, p)
+
+  def advance(x):
+    h = passes.hidden_pass(kind, cfg, norm_p, p, x, None, pos, needs_lib.StreamNeeds())
+    return passes.second_apply(h.x2, w2, b2, x, None)[0]
+
+  # The plan's store has this module's output on the dense stream, which the pruned one still is.
+  douts = ctx.stored_dense(kind, i, groups, ctx.needs(kind, False))
+  with meter.phase("advance"):
+    if douts is None:
+      nxt = jax.block_until_ready([advance(g.xp) for g in groups])
+      meter.count("forward", len(groups))
+    else:
+      nxt = jax.block_until_ready([passes.add(g.xp, d.yd) for g, d in zip(groups, douts)])
+      meter.count("dense_read", len(groups))
+    nxt = [_Group(x, x) for x in nxt]
+    xs_next = None if xs is None else jax.block_until_ready(advance(xs))
+  if xs is not None:
+    meter.count("forward")
+  n_units = A.num_units(kind, p)
+  rep.update(units_before=int(n_units), units_after=int(n_units), kept=list(range(n_units)), scored=False,
+             unchanged=True, from_store=douts is not None, seconds=time.perf_counter() - t0)
+  if ctx.config.inherited_error:
+    rep["error_inherited"] = 0.0
+  if ctx.config.reconstruct:
+    rep["error_reconstructed"] = 0.0
+  if ctx.with_dense:
+    rep["error_after"] = 0.0
+  return ModuleStep(ctx.fill_biases(blk), layer, nxt, xs_next, rep, meter.passes, meter.seconds)
+
+
 def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: L.BlockConfig,
                  groups: list["_Group"], xs, shape: tuple[int, int | None], tau) -> ModuleStep:
   """One module's step: statistics -> (reconstruction) -> scores -> selection -> surgery ->
@@ -550,8 +590,8 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
   n_units = A.num_units(kind, p0)
   scored = shape[0] < n_units or (kind is A.ATTN and c.heads == "similarity" and tau is not None)
   nd = ctx.needs(kind, scored)
-
-
+  if not scored and ctx.with_dense and all(g.xd is g.xp for g in groups):
+    return _unchanged_module(ctx, kind, i, blk, layer, cfg, groups, xs, rep, meter, t0)
 
   douts = [None] * len(groups)
   if ctx.with_dense:
@@ -1043,7 +1083,9 @@ def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> No
   streams = {}
   for g, grp in enumerate(groups):
     streams[f"xp_{g}"] = np.asarray(grp.xp)
-    if grp.xd is not None:
+    if grp.xd is grp.xp:  # nothing changed yet: one stream stands for both (`_unchanged_module`)
+      streams[f"same_{g}"] = np.asarray(True)
+    elif grp.xd is not None:
       streams[f"xd_{g}"] = np.asarray(grp.xd)
   if xs is not None:
     streams["xs"] = np.asarray(xs)
@@ -1064,7 +1106,10 @@ def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
   pr.plan_phase_seconds = dict(st.get("plan_phase_seconds", {}))
   put = functools.partial(jax.device_put, device=sharding.stream_sharding(mesh))
   z = resumed.streams
-  groups = [_Group(put(z[f"xd_{g}"]) if f"xd_{g}" in z else None, put(z[f"xp_{g}"])) for g in range(n_groups)]
+  groups = []
+  for g in range(n_groups):
+    xp = put(z[f"xp_{g}"])
+    groups.append(_Group(xp if f"same_{g}" in z else put(z[f"xd_{g}"]) if f"xd_{g}" in z else None, xp))
   return resumed.next_block, groups, put(z["xs"]) if "xs" in z else None
 
 

@@ -222,6 +222,32 @@ def test_refit_aware_stopped_at_n_remove_keeps_the_full_sweeps_prefix(per_step_u
     np.testing.assert_array_equal(allocate.choose_channels(part, keep), allocate.choose_channels(full, keep))
 
 
+@pytest.mark.parametrize("width,n_units", [(1, 1100), (64, 17)])
+def test_obs_sweep_that_cuts_removed_units_out_keeps_the_order(monkeypatch, width, n_units):
+  """From COMPACT_MIN channels the sweep drops removed units' rows and columns from its
+  matrices as it goes; every entry is updated by the same products, so the removal order
+  is the uncut sweep's and the costs agree to float64 rounding (summed in other blockings)."""
+  from jaxprune.criteria import output_approx as O
+  rng = np.random.default_rng(3)
+  U, T = n_units * width, 3000
+  x = rng.normal(size=(T, U)) @ (np.eye(U) + 0.05 * rng.normal(size=(U, U)))
+  y = x @ rng.normal(size=(U, 8)) + 0.5 * rng.normal(size=(T, 8))
+  m = moments.update(moments.init(U, 8), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  kind, p = (A.MLP, _mlp(rng, F=U)) if width == 1 else (A.ATTN, _attn(rng, N=n_units, K=n_units, H=width))
+  calls = []
+  compact = O._compact
+  monkeypatch.setattr(O, "_compact", lambda *a: calls.append(a[0].shape) or compact(*a))
+  for n_remove in (None, n_units // 2):
+    stats = ModuleStats(hidden=m, damping=1e-5, intercept=True, n_remove=n_remove)
+    cut = np.asarray(criteria.get("goa-obs").score(kind, p, stats))
+    with monkeypatch.context() as mp:
+      mp.setattr(O, "COMPACT_MIN", 10 ** 9)
+      whole = np.asarray(criteria.get("goa-obs").score(kind, p, stats))
+    np.testing.assert_array_equal(_ranks(cut), _ranks(whole))
+    np.testing.assert_allclose(cut, whole, rtol=1e-9)
+  assert len(calls) >= 2 and calls[0][0] == U + 1  # it did cut, starting from the whole matrix
+
+
 def test_blocked_obs_sweep_equals_the_exact_one_on_uncorrelated_blocks():
   """Channels of different blocks never fire on the same token, so the Gram matrix is
   block-diagonal, the refit error is a sum over blocks, and the exact greedy sweep

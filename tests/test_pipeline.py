@@ -185,7 +185,10 @@ def test_auto_damping_chooses_on_held_out_windows(tiny_dir):
   m = jaxprune.load(tiny_dir("llama_gqa"))
   r = prune(m, _calib(24), PruneConfig(sparsity=0.3, batch_size=8, auto_damping=True, refit=True, reconstruct=True))
   assert r.report["calibration"]["held_out_for_damping"] == 8
-  for mod in r.report["modules"]:
+  # Modules that keep everything on the dense model's input are left as they are (no solve).
+  solved = [mod for mod in r.report["modules"] if not mod.get("unchanged")]
+  assert solved
+  for mod in solved:
     for level in ("first_level", "second_level", "refit"):
       held = mod[level]["heldout_residuals"]
       assert len(held) == len(DAMPING_GRID)
@@ -249,3 +252,27 @@ def test_adaptive_allocation_compiles_per_module_kind_not_per_width(tiny_dir):
     assert len({l.ffn_dim for l in r.model.spec.layers}) > 1  # the widths do differ
     compiles.append(r.report["passes"]["compiles"])
   assert compiles[1] == compiles[0], compiles
+
+
+def test_modules_before_the_first_change_are_left_as_they_are(tiny_dir):
+  """A module that keeps all its units while its input is still the dense model's is not refit:
+  its least-squares refit would only return its own weights up to the ridge."""
+  m = jaxprune.load(tiny_dir("llama_gqa"))
+  # The default recipe (its refit; without the intercept, whose added biases the budget would
+  # pay for by removing units) at sparsity 0: nothing changes anywhere.
+  r0 = prune(m, _calib(), PruneConfig(sparsity=0.0, intercept=False, batch_size=8))
+  assert all(mod["unchanged"] and mod["error_after"] == 0.0 for mod in r0.report["modules"])
+  assert "solve" not in r0.report["passes"] and "hidden_pass" not in r0.report["passes"]
+  # The plan ran every module on this same stream and stored its output: the loop adds it.
+  assert all(mod["from_store"] for mod in r0.report["modules"]) and "forward" not in r0.report["passes"]
+  for dense, pruned in zip(m.params["layers"], r0.model.params["layers"]):
+    flat = dict(jax.tree_util.tree_flatten_with_path(pruned)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(dense)[0]:
+      np.testing.assert_array_equal(np.asarray(flat.pop(path)), np.asarray(leaf))
+    assert not flat
+  # Once a module has changed, every later one is fit on its changed input.
+  r = prune(m, _calib(), PruneConfig(sparsity=0.4, batch_size=8))
+  mods = r.report["modules"]
+  first = next(j for j, mod in enumerate(mods) if mod["scored"])
+  assert [bool(mod.get("unchanged")) for mod in mods] == [True] * first + [False] * (len(mods) - first)
+  assert all("refit" in mod for mod in mods[first:])

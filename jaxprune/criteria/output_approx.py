@@ -92,36 +92,33 @@ def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
   return jax.device_put(np.tril(ginv) + np.tril(ginv, -1).T)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step"))
-def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_remove=None):
-  """Position at which each unit is removed by the greedy OBS sweep ([units] int32) and the
-  cost it had when removed ([units]), from the ridge system's inverse `ginv` (d[+1] square)
-  and the cross moment `xy` (its rows).
-
-  The sweep stops once `n_remove` units are gone (default: all but one); the units
-  still there are ordered after them by what removing each would cost then, and
-  carry that cost. Stopping early changes nothing about the units removed before.
-  """
-  d = ginv.shape[0] - (1 if intercept else 0)  # channels (the ones column is last)
-  w = ginv @ xy[:ginv.shape[0]]
-  n = d // width
+def _unit_cost(ginv, w, width: int, n: int):
+  """What removing each unit would add to the refit error now ([n])."""
+  if width == 1:  # scalar blocks: ||w_j||^2 / G^-1_jj
+    return jnp.sum(jnp.square(w[:n * width]), axis=-1) / jnp.diagonal(ginv)[:n]
   idx = jnp.arange(n)[:, None] * width + jnp.arange(width)[None]  # channels of each unit
+  blocks = ginv[idx[:, :, None], idx[:, None, :]]  # [n, width, width]
+  ws = w[idx]  # [n, width, D]
+  return jnp.einsum("nwd,nwd->n", ws, jnp.linalg.solve(blocks, ws))
 
-  def cost(ginv, w):
-    if width == 1:  # scalar blocks: ||w_j||^2 / G^-1_jj
-      return jnp.sum(jnp.square(w[:n * width]), axis=-1) / jnp.diagonal(ginv)[:n]
-    blocks = ginv[idx[:, :, None], idx[:, None, :]]  # [n, width, width]
-    ws = w[idx]  # [n, width, D]
-    return jnp.einsum("nwd,nwd->n", ws, jnp.linalg.solve(blocks, ws))
 
-  n_remove = jnp.asarray(n - 1 if n_remove is None else n_remove, jnp.int32)
-  n_remove = jnp.clip(n_remove, 0, n - 1)
-  steps = (n_remove + per_step - 1) // per_step  # traced: one compile for every stopping point
+@jax.jit
+def _first_solution(ginv, xy):
+  return ginv @ xy[:ginv.shape[0]]
+
+
+@functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step"))
+def _sweep_steps(state, t0, t1, n_remove, width: int, intercept: bool, per_step: int):
+  """Steps t0..t1-1 of the greedy OBS sweep on `state` = (G^-1, W, alive, order, paid)
+  of the units still in the matrices; step t removes the `per_step` cheapest live units
+  (fewer at the last step, so that `n_remove` go in all) at positions t * per_step + j."""
+  d = state[0].shape[0] - (1 if intercept else 0)  # channels (the ones column is last)
+  n = d // width
 
   def step(t, state):
     ginv, w, alive, order, paid = state
     t = t.astype(jnp.int32)
-    c = jnp.where(alive, cost(ginv, w), jnp.inf)
+    c = jnp.where(alive, _unit_cost(ginv, w, width, n), jnp.inf)
     # The per_step cheapest live units (never the last survivor).
     take = jnp.minimum(per_step, n_remove - t * per_step)
     _, s = jax.lax.top_k(-c, per_step)
@@ -140,15 +137,76 @@ def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_r
     paid = paid.at[s].set(jnp.where(valid, c[s], paid[s]))
     return ginv, w, alive, order, paid
 
-  order = jnp.full((n,), n - 1, jnp.int32)
-  paid = jnp.full((n,), jnp.inf, ginv.dtype)
-  state = (ginv, w, jnp.ones((n,), bool), order, paid)
-  ginv, w, alive, order, paid = jax.lax.fori_loop(0, steps, step, state)
-  # Survivors (the last one of a full sweep) are not removed; each carries what removing
-  # it now would add, and they follow the removed units in the order of that cost.
-  now = jnp.where(alive, cost(ginv, w), jnp.inf)
+  return jax.lax.fori_loop(t0, t1, step, state)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "intercept"))
+def _rank_survivors(state, n_remove, width: int, intercept: bool):
+  """Units the sweep left follow the removed ones in the order of what removing each would
+  cost now, and carry that cost."""
+  ginv, w, alive, order, paid = state
+  n = (ginv.shape[0] - (1 if intercept else 0)) // width
+  now = jnp.where(alive, _unit_cost(ginv, w, width, n), jnp.inf)
   rank = jnp.argsort(jnp.argsort(now, stable=True), stable=True).astype(jnp.int32)
   return jnp.where(alive, n_remove + rank, order), jnp.where(alive, now, paid)
+
+
+@jax.jit
+def _compact(ginv, w, idx):
+  return ginv[idx][:, idx], w[idx]
+
+
+COMPACT_MIN = 1024  # channels from which the sweep drops removed units from its matrices
+COMPACT_AT = 0.8  # ... each time the live units fall to this fraction of the matrices' units
+
+
+def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_remove: int | None = None):
+  """Position at which each unit is removed by the greedy OBS sweep ([units] int32) and the
+  cost it had when removed ([units]), from the ridge system's inverse `ginv` (d[+1] square)
+  and the cross moment `xy` (its rows).
+
+  The sweep stops once `n_remove` units are gone (default: all but one); the units
+  still there are ordered after them by what removing each would cost then, and
+  carry that cost. Stopping early changes nothing about the units removed before.
+
+  Every step rewrites G^-1 and W, so a wide module's sweep is bound by memory
+  traffic: from COMPACT_MIN channels on, each time a quarter of the units in the
+  matrices are gone the removed ones are cut out of G^-1 and W (their rows and columns
+  are no longer read), which makes later steps cheaper by the square of what is left.
+  Each entry is still updated by the same products, so the order and costs are those
+  of the uncut sweep.
+  """
+  d = ginv.shape[0] - (1 if intercept else 0)
+  n = d // width
+  n_remove = int(np.clip(n - 1 if n_remove is None else n_remove, 0, n - 1))
+  steps = -(-n_remove // per_step)
+  n_rm = jnp.asarray(n_remove, jnp.int32)  # traced: one compile for every stopping point
+  state = (ginv, _first_solution(ginv, xy), jnp.ones((n,), bool), jnp.full((n,), n - 1, jnp.int32),
+           jnp.full((n,), jnp.inf, ginv.dtype))
+  units = np.arange(n)  # the units in the matrices, in their original order
+  order, paid = np.full(n, n - 1, np.int32), np.full(n, np.inf)
+  t = 0
+  while True:
+    m = len(units)
+    phase = steps - t
+    if m * width >= COMPACT_MIN:
+      phase = min(phase, max(1, int(m * (1 - COMPACT_AT)) // per_step))
+    state = _sweep_steps(state, jnp.int32(t), jnp.int32(t + phase), n_rm, width, intercept, per_step)
+    t += phase
+    if t >= steps:
+      break
+    alive = np.asarray(state[2])
+    gone = ~alive
+    order[units[gone]], paid[units[gone]] = np.asarray(state[3])[gone], np.asarray(state[4])[gone]
+    units = units[alive]
+    ch = (np.flatnonzero(alive)[:, None] * width + np.arange(width)[None]).reshape(-1)
+    idx = jnp.asarray(np.concatenate([ch, [d]]) if intercept else ch, jnp.int32)
+    g, w = _compact(state[0], state[1], idx)
+    k = len(units)
+    state = (g, w, jnp.ones((k,), bool), jnp.full((k,), n - 1, jnp.int32), jnp.full((k,), jnp.inf, ginv.dtype))
+  o, p = _rank_survivors(state, n_rm, width, intercept)
+  order[units], paid[units] = np.asarray(o), np.asarray(p)
+  return order, paid
 
 
 def _blocks(n_units: int, width: int, block: int) -> list[np.ndarray]:

@@ -1,0 +1,63 @@
+"""`jaxprune plan`'s estimate against the measured peak RSS of the run it plans.
+
+Runs `jaxprune prune` on the built-in SmolLM2-135M (20%, 128 x 128 WikiText-2 valid
+tokens, the default recipe unless --method is given) in a child process and takes
+its own peak RSS from `os.wait4`; then runs `jaxprune plan` with the same options
+(one CPU device: on a CPU the device terms are host memory) and compares the
+per-host estimate with it. The bar (issue 10) is 25%.
+
+    python benchmarks/plan_accuracy.py                    # -> results/plan_accuracy.json
+    python benchmarks/plan_accuracy.py --method flap --out /tmp/pa.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from machine import cpu_name  # noqa: E402
+from streaming_memory import child  # noqa: E402
+
+DATA = os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "valid.txt")
+MODEL = "smollm2-135m"
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--method", default=None)
+  ap.add_argument("--calib-samples", type=int, default=128)
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "plan_accuracy.json"))
+  args = ap.parse_args()
+  jp = [sys.executable, "-c", "import sys; from jaxprune.cli import main; sys.exit(main())"]
+  opts = ["--sparsity", "0.2", "--calib-samples", str(args.calib_samples)]
+  if args.method:
+    opts += ["--method", args.method]
+  with tempfile.TemporaryDirectory() as tmp:
+    # One device, as the plan assumes for this machine.
+    env_cmd = ["env", "XLA_FLAGS=--xla_force_host_platform_device_count=1"]
+    seconds, peak, _ = child(env_cmd + jp + ["prune", MODEL, "--calib", DATA, "--out", os.path.join(tmp, "out"),
+                                             "--no-progress", *opts])
+    est_path = os.path.join(tmp, "plan.json")
+    child(env_cmd + jp + ["plan", MODEL, "--backend", "cpu", "--devices-per-host", "1", "--json", est_path, *opts])
+    with open(est_path) as f:
+      est = json.load(f)
+  host = est["host"]["bytes"]
+  row = {"benchmark": "plan_accuracy", "model": MODEL, "options": opts, "machine": cpu_name(),
+         "measured_peak_rss_bytes": peak, "prune_seconds": seconds, "estimate": est,
+         "estimate_host_bytes": host, "error": host / peak - 1, "bound": 0.25}
+  from jaxprune.io.atomic import write_json
+
+  write_json(args.out, row, force=True)
+  print(f"estimate {host / 2**30:.2f} GiB vs measured peak RSS {peak / 2**30:.2f} GiB: "
+        f"{100 * (host / peak - 1):+.1f}% (bound 25%)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,241 @@
+"""Memory a pruning run will need, per device and per host, from the spec alone.
+
+`estimate` reads no weights: parameter shapes come from the spec
+(`spec.layer_shapes`), and the shapes of what each module's statistics pass
+keeps (X2, the Gram matrix and cross moment) from `jax.eval_shape` of the
+engine's own kernel (`passes.hidden_pass`) on abstract inputs. Terms follow
+what the streamed engine (`jaxprune prune`) holds while it prunes one module:
+
+  per device   the embedding and head tables in the checkpoint's dtype (replicated);
+               the block in use, float32, sharded over `model` (the dense block
+               and its pruned copy); the activation streams [S, T, D] float32,
+               sharded over `data` (pruned; dense and the module's dense output
+               when the configuration solves against it; the next streams while
+               they advance); X2 of every calibration window; the statistics
+               (total, compensation and one chunk's term, replicated); one
+               chunk's intermediates (MLP first level, attention maps);
+  per host     the process itself (measured: this process's resident memory
+               after importing jaxprune, starting JAX and, when the model has one,
+               loading its tokenizer), one block as read from the checkpoint and upcast, the
+               float64 copies the solves and the `goa-obs` sweep make, the dense
+               outputs of the plan's store (written, then read back), and the output shard
+               being written at the end; on a CPU backend every local device's
+               memory is also host memory.
+
+The peak is taken over the phases of a module's step (statistics, solves,
+advance), each the sum of what is alive in it, and the largest term at the
+peak is named. Compiled executables and allocator slack are not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+
+import jax
+import jax.numpy as jnp
+from jaxprune import criteria
+from jaxprune.models import adapter as A
+from jaxprune.models import layers as L
+from jaxprune.spec import ModelSpec, layer_param_count, layer_shapes
+from jaxprune.stats import needs as needs_lib
+from jaxprune.stats import passes
+
+F32 = 4
+F64 = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+  """One side's (device or host) peak: total bytes, the phase and module where it falls, its terms."""
+
+  bytes: int
+  phase: str
+  terms: dict[str, int]
+
+  @property
+  def dominant(self) -> str:
+    return max(self.terms, key=self.terms.get)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  device: Peak
+  host: Peak
+  mesh: tuple[int, int]
+  backend: str
+  local_devices: int
+  notes: tuple[str, ...]
+
+  def to_json(self) -> dict:
+    side = lambda p: {"bytes": p.bytes, "phase": p.phase, "dominant": p.dominant, "terms": p.terms}
+    return {"device": side(self.device), "host": side(self.host), "mesh": {"data": self.mesh[0], "model": self.mesh[1]},
+            "backend": self.backend, "local_devices": self.local_devices, "notes": list(self.notes)}
+
+
+def process_floor() -> int:
+  """Resident memory of this process now (it has imported jaxprune and started JAX), bytes."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * resource.getpagesize()
+  except OSError:  # not Linux: the peak so far (kilobytes on Linux, bytes on macOS)
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _abstract_params(spec: ModelSpec, i: int):
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s), jnp.float32), layer_shapes(spec, spec.layers[i]),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _nbytes(tree) -> int:
+  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _shard(nbytes: float, ways: int) -> int:
+  return int(math.ceil(nbytes / max(ways, 1)))
+
+
+def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int = 1, model: int = 1,
+             checkpoint_bytes: int = 4, backend: str | None = None, local_devices: int | None = None,
+             floor: int | None = None, max_shard_bytes: int = 200 * 10 ** 6) -> Estimate:
+  """The peak per-device and per-host memory of pruning `spec` with `config` (a PruneConfig).
+
+  Args:
+    samples, seq_len: calibration windows and tokens per window.
+    data, model: the mesh's axes.
+    checkpoint_bytes: bytes per weight as stored (2 for bfloat16; 4 for GGUF, read as float32).
+    backend: "cpu", "gpu" or "tpu" (default: this process's); on a CPU the devices are host memory.
+    local_devices: devices per host (default: min(data * model, this process's local devices) on
+      a CPU, else 4 for TPU hosts and 8 for GPU nodes).
+    floor: the process's own resident memory (default: `process_floor()`, so load the
+      run's tokenizer first to count it).
+  """
+  backend = backend or jax.default_backend()
+  if local_devices is None:
+    local_devices = min(data * model, jax.local_device_count()) if backend == "cpu" else (4 if backend == "tpu"
+                                                                                          else 8)
+  floor = process_floor() if floor is None else floor
+  crit = criteria.get(config.method)
+  B = config.batch_size
+  C = max(samples // B, 1)
+  n_tok = samples * seq_len
+  Dm = spec.hidden_size
+  stream = _shard(n_tok * Dm * F32, data)
+  per_dev_batch = max(B // data, 1)
+  notes = []
+  if B % data:
+    notes.append(f"batch size {B} is not a multiple of the data axis {data}; the run would refuse it")
+
+  best_dev = best_host = None
+  start, stop = config.block_range(spec)
+  seen = set()
+  for i in range(start, stop):
+    layer = spec.layers[i]
+    shape_key = (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.ffn_dim)
+    if shape_key in seen:  # the same sizes give the same terms
+      continue
+    seen.add(shape_key)
+    p_abs = _abstract_params(spec, i)
+    cfg = L.block_config(spec, i)
+    block_bytes = layer_param_count(spec, layer) * F32
+    for kind in (A.ATTN, A.MLP):
+      js = kind is A.ATTN and config.heads == "similarity"
+      nd = needs_lib.module_needs(config, crit.needs, kind, True, js)
+      st = nd.calib
+      x_abs = jax.ShapeDtypeStruct((C, per_dev_batch, seq_len, Dm), jnp.float32)
+      y_abs = x_abs if st.hidden == "gram" and st.cross else None
+      out = jax.eval_shape(lambda p, n, x, y: passes.hidden_pass(kind, cfg, n, p, x, y, jnp.arange(seq_len, dtype=jnp.int32)[None], st),
+                           p_abs[kind.key], p_abs[kind.norm_key], x_abs, y_abs)
+      x2 = _nbytes(out.x2)  # already one device's share of the windows
+      stats = 3 * _nbytes((out.hidden, out.first, out.inputs, out.js))  # total, compensation, a chunk's term
+      U2 = out.x2.shape[-1]
+      chunk = per_dev_batch * seq_len * F32
+      if kind is A.MLP:
+        transient = chunk * 3 * layer.ffn_dim  # gate, up and their product for one chunk
+      else:
+        transient = chunk * ((layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim) + (
+            2 * per_dev_batch * layer.num_heads * seq_len * seq_len * F32)  # q, k, v; scores and probabilities
+      if nd.first_moments:
+        stats += 3 * 2 * (Dm + 1) * (Dm + 1) * F32
+      n_streams = 3 if nd.dense else 1  # pruned; dense and the module's dense output
+      dev_common = {"block (dense + pruned, float32)": 2 * _shard(block_bytes, model),
+                    "activation streams": n_streams * stream,
+                    "embedding and head": _top_bytes(spec, checkpoint_bytes)}
+      phases_dev = {
+          "statistics": {**dev_common, "X2": x2, "statistics": stats, "chunk intermediates": transient},
+          "solves": {**dev_common, "X2": x2, "statistics": stats},
+          "advance": {**dev_common, "activation streams": 2 * n_streams * stream - (1 if nd.dense else 0) * stream,
+                      "X2": x2},
+      }
+      # Host: float64 solves (LAPACK copies the Gram once) and the goa-obs sweep's inverse and weights.
+      solve_host = 0
+      if config.reconstruct or config.refit or nd.first_moments:
+        solve_host = ((U2 + 1) ** 2 + 2 * (U2 + 1) * Dm) * F64
+      if "hidden_cross" in (crit.needs or ()):
+        from jaxprune.criteria.output_approx import OBS_BLOCK
+
+        b = min(U2, OBS_BLOCK) + 1
+        solve_host = max(solve_host, (U2 + 1) ** 2 * F64 + 3 * b * b * F64 + 2 * b * Dm * F64)
+      host_common = {"process (measured)": floor,
+                     "block as read + float32 copy": layer_param_count(spec, layer) * (checkpoint_bytes + F32)}
+      if config.allocation == "adaptive" and nd.dense:  # written by the plan, read back by the loop
+        host_common["dense output (plan's store)"] = n_tok * Dm * F32
+      phases_host = {name: dict(host_common) for name in phases_dev}
+      phases_host["solves"]["float64 solves"] = solve_host
+      cpu = backend == "cpu"
+      for name, terms in phases_dev.items():
+        total = sum(terms.values())
+        where = f"{name}, {kind.name} of block {i}"
+        if best_dev is None or total > best_dev.bytes:
+          best_dev = Peak(total, where, terms)
+        h = dict(phases_host[name])
+        if cpu:
+          h["devices (CPU memory)"] = local_devices * total
+        ht = sum(h.values())
+        if best_host is None or ht > best_host.bytes:
+          best_host = Peak(ht, where, h)
+  # At the end the output is written one shard at a time.
+  end = {"process (measured)": floor, "output shard being written": max_shard_bytes}
+  if backend == "cpu":
+    end["embedding and head"] = _top_bytes(spec, checkpoint_bytes)
+  if sum(end.values()) > best_host.bytes:
+    best_host = Peak(sum(end.values()), "writing the output", end)
+  if backend != "cpu":
+    notes.append("device figures are accelerator memory; host figures exclude it")
+  notes.append("not modelled: compiled executables, allocator slack, the tokenized text")
+  return Estimate(best_dev, best_host, (data, model), backend, local_devices, tuple(notes))
+
+
+def _top_bytes(spec: ModelSpec, checkpoint_bytes: int) -> int:
+  """The embedding table (and an untied head and learned positions) in the checkpoint's dtype."""
+  n = spec.vocab_size * spec.hidden_size
+  if not spec.tie_embeddings:
+    n *= 2
+  if spec.fam.positions == "learned":
+    n += spec.max_positions * spec.hidden_size
+  return n * checkpoint_bytes
+
+
+def human(n: float) -> str:
+  for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def table(e: Estimate) -> str:
+  """The estimate as the lines `jaxprune plan` prints."""
+  lines = [f"mesh data={e.mesh[0]},model={e.mesh[1]} on {e.backend} ({e.local_devices} devices per host)"]
+  for title, p in (("per device", e.device), ("per host", e.host)):
+    lines.append(f"{title}: peak {human(p.bytes)} during {p.phase}; dominated by {p.dominant} "
+                 f"({100 * p.terms[p.dominant] / max(p.bytes, 1):.0f}%)")
+    for k, v in sorted(p.terms.items(), key=lambda kv: -kv[1]):
+      lines.append(f"  {human(v):>10}  {k}")
+  lines += [f"note: {n}" for n in e.notes]
+  return "\n".join(lines)
+
+
+__all__ = ["Estimate", "Peak", "estimate", "human", "process_floor", "table"]

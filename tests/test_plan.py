@@ -1,0 +1,71 @@
+"""`jaxprune plan`: memory of a run from the config alone, on LLaMA-2 7B and 70B configs."""
+
+import json
+import os
+
+import pytest
+from transformers import LlamaConfig
+
+from jaxprune.cli import main
+
+LLAMA2 = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, torch_dtype="float16"),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000, torch_dtype="float16"),
+}
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+  out = {}
+  for name, kw in LLAMA2.items():
+    d = tmp_path_factory.mktemp(f"llama2-{name}")
+    LlamaConfig(**kw).save_pretrained(str(d))
+    assert os.listdir(d) == ["config.json"]  # no weights to read
+    out[name] = str(d)
+  return out
+
+
+def plan(capsys, tmp_path, model, *argv) -> tuple[dict, str]:
+  js = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+  capsys.readouterr()
+  assert main(["plan", model, "--json", str(js), *argv]) == 0
+  return json.loads(js.read_text()), capsys.readouterr().out
+
+
+def test_70b_on_a_v5e_slice_fits_16gb_per_chip(configs, capsys, tmp_path):
+  est, out = plan(capsys, tmp_path, configs["70b"], "--mesh", "data=8,model=32", "--backend", "tpu")
+  dev = est["device"]
+  assert dev["bytes"] < 16e9
+  assert sum(dev["terms"].values()) == dev["bytes"] and dev["dominant"] == max(dev["terms"], key=dev["terms"].get)
+  assert f"dominated by {dev['dominant']}" in out and "per host" in out
+  # The recipe's MLP statistics at 28672 channels: the Gram and cross moment with the
+  # hidden size, as sums, compensation and one chunk's term, replicated on every chip.
+  F, D = 28672, 8192
+  assert dev["terms"]["statistics"] == 3 * 4 * ((F + 1) ** 2 + (F + 1) * D)
+  # X2 of the 128 x 128 calibration tokens is split over the data axis.
+  assert dev["terms"]["X2"] == 128 * 128 * F * 4 // 8
+
+
+def test_sharding_divides_what_it_shards(configs, capsys, tmp_path):
+  one, _ = plan(capsys, tmp_path, configs["7b"], "--mesh", "data=1,model=1", "--backend", "gpu")
+  split, _ = plan(capsys, tmp_path, configs["7b"], "--mesh", "data=2,model=4", "--backend", "gpu")
+  t1, t8 = one["device"]["terms"], split["device"]["terms"]
+  assert t8["block (dense + pruned, float32)"] * 4 == pytest.approx(t1["block (dense + pruned, float32)"], rel=1e-6)
+  assert t8["activation streams"] * 2 == t1["activation streams"]
+  assert t8["statistics"] == t1["statistics"]  # replicated
+  big, _ = plan(capsys, tmp_path, configs["70b"], "--mesh", "data=2,model=4", "--backend", "gpu")
+  assert big["device"]["bytes"] > split["device"]["bytes"]
+
+
+def test_metric_only_runs_need_no_gram(configs, capsys, tmp_path):
+  rec, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu")
+  flap, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--method", "flap")
+  assert flap["device"]["terms"]["statistics"] < rec["device"]["terms"]["statistics"] / 100
+  assert flap["preset"] == "baseline"
+
+
+def test_bad_mesh_is_refused(configs, capsys):
+  assert main(["plan", configs["7b"], "--mesh", "data=two"]) == 2
+  assert "--mesh" in capsys.readouterr().err
