@@ -100,7 +100,7 @@ def _shard(nbytes: float, ways: int) -> int:
 
 def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int = 1, model: int = 1,
              checkpoint_bytes: int = 4, backend: str | None = None, local_devices: int | None = None,
-             floor: int | None = None, max_shard_bytes: int = 200 * 10 ** 6) -> Estimate:
+             floor: int | None = None, max_shard_bytes: int = 200 * 10 ** 6, mapped_bytes: int = 0) -> Estimate:
   """The peak per-device and per-host memory of pruning `spec` with `config` (a PruneConfig).
 
   Args:
@@ -112,6 +112,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       a CPU, else 4 for TPU hosts and 8 for GPU nodes).
     floor: the process's own resident memory (default: `process_floor()`, so load the
       run's tokenizer first to count it).
+    mapped_bytes: checkpoint file pages the reader keeps mapped (a GGUF file, read whole
+      over the run).
   """
   backend = backend or jax.default_backend()
   if local_devices is None:
@@ -181,6 +183,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
         solve_host = max(solve_host, (U2 + 1) ** 2 * F64 + 3 * b * b * F64 + 2 * b * Dm * F64)
       host_common = {"process (measured)": floor,
                      "block as read + float32 copy": layer_param_count(spec, layer) * (checkpoint_bytes + F32)}
+      if mapped_bytes:
+        host_common["checkpoint file (memory-mapped)"] = mapped_bytes
       if config.allocation == "adaptive" and nd.dense:  # written by the plan, read back by the loop
         host_common["dense output (plan's store)"] = n_tok * Dm * F32
       phases_host = {name: dict(host_common) for name in phases_dev}

@@ -51,7 +51,11 @@ def run(args) -> int:
     args.sparsity = "0.2"  # the budget does not change the peak: it is set by the dense block
   args.calib = None
   config, preset = resolve_config(args)
-  spec, stored = read_spec(args.model)
+  import os
+
+  spec, stored, loc = read_spec(args.model)
+  # jaxprune's GGUF reader maps the file, and every tensor's pages are read once over the run.
+  mapped = os.path.getsize(loc.path) if loc is not None and loc.kind == "gguf" else 0
   tokenizer = _load_tokenizer(args.model)  # the run holds it: it counts in the process's own memory
   config = config.check(spec)
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
@@ -61,7 +65,7 @@ def run(args) -> int:
       raise UsageError(f"{name} {v}: expected a positive number")
   est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=args.seq_len, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
-                           max_shard_bytes=parse_size(args.max_shard_size))
+                           max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped)
   print(f"{args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, preset {preset} "
         f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens")
   print(footprint.table(est))

@@ -25,9 +25,9 @@ def load(name_or_path: str, dtype=np.float32, lazy: bool = False):
 
 
 def read_spec(name_or_path: str) -> tuple:
-  """(ModelSpec, bytes per stored weight) of a model, read from its config alone: a
-  config.json file, or what `load` takes (no tensor is read; GGUF blocks count as
-  float32, the dtype they are dequantized to)."""
+  """(ModelSpec, bytes per stored weight, the checkpoint's location or None) of a model,
+  read from its config alone: a config.json file, or what `load` takes (no tensor is
+  read; GGUF blocks count as float32, the dtype they are dequantized to)."""
   import os
 
   from jaxprune.io import hf
@@ -40,14 +40,14 @@ def read_spec(name_or_path: str) -> tuple:
     p = _hub_config(name_or_path)  # a Hub id: its config.json only
   if os.path.isfile(p) and p.endswith(".json"):
     cfg = hf.read_json(p)
-    return spec_from_hf_config(cfg), _dtype_bytes(cfg)
+    return spec_from_hf_config(cfg), _dtype_bytes(cfg), None
   loc = resolve(name_or_path)
   if loc.kind == "gguf":
-    return spec_from_hf_config(hf_config_from_gguf(read_gguf(loc.path), loc.path)), 4
+    return spec_from_hf_config(hf_config_from_gguf(read_gguf(loc.path), loc.path)), 4, loc
   if loc.kind == "orbax":
-    return _read_spec(loc.path), 4
+    return _read_spec(loc.path), 4, loc
   cfg_path = os.path.join(loc.path, "config.json")
-  return hf.read_spec(loc.path), _dtype_bytes(hf.read_json(cfg_path)) if os.path.exists(cfg_path) else 4
+  return hf.read_spec(loc.path), _dtype_bytes(hf.read_json(cfg_path)) if os.path.exists(cfg_path) else 4, loc
 
 
 def _hub_config(repo_id: str) -> str:
