@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from jaxprune import criteria
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
-from jaxprune.spec import ModelSpec, layer_param_count, layer_shapes
+from jaxprune.io.lazy import block_shapes
+from jaxprune.spec import ModelSpec, layer_param_count, param_shapes
 from jaxprune.stats import needs as needs_lib
 from jaxprune.stats import passes
 
@@ -85,11 +86,6 @@ def process_floor() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def _abstract_params(spec: ModelSpec, i: int):
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s), jnp.float32), layer_shapes(spec, spec.layers[i]),
-                      is_leaf=lambda x: isinstance(x, tuple))
-
-
 def _nbytes(tree) -> int:
   return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
@@ -133,6 +129,7 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
 
   best_dev = best_host = None
   start, stop = config.block_range(spec)
+  shapes = block_shapes(spec)
   seen = set()
   for i in range(start, stop):
     layer = spec.layers[i]
@@ -140,7 +137,7 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
     if shape_key in seen:  # the same sizes give the same terms
       continue
     seen.add(shape_key)
-    p_abs = _abstract_params(spec, i)
+    p_abs = shapes[i]
     cfg = L.block_config(spec, i)
     block_bytes = layer_param_count(spec, layer) * F32
     for kind in (A.ATTN, A.MLP):
@@ -215,12 +212,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
 
 def _top_bytes(spec: ModelSpec, checkpoint_bytes: int) -> int:
   """The embedding table (and an untied head and learned positions) in the checkpoint's dtype."""
-  n = spec.vocab_size * spec.hidden_size
-  if not spec.tie_embeddings:
-    n *= 2
-  if spec.fam.positions == "learned":
-    n += spec.max_positions * spec.hidden_size
-  return n * checkpoint_bytes
+  tables = {k: v for k, v in param_shapes(spec).items() if k not in ("layers", "final_norm")}
+  return sum(math.prod(s) for s in jax.tree.leaves(tables, is_leaf=lambda x: isinstance(x, tuple))) * checkpoint_bytes
 
 
 def human(n: float) -> str:
