@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from jaxprune.errors import UsageError
 from jaxprune.io.atomic import write_file, write_json
+from jaxprune.sharding import to_host
 from jaxprune.spec import LayerSpec
 
 STATE = "state.json"
@@ -73,7 +74,8 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 def save_block(path: str, block: dict) -> None:
   """One block's parameters as an .npz of its flattened paths (written atomically)."""
   flat = traverse_util.flatten_dict(block, sep="/")
-  _save_npz(path, {k: np.asarray(v) for k, v in flat.items()})
+  # to_host: a block split over processes is gathered (every process saves it, in the same order).
+  _save_npz(path, {k: to_host(v) for k, v in flat.items()})
 
 
 def load_block(path: str) -> dict:

@@ -12,12 +12,15 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
                sharded over `data` (pruned; dense and the module's dense output
                when the configuration solves against it; the next streams while
                they advance); X2 of every calibration window; the statistics
-               (total, compensation and one chunk's term, replicated); one
-               chunk's intermediates (MLP first level, attention maps);
+               (total, compensation and one chunk's term; a Gram matrix's rows
+               split over `model`, the rest replicated); on a GPU the joined
+               Gram matrix, replicated, while it solves; one chunk's
+               intermediates (MLP first level, attention maps);
   per host     the process itself (measured: this process's resident memory
                after importing jaxprune, starting JAX and, when the model has one,
                loading its tokenizer), one block as read from the checkpoint and upcast, the
-               float64 copies the solves and the `goa-obs` sweep make, the dense
+               float64 copies the solves and the `goa-obs` sweep make (and, on CPU
+               and TPU hosts, the joined float32 Gram matrix they read), the dense
                outputs of the plan's store (written, then read back), and the output shard
                being written at the end; on a CPU backend every local device's
                memory is also host memory.
@@ -149,8 +152,18 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       out = jax.eval_shape(lambda p, n, x, y: passes.hidden_pass(kind, cfg, n, p, x, y, jnp.arange(seq_len, dtype=jnp.int32)[None], st),
                            p_abs[kind.key], p_abs[kind.norm_key], x_abs, y_abs)
       x2 = _nbytes(out.x2)  # already one device's share of the windows
-      stats = 3 * _nbytes((out.hidden, out.first, out.inputs, out.js))  # total, compensation, a chunk's term
       U2 = out.x2.shape[-1]
+      # Total, compensation and a chunk's term; a Gram matrix's rows split over `model` where it
+      # divides them (`sharding.gram_rows`), then joined once where the solves run.
+      gram = _nbytes(out.hidden) if st.hidden == "gram" else 0
+      split = model > 1 and gram and U2 % model == 0
+      if split:  # X^T X and X^T Y split by rows; the column, token and target sums replicated
+        e = 0 if out.hidden.xy is None else out.hidden.xy.shape[1]
+        hidden = _shard(U2 * (U2 + e) * F32, model) + (U2 + 1 + e) * F32
+      else:
+        hidden = gram
+      stats = 3 * (_nbytes((out.first, out.inputs, out.js)) + hidden)
+      joined = gram if split else 0
       chunk = per_dev_batch * seq_len * F32
       if kind is A.MLP:
         transient = chunk * 3 * layer.ffn_dim  # gate, up and their product for one chunk
@@ -165,7 +178,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
                     "embedding and head": _top_bytes(spec, checkpoint_bytes)}
       phases_dev = {
           "statistics": {**dev_common, "X2": x2, "statistics": stats, "chunk intermediates": transient},
-          "solves": {**dev_common, "X2": x2, "statistics": stats},
+          "solves": {**dev_common, "X2": x2, "statistics": stats,
+                     **({"Gram joined (replicated)": joined} if backend == "gpu" and joined else {})},
           "advance": {**dev_common, "activation streams": 2 * n_streams * stream - (1 if nd.dense else 0) * stream,
                       "X2": x2},
       }
@@ -186,6 +200,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
         host_common["dense output (plan's store)"] = n_tok * Dm * F32
       phases_host = {name: dict(host_common) for name in phases_dev}
       phases_host["solves"]["float64 solves"] = solve_host
+      if joined and backend != "gpu":  # gathered to the host, where LAPACK solves
+        phases_host["solves"]["Gram joined (float32)"] = joined
       cpu = backend == "cpu"
       for name, terms in phases_dev.items():
         total = sum(terms.values())

@@ -355,7 +355,8 @@ class _Compiles:
 def _sum(trees):
   """The sum of pytrees of statistics (Moments, Diag, dicts of them); None if there are none."""
   trees = [t for t in trees if t is not None]
-  return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), trees) if trees else None
+  # `+`: numpy sums (host statistics) stay numpy.
+  return functools.reduce(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b), trees) if trees else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,7 +443,7 @@ class StepContext:
     if kind is A.ATTN:
       n_keep, n_kv = shape
       if c.heads == "similarity":
-        D = np.asarray(js, np.float64)
+        D = sharding.to_host(js).astype(np.float64)
         if tau is not None:
           drop = criteria.algorithm2(D, tau)
           n_keep, n_kv = layer.num_heads - len(drop), None  # tau decides the count
@@ -616,14 +617,17 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       p1 = A.with_first_level(kind, p0, *sol)
 
   with meter.phase("statistics"):
-    hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, None if d is None else d.yd, pos, nd.calib)
+    hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, None if d is None else d.yd, pos, nd.calib,
+                                mesh=ctx.mesh)
             for g, d in zip(groups, douts)]
     hs = None
     if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
-      hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score)
+      hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score, mesh=ctx.mesh)
     elif xs is not None:
       hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds())
     hids, hs = jax.block_until_ready((hids, hs))
+    hids = [passes.gather_hidden(h, ctx.mesh) for h in hids]
+    hs = None if hs is None else passes.gather_hidden(hs, ctx.mesh)
   meter.count("hidden_pass", len(groups) + (hs is not None))
   if c.shrink and nd.calib.hidden == "gram":
     w2, b2 = A.second_level(kind, p1)
@@ -650,7 +654,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       # MLP channels are kept by plain ranking, so the criterion need rank only the ones that go.
       n_remove = n_units - shape[0] if kind is A.MLP else None
       stats = ctx.score_stats(kind, i, layer, p2, hids, m2, js, hs if nd.score is not None else None, n_remove)
-      scores = np.asarray(ctx.crit.score(kind, p2, stats), np.float64)
+      scores = sharding.to_host(ctx.crit.score(kind, p2, stats)).astype(np.float64)
       keep = ctx.select(kind, layer, scores, js, shape, tau, rep)
     rep["score_seconds"] = time.perf_counter() - t1
   else:
@@ -668,20 +672,20 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     # channels would compile its own gather and product.
     w2, b2 = A.second_level(kind, p2)
     gone = np.setdiff1d(np.arange(w2.shape[0]), idx)
-    shift = np.asarray(m2.mean, np.float64)[gone] @ np.asarray(w2, np.float64)[gone]
-    b2 = (np.asarray(b2, np.float64) + shift).astype(np.float32)
+    shift = sharding.to_host(m2.mean).astype(np.float64)[gone] @ sharding.to_host(w2).astype(np.float64)[gone]
+    b2 = (sharding.to_host(b2).astype(np.float64) + shift).astype(np.float32)
     blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], A.second_level(kind, blk2[kind.key])[0], b2)}
   meter.seconds["surgery"] = meter.seconds.get("surgery", 0.0) + time.perf_counter() - t_surgery
   if c.refit:
     # The kept channels' sums are cut on the host where the solves run there (one
     # shape per kept width: no gather compiled for each).
     on_host = reconstruct.lapack_solves() and all(surgery._on_host(h.hidden.xx) for h in hids)
-    cut = (lambda m: moments.subset(moments.Moments(np.asarray(m.xx), np.asarray(m.xy)), idx)) if on_host else (
+    cut = (lambda m: moments.subset(moments.Moments(sharding.to_host(m.xx), sharding.to_host(m.xy)), idx)) if on_host else (
         lambda m: moments.subset(m, idx))
     subs = [_Part(sub, sub.xy, d.yy) for sub, d in ((cut(h.hidden), d) for h, d in zip(hids, douts))]
     icpt = ctx.second_intercept(kind, blk2[kind.key])
     w2, b2 = A.second_level(kind, blk2[kind.key])
-    w2a = np.concatenate([np.asarray(w2), np.asarray(b2)[None]], axis=0).astype(np.float32) if on_host else (
+    w2a = np.concatenate([sharding.to_host(w2), sharding.to_host(b2)[None]], axis=0).astype(np.float32) if on_host else (
         jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
     sol, rep["refit"] = _timed_solve(meter, subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
     if sol is not None:
@@ -862,10 +866,11 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
           st = needs_lib.criterion_stats(pr.crit.needs, kind)
         with pr.phase("statistics", plan=True):
           h = jax.block_until_ready(passes.hidden_pass(kind, cfg, blk[kind.norm_key], p, x, None, pos,
-                                                       dataclasses.replace(st, cross=False, js=js_here)))
+                                                       dataclasses.replace(st, cross=False, js=js_here), mesh=pr.mesh))
+          h = passes.gather_hidden(h, pr.mesh)
         w2, b2 = A.second_level(kind, p)
         if js_here:
-          Ds[i] = np.asarray(h.js / h.rows, np.float64)
+          Ds[i] = sharding.to_host(h.js / h.rows).astype(np.float64)
         if want_scores:
           hidden = h.hidden
           if st.cross:
@@ -881,7 +886,7 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
           else:
             stats = ModuleStats(inputs=h.inputs, hidden=hidden, first=h.first, **kw)
           with pr.phase("scoring", plan=True):
-            s = np.asarray(pr.crit.score(kind, p, stats), np.float64)
+            s = sharding.to_host(pr.crit.score(kind, p, stats)).astype(np.float64)
             if pr.crit.stream_costs:  # errors relative to the residual stream they are added to
               s = s / max(float(passes.energy(x)), 1e-30)
           (heads if kind is A.ATTN else chans)[i] = s

@@ -149,6 +149,22 @@ def stream_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, DATA))
 
 
+def gram_rows(mesh: Mesh | None, d: int) -> NamedSharding | None:
+  """How the running sums of d-wide Gram statistics split: their rows (the input's features)
+  over `model`, so each device adds a 1/M share of X^T X, X^T Y and their compensation.
+  None without a model axis or when it does not divide d (the sums stay replicated)."""
+  m = 1 if mesh is None else mesh.shape.get(MODEL, 1)
+  return None if m == 1 or d % m else NamedSharding(mesh, P(MODEL, None))
+
+
+def to_host(x) -> np.ndarray:
+  """`x` as a numpy array on every process (a collective for arrays split across processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -75,24 +75,32 @@ def test_moments_match_numpy():
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
-def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind):
+@pytest.mark.parametrize("data,model", [(8, 1), (2, 4)])
+def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind, data, model):
+  """On a `model` axis the block is split over it and so are the Gram sums' rows
+  (`sharding.gram_rows`), joined on the host for the solves (`passes.gather_hidden`)."""
   assert len(jax.devices()) == 8
-  model = jaxprune.load(tiny_dir(kind))
+  model_ = jaxprune.load(tiny_dir(kind))
   tokens = np.random.default_rng(0).integers(0, 128, size=(16, 12)).astype(np.int32)
-  blk = model.params["layers"][0]
-  cfg = L.block_config(model.spec, 0)
+  cfg = L.block_config(model_.spec, 0)
   pos = _positions(12)
   out = {}
-  for n in (1, 8):
-    mesh = sharding.make_mesh(data=n)
-    x = _embed_stream(model.spec, model.params, _chunks(tokens, 8, mesh, "test"), mesh)
-    if n == 8:
+  for n, m in ((1, 1), (data, model)):
+    mesh = sharding.make_mesh(n, m)
+    blk = sharding.place(model_.params["layers"][0], mesh)
+    x = _embed_stream(model_.spec, model_.params, _chunks(tokens, 8, mesh, "test"), mesh)
+    if n * m == 8:
       assert len(x.sharding.device_set) == 8
     res = {}
     for kind_ in (A.ATTN, A.MLP):
       d = passes.dense_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, x * 0.5, pos, True, True)
       h = passes.hidden_pass(kind_, cfg, blk[kind_.norm_key], blk[kind_.key], x, d.yd, pos,
-                             StreamNeeds(hidden="gram", cross=True, js=kind_ is A.ATTN))
+                             StreamNeeds(hidden="gram", cross=True, js=kind_ is A.ATTN), mesh=mesh)
+      if m > 1:  # every device added only its rows of X^T X and X^T Y
+        assert isinstance(h.hidden, moments.RowSplit)
+        assert tuple(h.hidden.gram.sharding.spec)[:1] == ("model",)
+        assert {s.data.shape for s in h.hidden.gram.addressable_shards} == {(h.x2.shape[-1] // m, h.x2.shape[-1])}
+      h = passes.gather_hidden(h, mesh)
       res[kind_.name] = [d.m_in.xx, d.m_in.xy, d.yy1, d.err, d.yy, h.hidden.xx, h.hidden.xy] + (
           [h.js] if h.js is not None else [])
       # sqrt(sum_t hd_ti^2) of the dense input, for the cross moment's Cauchy-Schwarz bound
@@ -104,10 +112,10 @@ def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind):
   # roundings each (norm, projection), so both lie within gamma(N + 2D) * sum|terms| of
   # the exact value; by Cauchy-Schwarz sum_t |x_ti y_tj| <= sqrt(G_ii G_jj), which the
   # runs' own Gram diagonals give (tests/numerics.py, point 1).
-  n = 16 * 12 + 2 * model.spec.hidden_size
+  n = 16 * 12 + 2 * model_.spec.hidden_size
   for k in ("attn", "mlp"):
     a = [np.asarray(v, np.float64) for v in out[1][k]]
-    b = [np.asarray(v, np.float64) for v in out[8][k]]
+    b = [np.asarray(v, np.float64) for v in out[data][k]]
     din, d2 = (np.sqrt(np.abs(np.diag(a[i]))) for i in (0, 5))
     dd = out[1][k + "_dd"]
     yy = np.sqrt(abs(a[4]))
@@ -160,3 +168,30 @@ def test_chunk_sums_are_compensated_to_one_rounding_of_the_exact_sum():
   assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
   naive = np.asarray(accumulate(False).gram)
   assert np.max(np.abs(naive - exact) / bound) > 2  # the test tells the two apart (4.7 here)
+
+
+def test_split_gram_sums_leave_no_device_a_whole_gram_matrix():
+  """XLA's own buffer assignment of the statistics pass of a 2048-channel MLP: with the
+  sums' rows split over a `model` axis of 8, a device's buffers (temporaries and outputs)
+  come to less than one Gram matrix; replicated, they hold more than one."""
+  from jaxprune.io.hf_config import spec_from_hf_config
+  from jaxprune.io.lazy import block_shapes
+
+  F = 2048
+  spec = spec_from_hf_config(dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128,
+                                  hidden_size=64, intermediate_size=F, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64))
+  blk, cfg = block_shapes(spec)[0], L.block_config(spec, 0)
+  needs = StreamNeeds(hidden="gram", cross=True)
+  gram_bytes = 4 * F * F
+  per_device = {}
+  for split in (False, True):
+    mesh = sharding.make_mesh(1, 8)
+    shard = sharding.param_shardings(blk, mesh, quiet=True)
+    p = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), blk, shard)
+    x = jax.ShapeDtypeStruct((2, 8, 16, 64), jnp.float32, sharding=sharding.stream_sharding(mesh))
+    mem = passes.hidden_pass.lower(A.MLP, cfg, p[A.MLP.norm_key],
+                                   p[A.MLP.key], x, x, _positions(16), needs,
+                                   mesh=mesh if split else None).compile().memory_analysis()
+    per_device[split] = mem.temp_size_in_bytes + mem.output_size_in_bytes
+  assert per_device[True] < gram_bytes < per_device[False], per_device

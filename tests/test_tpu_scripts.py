@@ -69,7 +69,7 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _check_output(out, setup, processes: int):
+def _check_output(out, setup, processes: int, data: int = 4, model: int = 2):
   _, _, _, ref, tokens, ref_logits, bound = setup
   pruned = jaxprune.load(str(out))
   assert pruned.spec == ref.model.spec
@@ -77,12 +77,13 @@ def _check_output(out, setup, processes: int):
   assert_within(got, ref_logits, bound, f"mesh run, {processes} process(es)")
   with open(out / "report.json") as f:
     report = json.load(f)
-  assert report["mesh"]["data"] == 4 and report["mesh"]["model"] == 2 and report["mesh"]["processes"] == processes
-  assert report["devices"]["data"] == 4
+  assert report["mesh"]["data"] == data and report["mesh"]["model"] == model
+  assert report["mesh"]["processes"] == processes and report["devices"]["data"] == data
   # The parameters really were split over `model` (heads, KV heads, MLP channels, vocabulary).
   assert report["parameter_sharding"]["leaves_split_over_model"] > 0
   assert report["parameter_sharding"]["values_on_one_device"] < report["parameter_sharding"]["values"]
   assert [m["kept"] for m in report["modules"]] == [m["kept"] for m in ref.report["modules"]]
+  assert report["streamed"]  # each process read the safetensors checkpoint a block at a time
 
 
 def test_single_process_4x2_mesh_matches_one_device(setup):
@@ -102,16 +103,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_share_a_4x2_mesh(setup):
-  """jax.distributed.initialize with --coordinator: 2 processes x 4 CPU devices, gloo collectives."""
+@pytest.mark.parametrize("local,data,model", [(4, 4, 2), (2, 1, 4)], ids=["model-axis-within", "model-axis-across"])
+def test_two_processes_share_a_mesh(setup, local, data, model):
+  """jax.distributed.initialize with --coordinator: 2 processes of CPU devices, gloo collectives.
+
+  4x2 on 2 x 4 devices: each process holds whole `model` rows. 1x4 on 2 x 2 devices: the
+  `model` axis spans both processes, so each holds half of every split weight and of the
+  Gram statistics' rows (gathered across them for the solves).
+  """
   root, model_dir, text, *_ = setup
-  out = root / "mesh4x2_2proc"
+  out = root / f"mesh{data}x{model}_2proc"
   port = _free_port()
   procs = [
       subprocess.Popen([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS, "--mesh-data",
-                        "4", "--mesh-model", "2", "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                        "--process-id", str(i)], env=_env(4), cwd=ROOT, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True) for i in range(2)
+                        str(data), "--mesh-model", str(model), "--coordinator", f"localhost:{port}",
+                        "--num-processes", "2", "--process-id", str(i)], env=_env(local), cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)
   ]
   logs = []
   try:
@@ -123,8 +130,8 @@ def test_two_processes_share_a_4x2_mesh(setup):
         p.kill()
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
-  assert "process 1 of 2" in logs[1] and "8 devices in all, 4 local" in logs[1]
-  _check_output(out, setup, processes=2)
+  assert "process 1 of 2" in logs[1] and f"{2 * local} devices in all, {local} local" in logs[1]
+  _check_output(out, setup, processes=2, data=data, model=model)
 
 
 def test_multi_process_detection():

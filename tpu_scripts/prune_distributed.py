@@ -16,16 +16,19 @@ every host. `jax.distributed.initialize()` is called when
     processes: JAX_COORDINATOR_ADDRESS, SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1,
     or a TPU pod slice (TPU_WORKER_HOSTNAMES listing several workers).
 
-Every process loads the whole model into host memory and reads the same
-calibration text; the windows are drawn with the same seed, so they agree. The
-parameters are placed on the mesh by logical axis names
-(`jaxprune.sharding.shard_params`: heads, KV heads, MLP channels and the
-vocabulary over `model`), the calibration streams are sharded over `data`, and
-`jaxprune.pipeline.prune(..., mesh=mesh)` runs the greedy pipeline; its
+Every process streams the model (safetensors, GGUF and Orbax checkpoints: the
+blocks stay on disk until the run reaches them, so a host holds one block at a
+time; PyTorch pickles are read whole) and reads the same calibration text; the
+windows are drawn with the same seed, so they agree. The parameters are placed
+on the mesh by logical axis names (`jaxprune.sharding.param_shardings`: heads,
+KV heads, MLP channels and the vocabulary over `model`), a block when the run
+reaches it; the calibration streams are sharded over `data`, and
+`jaxprune.pipeline.prune(..., mesh=mesh)` runs the greedy pipeline. Its
 statistics are sums, so XLA's all-reduce over `data` gives the single-device
-result up to summation order. The pruned parameters are gathered to host memory
-on every process (a collective) and process 0 alone writes the Hugging Face
-directory (`save_hf`) and report.json.
+result up to summation order; a Gram matrix's rows are split over `model` while
+they accumulate. Each finished block is gathered to host memory on every
+process (a collective) and kept in a file; at the end process 0 alone writes
+the Hugging Face directory (`save_hf`, a block at a time) and report.json.
 
 See tpu_scripts/README.md for memory considerations and the TPU VM launcher.
 """
@@ -187,18 +190,24 @@ def to_host(params):
   return jax.tree.map(one, params)
 
 
-def sharding_summary(params, mesh) -> dict:
-  """How many parameter leaves (and values) the `model` axis splits."""
+def sharding_summary(spec, mesh) -> dict:
+  """How many parameter leaves (and values) the `model` axis splits, from the shapes alone
+  (the blocks of a streamed run are placed on the mesh one at a time)."""
+  import math
+
   import jax
-  import numpy as np
 
   from jaxprune import sharding
+  from jaxprune.spec import param_shapes
 
-  leaves = jax.tree.leaves(params)
-  split = [x for x in leaves if sharding.MODEL in jax.tree.leaves(tuple(x.sharding.spec))]
-  per_device = sum(x.addressable_shards[0].data.size for x in leaves)
+  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, "float32"), param_shapes(spec), is_leaf=is_shape)
+  leaves = jax.tree.leaves(shapes)
+  shards = jax.tree.leaves(sharding.param_shardings(shapes, mesh, quiet=True))
+  split = [sh for sh in shards if sharding.MODEL in jax.tree.leaves(tuple(sh.spec))]
+  per_device = sum(math.prod(sh.shard_shape(x.shape)) for x, sh in zip(leaves, shards))
   return {"leaves": len(leaves), "leaves_split_over_model": len(split),
-          "values": int(sum(np.size(x) for x in leaves)), "values_on_one_device": int(per_device)}
+          "values": int(sum(math.prod(x.shape) for x in leaves)), "values_on_one_device": int(per_device)}
 
 
 # ---------------------------------------------------------------------------
@@ -217,6 +226,7 @@ def main(argv=None) -> int:
   from jaxprune import sharding
   from jaxprune.io.atomic import atomic_dir, check_target
   from jaxprune.io.export import hf_problems, save_hf
+  from jaxprune.io.lazy import is_lazy
   from jaxprune.pipeline import prune
 
   pid, nproc = jax.process_index(), jax.process_count()
@@ -234,18 +244,22 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   # jaxprune.load places the tree on the default device; on an accelerator that would put the whole model on
   # one chip before sharding it. Load into host memory (the CPU backend) instead.
+  # Safetensors, GGUF and Orbax checkpoints stream: their blocks stay on disk until the run
+  # reaches them, so a host holds a block at a time, not the model (jaxprune.io.lazy).
   with jax.default_device(_host_device()):
-    model = jaxprune.load(args.model)
-    if args.dtype is not None:
-      model = model.astype(args.dtype)
+    model = jaxprune.load(args.model, dtype=args.dtype or "float32", lazy=True)
   tokenizer = jaxprune.load_tokenizer(args.model) if args.calib != "random" or pid == 0 else None
   config = build_config(args, data).check(model.spec)
   calib = calibration(args, model, tokenizer)
-  # Host arrays -> the mesh: each process puts its own devices' shards from its (identical) full copy.
-  params = sharding.shard_params(jax.device_get(model.params), mesh)
+  # Host arrays -> the mesh: each process puts its own devices' shards from its (identical)
+  # copy; a streamed model's blocks are placed by the pipeline as it reaches them.
+  streamed = is_lazy(model.params)
+  top = {k: v for k, v in model.params.items() if not (streamed and k == "layers")}
+  params = {**sharding.shard_params(jax.device_get(top), mesh), **({"layers": model.params["layers"]} if streamed
+                                                                   else {})}
   model = jaxprune.Model(model.spec, params, model.source)
   load_s = time.perf_counter() - t0
-  shard_info = sharding_summary(params, mesh)
+  shard_info = sharding_summary(model.spec, mesh)
   log.info("loaded in %.1fs; %d of %d parameter leaves split over `model`; %.1f%% of the values on each device",
            load_s, shard_info["leaves_split_over_model"], shard_info["leaves"],
            100 * shard_info["values_on_one_device"] / shard_info["values"])
@@ -260,13 +274,19 @@ def main(argv=None) -> int:
   result = prune(model, calib, config, mesh=mesh, progress=progress)
   prune_s = time.perf_counter() - t0
 
-  host_params = to_host(result.model.params)  # every process takes part in the gather
+  # Every process takes part in the gathers. A streamed run's pruned blocks are already in
+  # files (each process's own, gathered block by block as they finished); save_hf reads them
+  # one at a time.
+  out = result.model.params
+  host_params = to_host({k: v for k, v in out.items() if not (streamed and k == "layers")})
+  if streamed:
+    host_params["layers"] = out["layers"]
   if pid == 0:
     pruned = jaxprune.Model(result.model.spec, host_params, result.model.source)
     report = {**result.report, "model": args.model,
               "mesh": {"data": data, "model": args.mesh_model, "processes": nproc, "devices": n_dev,
                        "backend": jax.default_backend(), "distributed": why},
-              "parameter_sharding": shard_info}
+              "parameter_sharding": shard_info, "streamed": streamed}
     report["seconds"] = {**report["seconds"], "load": load_s, "prune": prune_s,
                          "wall": time.perf_counter() - t_start}
     with atomic_dir(args.out, force=args.force) as tmp:

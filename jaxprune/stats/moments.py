@@ -107,6 +107,62 @@ def update(m: Moments, x, y=None) -> Moments:
   return m + sums(x, None if m.xy is None else y)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSplit:
+  """`Moments` held as parts, so that the Gram matrix's rows can be split over a mesh axis.
+
+  The augmented Gram (d+1, d+1) of a d-wide input is as wide as d plus one: no
+  mesh axis divides it. Its parts are: gram = X^T X (d, d) and xy = X^T Y (d, e),
+  whose rows split over the axis as the input's features do, and the column sums,
+  token count and target sums, small and replicated. `join` puts them back together.
+  """
+
+  gram: jax.Array
+  xsum: jax.Array
+  count: jax.Array
+  xy: jax.Array | None = None
+  ysum: jax.Array | None = None
+
+
+jax.tree_util.register_dataclass(RowSplit, data_fields=["gram", "xsum", "count", "xy", "ysum"], meta_fields=[])
+
+
+def _constrain(x, sharding):
+  return x if x is None or sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def init_split(d: int, e: int | None, rows) -> RowSplit:
+  """Zero `RowSplit` sums with gram and xy split by `rows` (a sharding of their first axis)."""
+  return RowSplit(_constrain(jnp.zeros((d, d), F32), rows), jnp.zeros((d,), F32), jnp.zeros((), F32),
+                  None if e is None else _constrain(jnp.zeros((d, e), F32), rows),
+                  None if e is None else jnp.zeros((e,), F32))
+
+
+def split_sums(x, y, rows) -> RowSplit:
+  """`sums(x, y)` as `RowSplit` parts, each device forming its own rows of X^T X and X^T Y."""
+  xf = x.reshape(-1, x.shape[-1]).astype(F32)
+  g = _constrain(jnp.einsum("ti,tj->ij", xf, xf, precision="highest"), rows)
+  xy = ysum = None
+  if y is not None:
+    yf = y.reshape(-1, y.shape[-1]).astype(F32)
+    xy = _constrain(jnp.einsum("ti,tj->ij", xf, yf, precision="highest"), rows)
+    ysum = jnp.sum(yf, axis=0)
+  return RowSplit(g, jnp.sum(xf, axis=0), jnp.asarray(xf.shape[0], F32), xy, ysum)
+
+
+def constrain_split(s: RowSplit, rows) -> RowSplit:
+  return dataclasses.replace(s, gram=_constrain(s.gram, rows), xy=_constrain(s.xy, rows))
+
+
+def join(s: RowSplit) -> Moments:
+  """The augmented `Moments` of `RowSplit` parts (numpy parts give numpy Moments)."""
+  xp = np if isinstance(s.gram, np.ndarray) else jnp
+  top = xp.concatenate([s.gram, s.xsum[:, None]], axis=1)
+  xx = xp.concatenate([top, xp.append(s.xsum, s.count)[None]], axis=0)
+  xy = None if s.xy is None else xp.concatenate([s.xy, s.ysum[None]], axis=0)
+  return Moments(xx, xy)
+
+
 def compensated_add(total, comp, term):
   """`total + term` by Kahan's compensated summation, for pytrees of float sums (Moments, Diag).
 
@@ -211,6 +267,9 @@ def shrink(m: Moments, alpha: float, w_aug) -> Moments:
   """
   if alpha == 0:
     return m
+  if isinstance(m.xx, np.ndarray):  # host statistics (`stats.passes.gather_hidden`) stay on the host
+    from jaxprune.sharding import to_host
+    return _shrink_host(m, alpha, to_host(w_aug).astype(np.float32))
   d = m.dim
   s = m.xx[-1, :d]
   cov = m.xx[:d, :d] - jnp.outer(s, s) / m.count
@@ -221,3 +280,19 @@ def shrink(m: Moments, alpha: float, w_aug) -> Moments:
     uncorrelated = m.xx.at[:d, :d].add(-off)
     xy = (1 - alpha) * m.xy + alpha * jnp.matmul(uncorrelated, jnp.asarray(w_aug, F32), precision="highest")
   return Moments(m.xx.at[:d, :d].add(-alpha * off), xy)
+
+
+def _shrink_host(m: Moments, alpha: float, w_aug: np.ndarray) -> Moments:
+  """`shrink` of numpy Moments, in numpy (float32, as on the device)."""
+  d = m.dim
+  s = m.xx[-1, :d]
+  off = m.xx[:d, :d] - np.outer(s, s) / m.xx[-1, -1]
+  off[np.diag_indices(d)] = 0
+  xy = None
+  if m.xy is not None:
+    uncorrelated = m.xx.copy()
+    uncorrelated[:d, :d] -= off
+    xy = (1 - alpha) * m.xy + alpha * (uncorrelated @ w_aug)
+  xx = m.xx.copy()
+  xx[:d, :d] -= np.float32(alpha) * off
+  return Moments(xx, xy)

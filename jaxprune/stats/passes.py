@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxprune import sharding
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import block_step
@@ -95,7 +96,8 @@ class HiddenOut(NamedTuple):
 
   Attributes:
     x2: the second level's input X2, a stream [C,B,T,U2], kept for `second_apply`.
-    hidden: Diag or Moments of X2 (with cross moment X2^T yd when asked), or None.
+    hidden: Diag or Moments of X2 (with cross moment X2^T yd when asked), or None; split over
+      a mesh's `model` axis, a `moments.RowSplit` (`gather_hidden` joins it).
     first: {first-level kernel name: Diag of its pre-activations} (MLP, when asked), or None.
     inputs: Moments of the normalized input (when asked), or None.
     js: [N, N] sums of Jensen-Shannon divergences between heads (or None), over `rows` rows.
@@ -109,23 +111,29 @@ class HiddenOut(NamedTuple):
   rows: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "cfg", "needs"))
-def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, positions, needs: StreamNeeds) -> HiddenOut:
+@functools.partial(jax.jit, static_argnames=("kind", "cfg", "needs", "mesh"))
+def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, positions, needs: StreamNeeds,
+                mesh=None) -> HiddenOut:
   """X2 of the pruned stream and the statistics `needs` lists.
 
-  `yd` (dense outputs) is read only for the cross moment, and may be None.
+  `yd` (dense outputs) is read only for the cross moment, and may be None. On a
+  `mesh` with a `model` axis, a Gram matrix's sums are split by rows over that
+  axis (`sharding.gram_rows`): per device, a 1/M share of the sums, of their
+  compensation and of each chunk's term; `hidden` is then a `moments.RowSplit`,
+  which `gather_hidden` brings to where the solves run.
   """
   cross = needs.hidden == "gram" and needs.cross
 
   def body(carry, chunk):
-    sums, js, rows = carry
+    sums, js, n_rows = carry
     xp_c, yd_c = chunk
     h = L.norm(cfg, norm_p, xp_c)
     x2, probs, pre = A.inner_parts(kind, cfg, p, h, positions, needs.js, needs.first_sq)
     # Each chunk's sums join the totals by compensated summation (`moments.compensated_add`).
     terms = {}
     if needs.hidden == "gram":
-      terms["hidden"] = moments.sums(x2, yd_c if cross else None)
+      y = yd_c if cross else None
+      terms["hidden"] = moments.sums(x2, y) if split is None else moments.split_sums(x2, y, split)
     elif needs.hidden == "diag":
       terms["hidden"] = moments.diag_sums(x2)
     if needs.first_sq:
@@ -133,24 +141,44 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
     if needs.inputs:
       terms["inputs"] = moments.sums(h)
     total, comp = moments.compensated_add(*sums, terms)
+    if split is not None:
+      total, comp = ({**t, "hidden": moments.constrain_split(t["hidden"], split)} for t in (total, comp))
     if needs.js:
-      js, rows = js + js_stats.js_sums(probs), rows + js_stats.js_rows(probs)
-    return ((total, comp), js, rows), x2
+      js, n_rows = js + js_stats.js_sums(probs), n_rows + js_stats.js_rows(probs)
+    return ((total, comp), js, n_rows), x2
 
   h0 = L.norm(cfg, norm_p, xp[0])
   shapes = jax.eval_shape(lambda h: A.inner_parts(kind, cfg, p, h, positions, False, needs.first_sq), h0)
   U2, D = shapes[0].shape[-1], xp.shape[-1]
+  split = sharding.gram_rows(mesh, U2) if needs.hidden == "gram" else None
   zeros = {}
-  if needs.hidden != "none":
-    zeros["hidden"] = moments.init_diag(U2) if needs.hidden == "diag" else moments.init(U2, D if cross else None)
+  if needs.hidden == "diag":
+    zeros["hidden"] = moments.init_diag(U2)
+  elif needs.hidden == "gram":
+    zeros["hidden"] = (moments.init(U2, D if cross else None) if split is None else
+                       moments.init_split(U2, D if cross else None, split))
   if needs.first_sq:
     zeros["first"] = {k: moments.init_diag(v.shape[-1]) for k, v in shapes[2].items()}
   if needs.inputs:
     zeros["inputs"] = moments.init(D)
   N = A.num_units(kind, p) if kind is A.ATTN else 1
   init = ((zeros, zeros), jnp.zeros((N, N), F32), jnp.zeros((), F32))
-  ((total, _), js, rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
-  return HiddenOut(x2, total.get("hidden"), total.get("first"), total.get("inputs"), js if needs.js else None, rows)
+  ((total, _), js, n_rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
+  return HiddenOut(x2, total.get("hidden"), total.get("first"), total.get("inputs"), js if needs.js else None,
+                   n_rows)
+
+
+def gather_hidden(h: HiddenOut, mesh) -> HiddenOut:
+  """`h` with Gram statistics split over `model` (`moments.RowSplit`) joined where the solves
+  and the `goa-obs` sweep run: on the host where they use LAPACK (CPU, and TPU hosts: no
+  device then holds a whole Gram matrix), else replicated over the mesh."""
+  from jaxprune import reconstruct
+
+  if not isinstance(h.hidden, moments.RowSplit):
+    return h
+  if reconstruct.lapack_solves():
+    return h._replace(hidden=moments.join(jax.tree.map(sharding.to_host, h.hidden)))
+  return h._replace(hidden=jax.device_put(moments.join(h.hidden), sharding.replicated(mesh)))
 
 
 @jax.jit
