@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.sharding import local_copy, replicate_like
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxprune.sharding import MODEL, local_copy, replicate_like
 from jaxprune.stats.moments import Moments
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,7 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
       w32 = replicate_like(jax.device_put(w32), m.xx)
     return w32, SolveInfo(delta=float(delta), retries=retry, residual=res)
   with float64_solves():
-    xx, xy64 = to_solve(m.xx), to_solve(xy)
+    xx, xy64 = _by_columns(m.xx, xy)
     for retry in range(MAX_RETRIES + 1):
       w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
       if bool(jnp.all(jnp.isfinite(w))):
@@ -176,9 +178,23 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
       _fail(what, delta)
     res = None
     if yy is not None:
-      res = float(_own_residual(xx, xy64, to_solve(yy), w, jnp.asarray(delta, jnp.float64), intercept))
+      res = float(_own_residual(xx, xy64, host64(yy), w, np.float64(delta), intercept))
     return replicate_like(jnp.asarray(w, jnp.float32), m.xx), SolveInfo(delta=float(delta), retries=retry,
                                                                         residual=res)
+
+
+def _by_columns(xx, xy):
+  """float64 copies of the sums for a device solve. On a mesh with a `model` axis that divides
+  the outputs, the (replicated) Gram matrix stays on every device and X^T Y is split by its
+  columns, so each device solves for its own columns of W (the factorisation is repeated on
+  each, in parallel); otherwise both go to one device."""
+  sh = getattr(xx, "sharding", None)
+  m = sh.mesh.shape.get(MODEL, 1) if isinstance(sh, NamedSharding) else 1
+  if m == 1 or not xx.is_fully_replicated or xy.shape[1] % m:
+    return to_solve(xx), to_solve(xy)
+  cols = NamedSharding(sh.mesh, P(None, MODEL))
+  return (jax.device_put(xx, sh).astype(jnp.float64),
+          jax.device_put(xy, cols).astype(jnp.float64))
 
 
 def _warn_retry(what: str, delta: float) -> None:

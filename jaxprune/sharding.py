@@ -202,5 +202,5 @@ def replicate_like(y, like):
     return y
   sharding = like.sharding
   mesh = sharding.mesh if isinstance(sharding, NamedSharding) else Mesh(np.array(list(sharding.device_set)), ("all",))
-  host = np.asarray(y)
+  host = to_host(y)
   return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda idx: host[idx])

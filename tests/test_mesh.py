@@ -118,3 +118,40 @@ def test_round_to_keeps_the_mlp_evenly_sharded(tiny_dir, allocation, rounding):
   for blk in r.model.params["layers"]:  # the pruned model's weights are still split over `model`
     assert blk["mlp"]["down"]["kernel"].sharding.spec == sharding.P("model", None)
     assert blk["mlp"]["up"]["kernel"].sharding.spec == sharding.P(None, "model")
+
+
+def test_device_solves_split_their_columns_over_model(tiny_dir, monkeypatch):
+  """Where the solves run on the devices (GPUs: here forced on the CPU), each device solves for
+  its own columns of W: the joined Gram matrix replicated, X^T Y split by columns over `model`.
+  The run keeps the units of a one-device run with the same solves."""
+  from jaxprune import reconstruct
+  from jaxprune.criteria import output_approx
+  from jaxprune.stats import passes
+
+  for mod in (reconstruct, output_approx, passes):
+    if hasattr(mod, "lapack_solves"):
+      monkeypatch.setattr(mod, "lapack_solves", lambda: False)
+  seen = []
+  solve = reconstruct._solve
+
+  def spy(xx, xy, delta, intercept):
+    seen.append((xx.is_fully_replicated, len(xx.sharding.device_set), tuple(getattr(xy.sharding, "spec", ()))))
+    return solve(xx, xy, delta, intercept)
+
+  monkeypatch.setattr(reconstruct, "_solve", spy)
+  cfg = PruneConfig.preset("recommended", sparsity=0.3, batch_size=8)
+  calib = _calib()
+  runs = {}
+  for shape in ((1, 1), (2, 4)):
+    seen.clear()
+    runs[shape] = prune(jaxprune.load(tiny_dir("llama_gqa")), calib, cfg, mesh=sharding.make_mesh(*shape))
+    if shape == (2, 4):
+      assert seen and all(rep and n == 8 and spec == (None, "model") for rep, n, spec in seen), seen
+  one, got = runs[(1, 1)], runs[(2, 4)]
+  assert [m["kept"] for m in got.report["modules"]] == [m["kept"] for m in one.report["modules"]]
+  a = perplexity(one.model.spec, one.model.params, calib).mean_nll
+  b = perplexity(got.model.spec, got.model.params, calib).mean_nll
+  perm = np.random.default_rng(1).permutation(len(calib))
+  again = prune(jaxprune.load(tiny_dir("llama_gqa")), calib[perm], cfg, mesh=sharding.make_mesh(1, 1))
+  spread = abs(perplexity(again.model.spec, again.model.params, calib).mean_nll - a)
+  assert abs(a - b) <= FACTOR * spread + FLOOR_ULPS * U32 * abs(a), (a, b, spread)
