@@ -743,6 +743,13 @@ class _Blocks:
   def __setitem__(self, i: int, block) -> None:
     self.new[i] = block
 
+  def placed(self, i: int, mesh):
+    """Block i on the mesh, split over its `model` axis: a dense block still in its checkpoint
+    is read slice by slice, each process only what its devices hold (`LazyBlocks.placed`)."""
+    if i not in self.new and lazy_io.is_lazy({"layers": self.dense}) and mesh.shape.get(sharding.MODEL, 1) > 1:
+      return self.dense.placed(i, lambda blk: sharding.param_shardings(blk, mesh, quiet=True))
+    return sharding.place(self[i], mesh)
+
   def __iter__(self):
     return (self[i] for i in range(len(self)))
 
@@ -818,7 +825,7 @@ class _Pruner:
     shape = self.keep_shape(kind, i, layer, plan)
     # Blocks live on the mesh, sharded over its `model` axis (dense ones as they are read, pruned
     # ones as they come out of surgery), so no device holds a whole block.
-    blk = sharding.place(self.blocks[i], self.mesh)
+    blk = self.blocks.placed(i, self.mesh)
     step = prune_module(self.ctx, kind, i, blk, layer, cfg, groups, xs, shape, tau)
     self.blocks[i], self.layer_specs[i] = sharding.place(step.block, self.mesh), step.layer
     for name, n in step.passes.items():
@@ -855,7 +862,7 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
   pos = _positions(x.shape[2])
   heads, chans, Ds = {}, {}, {}
   for i in range(pr.stop):
-    blk, layer = sharding.place(pr.blocks[i], pr.mesh), pr.layer_specs[i]
+    blk, layer = pr.blocks.placed(i, pr.mesh), pr.layer_specs[i]
     cfg = L.block_config(pr.spec, i)
     if i >= pr.start:
       for kind in (A.ATTN, A.MLP):
@@ -1014,7 +1021,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
       pr.progress({"event": "block", "layer": i})
     elif i < pr.stop:
       cfg = L.block_config(pr.spec, i)
-      run = functools.partial(passes.block_pass, cfg, sharding.place(pr.blocks[i], pr.mesh), positions=pos)
+      run = functools.partial(passes.block_pass, cfg, pr.blocks.placed(i, pr.mesh), positions=pos)
       # Before the first pruned block both streams are the dense model's: one pass.
       groups = [_Group(None if g.xd is None else x, x) for g, x in ((g, run(x=g.xp)) for g in groups)]
       if xs is not None:

@@ -77,6 +77,26 @@ def test_lazy_load_reads_nothing_until_a_block_is_used(bf16_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
+def test_placed_blocks_read_only_their_slices_and_equal_the_read_ones(bf16_dir, kind):
+  """`LazyBlocks.placed` on a model axis of 4: each leaf laid out as `sharding.place` lays out
+  the block read whole, with the same values (bfloat16 widened exactly), from memory-mapped
+  safetensors; distinct slices are read once, replicas over `data` share them."""
+  from jaxprune import sharding
+
+  path = bf16_dir(kind)
+  eager = jaxprune.load(path)
+  blocks = jaxprune.load(path, lazy=True).params["layers"]
+  mesh = sharding.make_mesh(2, 4)
+  got = blocks.placed(1, lambda b: sharding.param_shardings(b, mesh, quiet=True))
+  want = sharding.place(eager.params["layers"][1], mesh)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    assert b.dtype == np.float32 and b.sharding == a.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # One process holds the whole mesh: every value is read exactly once.
+  assert blocks.values_read == sum(np.size(x) for x in jax.tree.leaves(want))
+
+
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "gpt2"])
 @pytest.mark.parametrize("preset,extra", [
     ("recommended", {}),

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,6 +85,7 @@ def _check_output(out, setup, processes: int, data: int = 4, model: int = 2):
   assert report["parameter_sharding"]["values_on_one_device"] < report["parameter_sharding"]["values"]
   assert [m["kept"] for m in report["modules"]] == [m["kept"] for m in ref.report["modules"]]
   assert report["streamed"]  # each process read the safetensors checkpoint a block at a time
+  return report
 
 
 def test_single_process_4x2_mesh_matches_one_device(setup):
@@ -131,7 +133,16 @@ def test_two_processes_share_a_mesh(setup, local, data, model):
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
   assert "process 1 of 2" in logs[1] and f"{2 * local} devices in all, {local} local" in logs[1]
-  _check_output(out, setup, processes=2, data=data, model=model)
+  report = _check_output(out, setup, processes=2, data=data, model=model)
+  # Process 0 read the dense blocks slice by slice (memory-mapped safetensors): across the
+  # processes it read only its half of every tensor split over `model`; within, all of it
+  # (per block read: the adaptive plan and the layer loop each read every block once).
+  blocks = jaxprune.load(model_dir).params["layers"]
+  whole = report["block_reads"] * sum(np.size(x) for x in jax.tree.leaves(blocks)) // len(blocks)
+  if model == 4:
+    assert 0 < report["block_values_read"] < whole
+  else:
+    assert report["block_values_read"] == whole
 
 
 def test_multi_process_detection():

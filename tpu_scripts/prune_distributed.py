@@ -287,6 +287,9 @@ def main(argv=None) -> int:
               "mesh": {"data": data, "model": args.mesh_model, "processes": nproc, "devices": n_dev,
                        "backend": jax.default_backend(), "distributed": why},
               "parameter_sharding": shard_info, "streamed": streamed}
+    if streamed:  # what this process read of the dense blocks: its devices' slices only
+      report["block_reads"] = int(model.params["layers"].reads)
+      report["block_values_read"] = int(model.params["layers"].values_read)
     report["seconds"] = {**report["seconds"], "load": load_s, "prune": prune_s,
                          "wall": time.perf_counter() - t_start}
     with atomic_dir(args.out, force=args.force) as tmp:

@@ -113,7 +113,8 @@ def load_hf(path: str, dtype=np.float32, lazy: bool = False) -> Model:
     from jaxprune.io import lazy as lazy_io
 
     if lazy_io.can_stream(files):
-      return lazy_io.lazy_model(spec, *lazy_io.safetensors_reader(files), path, dtype)
+      return lazy_io.lazy_model(spec, *lazy_io.safetensors_reader(files), path, dtype,
+                                view=lazy_io.safetensors_views(files))
   params = tensors_to_params(spec, read_tensors(files), source=path)
   check_params(spec, params)
   return Model(spec, to_device(params, dtype), source=os.path.abspath(path))

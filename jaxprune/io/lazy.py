@@ -44,14 +44,18 @@ class LazyBlocks(Sequence):
   """
 
   def __init__(self, read: Callable[[int], Params], shapes: Sequence[Params], dtype=jnp.float32, cache: int = 1,
-               source: str = "checkpoint"):
+               source: str = "checkpoint", views: Callable[[int], Params] | None = None):
     self._read = read
+    # Block i as views of the checkpoint file that read nothing until indexed (safetensors,
+    # memory-mapped), so that `placed` reads only the slices this process's devices hold.
+    self._views = views
     self.shapes = tuple(shapes)
     self.dtype = jnp.dtype(dtype)
     self.source = source
     self._cache: collections.OrderedDict[int, Params] = collections.OrderedDict()
     self._size = cache
     self.reads = 0  # blocks read from disk so far (a test of the streaming's cost)
+    self.values_read = 0  # parameter values `placed` read for this process's devices
 
   def __len__(self) -> int:
     return len(self.shapes)
@@ -64,8 +68,12 @@ class LazyBlocks(Sequence):
     if i in self._cache:
       self._cache.move_to_end(i)
       return self._cache[i]
-    blk = self._read(i)
+    blk = self._checked(i, self._read(i))
     self.reads += 1
+    # The block alone is upcast (in XLA), never the whole model.
+    return self._keep(i, jax.tree.map(lambda x: jnp.asarray(x).astype(self.dtype), blk))
+
+  def _checked(self, i: int, blk: Params) -> Params:
     want = traverse_util.flatten_dict(self.shapes[i], sep=".")
     have = traverse_util.flatten_dict(blk, sep=".")
     bad = [f"{k}: {tuple(np.shape(have[k])) if k in have else 'missing'}, expected {want[k].shape}"
@@ -74,12 +82,40 @@ class LazyBlocks(Sequence):
     if bad:
       raise ShapeError(f"{self.source}: block {i} does not match the model description ({'; '.join(bad[:5])}). "
                        "Check that the config belongs to these weights.")
-    # The block alone is upcast (in XLA), never the whole model.
-    blk = jax.tree.map(lambda x: jnp.asarray(x).astype(self.dtype), blk)
+    return blk
+
+  def _keep(self, i: int, blk: Params) -> Params:
     self._cache[i] = blk
     while len(self._cache) > self._size:
       self._cache.popitem(last=False)
     return blk
+
+  def placed(self, i: int, shardings: Callable[[Params], Params]) -> Params:
+    """Block i as global arrays laid out by `shardings(block) -> tree of NamedShardings`,
+    each process reading (and upcasting) only the slices its own devices hold.
+
+    With memory-mapped views (safetensors) that is all this process reads of the block;
+    other checkpoints are read whole and sliced.
+    """
+    i = i % len(self)
+    if i in self._cache:
+      self._cache.move_to_end(i)
+      return self._cache[i]
+    raw = self._checked(i, (self._views or self._read)(i))
+    self.reads += 1
+
+    def one(x, sh):
+      parts = {}  # devices holding the same slice (replicas over `data`) share one read
+
+      def piece(idx):
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key not in parts:
+          parts[key] = np.asarray(x[idx]).astype(self.dtype)  # exact: a float widening
+          self.values_read += parts[key].size
+        return parts[key]
+      return jax.make_array_from_callback(tuple(np.shape(x)), sh, piece)
+
+    return self._keep(i, jax.tree.map(one, raw, shardings(raw)))
 
 
 def block_shapes(spec: ModelSpec, dtype=jnp.float32) -> list[Params]:
@@ -101,11 +137,13 @@ def materialize(model: Model) -> Model:
 
 
 def lazy_model(spec: ModelSpec, keys: Sequence[str], get: Callable[[str], np.ndarray], source: str,
-               dtype=jnp.float32) -> Model:
+               dtype=jnp.float32, view: Callable[[str], np.ndarray] | None = None) -> Model:
   """A Model whose blocks are read through `get(hf_key)` when used; the rest is read now.
 
   `keys` are every tensor name of the checkpoint: they are checked against the family's
   table first, so a checkpoint with missing or unexpected tensors fails before any work.
+  `view(hf_key)`, where the format allows it, is the tensor as a view of the file that reads
+  only what is indexed (`LazyBlocks.placed`).
   """
   from jaxprune.io.mapping import TABLES, block_params, check_keys, key_renames, top_params
 
@@ -116,13 +154,50 @@ def lazy_model(spec: ModelSpec, keys: Sequence[str], get: Callable[[str], np.nda
   # The embeddings and head stay in the checkpoint's dtype (a quarter of a 7B model's size at
   # float32); what reads them casts rows or products to float32 (`embed_f32`, the head's einsum).
   top = jax.tree.map(jnp.asarray, top_params(spec, read, source))
+  views = None
+  if view is not None:
+    views = lambda i: block_params(spec, i, lambda key: view(original[key]), source)
   blocks = LazyBlocks(lambda i: block_params(spec, i, read, source),
-                      block_shapes(spec, dtype), dtype, source=source)
+                      block_shapes(spec, dtype), dtype, source=source, views=views)
   return Model(spec, {**top, "layers": blocks}, source=os.path.abspath(source))
 
 
 # --------------------------------------------------------------------------
 # Readers: every tensor name of a checkpoint, and a function reading one tensor.
+
+
+# safetensors dtype names -> numpy (bfloat16 from ml_dtypes, which JAX ships).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_views(files: Sequence[str]) -> Callable[[str], np.ndarray]:
+  """`view(key)`: the tensor as a read-only `np.memmap` of its file (the format is a JSON
+  header, then each tensor's bytes, C order, little-endian, at the header's offsets), so
+  indexing it reads only the pages of that slice."""
+  import json
+  import struct
+
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+  where: dict[str, tuple[str, int, dict]] = {}
+  for f in files:
+    with open(f, "rb") as fh:
+      n = struct.unpack("<Q", fh.read(8))[0]
+      header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    where.update({k: (f, 8 + n, v) for k, v in header.items()})
+
+  def view(key: str) -> np.ndarray:
+    f, base, info = where[key]
+    start, end = info["data_offsets"]
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+    shape = tuple(info["shape"])
+    if end == start:
+      return np.zeros(shape, dtype)
+    return np.memmap(f, dtype=dtype, mode="r", offset=base + start, shape=shape)
+
+  return view
 
 
 def safetensors_reader(files: Sequence[str]) -> tuple[list[str], Callable[[str], np.ndarray]]:
