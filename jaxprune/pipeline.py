@@ -680,12 +680,13 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     # The kept channels' sums are cut on the host where the solves run there (one
     # shape per kept width: no gather compiled for each).
     on_host = reconstruct.lapack_solves() and all(surgery._on_host(h.hidden.xx) for h in hids)
-    cut = (lambda m: moments.subset(moments.Moments(sharding.to_host(m.xx), sharding.to_host(m.xy)), idx)) if on_host else (
+    host = sharding.to_host
+    cut = (lambda m: moments.subset(moments.Moments(host(m.xx), host(m.xy)), idx)) if on_host else (
         lambda m: moments.subset(m, idx))
     subs = [_Part(sub, sub.xy, d.yy) for sub, d in ((cut(h.hidden), d) for h, d in zip(hids, douts))]
     icpt = ctx.second_intercept(kind, blk2[kind.key])
     w2, b2 = A.second_level(kind, blk2[kind.key])
-    w2a = np.concatenate([sharding.to_host(w2), sharding.to_host(b2)[None]], axis=0).astype(np.float32) if on_host else (
+    w2a = np.concatenate([host(w2), host(b2)[None]], axis=0).astype(np.float32) if on_host else (
         jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
     sol, rep["refit"] = _timed_solve(meter, subs, w2a, c.damping, grid, icpt, f"layer {i} {kind.name} refit")
     if sol is not None:
@@ -746,7 +747,7 @@ class _Blocks:
   def placed(self, i: int, mesh):
     """Block i on the mesh, split over its `model` axis: a dense block still in its checkpoint
     is read slice by slice, each process only what its devices hold (`LazyBlocks.placed`)."""
-    if i not in self.new and lazy_io.is_lazy({"layers": self.dense}) and mesh.shape.get(sharding.MODEL, 1) > 1:
+    if i not in self.new and isinstance(self.dense, lazy_io.LazyBlocks) and mesh.shape.get(sharding.MODEL, 1) > 1:
       return self.dense.placed(i, lambda blk: sharding.param_shardings(blk, mesh, quiet=True))
     return sharding.place(self[i], mesh)
 

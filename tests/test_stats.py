@@ -195,3 +195,24 @@ def test_split_gram_sums_leave_no_device_a_whole_gram_matrix():
                                    mesh=mesh if split else None).compile().memory_analysis()
     per_device[split] = mem.temp_size_in_bytes + mem.output_size_in_bytes
   assert per_device[True] < gram_bytes < per_device[False], per_device
+
+
+def test_shrink_on_host_statistics_matches_the_device():
+  """Gram statistics joined on the host (`passes.gather_hidden`) are shrunk with numpy; the
+  result is the device's up to float32 rounding: elementwise steps of a few roundings, and a
+  (d+1)-term product for the cross moment (tests/numerics.py, point 1)."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(40, 9)).astype(np.float32) * rng.uniform(0.5, 2, 9).astype(np.float32)
+  y = rng.normal(size=(40, 4)).astype(np.float32)
+  w = rng.normal(size=(10, 4)).astype(np.float32)
+  dev = moments.sums(jnp.asarray(x), jnp.asarray(y))
+  host = moments.Moments(np.asarray(dev.xx), np.asarray(dev.xy))
+  for alpha in (0.25, 1.0):
+    a, b = moments.shrink(dev, alpha, jnp.asarray(w)), moments.shrink(host, alpha, w)
+    assert isinstance(b.xx, np.ndarray) and isinstance(b.xy, np.ndarray)
+    xx = np.abs(np.asarray(dev.xx, np.float64))
+    s = xx[-1, :9]
+    scale = xx + np.pad(np.outer(s, s) / xx[-1, -1], ((0, 1), (0, 1)))
+    assert_within_sum_bound(b.xx, np.asarray(a.xx, np.float64), scale, 8, "shrunk gram")
+    assert_within_sum_bound(b.xy, np.asarray(a.xy, np.float64),
+                            np.abs(np.asarray(dev.xy, np.float64)) + (scale + xx) @ np.abs(w), 10 + 8, "shrunk xy")

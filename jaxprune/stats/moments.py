@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.sharding import to_host
+
 F32 = jnp.float32
 
 
@@ -268,7 +270,6 @@ def shrink(m: Moments, alpha: float, w_aug) -> Moments:
   if alpha == 0:
     return m
   if isinstance(m.xx, np.ndarray):  # host statistics (`stats.passes.gather_hidden`) stay on the host
-    from jaxprune.sharding import to_host
     return _shrink_host(m, alpha, to_host(w_aug).astype(np.float32))
   d = m.dim
   s = m.xx[-1, :d]
