@@ -23,6 +23,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 from machine import cpu_name  # noqa: E402
+from quality import git_state  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "wikitext-2")
 MESHES = ("data=1,model=1", "data=2,model=4")
@@ -60,6 +61,7 @@ def main() -> int:
                    "seconds": r["seconds"]["total"]} for m, r in runs.items()},
       "modules_with_different_units": differ,
       "perplexity_relative_difference": abs(pa - pb) / pa,
+      **git_state(exclude=(args.out,)),
   }
   from jaxprune.io.atomic import write_json
 

@@ -11,7 +11,8 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
                and its pruned copy); the activation streams [S, T, D] float32,
                sharded over `data` (pruned; dense and the module's dense output
                when the configuration solves against it; the next streams while
-               they advance); X2 of every calibration window; the statistics
+               they advance); X2 of every calibration window (its features
+               split over `model`); the statistics
                (total, compensation and one chunk's term; a Gram matrix's rows
                split over `model`, the rest replicated); on a GPU the joined
                Gram matrix, replicated, while it solves; one chunk's
@@ -151,8 +152,10 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       y_abs = x_abs if st.hidden == "gram" and st.cross else None
       out = jax.eval_shape(lambda p, n, x, y: passes.hidden_pass(kind, cfg, n, p, x, y, jnp.arange(seq_len, dtype=jnp.int32)[None], st),
                            p_abs[kind.key], p_abs[kind.norm_key], x_abs, y_abs)
-      x2 = _nbytes(out.x2)  # already one device's share of the windows
       U2 = out.x2.shape[-1]
+      # One device's share of the windows; its features split over `model` where it divides
+      # them (`sharding.laid_out_stream`).
+      x2 = _nbytes(out.x2) // (model if U2 % model == 0 else 1)
       # Total, compensation and a chunk's term; a Gram matrix's rows split over `model` where it
       # divides them (`sharding.gram_rows`), then joined once where the solves run.
       gram = _nbytes(out.hidden) if st.hidden == "gram" else 0

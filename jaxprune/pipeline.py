@@ -536,8 +536,8 @@ def _unchanged_module(ctx: StepContext, kind, i, blk, layer, cfg, groups, xs, re
   w2, b2 = A.second_level(kind, p)
 
   def advance(x):
-    h = passes.hidden_pass(kind, cfg, norm_p, p, x, None, pos, needs_lib.StreamNeeds())
-    return passes.second_apply(h.x2, w2, b2, x, None)[0]
+    h = passes.hidden_pass(kind, cfg, norm_p, p, x, None, pos, needs_lib.StreamNeeds(), mesh=ctx.mesh)
+    return passes.second_apply(h.x2, w2, b2, x, None, mesh=ctx.mesh)[0]
 
   # The plan's store has this module's output on the dense stream, which the pruned one still is.
   douts = ctx.stored_dense(kind, i, groups, ctx.needs(kind, False))
@@ -600,7 +600,8 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       douts = ctx.stored_dense(kind, i, groups, nd)
       if douts is None:
         douts = jax.block_until_ready([
-            passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error)
+            passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error,
+                              mesh=ctx.mesh)
             for g in groups])
         meter.count("dense_pass", len(groups))
       else:
@@ -624,7 +625,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
       hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score, mesh=ctx.mesh)
     elif xs is not None:
-      hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds())
+      hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, needs_lib.StreamNeeds(), mesh=ctx.mesh)
     hids, hs = jax.block_until_ready((hids, hs))
     hids = [passes.gather_hidden(h, ctx.mesh) for h in hids]
     hs = None if hs is None else passes.gather_hidden(hs, ctx.mesh)
@@ -700,10 +701,11 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
   with meter.phase("advance"):
     nxt, err_out = [], 0.0
     for g, d, h in zip(groups, douts, hids):
-      xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd)
+      xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd, mesh=ctx.mesh)
       nxt.append(_Group(None if d is None else passes.add(g.xd, d.yd), xp_next))
       err_out += float(e)
-    xs_next = None if hs is None else jax.block_until_ready(passes.second_apply(hs.x2, w2f, b2f, xs, None)[0])
+    xs_next = None if hs is None else jax.block_until_ready(
+        passes.second_apply(hs.x2, w2f, b2f, xs, None, mesh=ctx.mesh)[0])
   meter.count("second_apply", len(groups) + (hs is not None))
 
   if ctx.with_dense:
@@ -900,14 +902,14 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
           (heads if kind is A.ATTN else chans)[i] = s
         with pr.phase("advance", plan=True):
           if store is not None:
-            y = passes.second_out(h.x2, w2, b2)
+            y = passes.second_out(h.x2, w2, b2, mesh=pr.mesh)
             store.put(i, kind.name, y)
             x = jax.block_until_ready(passes.add(x, y))
           else:
-            x = jax.block_until_ready(passes.second_apply(h.x2, w2, b2, x, None)[0])
+            x = jax.block_until_ready(passes.second_apply(h.x2, w2, b2, x, None, mesh=pr.mesh)[0])
       pr.progress({"event": "plan", "layer": i})
     else:
-      x = passes.block_pass(cfg, blk, x, pos)
+      x = passes.block_pass(cfg, blk, x, pos, mesh=pr.mesh)
   return heads, chans, Ds
 
 
@@ -1022,7 +1024,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
       pr.progress({"event": "block", "layer": i})
     elif i < pr.stop:
       cfg = L.block_config(pr.spec, i)
-      run = functools.partial(passes.block_pass, cfg, pr.blocks.placed(i, pr.mesh), positions=pos)
+      run = functools.partial(passes.block_pass, cfg, pr.blocks.placed(i, pr.mesh), positions=pos, mesh=pr.mesh)
       # Before the first pruned block both streams are the dense model's: one pass.
       groups = [_Group(None if g.xd is None else x, x) for g, x in ((g, run(x=g.xp)) for g in groups)]
       if xs is not None:

@@ -157,6 +157,24 @@ def gram_rows(mesh: Mesh | None, d: int) -> NamedSharding | None:
   return None if m == 1 or d % m else NamedSharding(mesh, P(MODEL, None))
 
 
+def laid_out_stream(x, mesh: Mesh | None, features: bool = False):
+  """Inside a jitted kernel: stream `x` [C, B, T, F] with its batch axis over `data` and, with
+  `features`, its last axis over `model` where that divides it (an explicit output sharding;
+  as it is without a mesh)."""
+  if mesh is None:
+    return x
+  m = mesh.shape.get(MODEL, 1)
+  last = MODEL if features and m > 1 and x.shape[-1] % m == 0 else None
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA, None, last)))
+
+
+def laid_out_replicated(tree, mesh: Mesh | None):
+  """Inside a jitted kernel: every array of `tree` replicated over `mesh` (as it is without one)."""
+  if mesh is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
+
+
 def to_host(x) -> np.ndarray:
   """`x` as a numpy array on every process (a collective for arrays split across processes)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:

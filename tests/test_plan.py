@@ -48,8 +48,8 @@ def test_70b_on_a_v5e_slice_fits_16gb_per_chip(configs, capsys, tmp_path):
   # Joined once for the solves, on the host (a TPU has no float64).
   host = est["host"]["terms"]
   assert host.get("Gram joined (float32)", 4 * ((F + 1) ** 2 + (F + 1) * D)) == 4 * ((F + 1) ** 2 + (F + 1) * D)
-  # X2 of the 128 x 128 calibration tokens is split over the data axis.
-  assert dev["terms"]["X2"] == 128 * 128 * F * 4 // 8
+  # X2 of the 128 x 128 calibration tokens: windows split over `data`, channels over `model`.
+  assert dev["terms"]["X2"] == 128 * 128 * F * 4 // (8 * 32)
 
 
 def test_sharding_divides_what_it_shards(configs, capsys, tmp_path):

@@ -60,9 +60,9 @@ class DenseOut(NamedTuple):
   err: jax.Array | None
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "cfg", "first_moments", "inherited_error"))
+@functools.partial(jax.jit, static_argnames=("kind", "cfg", "first_moments", "inherited_error", "mesh"))
 def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positions, first_moments: bool,
-               inherited_error: bool) -> DenseOut:
+               inherited_error: bool, mesh=None) -> DenseOut:
   """The dense stream through the original module, with the first level's statistics if asked."""
   D = xd.shape[-1]
 
@@ -88,7 +88,7 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
   m0 = moments.init(D, D) if first_moments else None
   init = ((m0, m0), zero if first_moments else None, zero if inherited_error else None, zero)
   ((m_in, _), yy1, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
-  return DenseOut(yd, yy, m_in, yy1, err)
+  return DenseOut(sharding.laid_out_stream(yd, mesh), *sharding.laid_out_replicated((yy, m_in, yy1, err), mesh))
 
 
 class HiddenOut(NamedTuple):
@@ -164,8 +164,12 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
   N = A.num_units(kind, p) if kind is A.ATTN else 1
   init = ((zeros, zeros), jnp.zeros((N, N), F32), jnp.zeros((), F32))
   ((total, _), js, n_rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
-  return HiddenOut(x2, total.get("hidden"), total.get("first"), total.get("inputs"), js if needs.js else None,
-                   n_rows)
+  hidden = total.get("hidden")
+  if split is None:
+    hidden = sharding.laid_out_replicated(hidden, mesh)
+  first, inputs, js, n_rows = sharding.laid_out_replicated(
+      (total.get("first"), total.get("inputs"), js if needs.js else None, n_rows), mesh)
+  return HiddenOut(sharding.laid_out_stream(x2, mesh, features=True), hidden, first, inputs, js, n_rows)
 
 
 def gather_hidden(h: HiddenOut, mesh) -> HiddenOut:
@@ -181,8 +185,8 @@ def gather_hidden(h: HiddenOut, mesh) -> HiddenOut:
   return h._replace(hidden=jax.device_put(moments.join(h.hidden), sharding.replicated(mesh)))
 
 
-@jax.jit
-def second_apply(x2, w2, b2, xp, yd):
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def second_apply(x2, w2, b2, xp, yd, mesh=None):
   """Advances the pruned stream by the second level on X2: xp + X2 W2 + b2; also sum ||y - yd||^2.
 
   `w2` [U2, D] has the full width of X2 with the removed units' rows zero, so
@@ -198,11 +202,11 @@ def second_apply(x2, w2, b2, xp, yd):
     return err, xp_c + y.astype(xp_c.dtype)
 
   err, xp_next = jax.lax.scan(body, jnp.zeros((), F32), (x2, xp, yd))
-  return xp_next, err
+  return sharding.laid_out_stream(xp_next, mesh), sharding.laid_out_replicated(err, mesh)
 
 
-@jax.jit
-def second_out(x2, w2, b2):
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def second_out(x2, w2, b2, mesh=None):
   """The second level's output X2 W2 + b2 of every chunk, a stream [C,B,T,D] (what
   `second_apply` adds to the stream, computed the same way)."""
 
@@ -210,7 +214,7 @@ def second_out(x2, w2, b2):
     y = jnp.einsum("btu,ud->btd", x2_c, w2.astype(x2_c.dtype), preferred_element_type=F32) + b2.astype(F32)
     return None, y.astype(jnp.result_type(x2_c, w2))
 
-  return jax.lax.scan(body, None, x2)[1]
+  return sharding.laid_out_stream(jax.lax.scan(body, None, x2)[1], mesh)
 
 
 @jax.jit
@@ -225,15 +229,15 @@ def dense_cross(xx, w2a):
   return jnp.matmul(xx, w2a.astype(F32), precision="highest")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def block_pass(cfg: L.BlockConfig, blk, x, positions):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def block_pass(cfg: L.BlockConfig, blk, x, positions, mesh=None):
   """Advances a stream through a whole block (blocks outside the pruned range)."""
 
   def body(_, x_c):
     return None, block_step(cfg, blk, x_c, positions)[0]
 
   _, out = jax.lax.scan(body, None, x)
-  return out
+  return sharding.laid_out_stream(out, mesh)
 
 
 @jax.jit
