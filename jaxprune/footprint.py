@@ -15,13 +15,13 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
                split over `model`); the statistics
                (total, compensation and one chunk's term; a Gram matrix's rows
                split over `model`, the rest replicated); on a GPU the joined
-               Gram matrix, replicated, while it solves; one chunk's
+               Gram matrix, replicated, and the float64 solves, while it solves; one chunk's
                intermediates (MLP first level, attention maps);
   per host     the process itself (measured: this process's resident memory
                after importing jaxprune, starting JAX and, when the model has one,
                loading its tokenizer), one block as read from the checkpoint and upcast, the
-               float64 copies the solves and the `goa-obs` sweep make (and, on CPU
-               and TPU hosts, the joined float32 Gram matrix they read), the dense
+               float64 copies the solves and the `goa-obs` sweep make on CPU and TPU
+               hosts (with the joined float32 Gram matrix they read), the dense
                outputs of the plan's store (written, then read back), and the output shard
                being written at the end; on a CPU backend every local device's
                memory is also host memory.
@@ -202,9 +202,12 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       if config.allocation == "adaptive" and nd.dense:  # written by the plan, read back by the loop
         host_common["dense output (plan's store)"] = n_tok * Dm * F32
       phases_host = {name: dict(host_common) for name in phases_dev}
-      phases_host["solves"]["float64 solves"] = solve_host
-      if joined and backend != "gpu":  # gathered to the host, where LAPACK solves
-        phases_host["solves"]["Gram joined (float32)"] = joined
+      if backend == "gpu":  # GPUs factor on the device, each for its own columns of W
+        phases_dev["solves"]["float64 solves"] = solve_host
+      else:
+        phases_host["solves"]["float64 solves"] = solve_host
+        if joined:  # gathered to the host, where LAPACK solves
+          phases_host["solves"]["Gram joined (float32)"] = joined
       cpu = backend == "cpu"
       for name, terms in phases_dev.items():
         total = sum(terms.values())
