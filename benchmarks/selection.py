@@ -122,7 +122,8 @@ def main(argv=None) -> int:
             "rerun them with --force, write to another --out, or pass --allow-mixed")
   result["runs"] = kept
   result["protocol"] = {
-      "calibration": f"{args.calib_samples} x {quality.SEQ_LEN} tokens of WikiText-2 valid, seed {args.seed}",
+      "calibration": f"{args.calib_samples} x {quality.SEQ_LEN} tokens of WikiText-2 valid, seed {args.seed} "
+                     "(calib=selfgen rows: as many self-generated tokens, sampled with that seed)",
       "heldout": f"{args.heldout_windows} other windows of WikiText-2 valid (disjoint from the calibration)",
       "check": f"first {args.check_windows} windows of tinyshakespeare/input.txt (never chosen on)",
   }
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
            "heldout_perplexity": h.perplexity, "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
            "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],
            "heads_kept": None if rep is None else [l["num_heads"] for l in rep["layers"]], **state}
+    if source == "selfgen":  # what the self-generated windows start from (None: the model's BOS)
+      row["selfgen_first"] = args.selfgen_first
     print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} Shakespeare {s.perplexity:.2f} "
           f"({prune_s:.0f}s)", flush=True)
     result["runs"].append(row)
@@ -187,7 +190,10 @@ def markdown(result: dict) -> str:
            "| candidate | preset | settings | ratio | parameters | held-out valid | Shakespeare | prune s | commit |",
            "|---|---|---|---:|---:|---:|---:|---:|---|"]
   for r in result["runs"]:
-    s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={r.get('calibration', 'valid')}"])
+    calib = r.get("calibration", "valid")
+    if calib == "selfgen" and r.get("selfgen_first") is not None:
+      calib += f" from token {r['selfgen_first']}"
+    s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={calib}"])
     lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
                  f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
                  f"{(r.get('commit') or '?')[:8]}{'+dirty' if r.get('dirty') else ''} |")
