@@ -210,8 +210,7 @@ def local_copy(x):
   if x.is_fully_addressable:
     return jax.device_put(x, jax.local_devices()[0])
   # Sharded across processes: every process gathers the whole (small) array.
-  from jax.experimental import multihost_utils
-  return jax.device_put(multihost_utils.process_allgather(x, tiled=True), jax.local_devices()[0])
+  return jax.device_put(to_host(x), jax.local_devices()[0])
 
 
 def replicate_like(y, like):

@@ -176,20 +176,6 @@ def _host_device():
     return None
 
 
-def to_host(params):
-  """Every leaf as a host numpy array; a collective when arrays span several processes."""
-  import jax
-  import numpy as np
-  from jax.experimental import multihost_utils
-
-  def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-  return jax.tree.map(one, params)
-
-
 def sharding_summary(spec, mesh) -> dict:
   """How many parameter leaves (and values) the `model` axis splits, from the shapes alone
   (the blocks of a streamed run are placed on the mesh one at a time)."""
@@ -278,7 +264,7 @@ def main(argv=None) -> int:
   # files (each process's own, gathered block by block as they finished); save_hf reads them
   # one at a time.
   out = result.model.params
-  host_params = to_host({k: v for k, v in out.items() if not (streamed and k == "layers")})
+  host_params = jax.tree.map(sharding.to_host, {k: v for k, v in out.items() if not (streamed and k == "layers")})
   if streamed:
     host_params["layers"] = out["layers"]
   if pid == 0:
