@@ -139,16 +139,17 @@ def main(argv=None) -> int:
   check = eval_windows(tokenize(tok, read_text(quality.SHAKESPEARE)), quality.SEQ_LEN, args.check_windows,
                        source=quality.SHAKESPEARE)
   done = {r["key"] for r in result["runs"]}
-  selfgen = []
+  selfgen = {}
 
-  def calibration(source):
+  def calibration(source, config):
     if source == "valid":
       return calib
-    if not selfgen:  # once per process: generating is slower than most prunes
+    how = (config.selfgen_windows_per_text, config.selfgen_top_k)
+    if how not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
-      selfgen.append(self_generated(model.spec, model.params, args.calib_samples, quality.SEQ_LEN, seed=args.seed,
-                                    first_token=args.selfgen_first))
-    return selfgen[0]
+      selfgen[how] = self_generated(model.spec, model.params, args.calib_samples, quality.SEQ_LEN, seed=args.seed,
+                                    first_token=args.selfgen_first, windows_per_text=how[0], top_k=how[1])
+    return selfgen[how]
 
   for name, preset, kw, source in cands:
     ratio = None if kw is None else args.ratio
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
       spec, params, rep = model.spec, model.params, None
     else:
       config = PruneConfig.preset(preset, **{"sparsity": args.ratio, **kw, "seed": args.seed})
-      res = prune(model, calibration(source), config)
+      res = prune(model, calibration(source, config), config)
       spec, params, rep = res.model.spec, res.model.params, res.report
     prune_s = time.perf_counter() - t0
     h, s = perplexity(spec, params, heldout), perplexity(spec, params, check)
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
            "heads_kept": None if rep is None else [l["num_heads"] for l in rep["layers"]], **state}
     if source == "selfgen":  # what the self-generated windows start from (None: the model's BOS)
       row["selfgen_first"] = args.selfgen_first
+      row["selfgen_windows_per_text"] = config.selfgen_windows_per_text
+      row["selfgen_top_k"] = config.selfgen_top_k
     print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} Shakespeare {s.perplexity:.2f} "
           f"({prune_s:.0f}s)", flush=True)
     result["runs"].append(row)
@@ -193,6 +196,10 @@ def markdown(result: dict) -> str:
     calib = r.get("calibration", "valid")
     if calib == "selfgen" and r.get("selfgen_first") is not None:
       calib += f" from token {r['selfgen_first']}"
+    if calib.startswith("selfgen") and r.get("selfgen_windows_per_text", 1) > 1:
+      calib += f", {r['selfgen_windows_per_text']} windows a text"
+    if calib.startswith("selfgen") and r.get("selfgen_top_k", 50) != 50:
+      calib += f", top-k {r['selfgen_top_k'] or 'off'}"
     s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={calib}"])
     lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
                  f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "

@@ -130,6 +130,12 @@ class PruneConfig:
   inherited_error: bool = _opt("inherited_error", False, "also measure each module's inherited error (its original "
                                 "weights on the pruned stream against the dense outputs; a diagnostic for "
                                 "`jaxprune report` that costs one more pass of every module)", "bool")
+  selfgen_windows_per_text: int = _opt("selfgen_windows_per_text", 1, "with self-generated calibration (--calib "
+                                       "selfgen): consecutive windows cut from each generated text (1: every window "
+                                       "a text of its own, all starting at BOS, the paper's Self-Gen; more: longer "
+                                       "texts, so most windows start mid-text as a corpus's windows do)", "int")
+  selfgen_top_k: int = _opt("selfgen_top_k", 50, "with self-generated calibration: sample each token from the K "
+                            "most likely (0: from the model's whole distribution)", "int")
   batch_size: int = _opt("batch_size", 16, "calibration windows per chunk (a multiple of the data-parallel "
                          "devices)", "int")
   seed: int = _opt("seed", 0, "seed for random choices (calibration windows, the random criterion, random-token "
@@ -166,6 +172,12 @@ class PruneConfig:
       raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
       raise UsageError(f"batch_size must be positive, got {self.batch_size}")
+    if self.selfgen_windows_per_text < 1:
+      raise UsageError(f"selfgen_windows_per_text must be a positive number of windows, got "
+                       f"{self.selfgen_windows_per_text}; 1 samples every window as a text of its own")
+    if self.selfgen_top_k < 0:
+      raise UsageError(f"selfgen_top_k must be 0 (the whole distribution) or a positive number of tokens, got "
+                       f"{self.selfgen_top_k}")
     if self.round_to < 1:
       raise UsageError(f"round_to must be a positive number of channels, got {self.round_to}; 1 does not round")
     start, stop = self.block_range(spec)

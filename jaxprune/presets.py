@@ -22,12 +22,16 @@ agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
                         cost off the calibration domain.
   recommended-datafree  the recipe on self-generated text, with the statistics
                         taken from that text itself (the default of
-                        `jaxprune prune --calib selfgen`).
+                        `jaxprune prune --calib selfgen`). The text is sampled
+                        from the model's whole distribution (no top-k) in
+                        texts of 4 windows, so most windows start mid-text as
+                        a corpus's do (benchmarks/results/selection_datafree.md).
   paper                 the paper as METHOD.md states it: gated second-moment
                         metric, uniform allocation, two-step reconstruction
                         before selection, damping 1e-3.
   paper-datafree        the paper's Self-Gen: as `paper`, calibrated on
-                        self-generated text, statistics from random tokens.
+                        self-generated text (each window a text from BOS, top-50
+                        sampling), statistics from random tokens.
   baseline              a published tool as it runs itself: no
                         reconstruction, refit or intercept; FLAP with its bias
                         compensation. `jaxprune prune --method M` for a
@@ -62,10 +66,11 @@ BASELINE = dict(heads="second-moment", allocation="uniform", attn_sparsity=None,
 PRESETS: dict[str, dict[str, Any]] = {
     "recommended": RECOMMENDED,
     "recommended-uniform": RECOMMENDED_UNIFORM,
-    # Statistics from the self-generated text itself, not from random tokens.
-    "recommended-datafree": dict(RECOMMENDED, score_data="calib"),
+    # Statistics from the self-generated text itself, not from random tokens; that text drawn
+    # from the model's whole distribution, four windows a text.
+    "recommended-datafree": dict(RECOMMENDED, score_data="calib", selfgen_top_k=0, selfgen_windows_per_text=4),
     "paper": PAPER,
-    "paper-datafree": dict(PAPER, score_data="random"),
+    "paper-datafree": dict(PAPER, score_data="random", selfgen_top_k=50, selfgen_windows_per_text=1),
     "baseline": BASELINE,
 }
 

@@ -4,8 +4,9 @@ Parameters are tagged with logical names (embed, heads, kv_heads, head_dim,
 mlp, vocab) derived from the parameter tree's structure, and one rules table
 maps names to mesh axes. A dimension whose size the mesh axis does not divide
 is replicated, with a warning, rather than failing. Calibration activations are
-sharded over the `data` axis; statistics are sums, so XLA's all-reduce makes
-them identical to the single-device result up to summation order.
+sharded over the `data` axis; statistics are sums, kept per `data` shard while
+a pass runs and reduced once at its end (`split_batch`, `sum_shards`), which
+makes them the single-device result up to summation order.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -149,12 +151,52 @@ def stream_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, DATA))
 
 
-def gram_rows(mesh: Mesh | None, d: int) -> NamedSharding | None:
+def gram_rows(mesh: Mesh | None, d: int, shards: bool = False) -> NamedSharding | None:
   """How the running sums of d-wide Gram statistics split: their rows (the input's features)
   over `model`, so each device adds a 1/M share of X^T X, X^T Y and their compensation.
-  None without a model axis or when it does not divide d (the sums stay replicated)."""
+  None without a model axis or when it does not divide d (the sums stay replicated). With
+  `shards`, the layout of per-`data`-shard sums (`split_batch`): a leading axis over `data`."""
   m = 1 if mesh is None else mesh.shape.get(MODEL, 1)
-  return None if m == 1 or d % m else NamedSharding(mesh, P(MODEL, None))
+  if m == 1 or d % m:
+    return None
+  return NamedSharding(mesh, P(DATA, MODEL, None) if shards and data_shards(mesh) > 1 else P(MODEL, None))
+
+
+# Per-shard sums. Statistics are sums over the calibration tokens, whose batch is
+# split over `data`. Summing a chunk's tokens straight into replicated totals makes
+# XLA all-reduce every chunk's term over `data`: a Gram matrix's worth of traffic per
+# chunk. Instead each `data` shard keeps its own running sums (a leading axis of
+# size D laid out over `data`, so every device adds only its own tokens, with no
+# communication), and `sum_shards` reduces them once per module.
+
+
+def data_shards(mesh: Mesh | None) -> int:
+  """The number of `data` shards of a stream's batch (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape.get(DATA, 1)
+
+
+def split_batch(x, mesh: Mesh):
+  """Inside a jitted kernel: x [B, ...] (batch over `data`) as [D, B/D, ...], each device's
+  own windows in its row of the leading axis."""
+  n = data_shards(mesh)
+  x = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA)))
+
+
+def laid_out_shards(tree, mesh: Mesh):
+  """Inside a jitted kernel: per-shard sums (leading axis D) with that axis over `data`."""
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA))), tree)
+
+
+def stack_shards(tree, mesh: Mesh):
+  """Inside a jitted kernel: `tree` (zero sums) repeated once per `data` shard."""
+  n = data_shards(mesh)
+  return laid_out_shards(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree), mesh)
+
+
+def sum_shards(tree):
+  """Inside a jitted kernel: per-shard sums added up (one all-reduce over `data` per array)."""
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 
 def laid_out_stream(x, mesh: Mesh | None, features: bool = False):

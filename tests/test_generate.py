@@ -142,3 +142,57 @@ def test_generate_cli_prints_the_greedy_continuation(capsys, word_model):
 def test_generate_cli_refuses_chat_without_a_template(capsys, word_model):
   code, _, err = _cli(capsys, "generate", word_model, "--prompt", "w3", "--chat")
   assert code == 2 and "chat template" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# Self-generated calibration (jaxprune.data.selfgen)
+
+
+def test_self_generated_text_is_the_models_own_top_k_choice(tiny_dir):
+  """With top_k=1 every token of a self-generated text is an argmax of the full forward's
+  logits at the position before it (within the decoder's ATOL: ties may go either way)."""
+  from jaxprune.data.selfgen import self_generated
+
+  m = _model(tiny_dir, "llama_gqa")
+  w = self_generated(m.spec, m.params, 3, 16, seed=0, top_k=1, first_token=5)
+  assert w.shape == (3, 16) and (w[:, 0] == 5).all()
+  lg = np.asarray(jaxprune.logits(m.spec, m.params, w))
+  picked = np.take_along_axis(lg[:, :-1], w[:, 1:, None], axis=-1)[..., 0]
+  assert (picked >= lg[:, :-1].max(-1) - ATOL).all()
+
+
+def test_self_generated_windows_do_not_depend_on_the_batch(tiny_dir):
+  """Text i is drawn with its own key: the same windows whatever the batch size, the first
+  windows of a larger n are those of a smaller one, and another seed gives other text."""
+  from jaxprune.data.selfgen import self_generated
+
+  m = _model(tiny_dir, "qwen2")
+  a = self_generated(m.spec, m.params, 6, 12, seed=3, batch_size=4)
+  np.testing.assert_array_equal(a, self_generated(m.spec, m.params, 6, 12, seed=3, batch_size=6))
+  np.testing.assert_array_equal(a[:4], self_generated(m.spec, m.params, 4, 12, seed=3, batch_size=2))
+  assert not np.array_equal(a, self_generated(m.spec, m.params, 6, 12, seed=4))
+
+
+def test_windows_per_text_cuts_longer_texts_into_consecutive_windows(tiny_dir):
+  """Windows 3k..3k+2 of windows_per_text=3 are text k (sampled at 3 x seq_len) cut in three,
+  so the windows starting a text are every third."""
+  from jaxprune.data.selfgen import self_generated
+
+  m = _model(tiny_dir, "llama_gqa")
+  w = self_generated(m.spec, m.params, 5, 8, seed=1, windows_per_text=3, first_token=7)
+  texts = self_generated(m.spec, m.params, 2, 24, seed=1, first_token=7)
+  assert w.shape == (5, 8)
+  np.testing.assert_array_equal(w, texts.reshape(6, 8)[:5])
+  assert (w[[0, 3], 0] == 7).all()
+
+
+@pytest.mark.parametrize("kw,match", [(dict(windows_per_text=0), "positive number of windows"),
+                                      (dict(windows_per_text=1000), "exceed the model's"),
+                                      (dict(temperature=0.0), "temperature must be positive")])
+def test_self_generated_rejects_bad_options(tiny_dir, kw, match):
+  from jaxprune.data.selfgen import self_generated
+  from jaxprune.errors import UsageError
+
+  m = _model(tiny_dir, "llama_gqa")
+  with pytest.raises(UsageError, match=match):
+    self_generated(m.spec, m.params, 2, 8, **kw)

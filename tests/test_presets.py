@@ -39,7 +39,11 @@ def test_defaults_are_the_recommended_preset():
 def test_paper_presets_are_the_old_defaults():
   assert PruneConfig.preset("paper") == PruneConfig(**OLD_DEFAULTS)
   assert PruneConfig.preset("paper-datafree") == PruneConfig(**{**OLD_DEFAULTS, "score_data": "random"})
-  assert PruneConfig.preset("recommended-datafree").score_data == "calib"
+  # The paper's Self-Gen samples every window as a text of its own from BOS, top-50.
+  assert (PruneConfig.preset("paper-datafree").selfgen_windows_per_text,
+          PruneConfig.preset("paper-datafree").selfgen_top_k) == (1, 50)
+  rdf = PruneConfig.preset("recommended-datafree")
+  assert (rdf.score_data, rdf.selfgen_windows_per_text, rdf.selfgen_top_k) == ("calib", 4, 0)
 
 
 @pytest.mark.parametrize("method", presets.BASELINE_METHODS)

@@ -216,3 +216,40 @@ def test_shrink_on_host_statistics_matches_the_device():
     assert_within_sum_bound(b.xx, np.asarray(a.xx, np.float64), scale, 8, "shrunk gram")
     assert_within_sum_bound(b.xy, np.asarray(a.xy, np.float64),
                             np.abs(np.asarray(dev.xy, np.float64)) + (scale + xx) @ np.abs(w), 10 + 8, "shrunk xy")
+
+
+@pytest.mark.parametrize("kind", [A.MLP, A.ATTN], ids=["mlp", "attn"])
+def test_statistics_are_reduced_over_data_once_per_module(kind):
+  """Compiled for a data=2, model=4 mesh, the statistics passes keep each data shard's sums
+  on its own devices while they scan the chunks: no reduction inside the loop spans the
+  `data` axis (the old kernels all-reduced every chunk's Gram term over it), and the sums
+  are reduced over `data` after the loop. Reductions over `model` inside the loop are the
+  module's own forward (its split matmuls)."""
+  from jaxprune.io.hf_config import spec_from_hf_config
+  from jaxprune.io.lazy import block_shapes
+  from tests import hlo
+
+  spec = spec_from_hf_config(dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128,
+                                  hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+  blk, cfg = block_shapes(spec)[0], L.block_config(spec, 0)
+  mesh = sharding.make_mesh(2, 4)
+  M = mesh.shape["model"]
+  shard = sharding.param_shardings(blk, mesh, quiet=True)
+  p = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), blk, shard)
+  x = jax.ShapeDtypeStruct((3, 8, 16, 64), jnp.float32, sharding=sharding.stream_sharding(mesh))
+  needs = StreamNeeds(hidden="gram", cross=True, first_sq=kind is A.MLP, inputs=True, js=kind is A.ATTN)
+  args = (kind, cfg, p[kind.norm_key], p[kind.key], x, x, _positions(16))
+  U2 = 256 if kind is A.MLP else 64
+  x2 = jax.ShapeDtypeStruct((3, 8, 16, U2), jnp.float32, sharding=sharding.stream_sharding(mesh))
+  kernels = {
+      "hidden_pass": passes.hidden_pass.lower(*args, needs, mesh=mesh),
+      "dense_pass": passes.dense_pass.lower(*args, True, True, mesh=mesh),
+      "second_apply": passes.second_apply.lower(x2, jnp.zeros((U2, 64)), jnp.zeros(64), x, x, mesh=mesh),
+  }
+  data_row = lambda partition: partition // M  # partitions follow the mesh's devices in order
+  for name, lowered in kernels.items():
+    found = [c for c in hlo.collectives(lowered.compile().as_text(), mesh.size) if c.op in hlo.REDUCTIONS]
+    in_loop = [c for c in found if c.in_loop and hlo.spans_axis(c.groups, data_row)]
+    assert not in_loop, (name, [c.line[:200] for c in in_loop])
+    assert any(not c.in_loop and hlo.spans_axis(c.groups, data_row) for c in found), name

@@ -188,7 +188,7 @@ def _prepare_checkpoint(args) -> str | None:
   return ckpt  # created by the run itself, once the inputs have been checked
 
 
-def _calibration(args, model, tokenizer, seed: int):
+def _calibration(args, model, tokenizer, config):
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
 
@@ -198,11 +198,12 @@ def _calibration(args, model, tokenizer, seed: int):
     from jaxprune.io.lazy import materialize
 
     model = materialize(model)  # generation runs the whole model for every token
-    return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=seed)
+    return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=config.seed,
+                          windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k)
   if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=seed)
+    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=config.seed)
   stream = tokenize(tokenizer, read_text(args.calib))
-  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=seed, source=args.calib)
+  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=config.seed, source=args.calib)
   return windows
 
 
@@ -268,7 +269,7 @@ def run(args) -> int:
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  calib = _calibration(args, model, tokenizer, config.seed)
+  calib = _calibration(args, model, tokenizer, config)
   calib_s = time.perf_counter() - t0
 
   evaluation = {}

@@ -22,47 +22,66 @@ from jaxprune.spec import ModelSpec, Params
 _decode_step = decode.decode_step
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "batch", "length", "top_k"))
-def _sample(spec: ModelSpec, params: Params, key, first, batch: int, length: int, temperature, top_k: int):
+@functools.partial(jax.jit, static_argnames=("spec", "length", "top_k"))
+def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperature, top_k: int):
+  """Texts [B, length] from token `first`, row b drawn with its own key `keys[b]` (so a text
+  does not depend on which other texts share its batch)."""
+  batch = keys.shape[0]
   caches = decode.init_cache(spec, batch, length, params["embed"]["embedding"].dtype)
   out = jnp.zeros((batch, length), jnp.int32).at[:, 0].set(first)
 
   def body(pos, state):
-    out, caches, key = state
+    out, caches = state
     logits, caches = _decode_step(spec, params, caches, out[:, pos], pos)
-    key, sub = jax.random.split(key)
     logits = logits / temperature
     if top_k:
       kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
       logits = jnp.where(logits < kth, -jnp.inf, logits)
-    nxt = jax.random.categorical(sub, logits, axis=-1).astype(jnp.int32)
-    return out.at[:, pos + 1].set(nxt), caches, key
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, pos))(keys)
+    nxt = jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+    return out.at[:, pos + 1].set(nxt), caches
 
-  out, _, _ = jax.lax.fori_loop(0, length - 1, body, (out, caches, key))
+  out, _ = jax.lax.fori_loop(0, length - 1, body, (out, caches))
   return out
 
 
 def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: int = 0, *, temperature: float = 1.0,
-                   top_k: int = 50, batch_size: int = 32, first_token: int | None = None) -> np.ndarray:
-  """`n` windows [n, seq_len] sampled by the model itself, each starting from BOS.
+                   top_k: int = 50, batch_size: int = 32, first_token: int | None = None,
+                   windows_per_text: int = 1) -> np.ndarray:
+  """`n` windows [n, seq_len] of text sampled by the model itself from BOS.
 
   Args:
-    first_token: the token every window starts with (default: the model's BOS id).
+    first_token: the token every text starts with (default: the model's BOS id).
+    windows_per_text: consecutive windows cut from each sampled text. 1 (the paper's
+      Self-Gen): every window is a text of its own, starting with the same token. More:
+      texts of windows_per_text * seq_len tokens, so that most windows start mid-text,
+      as the windows of a tokenized corpus do.
+
+  Text i is drawn with the key `fold_in(key(seed), i)`, whatever the batch it is sampled in,
+  so the first windows of a larger `n` are those of a smaller one. Batches are of equal
+  size (at most `batch_size`): one compile.
   """
   first = spec.bos_token_id if first_token is None else first_token
   if first is None:
     raise UsageError("the model declares no BOS token id to start self-generated text from; pass first_token")
-  if seq_len > spec.max_positions:
-    raise UsageError(f"seq_len {seq_len} exceeds the model's {spec.max_positions} positions")
+  if windows_per_text < 1:
+    raise UsageError(f"windows_per_text must be a positive number of windows, got {windows_per_text}")
+  length = windows_per_text * seq_len
+  if length > spec.max_positions:
+    raise UsageError(f"self-generated texts of {windows_per_text} x {seq_len} tokens exceed the model's "
+                     f"{spec.max_positions} positions; use fewer windows per text or a shorter seq_len")
   if not temperature > 0:
     raise UsageError(f"temperature must be positive, got {temperature}")
-  key = jax.random.key(seed)
+  texts = -(-n // windows_per_text)
+  n_batches = -(-texts // batch_size)
+  batch = -(-texts // n_batches)
+  base = jax.random.key(seed)
   rows = []
-  for start in range(0, n, batch_size):
-    key, sub = jax.random.split(key)
-    rows.append(np.asarray(_sample(spec, params, sub, jnp.int32(first), batch_size, seq_len,
-                                   jnp.float32(temperature), int(top_k or 0))))
-  return np.concatenate(rows)[:n]
+  for start in range(0, texts, batch):
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch))
+    rows.append(np.asarray(_sample(spec, params, keys, jnp.int32(first), length, jnp.float32(temperature),
+                                   int(top_k or 0))))
+  return np.concatenate(rows)[:texts].reshape(-1, seq_len)[:n]
 
 
 def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> np.ndarray:

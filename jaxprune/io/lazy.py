@@ -47,11 +47,14 @@ class LazyBlocks(Sequence):
   """
 
   def __init__(self, read: Callable[[int], Params], shapes: Sequence[Params], dtype=jnp.float32, cache: int = 1,
-               source: str = "checkpoint", views: Callable[[int], Params] | None = None):
+               source: str = "checkpoint", views: Callable[[int], Params] | None = None,
+               restore: Callable[[int, Params], Params] | None = None):
     self._read = read
     # Block i as views of the checkpoint file that read nothing until indexed (safetensors,
     # memory-mapped), so that `placed` reads only the slices this process's devices hold.
     self._views = views
+    # Or a reader that places block i by a tree of shardings itself (Orbax's sharded restore).
+    self._restore = restore
     self.shapes = tuple(shapes)
     self.dtype = jnp.dtype(dtype)
     self.source = source
@@ -97,13 +100,20 @@ class LazyBlocks(Sequence):
     """Block i as global arrays laid out by `shardings(block) -> tree of NamedShardings`,
     each process reading (and upcasting) only the slices its own devices hold.
 
-    With memory-mapped views (safetensors) that is all this process reads of the block;
-    other checkpoints are read whole and sliced.
+    With memory-mapped views (safetensors) or a sharded restore (Orbax) that is all this
+    process reads of the block; other checkpoints (GGUF) are read whole and sliced.
     """
     i = i % len(self)
     if i in self._cache:
       self._cache.move_to_end(i)
       return self._cache[i]
+    if self._restore is not None:
+      blk = self._checked(i, self._restore(i, shardings(self.shapes[i])))
+      self.reads += 1
+      # What this process's devices hold, each slice once (replicas over `data` share one).
+      self.values_read += sum(s.data.size for x in jax.tree.leaves(blk) for s in x.addressable_shards
+                              if s.replica_id == 0)
+      return self._keep(i, blk)
     raw = self._checked(i, (self._views or self._read)(i))
     self.reads += 1
 

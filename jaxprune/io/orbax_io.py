@@ -176,12 +176,15 @@ def _unrestorable(params_dir: str, e: Exception) -> CheckpointError:
                          "Re-save it")
 
 
-def _partial_restore(params_dir: str, item):
-  """The arrays of `item` (a subtree of the checkpoint's, with None for what is skipped) on the first device."""
+def _partial_restore(params_dir: str, item, shardings=None):
+  """The arrays of `item` (a subtree of the checkpoint's, with None for what is skipped),
+  each cast to its `item` dtype, on the first device or laid out by `shardings` (a tree like
+  `item`; orbax then reads only the slices this process's devices hold)."""
   import orbax.checkpoint as ocp
 
-  device = SingleDeviceSharding(jax.devices()[0])
-  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, dtype=s.dtype), item)
+  if shardings is None:
+    shardings = jax.tree.map(lambda s: SingleDeviceSharding(jax.devices()[0]), item)
+  args = jax.tree.map(lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=s.dtype), item, shardings)
   ckptr = ocp.PyTreeCheckpointer()
   try:
     return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
@@ -210,7 +213,15 @@ def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> M
     return jax.tree.map(np.asarray, _partial_restore(params_dir, item)["layers"][i])
 
   dtype = jnp.dtype(dtype or jnp.float32)
-  layers = LazyBlocks(read, block_shapes(spec, dtype), dtype, source=path)
+  shapes_in_dtype = block_shapes(spec, dtype)
+
+  def restore(i, shardings):
+    # The block straight onto the mesh in the run's dtype: each process restores its devices' slices.
+    item = {"layers": [shapes_in_dtype[i] if j == i else None for j in range(n)]}
+    placed = {"layers": [shardings if j == i else None for j in range(n)]}
+    return _partial_restore(params_dir, item, placed)["layers"][i]
+
+  layers = LazyBlocks(read, shapes_in_dtype, dtype, source=path, restore=restore)
   return Model(spec, {**top, "layers": layers}, source=path)
 
 

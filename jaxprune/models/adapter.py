@@ -131,15 +131,15 @@ def inner(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, want_pr
 
 
 def apply_with_first(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions):
-  """The module's output [B,T,D] for normalized input h and sum ||[h 1] [W1; b1]||^2, the
-  energy of its first level's outputs, computed on the way (the same operations as `apply`)."""
+  """The module's output [B,T,D] for normalized input h and its first level's outputs
+  {kernel name: [B,T,...] pre-activations} [h 1] [W1; b1], computed on the way (the same
+  operations as `apply`)."""
   x2, _, pre = inner_parts(kind, cfg, p, h, positions, False, True)
   if kind is ATTN:
     y = L.dense(p["o"], x2.reshape(*x2.shape[:2], *p["o"]["kernel"].shape[:2]), "btnh,nhd->btd")
   else:
     y = L.dense(p["down"], x2, "btf,fd->btd")
-  energy = sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in pre.values())
-  return y, energy
+  return y, pre
 
 
 def apply(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions):

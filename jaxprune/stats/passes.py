@@ -60,6 +60,35 @@ class DenseOut(NamedTuple):
   err: jax.Array | None
 
 
+def _by_shard(fn, mesh):
+  """`fn` (chunk arrays, batch first -> sums) as the sums of each `data` shard's windows,
+  stacked on a leading axis (`sharding.split_batch`): each device adds only its own tokens,
+  and `sharding.sum_shards` reduces the totals once per module. `fn` itself when the mesh has
+  one data shard, so a single-device run adds exactly what it always did."""
+  if sharding.data_shards(mesh) == 1:
+    return fn
+  return lambda *xs: jax.vmap(fn)(*jax.tree.map(lambda x: sharding.split_batch(x, mesh), xs))
+
+
+def _kept(tree, mesh):
+  """Running per-shard sums kept on their `data` shards (as they are with one data shard)."""
+  return tree if sharding.data_shards(mesh) == 1 else sharding.laid_out_shards(tree, mesh)
+
+
+def _zeros(tree, mesh):
+  """Zero sums, one copy per `data` shard where there are several."""
+  return tree if sharding.data_shards(mesh) == 1 else sharding.stack_shards(tree, mesh)
+
+
+def _total(tree, mesh):
+  """Per-shard sums reduced to one total (the module's one reduction over `data`)."""
+  return tree if sharding.data_shards(mesh) == 1 else sharding.sum_shards(tree)
+
+
+def _energy(pre):
+  return sum(_sq(v) for v in pre.values())
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "cfg", "first_moments", "inherited_error", "mesh"))
 def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positions, first_moments: bool,
                inherited_error: bool, mesh=None) -> DenseOut:
@@ -71,24 +100,25 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
     xd_c, xp_c = chunk
     hd = L.norm(cfg, norm_p, xd_c)
     if first_moments:
-      yd, e1 = A.apply_with_first(kind, cfg, p, hd, positions)
-      yy1 = yy1 + e1
+      yd, pre = A.apply_with_first(kind, cfg, p, hd, positions)
+      yy1 = yy1 + _by_shard(_energy, mesh)(pre)
     else:
       yd = A.apply(kind, cfg, p, hd, positions)
-    yy = yy + _sq(yd)
+    yy = yy + _by_shard(_sq, mesh)(yd)
     if first_moments or inherited_error:
       hp = L.norm(cfg, norm_p, xp_c)
     if first_moments:
-      m_in, m_c = moments.compensated_add(m_in, m_c, moments.sums(hp, hd))
+      m_in, m_c = moments.compensated_add(m_in, m_c, _by_shard(moments.sums, mesh)(hp, hd))
     if inherited_error:
-      err = err + _sq(A.apply(kind, cfg, p, hp, positions) - yd)
-    return ((m_in, m_c), yy1, err, yy), yd
+      err = err + _by_shard(_sq, mesh)(A.apply(kind, cfg, p, hp, positions) - yd)
+    return _kept(((m_in, m_c), yy1, err, yy), mesh), yd
 
   zero = jnp.zeros((), F32)
   m0 = moments.init(D, D) if first_moments else None
-  init = ((m0, m0), zero if first_moments else None, zero if inherited_error else None, zero)
+  init = _zeros(((m0, m0), zero if first_moments else None, zero if inherited_error else None, zero), mesh)
   ((m_in, _), yy1, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
-  return DenseOut(sharding.laid_out_stream(yd, mesh), *sharding.laid_out_replicated((yy, m_in, yy1, err), mesh))
+  sums = _total((yy, m_in, yy1, err), mesh)
+  return DenseOut(sharding.laid_out_stream(yd, mesh), *sharding.laid_out_replicated(sums, mesh))
 
 
 class HiddenOut(NamedTuple):
@@ -120,53 +150,66 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
   `mesh` with a `model` axis, a Gram matrix's sums are split by rows over that
   axis (`sharding.gram_rows`): per device, a 1/M share of the sums, of their
   compensation and of each chunk's term; `hidden` is then a `moments.RowSplit`,
-  which `gather_hidden` brings to where the solves run.
+  which `gather_hidden` brings to where the solves run. With several `data` shards,
+  each keeps its own sums through the scan (`_by_shard`), reduced once at the end.
   """
   cross = needs.hidden == "gram" and needs.cross
 
-  def body(carry, chunk):
-    sums, js, n_rows = carry
-    xp_c, yd_c = chunk
-    h = L.norm(cfg, norm_p, xp_c)
-    x2, probs, pre = A.inner_parts(kind, cfg, p, h, positions, needs.js, needs.first_sq)
-    # Each chunk's sums join the totals by compensated summation (`moments.compensated_add`).
+  def chunk_sums(x2, y, pre, h, probs):
+    # One chunk's (or one data shard's) terms.
     terms = {}
     if needs.hidden == "gram":
-      y = yd_c if cross else None
-      terms["hidden"] = moments.sums(x2, y) if split is None else moments.split_sums(x2, y, split)
+      terms["hidden"] = moments.sums(x2, y) if split is None else moments.split_sums(x2, y, None)
     elif needs.hidden == "diag":
       terms["hidden"] = moments.diag_sums(x2)
     if needs.first_sq:
       terms["first"] = {k: moments.diag_sums(pre[k]) for k in pre}
     if needs.inputs:
       terms["inputs"] = moments.sums(h)
-    total, comp = moments.compensated_add(*sums, terms)
-    if split is not None:
-      total, comp = ({**t, "hidden": moments.constrain_split(t["hidden"], split)} for t in (total, comp))
+    return terms, js_stats.js_sums(probs) if needs.js else None
+
+  def laid_out(t):
+    # Gram rows over `model` (per data shard where there are several).
+    t = _kept(t, mesh)
+    return t if split is None else {**t, "hidden": moments.constrain_split(t["hidden"], split_acc)}
+
+  def body(carry, chunk):
+    (total, comp), js, n_rows = carry
+    xp_c, yd_c = chunk
+    h = L.norm(cfg, norm_p, xp_c)
+    x2, probs, pre = A.inner_parts(kind, cfg, p, h, positions, needs.js, needs.first_sq)
+    terms, js_c = _by_shard(chunk_sums, mesh)(x2, yd_c if cross else None, pre, h, probs if needs.js else None)
+    # Each chunk's sums join the totals by compensated summation (`moments.compensated_add`).
+    total, comp = map(laid_out, moments.compensated_add(total, comp, laid_out(terms)))
     if needs.js:
-      js, n_rows = js + js_stats.js_sums(probs), n_rows + js_stats.js_rows(probs)
+      js, n_rows = _kept(js + js_c, mesh), n_rows + js_stats.js_rows(probs)
     return ((total, comp), js, n_rows), x2
 
   h0 = L.norm(cfg, norm_p, xp[0])
   shapes = jax.eval_shape(lambda h: A.inner_parts(kind, cfg, p, h, positions, False, needs.first_sq), h0)
   U2, D = shapes[0].shape[-1], xp.shape[-1]
   split = sharding.gram_rows(mesh, U2) if needs.hidden == "gram" else None
+  split_acc = sharding.gram_rows(mesh, U2, shards=True) if split is not None else None  # while accumulating
   zeros = {}
   if needs.hidden == "diag":
     zeros["hidden"] = moments.init_diag(U2)
   elif needs.hidden == "gram":
-    zeros["hidden"] = (moments.init(U2, D if cross else None) if split is None else
-                       moments.init_split(U2, D if cross else None, split))
+    zeros["hidden"] = moments.init(U2, D if cross else None) if split is None else moments.init_split(
+        U2, D if cross else None, None)
   if needs.first_sq:
     zeros["first"] = {k: moments.init_diag(v.shape[-1]) for k, v in shapes[2].items()}
   if needs.inputs:
     zeros["inputs"] = moments.init(D)
   N = A.num_units(kind, p) if kind is A.ATTN else 1
-  init = ((zeros, zeros), jnp.zeros((N, N), F32), jnp.zeros((), F32))
+  zeros = laid_out(_zeros(zeros, mesh))
+  init = ((zeros, zeros), _zeros(jnp.zeros((N, N), F32), mesh), jnp.zeros((), F32))
   ((total, _), js, n_rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
+  total, js = _total((total, js), mesh)
   hidden = total.get("hidden")
   if split is None:
     hidden = sharding.laid_out_replicated(hidden, mesh)
+  else:
+    hidden = moments.constrain_split(hidden, split)
   first, inputs, js, n_rows = sharding.laid_out_replicated(
       (total.get("first"), total.get("inputs"), js if needs.js else None, n_rows), mesh)
   return HiddenOut(sharding.laid_out_stream(x2, mesh, features=True), hidden, first, inputs, js, n_rows)
@@ -198,11 +241,11 @@ def second_apply(x2, w2, b2, xp, yd, mesh=None):
     y = jnp.einsum("btu,ud->btd", x2_c, w2.astype(x2_c.dtype), preferred_element_type=F32) + b2.astype(F32)
     y = y.astype(jnp.result_type(x2_c, w2))
     if yd_c is not None:
-      err = err + _sq(y - yd_c)
+      err = _kept(err + _by_shard(_sq, mesh)(y - yd_c), mesh)
     return err, xp_c + y.astype(xp_c.dtype)
 
-  err, xp_next = jax.lax.scan(body, jnp.zeros((), F32), (x2, xp, yd))
-  return sharding.laid_out_stream(xp_next, mesh), sharding.laid_out_replicated(err, mesh)
+  err, xp_next = jax.lax.scan(body, _zeros(jnp.zeros((), F32), mesh), (x2, xp, yd))
+  return sharding.laid_out_stream(xp_next, mesh), sharding.laid_out_replicated(_total(err, mesh), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
