@@ -160,7 +160,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def git_state(root: str = ROOT, exclude=()) -> dict:
   """{"commit": HEAD's sha (None outside a git checkout), "dirty": whether tracked or
-  untracked files differ from it, the `exclude` paths (this script's outputs) aside}.
+  untracked files differ from it, the `exclude` paths (this script's outputs) aside,
+  "dirty_files": which (the first 20)}.
 
   Read-only: `--no-optional-locks` keeps `git status` from refreshing the index.
   """
@@ -180,10 +181,10 @@ def git_state(root: str = ROOT, exclude=()) -> dict:
     if not rel.startswith(".."):
       specs.append(f":(exclude){rel}")
   try:
-    dirty = bool(git("status", "--porcelain", "--", *specs))
+    changed = [line[3:] for line in git("status", "--porcelain", "--", *specs).splitlines()]
   except subprocess.CalledProcessError:
-    dirty = None
-  return {"commit": commit, "dirty": dirty}
+    return {"commit": commit, "dirty": None}
+  return {"commit": commit, "dirty": bool(changed), "dirty_files": changed[:20]}
 
 
 def mixed_commits(rows: list[dict], commit: str | None) -> list[str]:

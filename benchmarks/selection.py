@@ -204,9 +204,9 @@ def markdown(result: dict) -> str:
     lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
                  f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
                  f"{(r.get('commit') or '?')[:8]}{'+dirty' if r.get('dirty') else ''} |")
-  notes = sorted({r["note"] for r in result["runs"] if r.get("note")})
+  notes = [(r["name"], r["note"]) for r in result["runs"] if r.get("note")]
   if notes:
-    lines += [""] + [f"Rows marked +dirty: {n}." for n in notes]
+    lines += [""] + [f"- {name}: {note}." for name, note in notes]
   return "\n".join(lines) + "\n"
 
 

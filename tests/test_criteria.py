@@ -1,5 +1,6 @@
 """Criteria against direct computations on tiny modules; head similarity selection."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -283,3 +284,30 @@ def test_fully_shrunk_refit_aware_order_is_flaps_fluctuation():
   got = np.asarray(criteria.get("goa-obs").score(A.MLP, p, ModuleStats(hidden=m, damping=1e-9, intercept=True)))
   fluct = x.var(0) * np.sum(w2**2, 1)
   np.testing.assert_array_equal(np.argsort(got), np.argsort(fluct))
+
+
+def test_blocked_obs_sweeps_run_side_by_side_on_the_devices(monkeypatch):
+  """Where the solves run on the devices (GPUs: here forced on 8 host CPU devices), the
+  blocks of a wide module's sweep go one a device, each from its own thread; the scores are
+  those of the same sweeps run one after another on one device, bit for bit."""
+  from jaxprune.criteria import output_approx as O
+
+  assert len(jax.local_devices()) == 8
+  monkeypatch.setattr(O, "lapack_solves", lambda: False)
+  rng = np.random.default_rng(11)
+  U, T = 48, 400
+  x = rng.normal(size=(T, U)) @ (np.eye(U) + 0.1 * rng.normal(size=(U, U)))
+  y = x @ rng.normal(size=(U, 4)) + 0.3 * rng.normal(size=(T, 4))
+  m = moments.update(moments.init(U, 4), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  p, stats = _mlp(rng, F=U), ModuleStats(hidden=m, damping=1e-5, intercept=True)
+  where = []
+  order = O._removal_order
+  monkeypatch.setattr(O, "_removal_order", lambda ginv, *a: where.append(ginv.devices()) or order(ginv, *a))
+  side_by_side = np.asarray(O.refit_aware(A.MLP, p, stats, block=8))  # 6 blocks
+  assert len(where) == 6 and len({d for s in where for d in s}) == 6, where
+  one = jax.local_devices()[:1]
+  monkeypatch.setattr(O.jax, "local_devices", lambda *a, **k: one)
+  where.clear()
+  serial = np.asarray(O.refit_aware(A.MLP, p, stats, block=8))
+  assert len(where) == 6 and len({d for s in where for d in s}) == 1, where  # one after another, one device
+  np.testing.assert_array_equal(side_by_side, serial)

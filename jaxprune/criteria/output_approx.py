@@ -251,18 +251,42 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
       ginv = _ridge_inverse(xx, stats.damping, stats.intercept)
       order, paid = _removal_order(ginv, xy, width, stats.intercept, -(-n // MAX_STEPS), stats.n_remove)
       return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
-    scores = np.zeros(n, np.float64)
     diag = np.diagonal(np.asarray(xx))[:d]
-    for units in _blocks(n, width, block):
+    blocks = _blocks(n, width, block)
+
+    def sweep(units, device=None):
       ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
       idx = np.concatenate([ch, [d]])  # the block's channels and the ones column
       sub_xx, sub_xy = xx[idx][:, idx], xy[idx]
+      if device is not None:
+        sub_xx, sub_xy = jax.device_put(sub_xx, device), jax.device_put(sub_xy, device)
       # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
       scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
       ginv = _ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
-      order, paid = _removal_order(ginv, sub_xy, width, stats.intercept,
-                                   -(-len(units) // MAX_STEPS))
+      order, paid = _removal_order(ginv, sub_xy, width, stats.intercept, -(-len(units) // MAX_STEPS))
       # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
-      scores[units] = _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
+      return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
+
+    scores = np.zeros(n, np.float64)
+    for units, s in zip(blocks, _sweep_blocks(sweep, blocks)):
+      scores[units] = s
   # Ties between blocks: the lower index goes first.
   return _increasing_along(np.argsort(np.argsort(scores, kind="stable"), kind="stable"), scores)
+
+
+def _sweep_blocks(sweep, blocks):
+  """`sweep(units[, device])` of every block, in order. The blocks' sweeps are independent:
+  where they run on the devices (GPUs) they go one a device, each from its own thread, so a
+  wide module's sweeps run side by side instead of on one chip while the others wait. With
+  LAPACK (CPU and TPU hosts) they run here, one after another, on the threaded BLAS."""
+  devices = jax.local_devices()
+  if lapack_solves() or len(devices) == 1 or len(blocks) == 1:
+    return [sweep(units) for units in blocks]
+  import concurrent.futures
+
+  def run(k):
+    with float64_solves():  # JAX's x64 switch is per thread
+      return sweep(blocks[k], devices[k % len(devices)])
+
+  with concurrent.futures.ThreadPoolExecutor(min(len(blocks), len(devices))) as pool:
+    return list(pool.map(run, range(len(blocks))))
