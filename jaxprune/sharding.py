@@ -183,19 +183,27 @@ def split_batch(x, mesh: Mesh):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA)))
 
 
-def laid_out_shards(tree, mesh: Mesh):
-  """Inside a jitted kernel: per-shard sums (leading axis D) with that axis over `data`."""
+def laid_out_shards(tree, mesh: Mesh | None):
+  """Inside a jitted kernel: per-shard sums (leading axis D) with that axis over `data`
+  (as they are with one data shard, which keeps no such axis)."""
+  if data_shards(mesh) == 1:
+    return tree
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA))), tree)
 
 
-def stack_shards(tree, mesh: Mesh):
-  """Inside a jitted kernel: `tree` (zero sums) repeated once per `data` shard."""
+def stack_shards(tree, mesh: Mesh | None):
+  """Inside a jitted kernel: `tree` (zero sums) repeated once per `data` shard (as it is with one)."""
   n = data_shards(mesh)
+  if n == 1:
+    return tree
   return laid_out_shards(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree), mesh)
 
 
-def sum_shards(tree):
-  """Inside a jitted kernel: per-shard sums added up (one all-reduce over `data` per array)."""
+def sum_shards(tree, mesh: Mesh | None):
+  """Inside a jitted kernel: per-shard sums added up, one all-reduce over `data` per array
+  (as they are with one data shard)."""
+  if data_shards(mesh) == 1:
+    return tree
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 

@@ -70,9 +70,11 @@ def _calibration_windows(report: dict, calib: str, model, model_arg: str, n: int
   cal, cfg = report.get("calibration", {}), report.get("config", {})
   seq_len, total, seed = int(cal.get("seq_len", 128)), int(cal.get("windows", n)), int(cfg.get("seed", 0))
   if calib == "selfgen":
-    return self_generated(model.spec, model.params, n, seq_len, seed=seed,
-                          windows_per_text=int(cfg.get("selfgen_windows_per_text", 1)),
-                          top_k=int(cfg.get("selfgen_top_k", 50)))
+    from jaxprune.pipeline import PruneConfig  # reports from before these fields sampled as the defaults do
+
+    per_text = int(cfg.get("selfgen_windows_per_text", PruneConfig.selfgen_windows_per_text))
+    return self_generated(model.spec, model.params, n, seq_len, seed=seed, windows_per_text=per_text,
+                          top_k=int(cfg.get("selfgen_top_k", PruneConfig.selfgen_top_k)))
   if calib == "random":
     return random_tokens(model.spec.vocab_size, total, seq_len, seed=seed)[:n]
   stream = tokenize(jaxprune.load_tokenizer(model_arg), read_text(calib))

@@ -208,18 +208,19 @@ def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> M
   top = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), _partial_restore(params_dir, target))
   n = len(blocks)
 
+  def only(i, x):
+    # The checkpoint's tree with block i's entry `x` and nothing else (a partial restore).
+    return {"layers": [x if j == i else None for j in range(n)]}
+
   def read(i):
-    item = {"layers": [blocks[i] if j == i else None for j in range(n)]}
-    return jax.tree.map(np.asarray, _partial_restore(params_dir, item)["layers"][i])
+    return jax.tree.map(np.asarray, _partial_restore(params_dir, only(i, blocks[i]))["layers"][i])
 
   dtype = jnp.dtype(dtype or jnp.float32)
   shapes_in_dtype = block_shapes(spec, dtype)
 
   def restore(i, shardings):
     # The block straight onto the mesh in the run's dtype: each process restores its devices' slices.
-    item = {"layers": [shapes_in_dtype[i] if j == i else None for j in range(n)]}
-    placed = {"layers": [shardings if j == i else None for j in range(n)]}
-    return _partial_restore(params_dir, item, placed)["layers"][i]
+    return _partial_restore(params_dir, only(i, shapes_in_dtype[i]), only(i, shardings))["layers"][i]
 
   layers = LazyBlocks(read, shapes_in_dtype, dtype, source=path, restore=restore)
   return Model(spec, {**top, "layers": layers}, source=path)

@@ -63,26 +63,12 @@ class DenseOut(NamedTuple):
 def _by_shard(fn, mesh):
   """`fn` (chunk arrays, batch first -> sums) as the sums of each `data` shard's windows,
   stacked on a leading axis (`sharding.split_batch`): each device adds only its own tokens,
-  and `sharding.sum_shards` reduces the totals once per module. `fn` itself when the mesh has
+  its running sums stay on it (`sharding.laid_out_shards`), and `sharding.sum_shards`
+  reduces the totals once per module. `fn` itself when the mesh has
   one data shard, so a single-device run adds exactly what it always did."""
   if sharding.data_shards(mesh) == 1:
     return fn
   return lambda *xs: jax.vmap(fn)(*jax.tree.map(lambda x: sharding.split_batch(x, mesh), xs))
-
-
-def _kept(tree, mesh):
-  """Running per-shard sums kept on their `data` shards (as they are with one data shard)."""
-  return tree if sharding.data_shards(mesh) == 1 else sharding.laid_out_shards(tree, mesh)
-
-
-def _zeros(tree, mesh):
-  """Zero sums, one copy per `data` shard where there are several."""
-  return tree if sharding.data_shards(mesh) == 1 else sharding.stack_shards(tree, mesh)
-
-
-def _total(tree, mesh):
-  """Per-shard sums reduced to one total (the module's one reduction over `data`)."""
-  return tree if sharding.data_shards(mesh) == 1 else sharding.sum_shards(tree)
 
 
 def _energy(pre):
@@ -111,13 +97,14 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
       m_in, m_c = moments.compensated_add(m_in, m_c, _by_shard(moments.sums, mesh)(hp, hd))
     if inherited_error:
       err = err + _by_shard(_sq, mesh)(A.apply(kind, cfg, p, hp, positions) - yd)
-    return _kept(((m_in, m_c), yy1, err, yy), mesh), yd
+    return sharding.laid_out_shards(((m_in, m_c), yy1, err, yy), mesh), yd
 
   zero = jnp.zeros((), F32)
   m0 = moments.init(D, D) if first_moments else None
-  init = _zeros(((m0, m0), zero if first_moments else None, zero if inherited_error else None, zero), mesh)
+  init = sharding.stack_shards(((m0, m0), zero if first_moments else None, zero if inherited_error else None, zero),
+                               mesh)
   ((m_in, _), yy1, err, yy), yd = jax.lax.scan(body, init, (xd, xp))
-  sums = _total((yy, m_in, yy1, err), mesh)
+  sums = sharding.sum_shards((yy, m_in, yy1, err), mesh)
   return DenseOut(sharding.laid_out_stream(yd, mesh), *sharding.laid_out_replicated(sums, mesh))
 
 
@@ -170,7 +157,7 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
 
   def laid_out(t):
     # Gram rows over `model` (per data shard where there are several).
-    t = _kept(t, mesh)
+    t = sharding.laid_out_shards(t, mesh)
     return t if split is None else {**t, "hidden": moments.constrain_split(t["hidden"], split_acc)}
 
   def body(carry, chunk):
@@ -182,7 +169,7 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
     # Each chunk's sums join the totals by compensated summation (`moments.compensated_add`).
     total, comp = map(laid_out, moments.compensated_add(total, comp, laid_out(terms)))
     if needs.js:
-      js, n_rows = _kept(js + js_c, mesh), n_rows + js_stats.js_rows(probs)
+      js, n_rows = sharding.laid_out_shards(js + js_c, mesh), n_rows + js_stats.js_rows(probs)
     return ((total, comp), js, n_rows), x2
 
   h0 = L.norm(cfg, norm_p, xp[0])
@@ -201,10 +188,10 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
   if needs.inputs:
     zeros["inputs"] = moments.init(D)
   N = A.num_units(kind, p) if kind is A.ATTN else 1
-  zeros = laid_out(_zeros(zeros, mesh))
-  init = ((zeros, zeros), _zeros(jnp.zeros((N, N), F32), mesh), jnp.zeros((), F32))
+  zeros = laid_out(sharding.stack_shards(zeros, mesh))
+  init = ((zeros, zeros), sharding.stack_shards(jnp.zeros((N, N), F32), mesh), jnp.zeros((), F32))
   ((total, _), js, n_rows), x2 = jax.lax.scan(body, init, (xp, yd if cross else None))
-  total, js = _total((total, js), mesh)
+  total, js = sharding.sum_shards((total, js), mesh)
   hidden = total.get("hidden")
   if split is None:
     hidden = sharding.laid_out_replicated(hidden, mesh)
@@ -241,11 +228,11 @@ def second_apply(x2, w2, b2, xp, yd, mesh=None):
     y = jnp.einsum("btu,ud->btd", x2_c, w2.astype(x2_c.dtype), preferred_element_type=F32) + b2.astype(F32)
     y = y.astype(jnp.result_type(x2_c, w2))
     if yd_c is not None:
-      err = _kept(err + _by_shard(_sq, mesh)(y - yd_c), mesh)
+      err = sharding.laid_out_shards(err + _by_shard(_sq, mesh)(y - yd_c), mesh)
     return err, xp_c + y.astype(xp_c.dtype)
 
-  err, xp_next = jax.lax.scan(body, _zeros(jnp.zeros((), F32), mesh), (x2, xp, yd))
-  return sharding.laid_out_stream(xp_next, mesh), sharding.laid_out_replicated(_total(err, mesh), mesh)
+  err, xp_next = jax.lax.scan(body, sharding.stack_shards(jnp.zeros((), F32), mesh), (x2, xp, yd))
+  return sharding.laid_out_stream(xp_next, mesh), sharding.laid_out_replicated(sharding.sum_shards(err, mesh), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
