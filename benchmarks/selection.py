@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     prune_s = time.perf_counter() - t0
     h, s = perplexity(spec, params, heldout), perplexity(spec, params, check)
     row = {"key": k, "name": name, "preset": preset, "settings": kw or {}, "calibration": source, "ratio": ratio,
-           "seed": args.seed,
+           "seed": args.seed, "calib_samples": args.calib_samples,
            "params_after": int(sum(np.size(x) for x in __import__("jax").tree.leaves(params))),
            "heldout_perplexity": h.perplexity, "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
            "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],
@@ -200,6 +200,8 @@ def markdown(result: dict) -> str:
       calib += f", {r['selfgen_windows_per_text']} windows a text"
     if calib.startswith("selfgen") and r.get("selfgen_top_k", 50) != 50:
       calib += f", top-k {r['selfgen_top_k'] or 'off'}"
+    if r.get("calib_samples", 128) != 128:
+      calib += f", {r['calib_samples']} windows"
     s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={calib}"])
     lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
                  f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
