@@ -90,6 +90,9 @@ def main(argv=None) -> int:
   p.add_argument("--preset", default="recommended", help="preset of --set candidates")
   p.add_argument("--set-calib", default="valid", choices=("valid", "selfgen"),
                  help="calibration of --set candidates: WikiText-2 valid or self-generated text")
+  p.add_argument("--selfgen-samples", type=int, default=None,
+                 help="self-generated windows of calib=selfgen rows (default: --calib-samples; the held-out "
+                 "windows stay those of --calib-samples)")
   p.add_argument("--selfgen-first", type=int, default=None,
                  help="token self-generated windows start from (default: the model's BOS)")
   p.add_argument("--force", action="store_true")
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
                        source=quality.SHAKESPEARE)
   done = {r["key"] for r in result["runs"]}
   selfgen = {}
+  n_selfgen = args.selfgen_samples or args.calib_samples
 
   def calibration(source, config):
     if source == "valid":
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     how = (config.selfgen_windows_per_text, config.selfgen_top_k)
     if how not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
-      selfgen[how] = self_generated(model.spec, model.params, args.calib_samples, quality.SEQ_LEN, seed=args.seed,
+      selfgen[how] = self_generated(model.spec, model.params, n_selfgen, quality.SEQ_LEN, seed=args.seed,
                                     first_token=args.selfgen_first, windows_per_text=how[0], top_k=how[1])
     return selfgen[how]
 
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
     prune_s = time.perf_counter() - t0
     h, s = perplexity(spec, params, heldout), perplexity(spec, params, check)
     row = {"key": k, "name": name, "preset": preset, "settings": kw or {}, "calibration": source, "ratio": ratio,
-           "seed": args.seed, "calib_samples": args.calib_samples,
+           "seed": args.seed, "calib_samples": n_selfgen if source == "selfgen" else args.calib_samples,
            "params_after": int(sum(np.size(x) for x in __import__("jax").tree.leaves(params))),
            "heldout_perplexity": h.perplexity, "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
            "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],
