@@ -78,8 +78,54 @@ def save_block(path: str, block: dict) -> None:
   _save_npz(path, {k: to_host(v) for k, v in flat.items()})
 
 
+def save_block_shards(path: str, block: dict) -> int:
+  """Block `block` as an Orbax checkpoint at `path`, written by every process at once: each
+  writes only the shards its own devices hold (one copy of each replicated shard), so
+  nothing is gathered. `path` must be one directory that every process sees (a shared file
+  system or a bucket); Orbax commits it atomically once every process has written.
+
+  Returns:
+    The number of values this process wrote.
+  """
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    ckptr.save(path, block)
+    ckptr.wait_until_finished()
+  finally:
+    ckptr.close()
+  return sum(s.data.size for x in jax.tree.leaves(block) if isinstance(x, jax.Array)
+             for s in x.addressable_shards if s.replica_id == 0)
+
+
+def _load_block_shards(path: str) -> dict:
+  """A block written by `save_block_shards`, whole, as host arrays (every shard read back).
+
+  Read by the checkpoint handler, not a Checkpointer, whose restore is a barrier of all
+  processes: here one process may read while the others wait (process 0 writing the output)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(path)).tree
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), tree,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    block = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(restore_args=args))
+  except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types for missing pieces
+    raise UsageError(f"the pruned block in {path} could not be read back ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); with several processes the blocks' "
+                     "directory must be one that every host sees (a shared file system or a bucket)") from None
+  finally:
+    handler.close()
+  return jax.tree.map(jax.numpy.asarray, block)
+
+
 def load_block(path: str) -> dict:
-  """A block written by `save_block`, exactly as it was."""
+  """A block written by `save_block` (an .npz) or `save_block_shards` (a directory), exactly as it was."""
+  if os.path.isdir(path):
+    return _load_block_shards(path)
   with np.load(path) as z:
     flat = {tuple(k.split("/")): jax.numpy.asarray(z[k]) for k in z.files}
   return traverse_util.unflatten_dict(flat)

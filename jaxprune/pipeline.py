@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import logging
 import math
 import os
@@ -782,8 +783,11 @@ class _Pruner:
     self.blocks = _Blocks(model.params["layers"])
     # A model read block by block keeps only the blocks in use: finished ones go to files.
     self.streaming = lazy_io.is_lazy(model.params)
-    # A streamed run without a checkpoint writes its finished blocks here.
+    # A streamed run without a checkpoint writes its finished blocks to blocks_dir (every
+    # process its own shards), or else gathered to a temporary directory.
+    self.blocks_dir: str | None = None
     self.spill_dir: tempfile.TemporaryDirectory | None = None
+    self.values_written = 0
     self.layer_specs = list(model.spec.layers)
     self.modules: list[dict] = []
     self.start, self.stop = config.block_range(model.spec)
@@ -930,7 +934,8 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
 
 
 def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), *, score_windows=None, mesh=None,
-          progress: Callable[[dict], None] | None = None, checkpoint: str | None = None) -> PruneResult:
+          progress: Callable[[dict], None] | None = None, checkpoint: str | None = None,
+          blocks_dir: str | None = None) -> PruneResult:
   """Prunes `model` with calibration token windows `calib` [S, T].
 
   Args:
@@ -943,20 +948,29 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
       (`jaxprune.checkpoint`); if it already holds the state of this run (same
       model, windows and config), the run resumes after its last finished block
       and gives bit-identical results to an uninterrupted run.
+    blocks_dir: where a streamed run without `checkpoint` keeps its finished blocks, as
+      Orbax checkpoints that every process writes its own shards of (nothing is gathered;
+      `checkpoint.save_block_shards`). With several processes it must be one directory
+      that every process sees. Default: a temporary directory of this process, to which
+      each finished block is gathered whole.
 
   Returns:
     PruneResult(model, report): the pruned Model (the input is untouched) and a JSON-able report.
   """
   with contextlib.ExitStack() as stack:  # owns the temporary store of dense outputs, if any
-    return _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stack)
+    return _prune(model, calib, config, score_windows, mesh, progress, checkpoint, blocks_dir, stack)
 
 
-def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stack) -> PruneResult:
+def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, blocks_dir, stack) -> PruneResult:
   c = config.check(model.spec)
   mesh = mesh or sharding.make_mesh()
   t_start = time.perf_counter()
   compiles0 = _Compiles.start()
   pr = _Pruner(model, c, mesh, progress)
+  if blocks_dir is not None and glob.glob(os.path.join(blocks_dir, "block_*")):
+    raise UsageError(f"{blocks_dir} already holds pruned blocks (block_*) of another run; remove them or "
+                     "pass another blocks directory")
+  pr.blocks_dir = blocks_dir
   tokens = _split_holdout(_chunks(calib, c.batch_size, mesh, "calibration"), c.auto_damping)
   if c.score_data == "random" and score_windows is None:
     rng = np.random.default_rng(c.seed + 1)
@@ -1059,10 +1073,15 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, stac
 
 
 def _spill(pr: _Pruner, i: int, ckpt) -> None:
-  """Block i is finished: a streamed run keeps it in a file only (the checkpoint's, or a
-  temporary directory's that lives as long as the pruned model that reads it)."""
+  """Block i is finished: a streamed run keeps it in a file only (the checkpoint's, blocks_dir's,
+  or a temporary directory's that lives as long as the pruned model that reads it)."""
   if ckpt is not None:
     pr.blocks[i] = ckpt.block_path(i)
+    return
+  if pr.blocks_dir is not None:
+    path = os.path.join(pr.blocks_dir, f"block_{i:04d}")
+    pr.values_written += run_checkpoint.save_block_shards(path, pr.blocks[i])
+    pr.blocks[i] = path
     return
   if pr.spill_dir is None:
     # Removed when the last reference goes: the pruned model's blocks read from it.
@@ -1181,4 +1200,6 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
                   "plan_phases": dict(pr.plan_phase_seconds)},
       "streams": {"dense": pr.with_dense, "score": c.score_data == "random"},
       "passes": pr.passes,
+      # What this process wrote of the finished blocks to blocks_dir (its own shards).
+      **({"block_values_written": pr.values_written} if pr.blocks_dir is not None else {}),
   }

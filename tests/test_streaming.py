@@ -279,3 +279,28 @@ def test_orbax_checkpoint_streams_block_by_block(bf16_dir, tmp_path):
   for a, b in zip(jax.tree.leaves(materialize(want.model).params), jax.tree.leaves(materialize(got.model).params),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_blocks_written_shard_by_shard_give_the_same_model(bf16_dir, tmp_path):
+  """With blocks_dir each finished block is an Orbax checkpoint that every process writes its own
+  shards of (nothing gathered): on a 2 x 4 mesh in one process the run is the in-memory run bit
+  for bit, one copy of every pruned value is written, and a directory holding another run's
+  blocks is refused before any work."""
+  from jaxprune import sharding
+  from jaxprune.errors import UsageError
+
+  path = bf16_dir("llama_gqa")
+  calib = _calib()
+  cfg = PruneConfig.preset("recommended", sparsity=0.3, batch_size=8)
+  mesh = sharding.make_mesh(2, 4)
+  want = prune(jaxprune.load(path), calib, cfg, mesh=mesh)
+  blocks_dir = str(tmp_path / "blocks")
+  got = prune(jaxprune.load(path, lazy=True), calib, cfg, mesh=mesh, blocks_dir=blocks_dir)
+  assert sorted(os.listdir(blocks_dir)) == ["block_0000", "block_0001", "block_0002"]
+  assert all(os.path.isdir(os.path.join(blocks_dir, b, "ocdbt.process_0")) for b in os.listdir(blocks_dir))
+  pruned = materialize(got.model).params
+  assert got.report["block_values_written"] == sum(np.size(x) for x in jax.tree.leaves(pruned["layers"]))
+  for a, b in zip(jax.tree.leaves(materialize(want.model).params), jax.tree.leaves(pruned), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(UsageError, match="already holds pruned blocks"):
+    prune(jaxprune.load(path, lazy=True), calib, cfg, mesh=mesh, blocks_dir=blocks_dir)

@@ -12,6 +12,7 @@ the mesh runs must stay within tests/numerics.py's FACTOR times that spread (plu
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -105,21 +106,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("local,data,model", [(4, 4, 2), (2, 1, 4)], ids=["model-axis-within", "model-axis-across"])
-def test_two_processes_share_a_mesh(setup, local, data, model):
-  """jax.distributed.initialize with --coordinator: 2 processes of CPU devices, gloo collectives.
-
-  4x2 on 2 x 4 devices: each process holds whole `model` rows. 1x4 on 2 x 2 devices: the
-  `model` axis spans both processes, so each holds half of every split weight and of the
-  Gram statistics' rows (gathered across them for the solves).
-  """
-  root, model_dir, text, *_ = setup
-  out = root / f"mesh{data}x{model}_2proc"
+def _two_processes(setup, local, data, model, out, extra=lambda i: []):
+  """Runs the script as 2 processes joined by --coordinator; returns them and their logs."""
+  _, model_dir, text, *_ = setup
   port = _free_port()
   procs = [
       subprocess.Popen([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS, "--mesh-data",
                         str(data), "--mesh-model", str(model), "--coordinator", f"localhost:{port}",
-                        "--num-processes", "2", "--process-id", str(i)], env=_env(local), cwd=ROOT,
+                        "--num-processes", "2", "--process-id", str(i), *extra(i)], env=_env(local), cwd=ROOT,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)
   ]
   logs = []
@@ -130,6 +124,22 @@ def test_two_processes_share_a_mesh(setup, local, data, model):
     for p in procs:
       if p.poll() is None:
         p.kill()
+  return procs, logs
+
+
+@pytest.mark.parametrize("local,data,model", [(4, 4, 2), (2, 1, 4)], ids=["model-axis-within", "model-axis-across"])
+def test_two_processes_share_a_mesh(setup, local, data, model):
+  """jax.distributed.initialize with --coordinator: 2 processes of CPU devices, gloo collectives.
+
+  4x2 on 2 x 4 devices: each process holds whole `model` rows; the finished blocks are
+  gathered to both (--gather-blocks). 1x4 on 2 x 2 devices: the `model` axis spans both
+  processes, so each holds half of every split weight and of the Gram statistics' rows
+  (gathered across them for the solves), and writes its own shards of the finished blocks.
+  """
+  root, model_dir, *_ = setup
+  out = root / f"mesh{data}x{model}_2proc"
+  gather = model == 2
+  procs, logs = _two_processes(setup, local, data, model, out, lambda i: ["--gather-blocks"] if gather else [])
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
   assert "process 1 of 2" in logs[1] and f"{2 * local} devices in all, {local} local" in logs[1]
@@ -143,6 +153,29 @@ def test_two_processes_share_a_mesh(setup, local, data, model):
     assert 0 < report["block_values_read"] < whole
   else:
     assert report["block_values_read"] == whole
+  if gather:
+    assert "block_values_written" not in report and not os.path.exists(f"{out}.blocks")
+    return
+  # Each process wrote only its own shards of the finished blocks to --blocks-dir (nothing was
+  # gathered): together one copy of every value, and neither wrote all of them.
+  wrote = [int(re.search(r"process %d wrote (\d+) values of the pruned blocks" % i, log).group(1))
+           for i, log in enumerate(logs)]
+  pruned_blocks = sum(np.size(x) for x in jax.tree.leaves(jaxprune.load(str(out)).params["layers"]))
+  assert sum(wrote) == pruned_blocks and wrote[0] == report["block_values_written"]
+  assert all(0 < w < pruned_blocks for w in wrote)
+  assert not os.path.exists(f"{out}.blocks")  # removed once the output was written
+
+
+def test_blocks_dir_that_a_process_does_not_see_is_refused(setup):
+  """Each process given its own --blocks-dir stands for a local disk: refused before any work."""
+  root, *_ = setup
+  out = root / "unshared"
+  procs, logs = _two_processes(setup, 2, 1, 4, out, lambda i: ["--blocks-dir", str(root / f"blocks{i}")])
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 2, f"process {i}:\n{log[-4000:]}"
+    assert "is not shared: process(es) [1] do not see what process 0 wrote" in log, log[-2000:]
+    assert "Traceback" not in log
+  assert not out.exists()
 
 
 def test_multi_process_detection():

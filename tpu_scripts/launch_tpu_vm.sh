@@ -36,6 +36,9 @@ MESH_MODEL=${MESH_MODEL:-4}                       # devices on the `model` axis 
                                                   # `data` gets the rest; MLP widths are kept in multiples of it
 EXTRA_ARGS=${EXTRA_ARGS:-}                        # e.g. "--layers 4:28 --dtype bfloat16"
 LOCAL_OUT=${LOCAL_OUT:-./pruned-from-tpu}         # where step 4 puts the result here
+BLOCKS_DIR=${BLOCKS_DIR:-}                        # a directory every worker mounts (gcsfuse, Filestore): each
+                                                  # writes its own shards of the pruned blocks there. Empty:
+                                                  # every finished block is gathered to every worker instead
 # -----------------------------------------------------------------------------
 
 tpu() {  # tpu ssh|scp ARGS...: gcloud compute tpus tpu-vm with project and zone filled in
@@ -54,12 +57,14 @@ tpu ssh "$TPU_NAME" --worker=all --command="mkdir -p ~/$REMOTE_DIR && tar -xzf ~
 tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate \
   && pip install -q -U 'jax[tpu]' && pip install -q -e ."
 
+if [ -n "$BLOCKS_DIR" ]; then BLOCKS_ARG="--blocks-dir '$BLOCKS_DIR'"; else BLOCKS_ARG="--gather-blocks"; fi
+
 # 3. The same command on every worker, at the same time. `--worker=all` runs them in
 #    parallel and returns when all have finished; each worker's log stays on that worker.
 tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && . .venv/bin/activate && \
   python tpu_scripts/prune_distributed.py '$MODEL' --calib '$CALIB' --calib-samples $CALIB_SAMPLES \
     --seq-len $SEQ_LEN --sparsity $SPARSITY --mesh-model $MESH_MODEL --round-to $MESH_MODEL --distributed on --out '$OUT' --force \
-    $EXTRA_ARGS 2>&1 | tee prune_distributed.log"
+    $BLOCKS_ARG $EXTRA_ARGS 2>&1 | tee prune_distributed.log"
 
 # 4. The pruned model (safetensors, config.json, jaxprune.json, tokenizer, report.json) from worker 0.
 tpu scp "$TPU_NAME":"$REMOTE_DIR/$OUT" "$LOCAL_OUT" --worker=0 --recurse

@@ -26,9 +26,13 @@ reaches it; the calibration streams are sharded over `data`, and
 `jaxprune.pipeline.prune(..., mesh=mesh)` runs the greedy pipeline. Its
 statistics are sums, so XLA's all-reduce over `data` gives the single-device
 result up to summation order; a Gram matrix's rows are split over `model` while
-they accumulate. Each finished block is gathered to host memory on every
-process (a collective) and kept in a file; at the end process 0 alone writes
-the Hugging Face directory (`save_hf`, a block at a time) and report.json.
+they accumulate. With several processes, each writes only its own shards of every
+finished block (an Orbax checkpoint per block in --blocks-dir, a directory
+every host sees), so no block is gathered; at the end process 0 alone reads
+them back, a block at a time, to write the Hugging Face directory (`save_hf`)
+and report.json. (--gather-blocks instead gathers each block to every process,
+for clusters without shared storage.) One process keeps its blocks in a
+temporary directory.
 
 See tpu_scripts/README.md for memory considerations and the TPU VM launcher.
 """
@@ -39,6 +43,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -84,6 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator service")
   dist.add_argument("--num-processes", type=int, default=None)
   dist.add_argument("--process-id", type=int, default=None)
+  dist.add_argument("--blocks-dir", default=None, metavar="DIR",
+                    help="with several processes: where every process writes its own shards of each finished block "
+                    "(Orbax), for process 0 to read back when it writes --out; a directory every host sees, a "
+                    "shared file system or a bucket (default: OUT.blocks beside --out; removed once --out is "
+                    "written)")
+  dist.add_argument("--gather-blocks", action="store_true",
+                    help="with several processes: gather each finished block to every process instead (a "
+                    "collective; needs no shared storage, but every host receives and stores every block)")
   return p.parse_args(argv)
 
 
@@ -199,6 +212,33 @@ def sharding_summary(spec, mesh) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def _check_shared(blocks_dir: str, pid: int, multihost_utils) -> None:
+  """Refuses a --blocks-dir that some process does not see as process 0 does (a local disk):
+  process 0 could not read the other processes' shards back when it writes the output."""
+  import numpy as np
+
+  from jaxprune.errors import UsageError
+
+  marker = os.path.join(blocks_dir, ".written-by-process-0")
+  token = np.int64(time.time_ns() if pid == 0 else 0)
+  token = int(multihost_utils.broadcast_one_to_all(token))
+  if pid == 0:
+    os.makedirs(blocks_dir, exist_ok=True)
+    with open(marker, "w") as f:
+      f.write(str(token))
+  multihost_utils.sync_global_devices("prune_distributed: blocks dir marked")
+  try:
+    with open(marker) as f:
+      sees = f.read() == str(token)
+  except OSError:
+    sees = False
+  blind = np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(sees))) == 0).tolist()
+  if blind:
+    raise UsageError(f"--blocks-dir {blocks_dir} is not shared: process(es) {blind} do not see what process 0 "
+                     "wrote there. Every process writes its shards of the pruned blocks there for process 0 to "
+                     "read back; pass a directory on storage every host mounts, or --gather-blocks")
+
+
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   args = parse_args(argv)
@@ -206,18 +246,37 @@ def main(argv=None) -> int:
   why = init_distributed(args)
 
   import jax
+  import numpy as np
   from jax.experimental import multihost_utils
 
   import jaxprune
   from jaxprune import sharding
+  from jaxprune.errors import UsageError
   from jaxprune.io.atomic import atomic_dir, check_target
   from jaxprune.io.export import hf_problems, save_hf
   from jaxprune.io.lazy import is_lazy
   from jaxprune.pipeline import prune
 
   pid, nproc = jax.process_index(), jax.process_count()
-  if pid == 0:
-    check_target(args.out, args.force)  # fail before any work
+  # Several processes write the finished blocks' shards to one shared directory (none gathers them).
+  blocks_dir = None
+  if nproc > 1 and not args.gather_blocks:
+    blocks_dir = os.path.abspath(os.path.expanduser(args.blocks_dir or args.out.rstrip("/") + ".blocks"))
+  refused = None
+  if pid == 0:  # fail before any work
+    try:
+      check_target(args.out, args.force)
+      if blocks_dir is not None and os.path.lexists(check_target(blocks_dir, args.force)):
+        shutil.rmtree(blocks_dir)  # a killed run's (with --force)
+    except UsageError as e:
+      refused = e
+  if nproc > 1 and multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+    log.error("process 0 refused the output paths (see its log); stopping")
+    return 2
+  if refused is not None:
+    raise refused
+  if blocks_dir is not None:
+    _check_shared(blocks_dir, pid, multihost_utils)
   log.info("process %d of %d (%s); %d devices in all, %d local (%s)", pid, nproc, why or "single process",
            jax.device_count(), jax.local_device_count(), jax.default_backend())
 
@@ -257,12 +316,15 @@ def main(argv=None) -> int:
                event["seconds"])
 
   t0 = time.perf_counter()
-  result = prune(model, calib, config, mesh=mesh, progress=progress)
+  result = prune(model, calib, config, mesh=mesh, progress=progress, blocks_dir=blocks_dir)
   prune_s = time.perf_counter() - t0
+  if blocks_dir is not None:
+    log.info("process %d wrote %d values of the pruned blocks (its own shards) to %s", pid,
+             result.report["block_values_written"], blocks_dir)
 
   # Every process takes part in the gathers. A streamed run's pruned blocks are already in
-  # files (each process's own, gathered block by block as they finished); save_hf reads them
-  # one at a time.
+  # files (in --blocks-dir, or each process's own, gathered as they finished); process 0's
+  # save_hf reads them one at a time.
   out = result.model.params
   host_params = jax.tree.map(sharding.to_host, {k: v for k, v in out.items() if not (streamed and k == "layers")})
   if streamed:
@@ -283,6 +345,8 @@ def main(argv=None) -> int:
               jax_only=bool(hf_problems(pruned.spec)))
       with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
+    if blocks_dir is not None and os.path.isdir(blocks_dir):
+      shutil.rmtree(blocks_dir)
     p = report["params"]
     log.info("parameters %.2fM -> %.2fM (%.1f%% of the pruned blocks); pruning %.1fs; wrote %s", p["before"] / 1e6,
              p["after"] / 1e6, 100 * p["ratio_of_pruned_blocks"], prune_s, args.out)
@@ -291,5 +355,14 @@ def main(argv=None) -> int:
   return 0
 
 
+def _main() -> int:
+  from jaxprune.errors import JaxpruneError
+  try:
+    return main()
+  except JaxpruneError as e:  # bad input: one line, as the CLI prints it
+    print(f"prune_distributed: error: {e}", file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_main())
