@@ -93,8 +93,9 @@ def main(argv=None) -> int:
   p.add_argument("--selfgen-samples", type=int, default=None,
                  help="self-generated windows of calib=selfgen rows (default: --calib-samples; the held-out "
                  "windows stay those of --calib-samples)")
-  p.add_argument("--selfgen-first", type=int, default=None,
-                 help="token self-generated windows start from (default: the model's BOS)")
+  p.add_argument("--selfgen-first", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                 help="token id(s) self-generated texts start from, e.g. 0 or 1,0 (text i from the i-th mod k; "
+                 "default: the model's BOS)")
   p.add_argument("--force", action="store_true")
   p.add_argument("--allow-mixed", action="store_true")
   p.add_argument("--out", default=os.path.join(HERE, "results", "selection.json"))
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
            "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],
            "heads_kept": None if rep is None else [l["num_heads"] for l in rep["layers"]], **state}
     if source == "selfgen":  # what the self-generated windows start from (None: the model's BOS)
-      row["selfgen_first"] = args.selfgen_first
+      first = args.selfgen_first
+      row["selfgen_first"] = first[0] if first is not None and len(first) == 1 else first
       row["selfgen_windows_per_text"] = config.selfgen_windows_per_text
       row["selfgen_top_k"] = config.selfgen_top_k
     print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} Shakespeare {s.perplexity:.2f} "
@@ -199,7 +201,8 @@ def markdown(result: dict) -> str:
   for r in result["runs"]:
     calib = r.get("calibration", "valid")
     if calib == "selfgen" and r.get("selfgen_first") is not None:
-      calib += f" from token {r['selfgen_first']}"
+      first = r["selfgen_first"]
+      calib += f" from token {first}" if isinstance(first, int) else f" from tokens {'/'.join(map(str, first))}"
     if calib.startswith("selfgen") and r.get("selfgen_windows_per_text", 1) > 1:
       calib += f", {r['selfgen_windows_per_text']} windows a text"
     if calib.startswith("selfgen") and r.get("selfgen_top_k", 50) != 50:

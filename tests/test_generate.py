@@ -186,7 +186,21 @@ def test_windows_per_text_cuts_longer_texts_into_consecutive_windows(tiny_dir):
   assert (w[[0, 3], 0] == 7).all()
 
 
+def test_texts_alternate_between_several_first_tokens(tiny_dir):
+  """With first_token=(a, b) text i starts with a for even i and b for odd i, and is the text i
+  that starting every text with that token gives (text i keeps its key)."""
+  from jaxprune.data.selfgen import self_generated
+
+  m = _model(tiny_dir, "llama_gqa")
+  w = self_generated(m.spec, m.params, 5, 8, seed=2, first_token=(5, 7), batch_size=2)
+  np.testing.assert_array_equal(w[:, 0], [5, 7, 5, 7, 5])
+  np.testing.assert_array_equal(w[0::2], self_generated(m.spec, m.params, 5, 8, seed=2, first_token=5)[0::2])
+  np.testing.assert_array_equal(w[1::2], self_generated(m.spec, m.params, 5, 8, seed=2, first_token=7)[1::2])
+
+
 @pytest.mark.parametrize("kw,match", [(dict(windows_per_text=0), "positive number of windows"),
+                                      (dict(first_token=(1, -1)), r"token ids in \[0, "),
+                                      (dict(first_token=10**6), r"token ids in \[0, "),
                                       (dict(windows_per_text=1000), "exceed the model's"),
                                       (dict(temperature=0.0), "temperature must be positive")])
 def test_self_generated_rejects_bad_options(tiny_dir, kw, match):

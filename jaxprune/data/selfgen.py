@@ -8,6 +8,7 @@ seeded with a `jax.random` key, so the same seed gives the same windows.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ _decode_step = decode.decode_step
 
 @functools.partial(jax.jit, static_argnames=("spec", "length", "top_k"))
 def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperature, top_k: int):
-  """Texts [B, length] from token `first`, row b drawn with its own key `keys[b]` (so a text
+  """Texts [B, length], row b from token `first[b]` drawn with its own key `keys[b]` (so a text
   does not depend on which other texts share its batch)."""
   batch = keys.shape[0]
   caches = decode.init_cache(spec, batch, length, params["embed"]["embedding"].dtype)
@@ -46,12 +47,13 @@ def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperatu
 
 
 def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: int = 0, *, temperature: float = 1.0,
-                   top_k: int = 50, batch_size: int = 32, first_token: int | None = None,
+                   top_k: int = 50, batch_size: int = 32, first_token: int | Sequence[int] | None = None,
                    windows_per_text: int = 1) -> np.ndarray:
   """`n` windows [n, seq_len] of text sampled by the model itself from BOS.
 
   Args:
-    first_token: the token every text starts with (default: the model's BOS id).
+    first_token: the token every text starts with (default: the model's BOS id), or several:
+      text i starts with `first_token[i % len(first_token)]`.
     windows_per_text: consecutive windows cut from each sampled text. 1 (the paper's
       Self-Gen): every window is a text of its own, starting with the same token. More:
       texts of windows_per_text * seq_len tokens, so that most windows start mid-text,
@@ -61,9 +63,12 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
   so the first windows of a larger `n` are those of a smaller one. Batches are of equal
   size (at most `batch_size`): one compile.
   """
-  first = spec.bos_token_id if first_token is None else first_token
-  if first is None:
+  firsts = [spec.bos_token_id] if first_token is None else np.atleast_1d(first_token).tolist()
+  if firsts == [None]:
     raise UsageError("the model declares no BOS token id to start self-generated text from; pass first_token")
+  bad = [t for t in firsts if not (isinstance(t, int) and 0 <= t < spec.vocab_size)]
+  if bad or not firsts:
+    raise UsageError(f"self-generated texts start from token ids in [0, {spec.vocab_size}), got {first_token!r}")
   if windows_per_text < 1:
     raise UsageError(f"windows_per_text must be a positive number of windows, got {windows_per_text}")
   length = windows_per_text * seq_len
@@ -78,9 +83,10 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
   base = jax.random.key(seed)
   rows = []
   for start in range(0, texts, batch):
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(start, start + batch))
-    rows.append(np.asarray(_sample(spec, params, keys, jnp.int32(first), length, jnp.float32(temperature),
-                                   int(top_k or 0))))
+    ids = np.arange(start, start + batch)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
+    first = jnp.asarray(np.asarray(firsts, np.int32)[ids % len(firsts)])
+    rows.append(np.asarray(_sample(spec, params, keys, first, length, jnp.float32(temperature), int(top_k or 0))))
   return np.concatenate(rows)[:texts].reshape(-1, seq_len)[:n]
 
 
