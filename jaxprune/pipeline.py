@@ -1201,5 +1201,5 @@ def _report(dense: Model, pruned: Model, c: PruneConfig, pr: _Pruner, tau, plan_
       "streams": {"dense": pr.with_dense, "score": c.score_data == "random"},
       "passes": pr.passes,
       # What this process wrote of the finished blocks to blocks_dir (its own shards).
-      **({"block_values_written": pr.values_written} if pr.blocks_dir is not None else {}),
+      **({"block_values_written": pr.values_written} if pr.blocks_dir is not None and pr.streaming else {}),
   }

@@ -318,7 +318,7 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   result = prune(model, calib, config, mesh=mesh, progress=progress, blocks_dir=blocks_dir)
   prune_s = time.perf_counter() - t0
-  if blocks_dir is not None:
+  if "block_values_written" in result.report:
     log.info("process %d wrote %d values of the pruned blocks (its own shards) to %s", pid,
              result.report["block_values_written"], blocks_dir)
 
