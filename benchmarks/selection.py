@@ -191,6 +191,11 @@ def main(argv=None) -> int:
   return 0
 
 
+def _cell(text: str) -> str:
+  """Text for a markdown table cell (token names such as <|endoftext|> hold pipes)."""
+  return text.replace("|", "\\|")
+
+
 def markdown(result: dict) -> str:
   lines = ["# Recipe selection on SmolLM2-135M", "",
            "Produced by `python benchmarks/selection.py`. "
@@ -210,7 +215,7 @@ def markdown(result: dict) -> str:
     if r.get("calib_samples", 128) != 128:
       calib += f", {r['calib_samples']} windows"
     s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={calib}"])
-    lines.append(f"| {r['name']} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
+    lines.append(f"| {_cell(r['name'])} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
                  f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
                  f"{(r.get('commit') or '?')[:8]}{'+dirty' if r.get('dirty') else ''} |")
   notes = [(r["name"], r["note"]) for r in result["runs"] if r.get("note")]
