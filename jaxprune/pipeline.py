@@ -773,7 +773,7 @@ class _Blocks:
 class _Pruner:
   """State of one pruning run: the evolving blocks, the budget, the report rows."""
 
-  def __init__(self, model: Model, config: PruneConfig, mesh, progress):
+  def __init__(self, model: Model, config: PruneConfig, mesh, progress, blocks_dir: str | None = None):
     self.config = config
     self.ctx = StepContext.of(model, config, mesh)
     self.progress = progress or (lambda event: None)
@@ -785,7 +785,10 @@ class _Pruner:
     self.streaming = lazy_io.is_lazy(model.params)
     # A streamed run without a checkpoint writes its finished blocks to blocks_dir (every
     # process its own shards), or else gathered to a temporary directory.
-    self.blocks_dir: str | None = None
+    if blocks_dir is not None and glob.glob(os.path.join(blocks_dir, "block_*")):
+      raise UsageError(f"{blocks_dir} already holds pruned blocks (block_*) of another run; remove them or "
+                       "pass another blocks directory")
+    self.blocks_dir = blocks_dir
     self.spill_dir: tempfile.TemporaryDirectory | None = None
     self.values_written = 0
     self.layer_specs = list(model.spec.layers)
@@ -966,11 +969,7 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, bloc
   mesh = mesh or sharding.make_mesh()
   t_start = time.perf_counter()
   compiles0 = _Compiles.start()
-  pr = _Pruner(model, c, mesh, progress)
-  if blocks_dir is not None and glob.glob(os.path.join(blocks_dir, "block_*")):
-    raise UsageError(f"{blocks_dir} already holds pruned blocks (block_*) of another run; remove them or "
-                     "pass another blocks directory")
-  pr.blocks_dir = blocks_dir
+  pr = _Pruner(model, c, mesh, progress, blocks_dir)
   tokens = _split_holdout(_chunks(calib, c.batch_size, mesh, "calibration"), c.auto_damping)
   if c.score_data == "random" and score_windows is None:
     rng = np.random.default_rng(c.seed + 1)
