@@ -225,13 +225,13 @@ class Data:
                                          source=path)
     return self._texts
 
-  def calib(self, source: str, seed: int, windows_per_text: int = 1, top_k: int = 50):
+  def calib(self, source: str, seed: int, windows_per_text: int = 1, top_k: int = 50, temperature: float = 1.0):
     """The calibration windows (and the seconds they took); self-generated ones are sampled
-    as the run's config says (windows cut from each text, top-k)."""
+    as the run's config says (windows cut from each text, top-k, temperature)."""
     from jaxprune.data import read_text, sample_windows, tokenize
     from jaxprune.data.selfgen import random_tokens, self_generated
     n = self.args.calib_samples
-    k = (source, seed) + ((windows_per_text, top_k) if source == "selfgen" else ())
+    k = (source, seed) + ((windows_per_text, top_k, temperature) if source == "selfgen" else ())
     if k not in self._calib:
       t0 = time.perf_counter()
       if source == "valid":
@@ -241,7 +241,7 @@ class Data:
         w = random_tokens(self.model.spec.vocab_size, n, SEQ_LEN, seed=seed)
       elif source == "selfgen":
         w = self_generated(self.model.spec, self.model.params, n, SEQ_LEN, seed=seed,
-                           windows_per_text=windows_per_text, top_k=top_k)
+                           windows_per_text=windows_per_text, top_k=top_k, temperature=temperature)
       else:
         raise ValueError(f"unknown calibration source {source!r}; use valid, random or selfgen")
       self._calib[k] = (w, time.perf_counter() - t0)
@@ -262,7 +262,8 @@ def run_one(data: Data, name: str, preset: str | None, kwargs: dict, source: str
   else:
     # The seed draws the calibration windows and seeds the run's random choices.
     config = PruneConfig.preset(preset, **kwargs, seed=seed)
-    calib, calib_s = data.calib(source, seed, config.selfgen_windows_per_text, config.selfgen_top_k)
+    calib, calib_s = data.calib(source, seed, config.selfgen_windows_per_text, config.selfgen_top_k,
+                                config.selfgen_temperature)
     result = prune(model, calib, config)
     spec, params, n_params = result.model.spec, result.model.params, result.model.num_params
     rep = result.report

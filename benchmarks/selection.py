@@ -149,11 +149,12 @@ def main(argv=None) -> int:
   def calibration(source, config):
     if source == "valid":
       return calib
-    how = (config.selfgen_windows_per_text, config.selfgen_top_k)
+    how = (config.selfgen_windows_per_text, config.selfgen_top_k, config.selfgen_temperature)
     if how not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
       selfgen[how] = self_generated(model.spec, model.params, n_selfgen, quality.SEQ_LEN, seed=args.seed,
-                                    first_token=args.selfgen_first, windows_per_text=how[0], top_k=how[1])
+                                    first_token=args.selfgen_first, windows_per_text=how[0], top_k=how[1],
+                                    temperature=how[2])
     return selfgen[how]
 
   for name, preset, kw, source in cands:
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
       row["selfgen_first"] = first[0] if first is not None and len(first) == 1 else first
       row["selfgen_windows_per_text"] = config.selfgen_windows_per_text
       row["selfgen_top_k"] = config.selfgen_top_k
+      row["selfgen_temperature"] = config.selfgen_temperature
     print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} Shakespeare {s.perplexity:.2f} "
           f"({prune_s:.0f}s)", flush=True)
     result["runs"].append(row)
@@ -212,6 +214,8 @@ def markdown(result: dict) -> str:
       calib += f", {r['selfgen_windows_per_text']} windows a text"
     if calib.startswith("selfgen") and r.get("selfgen_top_k", 50) != 50:
       calib += f", top-k {r['selfgen_top_k'] or 'off'}"
+    if calib.startswith("selfgen") and r.get("selfgen_temperature", 1.0) != 1.0:
+      calib += f", temperature {r['selfgen_temperature']:g}"
     if r.get("calib_samples", 128) != 128:
       calib += f", {r['calib_samples']} windows"
     s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={calib}"])

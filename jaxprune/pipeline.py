@@ -137,6 +137,8 @@ class PruneConfig:
                                        "texts, so most windows start mid-text as a corpus's windows do)", "int")
   selfgen_top_k: int = _opt("selfgen_top_k", 50, "with self-generated calibration: sample each token from the K "
                             "most likely (0: from the model's whole distribution)", "int")
+  selfgen_temperature: float = _opt("selfgen_temperature", 1.0, "with self-generated calibration: divide the "
+                                    "model's logits by this before sampling (above 1: more varied text)", "float")
   batch_size: int = _opt("batch_size", 16, "calibration windows per chunk (a multiple of the data-parallel "
                          "devices)", "int")
   seed: int = _opt("seed", 0, "seed for random choices (calibration windows, the random criterion, random-token "
@@ -176,6 +178,9 @@ class PruneConfig:
     if self.selfgen_windows_per_text < 1:
       raise UsageError(f"selfgen_windows_per_text must be a positive number of windows, got "
                        f"{self.selfgen_windows_per_text}; 1 samples every window as a text of its own")
+    if not self.selfgen_temperature > 0:
+      raise UsageError(f"selfgen_temperature must be positive, got {self.selfgen_temperature}; 1 samples the "
+                       "model's own distribution")
     if self.selfgen_top_k < 0:
       raise UsageError(f"selfgen_top_k must be 0 (the whole distribution) or a positive number of tokens, got "
                        f"{self.selfgen_top_k}")

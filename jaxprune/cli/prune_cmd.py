@@ -199,7 +199,8 @@ def _calibration(args, model, tokenizer, config):
 
     model = materialize(model)  # generation runs the whole model for every token
     return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=config.seed,
-                          windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k)
+                          windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
+                          temperature=config.selfgen_temperature)
   if args.calib == "random":
     return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=config.seed)
   stream = tokenize(tokenizer, read_text(args.calib))

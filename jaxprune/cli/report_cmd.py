@@ -74,7 +74,8 @@ def _calibration_windows(report: dict, calib: str, model, model_arg: str, n: int
 
     per_text = int(cfg.get("selfgen_windows_per_text", PruneConfig.selfgen_windows_per_text))
     return self_generated(model.spec, model.params, n, seq_len, seed=seed, windows_per_text=per_text,
-                          top_k=int(cfg.get("selfgen_top_k", PruneConfig.selfgen_top_k)))
+                          top_k=int(cfg.get("selfgen_top_k", PruneConfig.selfgen_top_k)),
+                          temperature=float(cfg.get("selfgen_temperature", PruneConfig.selfgen_temperature)))
   if calib == "random":
     return random_tokens(model.spec.vocab_size, total, seq_len, seed=seed)[:n]
   stream = tokenize(jaxprune.load_tokenizer(model_arg), read_text(calib))
