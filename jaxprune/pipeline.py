@@ -131,6 +131,9 @@ class PruneConfig:
   inherited_error: bool = _opt("inherited_error", False, "also measure each module's inherited error (its original "
                                 "weights on the pruned stream against the dense outputs; a diagnostic for "
                                 "`jaxprune report` that costs one more pass of every module)", "bool")
+  skip_positions: int = _opt("skip_positions", 0, "leave each calibration window's first N positions out of the "
+                             "statistics that rank units and fit weights (attention-sink tokens carry much of "
+                             "early modules' output energy and steer the fits)", "int")
   selfgen_windows_per_text: int = _opt("selfgen_windows_per_text", 1, "with self-generated calibration (--calib "
                                        "selfgen): consecutive windows cut from each generated text (1: every window "
                                        "a text of its own, all starting at BOS, the paper's Self-Gen; more: longer "
@@ -175,6 +178,8 @@ class PruneConfig:
       raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
       raise UsageError(f"batch_size must be positive, got {self.batch_size}")
+    if self.skip_positions < 0:
+      raise UsageError(f"skip_positions must be 0 or a positive number of positions, got {self.skip_positions}")
     if self.selfgen_windows_per_text < 1:
       raise UsageError(f"selfgen_windows_per_text must be a positive number of windows, got "
                        f"{self.selfgen_windows_per_text}; 1 samples every window as a text of its own")
@@ -424,7 +429,7 @@ class StepContext:
     for g in groups:
       n = g.xp.shape[0]
       yd = jax.device_put(y[start:start + n], sharding.stream_sharding(self.mesh))
-      out.append(passes.DenseOut(yd, passes.energy(yd), None, None, None))
+      out.append(passes.DenseOut(yd, passes.energy(yd[:, :, nd.skip:]), None, None, None))
       start += n
     return jax.block_until_ready(out)
 
@@ -619,7 +624,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       if douts is None:
         douts = jax.block_until_ready([
             passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error,
-                              mesh=ctx.mesh)
+                              mesh=ctx.mesh, skip=nd.skip)
             for g in groups])
         meter.count("dense_pass", len(groups))
       else:
@@ -727,7 +732,8 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
   meter.count("second_apply", len(groups) + (hs is not None))
 
   if ctx.with_dense:
-    yy = max(sum(float(d.yy) for d in douts), 1e-30)
+    # Errors are over every position, also where the fits' statistics leave some out.
+    yy = max(sum(float(passes.energy(d.yd) if nd.skip else d.yy) for d in douts), 1e-30)
     if nd.inherited_error:
       rep["error_inherited"] = sum(float(d.err) for d in douts) / yy
     if c.reconstruct:
@@ -897,7 +903,7 @@ def _dense_scores(pr: _Pruner, tokens, want_js: bool, want_scores: bool = True, 
         js_here = want_js and kind is A.ATTN
         st = needs_lib.StreamNeeds()
         if want_scores and c.score_data != "identity":
-          st = needs_lib.criterion_stats(pr.crit.needs, kind)
+          st = needs_lib.criterion_stats(pr.crit.needs, kind, c.skip_positions)
         with pr.phase("statistics", plan=True):
           h = jax.block_until_ready(passes.hidden_pass(kind, cfg, blk[kind.norm_key], p, x, None, pos,
                                                        dataclasses.replace(st, cross=False, js=js_here), mesh=pr.mesh))
@@ -976,6 +982,9 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, bloc
   compiles0 = _Compiles.start()
   pr = _Pruner(model, c, mesh, progress, blocks_dir)
   tokens = _split_holdout(_chunks(calib, c.batch_size, mesh, "calibration"), c.auto_damping)
+  if c.skip_positions >= tokens[0].shape[-1]:
+    raise UsageError(f"skip_positions={c.skip_positions} leaves no position of the {tokens[0].shape[-1]}-token "
+                     "calibration windows in the statistics; use fewer than the window length")
   if c.score_data == "random" and score_windows is None:
     rng = np.random.default_rng(c.seed + 1)
     score_windows = rng.integers(0, model.spec.vocab_size, size=np.asarray(calib).shape, dtype=np.int32)

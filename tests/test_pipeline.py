@@ -279,3 +279,20 @@ def test_modules_before_the_first_change_are_left_as_they_are(tiny_dir):
   first = next(j for j, mod in enumerate(mods) if mod["scored"])
   assert [bool(mod.get("unchanged")) for mod in mods] == [True] * first + [False] * (len(mods) - first)
   assert all("refit" in mod for mod in mods[first:])
+
+
+def test_skip_positions_changes_only_the_statistics_and_is_checked(tiny_dir):
+  """skip_positions leaves each window's first positions out of the fits: the refit then
+  differs from the full-window one, and a count that leaves no position is refused with the window length named."""
+  m = jaxprune.load(tiny_dir("llama_gqa"))
+  cfg = PruneConfig.preset("recommended", sparsity=0.3, batch_size=8)
+  full = prune(m, _calib(), cfg)
+  skipped = prune(m, _calib(), dataclasses.replace(cfg, skip_positions=2))
+  assert skipped.report["config"]["skip_positions"] == 2
+  assert not _leaves_equal(full.model.params, skipped.model.params)
+  assert [mod["layer"] for mod in full.report["modules"]] == [mod["layer"] for mod in skipped.report["modules"]]
+  assert all(np.isfinite(mod["error_after"]) for mod in skipped.report["modules"])
+  with pytest.raises(UsageError, match=r"skip_positions=16 .*16-token"):
+    prune(m, _calib(), dataclasses.replace(cfg, skip_positions=16))
+  with pytest.raises(UsageError, match="skip_positions must be .* got -1"):
+    prune(m, _calib(), dataclasses.replace(cfg, skip_positions=-1))

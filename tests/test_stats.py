@@ -253,3 +253,45 @@ def test_statistics_are_reduced_over_data_once_per_module(kind):
     in_loop = [c for c in found if c.in_loop and hlo.spans_axis(c.groups, data_row)]
     assert not in_loop, (name, [c.line[:200] for c in in_loop])
     assert any(not c.in_loop and hlo.spans_axis(c.groups, data_row) for c in found), name
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
+def test_skipped_positions_are_left_out_of_every_moment(tiny_dir, kind):
+  """With `skip`, every moment (and the target energies the solves read) sums only each
+  window's positions from `skip` on, while the attention still sees the whole window."""
+  model_ = jaxprune.load(tiny_dir(kind))
+  skip, T = 3, 12
+  tokens = np.random.default_rng(0).integers(0, 128, size=(16, T)).astype(np.int32)
+  cfg, pos, mesh = L.block_config(model_.spec, 0), _positions(T), sharding.make_mesh(1, 1)
+  blk = model_.params["layers"][0]
+  x = _embed_stream(model_.spec, model_.params, _chunks(tokens, 8, mesh, "test"), mesh)
+  n = 16 * (T - skip)  # terms of every sum
+  for kind_ in (A.ATTN, A.MLP):
+    norm_p, p = blk[kind_.norm_key], blk[kind_.key]
+    d = passes.dense_pass(kind_, cfg, norm_p, p, x, x * 0.5, pos, True, False, skip=skip)
+    full = passes.dense_pass(kind_, cfg, norm_p, p, x, x * 0.5, pos, True, False)
+    np.testing.assert_array_equal(d.yd, full.yd)  # the outputs are the whole windows'
+    needs = StreamNeeds(hidden="gram", cross=True, first_sq=kind_ is A.MLP, inputs=True, skip=skip)
+    h = passes.hidden_pass(kind_, cfg, norm_p, p, x, d.yd, pos, needs)
+    assert h.x2.shape[2] == T
+
+    def tail(a):
+      a = np.asarray(a, np.float64)
+      return a[:, :, skip:].reshape(-1, a.shape[-1])
+
+    def aug(a):
+      return np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+
+    yd, x2 = tail(d.yd), aug(tail(h.x2))
+    hp, hd = aug(tail(L.norm(cfg, norm_p, x * 0.5))), tail(L.norm(cfg, norm_p, x))
+    # Each entry a float32 sum of n products, within gamma(n + a few) of the exact sum of
+    # those positions' terms, whatever the order (tests/numerics.py, point 1); the stream's
+    # own float32 values are the inputs.
+    assert_within_sum_bound(h.hidden.xx, x2.T @ x2, np.abs(x2).T @ np.abs(x2), n + 4, f"{kind_.name} gram")
+    assert_within_sum_bound(h.hidden.xy, x2.T @ yd, np.abs(x2).T @ np.abs(yd), n + 4, f"{kind_.name} cross")
+    assert_within_sum_bound(d.yy, np.sum(yd ** 2), np.sum(yd ** 2), n + 4, f"{kind_.name} energy")
+    assert_within_sum_bound(d.m_in.xx, hp.T @ hp, np.abs(hp).T @ np.abs(hp), n + 4, f"{kind_.name} input gram")
+    assert_within_sum_bound(d.m_in.xy, hp.T @ hd, np.abs(hp).T @ np.abs(hd), n + 4, f"{kind_.name} input cross")
+    hn = aug(tail(L.norm(cfg, norm_p, x)))
+    assert_within_sum_bound(h.inputs.xx, hn.T @ hn, np.abs(hn).T @ np.abs(hn), n + 4, f"{kind_.name} inputs")
+    assert float(h.hidden.count) == float(d.m_in.count) == n

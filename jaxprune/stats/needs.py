@@ -43,11 +43,14 @@ class StreamNeeds:
   first_sq: bool = False  # pre-activation sums of squares (MLP first level)
   inputs: bool = False  # full Moments of the normalized input
   js: bool = False  # Jensen-Shannon sums between heads
+  # Each window's first `skip` positions are left out of the moments (not of the JS sums):
+  # attention-sink tokens carry much of early modules' output energy and would steer the fits.
+  skip: int = 0
 
   def union(self, other: "StreamNeeds") -> "StreamNeeds":
     level = max(self.hidden, other.hidden, key=HIDDEN_LEVELS.index)
     return StreamNeeds(level, self.cross or other.cross, self.first_sq or other.first_sq,
-                       self.inputs or other.inputs, self.js or other.js)
+                       self.inputs or other.inputs, self.js or other.js, max(self.skip, other.skip))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class ModuleNeeds:
       (a diagnostic: one more pass of the module over the pruned stream).
     calib: what the pass over the calibration windows' pruned stream accumulates.
     score: what the pass over the random-token scoring stream accumulates (or None).
+    skip: the config's skip_positions, for the dense pass's first-level moments.
   """
 
   dense: bool
@@ -69,10 +73,12 @@ class ModuleNeeds:
   inherited_error: bool
   calib: StreamNeeds
   score: StreamNeeds | None
+  skip: int = 0  # each window's first positions left out of the first level's moments
 
 
-def criterion_stats(needs: frozenset | None, kind: A.ModuleKind) -> StreamNeeds:
-  """The statistics a criterion with declared `needs` reads for a module of `kind`."""
+def criterion_stats(needs: frozenset | None, kind: A.ModuleKind, skip: int = 0) -> StreamNeeds:
+  """The statistics a criterion with declared `needs` reads for a module of `kind` (each
+  window's first `skip` positions left out)."""
   needs = LEGACY if needs is None else needs
   if "hidden_gram" in needs or "hidden_cross" in needs:
     hidden = "gram"
@@ -81,7 +87,7 @@ def criterion_stats(needs: frozenset | None, kind: A.ModuleKind) -> StreamNeeds:
   else:
     hidden = "none"
   return StreamNeeds(hidden=hidden, cross="hidden_cross" in needs, first_sq="first_sq" in needs and kind is A.MLP,
-                     inputs="inputs" in needs)
+                     inputs="inputs" in needs, skip=skip)
 
 
 def module_needs(config, crit_needs: frozenset | None, kind: A.ModuleKind, scores: bool, js: bool) -> ModuleNeeds:
@@ -94,8 +100,10 @@ def module_needs(config, crit_needs: frozenset | None, kind: A.ModuleKind, score
     js: whether the module's heads are chosen by similarity (JS matrices).
   """
   solves = config.reconstruct or config.refit
-  crit = criterion_stats(crit_needs, kind) if scores and config.score_data != "identity" else StreamNeeds()
-  own = StreamNeeds(hidden="gram" if solves else ("diag" if config.compensate else "none"), cross=solves, js=js)
+  skip = config.skip_positions
+  crit = criterion_stats(crit_needs, kind, skip) if scores and config.score_data != "identity" else StreamNeeds()
+  own = StreamNeeds(hidden="gram" if solves else ("diag" if config.compensate else "none"), cross=solves, js=js,
+                    skip=skip)
   if crit.cross or not scores or config.score_data != "random":
     # Criteria that solve against the dense outputs (goa-obs) read the calibration windows, which have them.
     calib, score = own.union(crit), None
@@ -103,4 +111,4 @@ def module_needs(config, crit_needs: frozenset | None, kind: A.ModuleKind, score
     calib, score = own, crit
   dense = solves or calib.cross or config.inherited_error
   return ModuleNeeds(dense=dense, first_moments=config.reconstruct, inherited_error=config.inherited_error,
-                     calib=calib, score=score)
+                     calib=calib, score=score, skip=skip)

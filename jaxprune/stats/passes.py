@@ -47,7 +47,7 @@ class DenseOut(NamedTuple):
 
   Attributes:
     yd: dense module outputs f(hd), a stream [C,B,T,D].
-    yy: sum ||f(hd)||^2.
+    yy: sum ||f(hd)||^2 (from position `skip` of each window on, as the moments).
     m_in: Moments of the pruned-stream input hp with cross moment hp^T hd (or None).
     yy1: sum ||[hd 1] [W1; b1]||^2, the first level's target energy (with m_in, else None).
     err: sum ||f(hp) - f(hd)||^2 with the original weights, the inherited error (or None).
@@ -75,10 +75,16 @@ def _energy(pre):
   return sum(_sq(v) for v in pre.values())
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "cfg", "first_moments", "inherited_error", "mesh"))
+def _after(skip: int, tree):
+  """Every [B, T, ...] array of `tree` from position `skip` of its windows on."""
+  return tree if not skip else jax.tree.map(lambda a: a[:, skip:], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "cfg", "first_moments", "inherited_error", "mesh", "skip"))
 def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positions, first_moments: bool,
-               inherited_error: bool, mesh=None) -> DenseOut:
-  """The dense stream through the original module, with the first level's statistics if asked."""
+               inherited_error: bool, mesh=None, skip: int = 0) -> DenseOut:
+  """The dense stream through the original module, with the first level's statistics if asked
+  (from position `skip` of each window on, as `StreamNeeds.skip`)."""
   D = xd.shape[-1]
 
   def body(carry, chunk):
@@ -87,14 +93,14 @@ def dense_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xd, xp, positi
     hd = L.norm(cfg, norm_p, xd_c)
     if first_moments:
       yd, pre = A.apply_with_first(kind, cfg, p, hd, positions)
-      yy1 = yy1 + _by_shard(_energy, mesh)(pre)
+      yy1 = yy1 + _by_shard(_energy, mesh)(_after(skip, pre))
     else:
       yd = A.apply(kind, cfg, p, hd, positions)
-    yy = yy + _by_shard(_sq, mesh)(yd)
+    yy = yy + _by_shard(_sq, mesh)(_after(skip, yd))
     if first_moments or inherited_error:
       hp = L.norm(cfg, norm_p, xp_c)
     if first_moments:
-      m_in, m_c = moments.compensated_add(m_in, m_c, _by_shard(moments.sums, mesh)(hp, hd))
+      m_in, m_c = moments.compensated_add(m_in, m_c, _by_shard(moments.sums, mesh)(*_after(skip, (hp, hd))))
     if inherited_error:
       err = err + _by_shard(_sq, mesh)(A.apply(kind, cfg, p, hp, positions) - yd)
     return sharding.laid_out_shards(((m_in, m_c), yy1, err, yy), mesh), yd
@@ -144,6 +150,7 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
 
   def chunk_sums(x2, y, pre, h, probs):
     # One chunk's (or one data shard's) terms.
+    x2, y, pre, h = _after(needs.skip, (x2, y, pre, h))
     terms = {}
     if needs.hidden == "gram":
       terms["hidden"] = moments.sums(x2, y) if split is None else moments.split_sums(x2, y, None)
