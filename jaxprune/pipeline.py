@@ -429,7 +429,7 @@ class StepContext:
     for g in groups:
       n = g.xp.shape[0]
       yd = jax.device_put(y[start:start + n], sharding.stream_sharding(self.mesh))
-      out.append(passes.DenseOut(yd, passes.energy(yd[:, :, nd.skip:]), None, None, None))
+      out.append(passes.DenseOut(yd, passes.energy(yd[:, :, nd.calib.skip:]), None, None, None))
       start += n
     return jax.block_until_ready(out)
 
@@ -624,7 +624,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       if douts is None:
         douts = jax.block_until_ready([
             passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error,
-                              mesh=ctx.mesh, skip=nd.skip)
+                              mesh=ctx.mesh, skip=nd.calib.skip)
             for g in groups])
         meter.count("dense_pass", len(groups))
       else:
@@ -733,7 +733,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
 
   if ctx.with_dense:
     # Errors are over every position, also where the fits' statistics leave some out.
-    yy = max(sum(float(passes.energy(d.yd) if nd.skip else d.yy) for d in douts), 1e-30)
+    yy = max(sum(float(passes.energy(d.yd) if nd.calib.skip else d.yy) for d in douts), 1e-30)
     if nd.inherited_error:
       rep["error_inherited"] = sum(float(d.err) for d in douts) / yy
     if c.reconstruct:

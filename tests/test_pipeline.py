@@ -155,7 +155,7 @@ def test_kernels_compile_once_per_module_kind(tiny_dir, max_traces):
   # Statistics are taken on dense-shaped modules and the pruned stream advances by a
   # full-width second level with zero rows for removed units, so each pass compiles
   # once per module kind however many distinct shapes the layers end with.
-  max_traces(passes, "dense_pass", 2, static_argnames=("kind", "cfg", "first_moments", "inherited_error", "mesh"))
+  max_traces(passes, "dense_pass", 2, static_argnames=("kind", "cfg", "first_moments", "inherited_error", "mesh", "skip"))
   max_traces(passes, "hidden_pass", 2, static_argnames=("kind", "cfg", "needs", "mesh"))
   max_traces(passes, "second_apply", 2, static_argnames=("mesh",))
   prune(m, _calib(), cfg)

@@ -65,7 +65,6 @@ class ModuleNeeds:
       (a diagnostic: one more pass of the module over the pruned stream).
     calib: what the pass over the calibration windows' pruned stream accumulates.
     score: what the pass over the random-token scoring stream accumulates (or None).
-    skip: the config's skip_positions, for the dense pass's first-level moments.
   """
 
   dense: bool
@@ -73,7 +72,6 @@ class ModuleNeeds:
   inherited_error: bool
   calib: StreamNeeds
   score: StreamNeeds | None
-  skip: int = 0  # each window's first positions left out of the first level's moments
 
 
 def criterion_stats(needs: frozenset | None, kind: A.ModuleKind, skip: int = 0) -> StreamNeeds:
@@ -111,4 +109,4 @@ def module_needs(config, crit_needs: frozenset | None, kind: A.ModuleKind, score
     calib, score = own, crit
   dense = solves or calib.cross or config.inherited_error
   return ModuleNeeds(dense=dense, first_moments=config.reconstruct, inherited_error=config.inherited_error,
-                     calib=calib, score=score, skip=skip)
+                     calib=calib, score=score)
