@@ -25,7 +25,10 @@ agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
                         `jaxprune prune --calib selfgen`). The text is sampled
                         from the model's whole distribution (no top-k) in
                         texts of 4 windows, so most windows start mid-text as
-                        a corpus's do (benchmarks/results/selection_datafree.md).
+                        a corpus's do; every module keeps at least half its
+                        heads and channels, which spreads the budget over more
+                        layers than the recipe's quarter does
+                        (benchmarks/results/selection_datafree.md).
   paper                 the paper as METHOD.md states it: gated second-moment
                         metric, uniform allocation, two-step reconstruction
                         before selection, damping 1e-3.
@@ -67,8 +70,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "recommended": RECOMMENDED,
     "recommended-uniform": RECOMMENDED_UNIFORM,
     # Statistics from the self-generated text itself, not from random tokens; that text drawn
-    # from the model's whole distribution, four windows a text.
-    "recommended-datafree": dict(RECOMMENDED, score_data="calib", selfgen_top_k=0, selfgen_windows_per_text=4),
+    # from the model's whole distribution, four windows a text; every module keeps half its units.
+    "recommended-datafree": dict(RECOMMENDED, score_data="calib", selfgen_top_k=0, selfgen_windows_per_text=4,
+                                 min_keep=0.5),
     "paper": PAPER,
     "paper-datafree": dict(PAPER, score_data="random", selfgen_top_k=50, selfgen_windows_per_text=1),
     "baseline": BASELINE,

@@ -43,7 +43,7 @@ def test_paper_presets_are_the_old_defaults():
   assert (PruneConfig.preset("paper-datafree").selfgen_windows_per_text,
           PruneConfig.preset("paper-datafree").selfgen_top_k) == (1, 50)
   rdf = PruneConfig.preset("recommended-datafree")
-  assert (rdf.score_data, rdf.selfgen_windows_per_text, rdf.selfgen_top_k) == ("calib", 4, 0)
+  assert (rdf.score_data, rdf.selfgen_windows_per_text, rdf.selfgen_top_k, rdf.min_keep) == ("calib", 4, 0, 0.5)
 
 
 @pytest.mark.parametrize("method", presets.BASELINE_METHODS)
