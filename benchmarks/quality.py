@@ -225,13 +225,14 @@ class Data:
                                          source=path)
     return self._texts
 
-  def calib(self, source: str, seed: int, windows_per_text: int = 1, top_k: int = 50, temperature: float = 1.0):
+  def calib(self, source: str, seed: int, windows_per_text: int = 1, top_k: int = 50, temperature: float = 1.0,
+            samples: int = 128):
     """The calibration windows (and the seconds they took); self-generated ones are sampled
-    as the run's config says (windows cut from each text, top-k, temperature)."""
+    as the run's config says (how many, windows cut from each text, top-k, temperature)."""
     from jaxprune.data import read_text, sample_windows, tokenize
     from jaxprune.data.selfgen import random_tokens, self_generated
-    n = self.args.calib_samples
-    k = (source, seed) + ((windows_per_text, top_k, temperature) if source == "selfgen" else ())
+    n = samples if source == "selfgen" else self.args.calib_samples
+    k = (source, seed) + ((n, windows_per_text, top_k, temperature) if source == "selfgen" else ())
     if k not in self._calib:
       t0 = time.perf_counter()
       if source == "valid":
@@ -263,7 +264,7 @@ def run_one(data: Data, name: str, preset: str | None, kwargs: dict, source: str
     # The seed draws the calibration windows and seeds the run's random choices.
     config = PruneConfig.preset(preset, **kwargs, seed=seed)
     calib, calib_s = data.calib(source, seed, config.selfgen_windows_per_text, config.selfgen_top_k,
-                                config.selfgen_temperature)
+                                config.selfgen_temperature, config.selfgen_samples)
     result = prune(model, calib, config)
     spec, params, n_params = result.model.spec, result.model.params, result.model.num_params
     rep = result.report
@@ -431,7 +432,8 @@ def main(argv=None) -> int:
   result["model"] = MODEL
   result["protocol"] = {
       "calibration": f"{args.calib_samples} x {SEQ_LEN} tokens, WikiText-2 valid, sample_windows with the row's "
-                     "seed (data-free rows: random tokens or self-generated text with that seed)",
+                     "seed (data-free rows: random tokens, or as many windows of self-generated text as the preset's "
+                     "selfgen_samples, with that seed)",
       "evaluation": f"first {args.eval_windows} non-overlapping {SEQ_LEN}-token windows of WikiText-2 test and of "
                     "tinyshakespeare/input.txt",
   }

@@ -91,8 +91,8 @@ def main(argv=None) -> int:
   p.add_argument("--set-calib", default="valid", choices=("valid", "selfgen"),
                  help="calibration of --set candidates: WikiText-2 valid or self-generated text")
   p.add_argument("--selfgen-samples", type=int, default=None,
-                 help="self-generated windows of calib=selfgen rows (default: --calib-samples; the held-out "
-                 "windows stay those of --calib-samples)")
+                 help="self-generated windows of calib=selfgen rows (default: the candidate's selfgen_samples, "
+                 "512 in recommended-datafree; the held-out windows stay those of --calib-samples)")
   p.add_argument("--selfgen-first", type=lambda t: [int(x) for x in t.split(",")], default=None,
                  help="token id(s) self-generated texts start from, e.g. 0 or 1,0 (text i from the i-th mod k; "
                  "default: the model's BOS)")
@@ -144,17 +144,19 @@ def main(argv=None) -> int:
                        source=quality.SHAKESPEARE)
   done = {r["key"] for r in result["runs"]}
   selfgen = {}
-  n_selfgen = args.selfgen_samples or args.calib_samples
+
+  def n_selfgen(config):
+    return args.selfgen_samples or config.selfgen_samples
 
   def calibration(source, config):
     if source == "valid":
       return calib
-    how = (config.selfgen_windows_per_text, config.selfgen_top_k, config.selfgen_temperature)
+    how = (n_selfgen(config), config.selfgen_windows_per_text, config.selfgen_top_k, config.selfgen_temperature)
     if how not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
-      selfgen[how] = self_generated(model.spec, model.params, n_selfgen, quality.SEQ_LEN, seed=args.seed,
-                                    first_token=args.selfgen_first, windows_per_text=how[0], top_k=how[1],
-                                    temperature=how[2])
+      selfgen[how] = self_generated(model.spec, model.params, how[0], quality.SEQ_LEN, seed=args.seed,
+                                    first_token=args.selfgen_first, windows_per_text=how[1], top_k=how[2],
+                                    temperature=how[3])
     return selfgen[how]
 
   for name, preset, kw, source in cands:
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     prune_s = time.perf_counter() - t0
     h, s = perplexity(spec, params, heldout), perplexity(spec, params, check)
     row = {"key": k, "name": name, "preset": preset, "settings": kw or {}, "calibration": source, "ratio": ratio,
-           "seed": args.seed, "calib_samples": n_selfgen if source == "selfgen" else args.calib_samples,
+           "seed": args.seed, "calib_samples": n_selfgen(config) if source == "selfgen" else args.calib_samples,
            "params_after": int(sum(np.size(x) for x in __import__("jax").tree.leaves(params))),
            "heldout_perplexity": h.perplexity, "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
            "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],

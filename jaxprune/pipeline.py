@@ -138,6 +138,9 @@ class PruneConfig:
                                        "selfgen): consecutive windows cut from each generated text (1: every window "
                                        "a text of its own, all starting at BOS, the paper's Self-Gen; more: longer "
                                        "texts, so most windows start mid-text as a corpus's windows do)", "int")
+  selfgen_samples: int = _opt("selfgen_samples", 128, "with self-generated calibration: how many windows to "
+                              "generate (the CLI's --calib-samples, when given, sets the count of any calibration)",
+                              "int")
   selfgen_top_k: int = _opt("selfgen_top_k", 50, "with self-generated calibration: sample each token from the K "
                             "most likely (0: from the model's whole distribution)", "int")
   selfgen_temperature: float = _opt("selfgen_temperature", 1.0, "with self-generated calibration: divide the "
@@ -186,6 +189,8 @@ class PruneConfig:
     if not self.selfgen_temperature > 0:
       raise UsageError(f"selfgen_temperature must be positive, got {self.selfgen_temperature}; 1 samples the "
                        "model's own distribution")
+    if self.selfgen_samples < 1:
+      raise UsageError(f"selfgen_samples must be a positive number of windows, got {self.selfgen_samples}")
     if self.selfgen_top_k < 0:
       raise UsageError(f"selfgen_top_k must be 0 (the whole distribution) or a positive number of tokens, got "
                        f"{self.selfgen_top_k}")

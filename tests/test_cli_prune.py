@@ -78,6 +78,18 @@ def test_selfgen_and_random_calibration_run(capsys, model_dir, tmp_path):
     assert report["config"]["score_data"] == "calib"
 
 
+def test_selfgen_window_count_comes_from_the_preset_unless_calib_samples_says(capsys, model_dir, tmp_path):
+  """--calib selfgen generates the preset's selfgen_samples windows (512 in recommended-datafree,
+  here --selfgen-samples 8); an explicit --calib-samples sets the count of any calibration."""
+  args = ("--sparsity", "0.3", "--seq-len", "16", "--batch-size", "8", "--calib", "selfgen")
+  for extra, want in ((("--selfgen-samples", "8"), 8), (("--selfgen-samples", "8", "--calib-samples", "16"), 16)):
+    out = tmp_path / str(want)
+    code, _, err = run(capsys, "prune", model_dir, *args, *extra, "--out", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["windows"] == want and report["config"]["selfgen_samples"] == 8
+
+
 def test_existing_output_is_kept_without_force(capsys, model_dir, texts, tmp_path):
   out = tmp_path / "out"
   out.mkdir()

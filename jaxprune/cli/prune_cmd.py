@@ -29,6 +29,7 @@ import time
 from jaxprune.errors import UsageError
 
 CALIB_SPECIAL = ("selfgen", "random")
+CALIB_SAMPLES = 128  # calibration windows of a text or random tokens (self-generated: the preset's selfgen_samples)
 
 def parse_block_range(text: str) -> tuple[int, int]:
   try:
@@ -95,7 +96,8 @@ def add_parser(sub):
                  "options on the command line override it")
   p.add_argument("--calib", default="selfgen",
                  help="calibration text file, 'selfgen' (text the model generates; default) or 'random' tokens")
-  p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+  p.add_argument("--calib-samples", type=int, default=None,
+                 help="calibration windows (default 128; with --calib selfgen, --selfgen-samples: the preset's)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
   p.add_argument("--eval-text", default=None, help="text file for perplexity before and after")
   p.add_argument("--eval-windows", type=int, default=256, help="windows of --eval-text to use (default 256)")
@@ -192,19 +194,20 @@ def _calibration(args, model, tokenizer, config):
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
 
-  if args.calib_samples < 1:
+  if args.calib_samples is not None and args.calib_samples < 1:
     raise UsageError(f"--calib-samples must be positive, got {args.calib_samples}")
+  n = args.calib_samples or (config.selfgen_samples if args.calib == "selfgen" else CALIB_SAMPLES)
   if args.calib == "selfgen":
     from jaxprune.io.lazy import materialize
 
     model = materialize(model)  # generation runs the whole model for every token
-    return self_generated(model.spec, model.params, args.calib_samples, args.seq_len, seed=config.seed,
+    return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
                           windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
                           temperature=config.selfgen_temperature)
   if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=config.seed)
+    return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed)
   stream = tokenize(tokenizer, read_text(args.calib))
-  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=config.seed, source=args.calib)
+  windows, _ = sample_windows(stream, args.seq_len, n, seed=config.seed, source=args.calib)
   return windows
 
 
