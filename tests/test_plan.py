@@ -71,6 +71,17 @@ def test_metric_only_runs_need_no_gram(configs, capsys, tmp_path):
   assert flap["preset"] == "baseline"
 
 
+def test_data_free_preset_plans_its_self_generated_windows(configs, capsys, tmp_path):
+  """A data-free preset's run generates its selfgen_samples windows; the plan counts those."""
+  rec, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu")
+  free, out = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree")
+  assert (rec["calib_samples"], free["calib_samples"]) == (128, 512) and "512 x 128 calibration tokens" in out
+  assert free["device"]["terms"]["activation streams"] == 4 * rec["device"]["terms"]["activation streams"]
+  mine, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree",
+                 "--calib-samples", "64")
+  assert mine["calib_samples"] == 64
+
+
 def test_bad_mesh_is_refused(configs, capsys):
   assert main(["plan", configs["7b"], "--mesh", "data=two"]) == 2
   assert "--mesh" in capsys.readouterr().err

@@ -24,7 +24,8 @@ def add_parser(sub):
   p.add_argument("model", help="config.json, HF directory, .gguf file or built-in name (only the config is read)")
   p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                  help="the run's device mesh (default: data=1,model=1)")
-  p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+  p.add_argument("--calib-samples", type=int, default=None,
+                 help="calibration windows (default 128; a data-free preset's selfgen_samples)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
   from jaxprune import presets
 
@@ -60,6 +61,10 @@ def run(args) -> int:
   config = config.check(spec)
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
+  if args.calib_samples is None:  # as `jaxprune prune` would draw them
+    from jaxprune import presets
+    from jaxprune.cli.prune_cmd import CALIB_SAMPLES
+    args.calib_samples = config.selfgen_samples if preset in presets.DATAFREE else CALIB_SAMPLES
   for name, v in (("--calib-samples", args.calib_samples), ("--seq-len", args.seq_len)):
     if v < 1:
       raise UsageError(f"{name} {v}: expected a positive number")
