@@ -75,6 +75,7 @@ RUNS = [
     ("default preset", "recommended", {}, "valid"),
     ("default preset, uniform shape", "recommended-uniform", {}, "valid"),
     ("default preset, data-free", "recommended-datafree", {}, "selfgen"),
+    ("default preset, data-free, 1024 windows", "recommended-datafree", dict(selfgen_samples=1024), "selfgen"),
     # Baselines, run as their tools run them.
     ("flap-uniform", "baseline", dict(method="flap"), "valid"),
     ("flap-uniform@ref", "baseline", dict(method="flap", **AT_REF), "valid"),
