@@ -55,13 +55,13 @@ def test_report_writes_four_nonblank_pngs(capsys, run_dir):
   run = run_dir
   code, out, err = _cli(capsys, "report", run, "--quality", QUALITY)
   assert code == 0, err
+  # The perplexity-vs-parameters figure labels every row of the quality table (a few KB of
+  # antialiased text each), so its bound grows with the table; the others have a fixed layout.
+  labels = len({r["key"].rsplit("|", 1)[0] for r in json.load(open(QUALITY))["runs"]})
   for name in FIGURES:
     img = _png(run / name)
     assert img.shape[0] >= 300 and img.shape[1] >= 400, (name, img.shape)
     assert img.std() > 0.01, f"{name} is blank"  # a blank canvas has std 0
-    # The perplexity-vs-parameters figure labels every row of the quality table (a few KB of
-    # antialiased text each), so its bound grows with the table; the others have a fixed layout.
-    labels = len({r["key"].rsplit("|", 1)[0] for r in json.load(open(QUALITY))["runs"]})
     assert os.path.getsize(run / name) < (50_000 + 5_000 * labels if name == "perplexity_vs_params.png" else 200_000)
     assert str(run / name) in out
   # The kept-units figure draws the kept bars in the KEPT colour.

@@ -61,10 +61,10 @@ def run(args) -> int:
   config = config.check(spec)
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
-  if args.calib_samples is None:  # as `jaxprune prune` would draw them
-    from jaxprune import presets
-    from jaxprune.cli.prune_cmd import CALIB_SAMPLES
-    args.calib_samples = config.selfgen_samples if preset in presets.DATAFREE else CALIB_SAMPLES
+  from jaxprune import presets
+  from jaxprune.cli.prune_cmd import window_count
+  # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
+  args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)
   for name, v in (("--calib-samples", args.calib_samples), ("--seq-len", args.seq_len)):
     if v < 1:
       raise UsageError(f"{name} {v}: expected a positive number")

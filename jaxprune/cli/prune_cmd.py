@@ -31,6 +31,14 @@ from jaxprune.errors import UsageError
 CALIB_SPECIAL = ("selfgen", "random")
 CALIB_SAMPLES = 128  # calibration windows of a text or random tokens (self-generated: the preset's selfgen_samples)
 
+
+def window_count(given: int | None, config, selfgen: bool) -> int:
+  """Calibration windows a run draws: --calib-samples when given, else the config's
+  selfgen_samples for self-generated text and CALIB_SAMPLES for any other source."""
+  if given is not None:
+    return given
+  return config.selfgen_samples if selfgen else CALIB_SAMPLES
+
 def parse_block_range(text: str) -> tuple[int, int]:
   try:
     a, b = text.split(":")
@@ -196,7 +204,7 @@ def _calibration(args, model, tokenizer, config):
 
   if args.calib_samples is not None and args.calib_samples < 1:
     raise UsageError(f"--calib-samples must be positive, got {args.calib_samples}")
-  n = args.calib_samples or (config.selfgen_samples if args.calib == "selfgen" else CALIB_SAMPLES)
+  n = window_count(args.calib_samples, config, args.calib == "selfgen")
   if args.calib == "selfgen":
     from jaxprune.io.lazy import materialize
 
