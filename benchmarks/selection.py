@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                  help="calibration of --set candidates: WikiText-2 valid or self-generated text")
   p.add_argument("--selfgen-samples", type=int, default=None,
                  help="self-generated windows of calib=selfgen rows (default: the candidate's selfgen_samples, "
-                 "512 in recommended-datafree; the held-out windows stay those of --calib-samples)")
+                 "1024 in recommended-datafree; the held-out windows stay those of --calib-samples)")
   p.add_argument("--selfgen-first", type=lambda t: [int(x) for x in t.split(",")], default=None,
                  help="token id(s) self-generated texts start from, e.g. 0 or 1,0 (text i from the i-th mod k; "
                  "default: the model's BOS)")

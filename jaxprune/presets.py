@@ -25,9 +25,11 @@ agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
                         `jaxprune prune --calib selfgen`). The text is sampled
                         from the model's whole distribution (no top-k) in
                         texts of 4 windows, so most windows start mid-text as
-                        a corpus's do; 512 windows of it (four times a
-                        calibration set's); every module keeps at least half its
-                        heads and channels, which spreads the budget over more
+                        a corpus's do; 1024 windows of it (eight times a
+                        calibration set's: more text kept gaining up to
+                        there) with the covariance shrunk half way to its
+                        diagonal; every module keeps at least half its heads
+                        and channels, which spreads the budget over more
                         layers than the recipe's quarter does
                         (benchmarks/results/selection_datafree.md).
   paper                 the paper as METHOD.md states it: gated second-moment
@@ -71,10 +73,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "recommended": RECOMMENDED,
     "recommended-uniform": RECOMMENDED_UNIFORM,
     # Statistics from the self-generated text itself, not from random tokens; that text drawn
-    # from the model's whole distribution, four windows a text, 512 windows (data costs nothing
-    # here but generation); every module keeps half its units.
+    # from the model's whole distribution, four windows a text, 1024 windows (data costs nothing
+    # here but generation; 2048 gained no more); every module keeps half its units.
     "recommended-datafree": dict(RECOMMENDED, score_data="calib", selfgen_top_k=0, selfgen_windows_per_text=4,
-                                 selfgen_samples=512, min_keep=0.5),
+                                 selfgen_samples=1024, shrink=0.5, min_keep=0.5),
     "paper": PAPER,
     "paper-datafree": dict(PAPER, score_data="random", selfgen_top_k=50, selfgen_windows_per_text=1),
     "baseline": BASELINE,

@@ -79,7 +79,7 @@ def test_selfgen_and_random_calibration_run(capsys, model_dir, tmp_path):
 
 
 def test_selfgen_window_count_comes_from_the_preset_unless_calib_samples_says(capsys, model_dir, tmp_path):
-  """--calib selfgen generates the preset's selfgen_samples windows (512 in recommended-datafree,
+  """--calib selfgen generates the preset's selfgen_samples windows (1024 in recommended-datafree,
   here --selfgen-samples 8); an explicit --calib-samples sets the count of any calibration."""
   args = ("--sparsity", "0.3", "--seq-len", "16", "--batch-size", "8", "--calib", "selfgen")
   for extra, want in ((("--selfgen-samples", "8"), 8), (("--selfgen-samples", "8", "--calib-samples", "16"), 16)):

@@ -7,6 +7,7 @@ import pytest
 from transformers import LlamaConfig
 
 from jaxprune.cli import main
+from jaxprune.pipeline import PruneConfig
 
 LLAMA2 = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -75,8 +76,14 @@ def test_data_free_preset_plans_its_self_generated_windows(configs, capsys, tmp_
   """A data-free preset's run generates its selfgen_samples windows; the plan counts those."""
   rec, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu")
   free, out = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree")
-  assert (rec["calib_samples"], free["calib_samples"]) == (128, 512) and "512 x 128 calibration tokens" in out
-  assert free["device"]["terms"]["activation streams"] == 4 * rec["device"]["terms"]["activation streams"]
+  n = PruneConfig.preset("recommended-datafree").selfgen_samples
+  assert n > 128 and (rec["calib_samples"], free["calib_samples"]) == (128, n)
+  assert f"{n} x 128 calibration tokens" in out
+  # The activation streams hold every calibration window: the recipe given as many windows
+  # plans the same streams, and more than with its own 128.
+  same, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--calib-samples", str(n))
+  streams = [p["device"]["terms"]["activation streams"] for p in (rec, free, same)]
+  assert streams[1] == streams[2] > streams[0]
   mine, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree",
                  "--calib-samples", "64")
   assert mine["calib_samples"] == 64
