@@ -92,3 +92,8 @@ def test_data_free_preset_plans_its_self_generated_windows(configs, capsys, tmp_
 def test_bad_mesh_is_refused(configs, capsys):
   assert main(["plan", configs["7b"], "--mesh", "data=two"]) == 2
   assert "--mesh" in capsys.readouterr().err
+
+
+def test_nonpositive_window_count_is_refused(configs, capsys):
+  assert main(["plan", configs["7b"], "--calib-samples", "0"]) == 2
+  assert "--calib-samples must be positive, got 0" in capsys.readouterr().err

@@ -65,9 +65,8 @@ def run(args) -> int:
   from jaxprune.cli.prune_cmd import window_count
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
   args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)
-  for name, v in (("--calib-samples", args.calib_samples), ("--seq-len", args.seq_len)):
-    if v < 1:
-      raise UsageError(f"{name} {v}: expected a positive number")
+  if args.seq_len < 1:
+    raise UsageError(f"--seq-len {args.seq_len}: expected a positive number")
   est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=args.seq_len, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
                            max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped)

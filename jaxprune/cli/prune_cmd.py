@@ -36,8 +36,11 @@ def window_count(given: int | None, config, selfgen: bool) -> int:
   """Calibration windows a run draws: --calib-samples when given, else the config's
   selfgen_samples for self-generated text and CALIB_SAMPLES for any other source."""
   if given is not None:
+    if given < 1:
+      raise UsageError(f"--calib-samples must be positive, got {given}")
     return given
   return config.selfgen_samples if selfgen else CALIB_SAMPLES
+
 
 def parse_block_range(text: str) -> tuple[int, int]:
   try:
@@ -202,8 +205,6 @@ def _calibration(args, model, tokenizer, config):
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
 
-  if args.calib_samples is not None and args.calib_samples < 1:
-    raise UsageError(f"--calib-samples must be positive, got {args.calib_samples}")
   n = window_count(args.calib_samples, config, args.calib == "selfgen")
   if args.calib == "selfgen":
     from jaxprune.io.lazy import materialize
