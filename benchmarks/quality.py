@@ -75,9 +75,11 @@ RUNS = [
     ("default preset", "recommended", {}, "valid"),
     ("default preset, uniform shape", "recommended-uniform", {}, "valid"),
     ("default preset, data-free", "recommended-datafree", {}, "selfgen"),
+    # The data-free preset as it stood at 4e8431a (1024 windows, shrinkage 0.5, before `absorb`).
+    ("data-free preset before, no absorb", "recommended-datafree", dict(absorb=0.0), "selfgen"),
     # The data-free preset as it stood at b9e31b0 (512 windows, shrinkage 0.25).
     ("data-free preset before, 512 windows, shrink 0.25", "recommended-datafree",
-     dict(selfgen_samples=512, shrink=0.25), "selfgen"),
+     dict(selfgen_samples=512, shrink=0.25, absorb=0.0), "selfgen"),
     # Baselines, run as their tools run them.
     ("flap-uniform", "baseline", dict(method="flap"), "valid"),
     ("flap-uniform@ref", "baseline", dict(method="flap", **AT_REF), "valid"),

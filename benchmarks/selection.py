@@ -96,6 +96,9 @@ def main(argv=None) -> int:
   p.add_argument("--selfgen-first", type=lambda t: [int(x) for x in t.split(",")], default=None,
                  help="token id(s) self-generated texts start from, e.g. 0 or 1,0 (text i from the i-th mod k; "
                  "default: the model's BOS)")
+  p.add_argument("--selfgen-cache", default=None, metavar="DIR",
+                 help="keep self-generated windows in DIR (one .npy per seed and sampling), so that runs in "
+                 "other processes reuse them instead of generating again")
   p.add_argument("--force", action="store_true")
   p.add_argument("--allow-mixed", action="store_true")
   p.add_argument("--out", default=os.path.join(HERE, "results", "selection.json"))
@@ -154,9 +157,21 @@ def main(argv=None) -> int:
     how = (n_selfgen(config), config.selfgen_windows_per_text, config.selfgen_top_k, config.selfgen_temperature)
     if how not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
-      selfgen[how] = self_generated(model.spec, model.params, how[0], quality.SEQ_LEN, seed=args.seed,
-                                    first_token=args.selfgen_first, windows_per_text=how[1], top_k=how[2],
-                                    temperature=how[3])
+      cached = None
+      if args.selfgen_cache:
+        first = "bos" if args.selfgen_first is None else "-".join(map(str, args.selfgen_first))
+        cached = os.path.join(args.selfgen_cache, f"selfgen_n{how[0]}_w{how[1]}_k{how[2]}_t{how[3]:g}_"
+                              f"s{args.seed}_f{first}_l{quality.SEQ_LEN}.npy")
+      if cached and os.path.exists(cached):
+        selfgen[how] = np.load(cached)
+      else:
+        selfgen[how] = self_generated(model.spec, model.params, how[0], quality.SEQ_LEN, seed=args.seed,
+                                      first_token=args.selfgen_first, windows_per_text=how[1], top_k=how[2],
+                                      temperature=how[3])
+        if cached:
+          os.makedirs(args.selfgen_cache, exist_ok=True)
+          np.save(cached + ".tmp.npy", selfgen[how])
+          os.replace(cached + ".tmp.npy", cached)
     return selfgen[how]
 
   for name, preset, kw, source in cands:

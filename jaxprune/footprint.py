@@ -10,8 +10,9 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
                the block in use, float32, sharded over `model` (the dense block
                and its pruned copy); the activation streams [S, T, D] float32,
                sharded over `data` (pruned; dense and the module's dense output
-               when the configuration solves against it; the next streams while
-               they advance); X2 of every calibration window (its features
+               when the configuration solves against it; with `absorb`, the target
+               that adds the stream's error, while the statistics are taken; the
+               next streams while they advance); X2 of every calibration window (its features
                split over `model`); the statistics
                (total, compensation and one chunk's term; a Gram matrix's rows
                split over `model`, the rest replicated); on a GPU the joined
@@ -180,7 +181,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
                     "activation streams": n_streams * stream,
                     "embedding and head": _top_bytes(spec, checkpoint_bytes)}
       phases_dev = {
-          "statistics": {**dev_common, "X2": x2, "statistics": stats, "chunk intermediates": transient},
+          "statistics": {**dev_common, "X2": x2, "statistics": stats, "chunk intermediates": transient,
+                         **({"absorbing target": stream} if config.absorb and nd.dense else {})},
           "solves": {**dev_common, "X2": x2, "statistics": stats,
                      **({"Gram joined (replicated)": joined} if backend == "gpu" and joined else {})},
           "advance": {**dev_common, "activation streams": 2 * n_streams * stream - (1 if nd.dense else 0) * stream,

@@ -120,6 +120,8 @@ class PruneConfig:
   shrink: float = _opt("shrink", 0.0, "shrink the second level's input covariance toward its diagonal by this "
                        "fraction in [0, 1] before its solves and the goa-obs ranking (0: as measured; 1: channels "
                        "taken as uncorrelated, FLAP's fluctuation and compensation)", "float")
+  absorb: float = _opt("absorb", 0.0, "fraction of the residual stream's inherited error (dense minus pruned "
+                       "stream) that each module's second-level solves also fit", "float")
   compensate: bool = _opt("compensate", False, "FLAP's bias compensation: the removed channels' mean "
                           "contribution is added to the second level's bias", "bool")
   rounding: str = _opt("rounding", "once", "with uniform allocation: once (one shape for every pruned layer, "
@@ -177,6 +179,9 @@ class PruneConfig:
       raise UsageError(f"min_keep must lie in [0, 1), got {self.min_keep}; e.g. 0.25 keeps a quarter of every module")
     if not 0 <= self.shrink <= 1:
       raise UsageError(f"shrink must lie in [0, 1], got {self.shrink}; 0 keeps the measured covariance")
+    if not 0 <= self.absorb <= 1:
+      raise UsageError(f"absorb must lie in [0, 1], got {self.absorb}; 0 fits each module to its dense output "
+                       "alone, 1 also takes back all of the error the residual stream carries in")
     if not self.damping > 0:
       raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
@@ -646,9 +651,16 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
       p1 = A.with_first_level(kind, p0, *sol)
 
   with meter.phase("statistics"):
-    hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, None if d is None else d.yd, pos, nd.calib,
-                                mesh=ctx.mesh)
-            for g, d in zip(groups, douts)]
+    # What the second level's solves fit: the dense outputs, and with `absorb` a share of the
+    # error the residual stream carries in (x_p + y ~ x_d + y_d wants y ~ y_d + (x_d - x_p)).
+    # The dense stream still advances by the dense outputs.
+    targets = [None if d is None else d.yd if not c.absorb else d.yd + c.absorb * (g.xd - g.xp)
+               for g, d in zip(groups, douts)]
+    target_yy = [None if d is None else d.yy if not c.absorb else passes.energy(t[:, :, nd.calib.skip:])
+                 for t, d in zip(targets, douts)]
+    hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, t, pos, nd.calib, mesh=ctx.mesh)
+            for g, t in zip(groups, targets)]
+    del targets
     hs = None
     if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
       hs = passes.hidden_pass(kind, cfg, norm_p, p1, xs, None, pos, nd.score, mesh=ctx.mesh)
@@ -668,7 +680,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     js = sum(h.js for h in hids) / max(sum(float(h.rows) for h in hids), 1.0)
   p2 = p1
   if c.reconstruct:
-    m2_parts = [_Part(h.hidden, h.hidden.xy, d.yy) for h, d in zip(hids, douts)]
+    m2_parts = [_Part(h.hidden, h.hidden.xy, yy) for h, yy in zip(hids, target_yy)]
     w2, b2 = A.second_level(kind, p1)
     w2a = jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32)
     icpt = c.intercept or _has_bias(kind, p1, "second")
@@ -712,7 +724,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     host = sharding.to_host
     cut = (lambda m: moments.subset(moments.Moments(host(m.xx), host(m.xy)), idx)) if on_host else (
         lambda m: moments.subset(m, idx))
-    subs = [_Part(sub, sub.xy, d.yy) for sub, d in ((cut(h.hidden), d) for h, d in zip(hids, douts))]
+    subs = [_Part(sub, sub.xy, yy) for sub, yy in ((cut(h.hidden), yy) for h, yy in zip(hids, target_yy))]
     icpt = ctx.second_intercept(kind, blk2[kind.key])
     w2, b2 = A.second_level(kind, blk2[kind.key])
     w2a = np.concatenate([host(w2), host(b2)[None]], axis=0).astype(np.float32) if on_host else (

@@ -62,12 +62,12 @@ RECOMMENDED_UNIFORM = dict(RECOMMENDED, allocation="uniform", min_keep=0.0, shri
 # were before the presets, so results made with those defaults are this preset.
 PAPER = dict(method="goa", heads="second-moment", allocation="uniform", attn_sparsity=None, reconstruct=True,
              refit=False, intercept=False, damping=1e-3, auto_damping=False, score_data="calib", compensate=False,
-             shrink=0.0, min_keep=0.0)
+             shrink=0.0, min_keep=0.0, absorb=0.0)
 
 # Published tools run without any of jaxprune's least-squares steps.
 BASELINE = dict(heads="second-moment", allocation="uniform", attn_sparsity=None, reconstruct=False, refit=False,
                 intercept=False, damping=1e-3, auto_damping=False, score_data="calib", compensate=False, shrink=0.0,
-                min_keep=0.0)
+                min_keep=0.0, absorb=0.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "recommended": RECOMMENDED,
@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # from the model's whole distribution, four windows a text, 1024 windows (data costs nothing
     # here but generation; 2048 gained no more); every module keeps half its units.
     "recommended-datafree": dict(RECOMMENDED, score_data="calib", selfgen_top_k=0, selfgen_windows_per_text=4,
-                                 selfgen_samples=1024, shrink=0.5, min_keep=0.5),
+                                 selfgen_samples=1024, shrink=0.5, min_keep=0.5, absorb=1.0),
     "paper": PAPER,
     "paper-datafree": dict(PAPER, score_data="random", selfgen_top_k=50, selfgen_windows_per_text=1),
     "baseline": BASELINE,

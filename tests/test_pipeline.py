@@ -297,3 +297,56 @@ def test_skip_positions_changes_only_the_statistics_and_is_checked(tiny_dir):
     prune(m, _calib(), dataclasses.replace(cfg, skip_positions=16))
   with pytest.raises(UsageError, match="skip_positions must be .* got -1"):
     prune(m, _calib(), dataclasses.replace(cfg, skip_positions=-1))
+
+
+def _mlp_streams(model, tokens, i):
+  """The residual stream entering block i's MLP, and that MLP's input after its norm."""
+  import importlib
+  from jaxprune.models import layers as L
+  forward = importlib.import_module("jaxprune.models.forward")  # the package re-exports a function of that name
+  pos = forward.positions_for(tokens)
+  x, _ = forward.hidden_states(model.spec, model.params, tokens, layers=range(i))
+  cfg = L.block_config(model.spec, i)
+  x, _ = forward.attn_step(cfg, model.params["layers"][i], x, pos)
+  return np.asarray(x, np.float64), L.norm(cfg, model.params["layers"][i]["mlp_norm"], x)
+
+
+@pytest.mark.parametrize("absorb", [0.5, 1.0])
+def test_absorb_refits_onto_the_dense_stream(tiny_dir, absorb):
+  # With absorb = a, the last MLP's refit solves least squares against its dense output plus
+  # a times the error the residual stream carries in (dense stream minus pruned stream).
+  from jaxprune.models import adapter as A
+  from jaxprune.models import layers as L
+  m = jaxprune.load(tiny_dir("llama_gqa"))
+  damping = 1e-6
+  cfg = PruneConfig.preset("paper", method="goa-obs", sparsity=0.3, attn_sparsity=0.0, reconstruct=False, refit=True,
+                           intercept=True, damping=damping, absorb=absorb, batch_size=8)
+  calib = _calib(32, 16)
+  r = prune(m, calib, cfg)
+  i = m.spec.num_layers - 1
+  xd, hd = _mlp_streams(m, calib, i)
+  xp, hp = _mlp_streams(r.model, calib, i)
+  assert np.linalg.norm(xd - xp) > 1e-2 * np.linalg.norm(xd)  # the stream carries an error into the last MLP
+  yd = np.asarray(A.apply(A.MLP, L.block_config(m.spec, i), m.params["layers"][i]["mlp"], hd, None), np.float64)
+  p = r.model.params["layers"][i]["mlp"]
+  x2 = np.asarray(A.inner(A.MLP, L.block_config(r.model.spec, i), p, hp, None)[0], np.float64)
+  x2 = x2.reshape(-1, x2.shape[-1])
+  xa = np.concatenate([x2, np.ones((len(x2), 1))], axis=1)
+  w2, b2 = (np.asarray(t, np.float64) for t in A.second_level(A.MLP, p))
+  got = np.concatenate([w2, b2[None]])
+  lam = damping * np.mean(np.sum(x2**2, axis=0))
+  reg = lam * np.diag([1.0] * x2.shape[1] + [0.0])
+
+  def solve(y):
+    return np.linalg.solve(xa.T @ xa + reg, xa.T @ y.reshape(-1, y.shape[-1]))
+
+  def objective(w, y):
+    return float(np.sum((xa @ w - y.reshape(-1, y.shape[-1]))**2) + np.sum(w * (reg @ w)))
+
+  target = yd + absorb * (xd - xp)
+  best = objective(solve(target), target)
+  # The refit is the optimum of the absorbing target: far closer to it than the optimum of the
+  # plain target (a refit that ignored `absorb`, or subtracted the error, would sit there).
+  gap = objective(got, target) - best
+  plain_gap = objective(solve(yd), target) - best
+  assert plain_gap > 0 and gap < 1e-2 * plain_gap, (gap, plain_gap)

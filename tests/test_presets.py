@@ -43,8 +43,8 @@ def test_paper_presets_are_the_old_defaults():
   assert (PruneConfig.preset("paper-datafree").selfgen_windows_per_text,
           PruneConfig.preset("paper-datafree").selfgen_top_k) == (1, 50)
   rdf = PruneConfig.preset("recommended-datafree")
-  assert (rdf.score_data, rdf.selfgen_windows_per_text, rdf.selfgen_top_k, rdf.min_keep, rdf.shrink) == (
-      "calib", 4, 0, 0.5, 0.5)
+  assert (rdf.score_data, rdf.selfgen_windows_per_text, rdf.selfgen_top_k, rdf.min_keep, rdf.shrink, rdf.absorb) == (
+      "calib", 4, 0, 0.5, 0.5, 1.0)
   # Generating is the data-free run's only data cost: eight calibration sets' worth by default.
   assert (rdf.selfgen_samples, PruneConfig.preset("paper-datafree").selfgen_samples) == (1024, 128)
 
