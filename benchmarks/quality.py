@@ -74,6 +74,8 @@ RUNS = [
     # What `jaxprune prune` does without recipe options.
     ("default preset", "recommended", {}, "valid"),
     ("default preset, uniform shape", "recommended-uniform", {}, "valid"),
+    # The default preset as it stood at 501cdeb / 3c17690, before `absorb`.
+    ("default preset before absorb", "recommended", dict(absorb=0.0), "valid"),
     ("default preset, data-free", "recommended-datafree", {}, "selfgen"),
     # The data-free preset as it stood at 4e8431a (1024 windows, shrinkage 0.5, before `absorb`).
     ("data-free preset before, no absorb", "recommended-datafree", dict(absorb=0.0), "selfgen"),

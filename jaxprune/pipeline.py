@@ -120,8 +120,10 @@ class PruneConfig:
   shrink: float = _opt("shrink", 0.0, "shrink the second level's input covariance toward its diagonal by this "
                        "fraction in [0, 1] before its solves and the goa-obs ranking (0: as measured; 1: channels "
                        "taken as uncorrelated, FLAP's fluctuation and compensation)", "float")
-  absorb: float = _opt("absorb", 0.0, "fraction of the residual stream's inherited error (dense minus pruned "
-                       "stream) that each module's second-level solves also fit", "float")
+  absorb: float = _opt("absorb", 0.0, "fraction in [0, 1] of the error the residual stream carries into each "
+                       "module (dense minus pruned stream) that its second level's fits (refit, reconstruction, "
+                       "goa-obs costs) also take back (0: each module fits its dense output alone; without such fits it "
+                       "changes nothing)", "float")
   compensate: bool = _opt("compensate", False, "FLAP's bias compensation: the removed channels' mean "
                           "contribution is added to the second level's bias", "bool")
   rounding: str = _opt("rounding", "once", "with uniform allocation: once (one shape for every pruned layer, "

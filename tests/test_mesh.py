@@ -24,6 +24,7 @@ def _calib():
 
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2"])
 @pytest.mark.parametrize("preset,extra", [("recommended", {}), ("paper", {}),
+                                          ("recommended-datafree", {}),  # absorb: targets from both streams
                                           ("baseline", dict(method="flap", allocation="adaptive"))])
 def test_model_axis_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypatch, kind, preset, extra):
   cfg = PruneConfig.preset(preset, sparsity=0.3, batch_size=8, **extra)

@@ -168,7 +168,8 @@ def test_kernels_compile_once_per_module_kind(tiny_dir, max_traces):
     (dict(method="nope"), "unknown pruning method"), (dict(damping=0.0), "damping must be positive"),
     (dict(batch_size=3), "not a multiple of the 8 data-parallel devices"),
     (dict(shrink=1.5), r"shrink must lie in \[0, 1\], got 1.5"), (dict(min_keep=1.0), r"min_keep must lie in \[0, 1\)"),
-    (dict(selfgen_samples=0), "selfgen_samples must be a positive number of windows, got 0")])
+    (dict(selfgen_samples=0), "selfgen_samples must be a positive number of windows, got 0"),
+    (dict(absorb=1.5), r"absorb must lie in \[0, 1\], got 1.5")])
 def test_bad_config_is_refused(tiny_dir, cfg, msg):
   m = jaxprune.load(tiny_dir("llama_mha"))
   with pytest.raises(UsageError, match=msg):

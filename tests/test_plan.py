@@ -80,8 +80,10 @@ def test_data_free_preset_plans_its_self_generated_windows(configs, capsys, tmp_
   assert n > 128 and (rec["calib_samples"], free["calib_samples"]) == (128, n)
   assert f"{n} x 128 calibration tokens" in out
   # The activation streams hold every calibration window: the recipe given as many windows
-  # plans the same streams, and more than with its own 128.
-  same, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--calib-samples", str(n))
+  # (and the preset's absorb, whose target is one more stream) plans the same streams, and
+  # more than with its own 128.
+  same, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--calib-samples", str(n), "--absorb",
+                 str(PruneConfig.preset("recommended-datafree").absorb))
   streams = [p["device"]["terms"]["activation streams"] for p in (rec, free, same)]
   assert streams[1] == streams[2] > streams[0]
   mine, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree",

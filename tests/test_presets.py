@@ -20,7 +20,7 @@ FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]
 # benchmarks/quality.py made with them must stay reproducible through `paper`.
 OLD_DEFAULTS = dict(method="goa", heads="second-moment", tau=None, reconstruct=True, refit=False, intercept=False,
                     damping=1e-3, auto_damping=False, allocation="uniform", attn_sparsity=None, score_data="calib",
-                    free_groups=False, compensate=False, batch_size=16, seed=0, shrink=0.0, min_keep=0.0)
+                    free_groups=False, compensate=False, batch_size=16, seed=0, shrink=0.0, min_keep=0.0, absorb=0.0)
 
 
 def _args(*argv):
@@ -32,8 +32,9 @@ def test_defaults_are_the_recommended_preset():
   rec = presets.PRESETS["recommended"]
   assert all(getattr(PruneConfig(), k) == v for k, v in rec.items())
   # The recipe the README's results table calls recommended.
-  assert (rec["method"], rec["refit"], rec["intercept"], rec["damping"], rec["attn_sparsity"]) == (
-      "goa-obs", True, True, 1e-5, 0.0)
+  assert (rec["method"], rec["refit"], rec["intercept"], rec["damping"], rec["attn_sparsity"], rec["absorb"]) == (
+      "goa-obs", True, True, 1e-5, 0.0, 0.5)
+  assert PruneConfig.preset("recommended-uniform").absorb == 0.0
 
 
 def test_paper_presets_are_the_old_defaults():
