@@ -50,7 +50,7 @@ def test_paper_defaults_reconstruct_and_report_per_layer(setup):
   model, calib, test, dense = setup
   r = prune(model, calib, PruneConfig(sparsity=0.2, layers=(0, 10), method="goa", reconstruct=True, refit=False,
                                       intercept=False, damping=1e-3, allocation="uniform", score_data="calib",
-                                      attn_sparsity=None, inherited_error=True))
+                                      attn_sparsity=None, absorb=0.0, inherited_error=True))
   mods = r.report["modules"]
   assert len(mods) == 20 and {m["layer"] for m in mods} == set(range(10))
   # Reconstruction never makes the module error it targets worse, and usually lowers it a lot.
