@@ -656,7 +656,7 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
     # What the second level's solves fit: the dense outputs, and with `absorb` a share of the
     # error the residual stream carries in (x_p + y ~ x_d + y_d wants y ~ y_d + (x_d - x_p)).
     # The dense stream still advances by the dense outputs.
-    targets = [None if d is None else d.yd if not c.absorb else d.yd + c.absorb * (g.xd - g.xp)
+    targets = [None if d is None else d.yd if not c.absorb else passes.absorbing_target(d.yd, g.xd, g.xp, c.absorb)
                for g, d in zip(groups, douts)]
     target_yy = [None if d is None else d.yy if not c.absorb else passes.energy(t[:, :, nd.calib.skip:])
                  for t, d in zip(targets, douts)]

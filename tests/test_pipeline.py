@@ -302,13 +302,12 @@ def test_skip_positions_changes_only_the_statistics_and_is_checked(tiny_dir):
 
 def _mlp_streams(model, tokens, i):
   """The residual stream entering block i's MLP, and that MLP's input after its norm."""
-  import importlib
   from jaxprune.models import layers as L
-  forward = importlib.import_module("jaxprune.models.forward")  # the package re-exports a function of that name
-  pos = forward.positions_for(tokens)
-  x, _ = forward.hidden_states(model.spec, model.params, tokens, layers=range(i))
+  from jaxprune.models.forward import attn_step, hidden_states, positions_for
+  pos = positions_for(tokens)
+  x, _ = hidden_states(model.spec, model.params, tokens, layers=range(i))
   cfg = L.block_config(model.spec, i)
-  x, _ = forward.attn_step(cfg, model.params["layers"][i], x, pos)
+  x, _ = attn_step(cfg, model.params["layers"][i], x, pos)
   return np.asarray(x, np.float64), L.norm(cfg, model.params["layers"][i]["mlp_norm"], x)
 
 
@@ -347,7 +346,10 @@ def test_absorb_refits_onto_the_dense_stream(tiny_dir, absorb):
   target = yd + absorb * (xd - xp)
   best = objective(solve(target), target)
   # The refit is the optimum of the absorbing target: far closer to it than the optimum of the
-  # plain target (a refit that ignored `absorb`, or subtracted the error, would sit there).
+  # plain target (a refit that ignored `absorb`, or subtracted the error, would sit there, at a
+  # ratio of 1 or more). The bound is a discrimination margin, not a rounding tolerance: the
+  # float32 statistics and solve move the objective by relative O(1e-6) (gamma(512) ~ 3e-5 at
+  # worst), far inside 1e-2 of a gap that is itself a sizeable share of the objective.
   gap = objective(got, target) - best
   plain_gap = objective(solve(yd), target) - best
   assert plain_gap > 0 and gap < 1e-2 * plain_gap, (gap, plain_gap)

@@ -280,3 +280,9 @@ def block_pass(cfg: L.BlockConfig, blk, x, positions, mesh=None):
 @jax.jit
 def add(x, y):
   return x + y.astype(x.dtype)
+
+
+@jax.jit
+def absorbing_target(yd, xd, xp, share):
+  """yd + share * (xd - xp), fused: one stream-sized result, no temporaries of that size."""
+  return yd + share * (xd - xp)
