@@ -148,9 +148,9 @@ def run(args) -> int:
     if ppl is not None:
       run_pt = {"params": p["after"], "perplexity": ppl, "name": f"this run ({name})",
                 "ratio": float(report["config"]["sparsity"])}
-    title = (f"{quality.get('model', '')}: perplexity against parameters, every run in "
-             f"{os.path.relpath(quality_path)}\n"
-             f"{quality.get('protocol', {}).get('evaluation', '')}; diamonds: data-free calibration")
+    title = (f"{quality.get('model', '')} pruned without retraining: perplexity against parameters "
+             "(lower left is better)\nevery measured configuration, calibrated on 128 x 128 tokens of WikiText-2 "
+             "valid; error bars: one standard deviation over calibration seeds")
     written.append(plots.save_png(plots.plot_quality(data.quality_points(quality), title, run=run_pt), outs[3],
                                   args.force))
   else:

@@ -156,7 +156,9 @@ def quality_points(quality: dict) -> list[dict[str, Any]]:
   for r in quality.get("runs", []):
     if r.get("perplexity") is None or r.get("params_after") is None or not math.isfinite(r["perplexity"]):
       continue
-    pts.append({"name": r["name"], "method": r.get("method", r["name"]), "ratio": r.get("ratio"),
-                "params": int(r["params_after"]), "perplexity": float(r["perplexity"]),
+    shakespeare = r.get("shakespeare_perplexity")
+    pts.append({"name": r["name"], "method": r.get("method", r["name"]), "preset": r.get("preset"),
+                "ratio": r.get("ratio"), "params": int(r["params_after"]), "perplexity": float(r["perplexity"]),
+                "shakespeare_perplexity": float(shakespeare) if shakespeare is not None else None,
                 "calibration": r.get("calibration", "")})
   return pts

@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Rectangle
 
@@ -112,79 +113,138 @@ def plot_head_similarity(hs: HeadSimilarity, title: str) -> Figure:
   return fig
 
 
-def _family(name: str) -> str:
-  for fam in ("goa-obs", "goa-energy", "goa", "flap", "wanda", "taylor", "random", "l1", "l2", "dense"):
-    if name.startswith(fam):
-      return fam
-  return "other"
+# One marker style per method family; hollow markers are data-free calibration.
+FAMILIES = (  # (label, colour, marker), in legend order
+    ("jaxprune default presets", "#d62728", "o"),
+    ("earlier jaxprune defaults", "#f4a6a6", "o"),
+    ("the paper's GOA forms", "#ff7f0e", "s"),
+    ("FLAP", "#1f77b4", "^"),
+    ("Wanda-sp", "#17becf", "v"),
+    ("LLM-Pruner Taylor", "#2ca02c", "D"),
+    ("random", "#7f7f7f", "X"),
+    ("magnitude (L1, L2)", "#8c564b", "P"),
+)
+TEXTS = (("perplexity", "WikiText-2 test"), ("shakespeare_perplexity", "Tiny Shakespeare (never calibrated on)"))
 
 
-COLORS = {"goa-obs": "#d62728", "goa-energy": "#ff7f0e", "goa": "#e377c2", "flap": "#1f77b4", "wanda": "#17becf",
-          "taylor": "#2ca02c", "random": "#7f7f7f", "l1": "#8c564b", "l2": "#8c564b", "dense": "black",
-          "other": "#9467bd"}
+def family(point: dict) -> str:
+  """The legend entry of a quality row."""
+  name, method, preset = point["name"], point.get("method", ""), point.get("preset") or ""
+  if preset.startswith("recommended"):
+    return FAMILIES[1][0] if "before" in name else FAMILIES[0][0]
+  for prefix, fam in (("flap", 3), ("wanda", 4), ("taylor", 5), ("random", 6), ("l1", 7), ("l2", 7)):
+    if method.startswith(prefix) or name.startswith(prefix):
+      return FAMILIES[fam][0]
+  return FAMILIES[2][0]
 
 
-def _spread(ys: list[float], gap: float) -> list[float]:
-  """Label heights (log10) at least `gap` apart, as close to `ys` (sorted ascending) as that allows."""
+def _spread(ys: list[float], gap: float, lo: float, hi: float) -> list[float]:
+  """Label heights (log10) at least `gap` apart, inside [lo, hi], as close to `ys` (ascending) as that allows."""
   out: list[float] = []
   for y in ys:
-    out.append(max(y, out[-1] + gap) if out else y)
-  shift = (sum(out) - sum(ys)) / max(len(ys), 1)  # re-centre the stack on the points
-  return [y - shift for y in out] if out and out[0] - shift >= ys[0] - 4 * gap else out
+    out.append(max(y, lo, out[-1] + gap) if out else max(y, lo))
+  over = out[-1] - hi if out else 0.0
+  if over > 0:  # too tall: slide the stack down, but not below lo
+    out = [max(y - over, lo + k * gap) for k, y in enumerate(out)]
+  return out
+
+
+def _groups(points: list[dict], ratio: float, key: str) -> list[dict]:
+  """The rows of one ratio with a value for `key`, seeds merged: mean, sample std, n."""
+  by: dict[str, list[dict]] = {}
+  for p in points:
+    if p["ratio"] == ratio and p.get(key) is not None:
+      by.setdefault(p["name"], []).append(p)
+  out = []
+  for name, ps in by.items():
+    v = np.asarray([p[key] for p in ps], np.float64)
+    out.append({**ps[0], "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "n": len(v), "family": family(ps[0])})
+  return sorted(out, key=lambda g: g["mean"])
+
+
+def _labelled(groups: list[dict]) -> list[dict]:
+  """The current defaults, and the best row of every other family: the rows a reader compares."""
+  best: dict[str, dict] = {}
+  for g in groups:
+    if g["family"] != FAMILIES[1][0]:
+      best.setdefault(g["family"], g)
+  return sorted([g for g in groups if g["family"] == FAMILIES[0][0]] +
+                [g for f, g in best.items() if f != FAMILIES[0][0]], key=lambda g: g["mean"])
+
+
+def _panel(ax, groups: list[dict], dense: float | None, ymin: float, ymax: float) -> None:
+  style = {label: (color, marker) for label, color, marker in FAMILIES}
+  off = 0
+  for g in groups:
+    color, marker = style[g["family"]]
+    x, y = g["params"] / 1e6, g["mean"]
+    hollow = g["calibration"] not in ("valid", "")
+    if y > ymax:  # drawn at the top edge, pointing up
+      off += 1
+      ax.scatter([x], [ymax], marker=10, s=60, color=color, clip_on=False, zorder=3)
+      continue
+    ax.errorbar([x], [y], yerr=[[min(g["std"], y - ymin)], [g["std"]]] if g["n"] > 1 else None, fmt=marker, ms=7,
+                color=color, mfc="white" if hollow else color, mec=color, capsize=3, lw=1, zorder=3)
+  labels = [g for g in _labelled(groups) if g["mean"] <= ymax]
+  span = math.log10(ymax / ymin)
+  ys = _spread([math.log10(g["mean"]) for g in labels], span / 22, math.log10(ymin) + span / 30,
+               math.log10(ymax) - span / 12)
+  for g, ly in zip(labels, ys):
+    text = f"{g['name']} {g['mean']:.1f}" + (f" ± {g['std']:.1f}" if g["n"] > 1 else "")
+    ax.annotate(text, (g["params"] / 1e6, g["mean"]), (0.58, 10**ly), textcoords=("axes fraction", "data"),
+                fontsize=7.5, va="center", color=style[g["family"]][0],
+                arrowprops=dict(arrowstyle="-", color="#999999", lw=0.5))
+  if dense is not None:
+    ax.axhline(dense, color="black", lw=1, ls=":")
+    ax.text(0.99, dense * 1.02, f"dense {dense:.1f}", transform=ax.get_yaxis_transform(), fontsize=7, ha="right",
+            va="bottom")
+  if off:
+    ax.text(0.01, 0.99, f"{off} rows above {ymax:g} (markers on the top edge)", transform=ax.transAxes,
+            fontsize=7, va="top")
 
 
 def plot_quality(points: list[dict], title: str, ymax: float = 1000.0, run: dict | None = None) -> Figure:
-  """Perplexity (log) against parameters for every run, one panel per sparsity; off-scale runs listed.
+  """Perplexity (log) against parameters, one row of panels per text and one column per sparsity.
+
+  Every configuration is one marker (its family's style; seeds merged into an error bar of one
+  sample standard deviation); the current defaults and each family's best row are labelled.
 
   Args:
     points: from `data.quality_points`.
-    run: optional {"params", "perplexity", "name"} of the run being reported, drawn as a star.
+    run: optional {"params", "perplexity", "name", "ratio"} of the run being reported, drawn as a star.
   """
-  dense = [p for p in points if p["ratio"] is None]
-  ratios = sorted({p["ratio"] for p in points if p["ratio"] is not None})
-  fig = _figure(6.0 * max(len(ratios), 1) + 1, 6.5)
-  axes = np.atleast_1d(fig.subplots(1, max(len(ratios), 1), sharey=True))
-  ymin = min([p["perplexity"] for p in points] + [ymax]) / 1.15
-  for ax, ratio in zip(axes, ratios):
-    pts = sorted((p for p in points if p["ratio"] == ratio), key=lambda p: p["perplexity"])
-    on = [p for p in pts if p["perplexity"] <= ymax]
-    off = [p for p in pts if p["perplexity"] > ymax]
-    xs = [p["params"] / 1e6 for p in pts]
-    lo, hi = min(xs), max(xs)
-    # The points fill the middle 16% of the panel; their labels stack in columns beside them.
-    width = max(hi - lo, 1.0) / 0.16
-    x0 = lo - 0.42 * width
-    for d in dense:
-      ax.axhline(d["perplexity"], color="black", lw=1, ls=":")
-      ax.text(0.98, d["perplexity"] / 1.02, f"dense {d['perplexity']:.1f} ({d['params'] / 1e6:.1f}M)", fontsize=7,
-              ha="right", va="top", transform=ax.get_yaxis_transform())
-    cols = {-1: [], 1: []}
-    for p in on:
-      cols[-1 if p["params"] / 1e6 < (lo + hi) / 2 else 1].append(p)
-    for side, col in cols.items():
-      ys = _spread([math.log10(p["perplexity"]) for p in col], gap=math.log10(ymax / ymin) / 38)
-      for p, ly in zip(col, ys):
-        x, y = p["params"] / 1e6, p["perplexity"]
-        c = COLORS[_family(p["name"])]
-        marker = "o" if p["calibration"] in ("valid", "") else "D"
-        ax.scatter([x], [y], color=c, s=30, marker=marker, zorder=3, edgecolors="white", linewidths=0.5)
-        ax.annotate(f"{p['name']} {y:.1f}", (x, y), (0.38 if side < 0 else 0.62, 10**ly),
-                    textcoords=("axes fraction", "data"), fontsize=6.5, color=c, va="center",
-                    ha="right" if side < 0 else "left", arrowprops=dict(arrowstyle="-", color=c, lw=0.4, alpha=0.6))
-    if run is not None and run.get("perplexity") and abs(run.get("ratio", ratio) - ratio) < 1e-6:
-      ax.scatter([run["params"] / 1e6], [run["perplexity"]], marker="*", s=220, color="gold", edgecolors="black",
-                 zorder=4, label=f"{run['name']} {run['perplexity']:.2f}")
-      ax.legend(fontsize=7, loc="center right")
-    if off:
-      ax.text(0.98, 0.98, "off scale (> %g):\n" % ymax + "\n".join(f"{p['name']} {p['perplexity']:.4g}" for p in off),
-              transform=ax.transAxes, fontsize=6.5, va="top", ha="right",
-              bbox=dict(boxstyle="round", fc="white", ec="#bbbbbb"))
-    ax.set_xlim(x0, x0 + width)
-    ax.set_yscale("log")
-    ax.set_ylim(ymin, ymax)
-    ax.set_xlabel("parameters after pruning (M)")
-    ax.set_title(f"{100 * ratio:.0f}% of block parameters removed", fontsize=10)
-    ax.grid(True, which="both", alpha=0.2)
-  axes[0].set_ylabel("perplexity (log scale)")
-  fig.suptitle(title, fontsize=10)
+  dense = next((p for p in points if p["ratio"] is None), None)
+  ratios = sorted({p["ratio"] for p in points if p["ratio"] is not None}) or [None]
+  texts = [t for t in TEXTS if any(p.get(t[0]) is not None for p in points)]
+  fig = _figure(5.5 * len(ratios) + 1.5, 4.2 * len(texts) + 1.4)
+  axes = np.asarray(fig.subplots(len(texts), len(ratios), sharey="row", squeeze=False))
+  for row, (key, text) in enumerate(texts):
+    values = [p[key] for p in points if p.get(key) is not None]
+    ymin = min(values + [ymax]) / 1.2
+    for col, ratio in enumerate(ratios):
+      ax = axes[row, col]
+      groups = _groups(points, ratio, key)
+      _panel(ax, groups, dense.get(key) if dense else None, ymin, ymax)
+      if run is not None and key == "perplexity" and abs(run.get("ratio", -1) - (ratio or 0)) < 1e-6:
+        ax.scatter([run["params"] / 1e6], [run["perplexity"]], marker="*", s=260, color="gold", edgecolors="black",
+                   zorder=4)
+      xs = [g["params"] / 1e6 for g in groups] or [0.0]
+      ax.set_xlim(min(xs) - 2, max(xs) + 1.6 * (max(xs) - min(xs) + 4))
+      ax.set_yscale("log")
+      ax.set_ylim(ymin, ymax)
+      ax.grid(True, which="both", alpha=0.2)
+      if row == 0 and ratio is not None:
+        ax.set_title(f"{100 * ratio:.0f}% of block parameters removed", fontsize=10)
+      if row == len(texts) - 1:
+        ax.set_xlabel("parameters after pruning (M)")
+    axes[row, 0].set_ylabel(f"{text}\nperplexity (log)")
+  handles = [Line2D([], [], ls="", marker=m, color=c, ms=7, label=l) for l, c, m in FAMILIES]
+  handles += [Line2D([], [], ls="", marker="o", mfc="white", color="#555555", ms=7, label="hollow: data-free"),
+              Line2D([], [], color="black", ls=":", label="dense model")]
+  if run is not None:
+    handles.append(Line2D([], [], ls="", marker="*", ms=14, color="gold", mec="black",
+                          label=f"{run['name']}: {run['perplexity']:.2f}"))
+  fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
+  fig.suptitle(title, fontsize=11)
   return fig
