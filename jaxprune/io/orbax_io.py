@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from jaxprune.errors import CheckpointError, ShapeError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
 from jaxprune.io.export import resolve_tokenizer
-from jaxprune.io.layout import PARAMS_DIR, SPEC_FILE, SPEC_FORMAT, is_orbax_dir, parse_dtype
+from jaxprune.io.layout import PARAMS_DIR, SPEC_FILE, SPEC_FORMAT, cast_finite, is_orbax_dir, parse_dtype
+from jaxprune.io.remote_code import save_tokenizer
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, param_shapes
 
@@ -54,7 +55,7 @@ def save_orbax(model: Model, out: str, *, dtype=None, force: bool = False, token
   params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), model.params)
   if dtype is not None:
     np_dtype = parse_dtype(dtype)[1]
-    params = jax.tree.map(lambda x: x.astype(np_dtype), params)
+    params = jax.tree_util.tree_map_with_path(lambda p, x: cast_finite(x, np_dtype, jax.tree_util.keystr(p)), params)
   tok = resolve_tokenizer(model, tokenizer)
   with atomic_dir(final, force) as tmp:
     ckptr = ocp.StandardCheckpointer()
@@ -65,7 +66,7 @@ def save_orbax(model: Model, out: str, *, dtype=None, force: bool = False, token
       ckptr.close()
     dump_json(os.path.join(tmp, SPEC_FILE), {"format": SPEC_FORMAT, "spec": model.spec.to_json(), "weights": WEIGHTS})
     if tok is not None:
-      tok.save_pretrained(tmp)
+      save_tokenizer(tok, tmp)
   log.info("wrote orbax checkpoint %s (%d parameters)", final, model.num_params)
   return final
 
