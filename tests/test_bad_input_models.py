@@ -201,6 +201,19 @@ def test_index_entry_that_is_a_fifo(model, tmp_path):
         process=True)
 
 
+def test_gguf_path_that_is_a_fifo(tmp_path):
+  f = str(tmp_path / "pipe.gguf")
+  os.mkfifo(f)
+  check(snapshot(str(tmp_path)), "inspect", f, needles=(f, "neither a regular file nor a directory"), process=True)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[1, 2]"], ids=["not-utf8", "a-list"])
+def test_config_json_that_is_not_an_object(model, tmp_path, content):
+  with open(os.path.join(model, "config.json"), "wb") as f:
+    f.write(content)
+  check(snapshot(str(tmp_path)), "inspect", model, needles=("config.json",))
+
+
 # --------------------------------------------------------------------------
 # PyTorch pickles that are not state dicts.
 

@@ -72,6 +72,8 @@ def resolve(name_or_path: str) -> Location:
       raise CheckpointError(f"{p} holds several GGUF files ({', '.join(os.path.basename(g) for g in ggufs)}); "
                             "pass one of them")
     raise CheckpointError(f"{p} has neither config.json nor a .gguf file; it is not a model directory")
+  if os.path.exists(p):  # a FIFO, socket or device: reading it would block or read something else
+    raise CheckpointError(f"{p} is neither a regular file nor a directory; pass a .gguf file or a model directory")
   if looks_like_hub_id(name_or_path):
     return Location("hf", _download(name_or_path))
   raise missing_path(name_or_path)
