@@ -296,6 +296,24 @@ def test_nan_weight_in_a_placed_block_is_named(model):
     blocks.placed(1, lambda b: sharding.param_shardings(b, mesh, quiet=True))
 
 
+def test_nan_weight_in_an_orbax_checkpoint(model, tmp_path):
+  import jaxprune
+  from jaxprune.errors import CheckpointError
+  from jaxprune.io.orbax_io import save_orbax
+
+  m = jaxprune.load(model)
+  layers = list(m.params["layers"])
+  layers[1] = {**layers[1], "mlp": {**layers[1]["mlp"], "down": {"kernel": layers[1]["mlp"]["down"]["kernel"]
+                                                                 .at[2, 3].set(np.nan)}}}
+  out = str(tmp_path / "orbax")
+  save_orbax(jaxprune.Model(m.spec, {**m.params, "layers": tuple(layers)}, m.source), out, tokenizer=False)
+  check(snapshot(str(tmp_path)), "inspect", out, needles=("['layers'][1]['mlp']['down']['kernel']", "NaN or Inf"))
+  blocks = jaxprune.load(out, lazy=True).params["layers"]
+  blocks[0]  # an intact block restores fine
+  with pytest.raises(CheckpointError, match=r"layers\[1\]\['mlp'\]\['down'\]\['kernel'\] holds NaN"):
+    blocks[1]
+
+
 # --------------------------------------------------------------------------
 # Exports.
 

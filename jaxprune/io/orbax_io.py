@@ -168,7 +168,17 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
     # Orbax commits what it restores to a device; a model placed nowhere in particular must
     # be usable with any mesh (the pipeline shards the activations over all devices).
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
-  return Model.checked(spec, params, source=path)
+  return Model.checked(spec, _finite(params, "", path), source=path)
+
+
+def _finite(tree, prefix: str, source: str):
+  """`tree`, after checking that every restored array is finite (as the safetensors and GGUF
+  readers check every tensor they read): a NaN weight would make every logit NaN."""
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not bool(jnp.all(jnp.isfinite(x))):
+      raise CheckpointError(f"{source}: parameter {prefix}{jax.tree_util.keystr(p)} holds NaN or Inf; the checkpoint "
+                            "is damaged. Re-save it from an intact model")
+  return tree
 
 
 def _unrestorable(params_dir: str, e: Exception) -> CheckpointError:
@@ -206,7 +216,7 @@ def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> M
   target = jax.tree_util.tree_map_with_path(abstract, shapes, is_leaf=_is_shape)
   blocks = list(target.pop("layers"))
   # Host copies: restored arrays are committed to one device, and the pipeline places its own.
-  top = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), _partial_restore(params_dir, target))
+  top = _finite(jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), _partial_restore(params_dir, target)), "", path)
   n = len(blocks)
 
   def only(i, x):
@@ -214,14 +224,16 @@ def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> M
     return {"layers": [x if j == i else None for j in range(n)]}
 
   def read(i):
-    return jax.tree.map(np.asarray, _partial_restore(params_dir, only(i, blocks[i]))["layers"][i])
+    blk = jax.tree.map(np.asarray, _partial_restore(params_dir, only(i, blocks[i]))["layers"][i])
+    return _finite(blk, f"layers[{i}]", path)
 
   dtype = jnp.dtype(dtype or jnp.float32)
   shapes_in_dtype = block_shapes(spec, dtype)
 
   def restore(i, shardings):
     # The block straight onto the mesh in the run's dtype: each process restores its devices' slices.
-    return _partial_restore(params_dir, only(i, shapes_in_dtype[i]), only(i, shardings))["layers"][i]
+    blk = _partial_restore(params_dir, only(i, shapes_in_dtype[i]), only(i, shardings))["layers"][i]
+    return _finite(blk, f"layers[{i}]", path)
 
   layers = LazyBlocks(read, shapes_in_dtype, dtype, source=path, restore=restore)
   return Model(spec, {**top, "layers": layers}, source=path)
