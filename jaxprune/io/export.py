@@ -49,9 +49,10 @@ import numpy as np
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
 from jaxprune.io.lazy import is_lazy
-from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, parse_dtype
+from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, cast_finite, parse_dtype
 from jaxprune.io.locate import load_tokenizer
 from jaxprune.io.mapping import TABLES, block_to_tensors, top_to_tensors
+from jaxprune.io.remote_code import save_tokenizer
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, Params
 
@@ -436,7 +437,7 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     blocks = (block_to_tensors(tensors_spec, i, pad_block(model.params["layers"][i], padded))
               for i in range(spec.num_layers))
     for piece in itertools.chain([top_to_tensors(tensors_spec, model.params)], blocks):
-      piece = {k: np.asarray(v).astype(np_dtype) for k, v in piece.items()}
+      piece = {k: cast_finite(v, np_dtype, k) for k, v in piece.items()}
       exported += sum(v.size for v in piece.values())
       yield piece
 
@@ -462,7 +463,7 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     transformers.GenerationConfig(bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id).save_pretrained(tmp)
     files.append("generation_config.json")
     if tok is not None:
-      tok.save_pretrained(tmp)
+      save_tokenizer(tok, tmp)
   info = ExportInfo(
       path=final, format="jaxprune" if jax_only else "hf", model_type=None if target is None else target.model_type,
       per_layer=bool(target and target.per_layer), stock=bool(target and target.stock), dtype=dtype_name,

@@ -13,6 +13,7 @@ key table as a Hugging Face checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import struct
@@ -87,8 +88,12 @@ class _Cursor:
     self.buf, self.pos = buf, pos
 
   def unpack(self, fmt: str):
+    # A crafted count ("1000000000Q") fails on the file's size before struct allocates its result.
+    size = struct.calcsize("<" + fmt)
+    if self.pos + size > len(self.buf):
+      raise struct.error(f"{size} bytes at offset {self.pos} run past the end of the file ({len(self.buf)} bytes)")
     vals = struct.unpack_from("<" + fmt, self.buf, self.pos)
-    self.pos += struct.calcsize("<" + fmt)
+    self.pos += size
     return vals
 
   def string(self) -> str:
@@ -146,7 +151,10 @@ def read_gguf(path: str) -> GGUFFile:
   except (struct.error, ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} has a damaged GGUF header ({e}); the file may be truncated or corrupt. "
                           "Re-download it") from None
-  align = int(fields.get("general.alignment", 32))
+  align = fields.get("general.alignment", 32)
+  if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
+    raise CheckpointError(f"{path}: general.alignment is {align!r}, expected a positive integer; the GGUF header is "
+                          "corrupt. Re-download it")
   start = -(-cur.pos // align) * align
   tensors = []
   for name, shape, qtype, offset in table:
@@ -155,11 +163,14 @@ def read_gguf(path: str) -> GGUFFile:
     except (ValueError, KeyError):
       raise CheckpointError(f"{path}: tensor {name} has ggml type id {qtype}, which the installed gguf package "
                             "does not know; upgrade gguf (pip install -U gguf)") from None
+    if not shape:
+      raise CheckpointError(f"{path}: tensor {name} has no dimensions; the GGUF tensor table is corrupt. "
+                            "Re-download it")
     if shape[-1] % block:
       raise CheckpointError(f"{path}: tensor {name} of shape {shape} does not fill whole blocks of {block} "
                             f"({GGMLQuantizationType(qtype).name}); the file is corrupt")
     byte_shape = (*shape[:-1], shape[-1] // block * nbytes)
-    begin, end = start + offset, start + offset + int(np.prod(byte_shape))
+    begin, end = start + offset, start + offset + math.prod(byte_shape)  # Python ints: a crafted shape cannot wrap
     if end > len(blob):
       raise CheckpointError(f"{path} is truncated: tensor {name} needs bytes {begin}..{end} but the file has "
                             f"{len(blob)}. Re-download it")
@@ -173,40 +184,54 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
   if arch not in SUPPORTED_ARCHS:
     raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
   a = lambda k, d=None: reader.fields.get(f"{arch}.{k}", d)  # noqa: E731
+  n = lambda k, d=None, integer=True: _meta(reader.fields, f"{arch}.{k}", d, path, integer)  # noqa: E731
   names = {t.name for t in reader.tensors}
-  n_heads = int(a("attention.head_count"))
-  hidden = int(a("embedding_length"))
+  n_heads = n("attention.head_count")
+  hidden = n("embedding_length")
   vocab = a("vocab_size")
-  if vocab is None:
-    vocab = len(reader.fields.get("tokenizer.ggml.tokens", ()))
+  if vocab is None:  # most llama.cpp files say it only through their token list
+    vocab = _meta({"tokenizer.ggml.tokens": len(reader.fields.get("tokenizer.ggml.tokens", ()))},
+                  "tokenizer.ggml.tokens", None, path)
   cfg = {
       "model_type": "llama",
-      "vocab_size": int(vocab),
+      "vocab_size": n("vocab_size", vocab),
       "hidden_size": hidden,
-      "intermediate_size": int(a("feed_forward_length")),
-      "num_hidden_layers": int(a("block_count")),
+      "intermediate_size": n("feed_forward_length"),
+      "num_hidden_layers": n("block_count"),
       "num_attention_heads": n_heads,
-      "num_key_value_heads": int(a("attention.head_count_kv", n_heads)),
-      "head_dim": int(a("attention.key_length", hidden // n_heads)),
-      "rms_norm_eps": float(a("attention.layer_norm_rms_epsilon", 1e-5)),
-      "max_position_embeddings": int(a("context_length", 2048)),
+      "num_key_value_heads": n("attention.head_count_kv", n_heads),
+      "head_dim": n("attention.key_length", hidden // n_heads),
+      "rms_norm_eps": n("attention.layer_norm_rms_epsilon", 1e-5, integer=False),
+      "max_position_embeddings": n("context_length", 2048),
       "tie_word_embeddings": "output.weight" not in names,
       "attention_bias": "blk.0.attn_q.bias" in names,
       "hidden_act": "silu",
       "bos_token_id": reader.fields.get("tokenizer.ggml.bos_token_id"),
       "eos_token_id": reader.fields.get("tokenizer.ggml.eos_token_id"),
   }
-  rope = {"rope_type": "default", "rope_theta": float(a("rope.freq_base", 10000.0))}
+  rope = {"rope_type": "default", "rope_theta": n("rope.freq_base", 10000.0, integer=False)}
   scaling = a("rope.scaling.type")
   if scaling not in (None, "none"):
     if scaling != "linear":
       raise ConfigError(f"{path}: GGUF rope.scaling.type {scaling!r} is not supported; supported: none, linear")
-    rope.update(rope_type="linear", factor=float(a("rope.scaling.factor")))
+    rope.update(rope_type="linear", factor=n("rope.scaling.factor", integer=False))
   if "rope_freqs.weight" in names:
     raise ConfigError(f"{path}: GGUF per-frequency RoPE factors (rope_freqs.weight, as in Llama 3.1) are not "
                       "supported; load the Hugging Face checkpoint instead")
   cfg["rope_parameters"] = rope
   return cfg
+
+
+def _meta(fields: dict, key: str, default, path: str, integer: bool = True):
+  """Metadata `key` as a positive integer (or finite positive number): a crafted or truncated
+  header gets one line naming the key, not a TypeError deep in the config code."""
+  v = fields.get(key, default)
+  if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not 0 < v < float("inf"):
+    what = "missing" if v is None else f"{v!r}"
+    raise ConfigError(f"{path}: GGUF metadata {key} is {what}, expected a positive "
+                      f"{'integer' if integer else 'number'}; the file is not a complete llama.cpp model. "
+                      "Re-convert or re-download it")
+  return v if integer else float(v)
 
 
 def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.errors import UsageError
+from jaxprune.errors import CheckpointError, UsageError
 
 SPEC_FILE = "jaxprune.json"  # the per-layer spec beside the weights
 SPEC_FORMAT = 1
@@ -31,3 +32,25 @@ def parse_dtype(dtype) -> tuple[str, object]:
 def is_orbax_dir(path: str) -> bool:
   """True for a directory written by `save_orbax`."""
   return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, SPEC_FILE))
+
+
+def cast_finite(x, dtype, name: str):
+  """`x` (a numpy or JAX array) cast to `dtype`, refusing a cast that would write inf.
+
+  float16 holds magnitudes up to 65504 only: a larger weight becomes inf, and the exported
+  model computes NaN. The check costs one pass over the cast tensor.
+  """
+  xp = jnp if isinstance(x, jax.Array) else np
+  with np.errstate(over="ignore"):  # the overflow is reported below, with the tensor's name
+    y = xp.asarray(x).astype(dtype)
+  if bool(xp.all(xp.isfinite(y))):
+    return y
+  src = xp.asarray(x)
+  if not bool(xp.all(xp.isfinite(src))):
+    raise CheckpointError(f"tensor {name} holds NaN or Inf before the cast to {jnp.dtype(dtype).name}; the model "
+                          "is damaged and is not exported. Reload it from an intact checkpoint")
+  big = float(xp.max(xp.abs(src.astype(xp.float32))))
+  raise UsageError(
+      f"tensor {name} holds values up to |{big:.6g}|, beyond {jnp.dtype(dtype).name}'s largest finite value "
+      f"{float(jnp.finfo(dtype).max):.6g}, so the export would write inf; export with --dtype bfloat16 or "
+      "--dtype float32 (dtype= in Python)")

@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxprune.errors import CheckpointError, ShapeError
+from jaxprune.io.mapping import require_finite
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, Params, layer_shapes
 
@@ -117,18 +118,21 @@ class LazyBlocks(Sequence):
     raw = self._checked(i, (self._views or self._read)(i))
     self.reads += 1
 
-    def one(x, sh):
+    def one(path, x, sh):
       parts = {}  # devices holding the same slice (replicas over `data`) share one read
 
       def piece(idx):
         key = tuple((s.start, s.stop, s.step) for s in idx)
         if key not in parts:
-          parts[key] = np.asarray(x[idx]).astype(self.dtype)  # exact: a float widening
+          part = np.asarray(x[idx])
+          # Views were not checked when the block was built (that would read all of it).
+          require_finite(part, f"block {i} {jax.tree_util.keystr(path)}", self.source)
+          parts[key] = part.astype(self.dtype)  # exact: a float widening
           self.values_read += parts[key].size
         return parts[key]
       return jax.make_array_from_callback(tuple(np.shape(x)), sh, piece)
 
-    return self._keep(i, jax.tree.map(one, raw, shardings(raw)))
+    return self._keep(i, jax.tree_util.tree_map_with_path(one, raw, shardings(raw)))
 
 
 def block_shapes(spec: ModelSpec, dtype=jnp.float32) -> list[Params]:
@@ -158,18 +162,20 @@ def lazy_model(spec: ModelSpec, keys: Sequence[str], get: Callable[[str], np.nda
   `view(hf_key)`, where the format allows it, is the tensor as a view of the file that reads
   only what is indexed (`LazyBlocks.placed`).
   """
-  from jaxprune.io.mapping import TABLES, block_params, check_keys, key_renames, top_params
+  from jaxprune.io.mapping import TABLES, block_params, check_keys, key_renames, top_params, untie_distinct_head
 
   names = key_renames(TABLES[spec.family], keys)
   original = {v: k for k, v in names.items()}
   read = lambda key: get(original[key])
+  spec = untie_distinct_head(spec, original, read, source)
   check_keys(spec, original, lambda k: not np.any(read(k)), source)
   # The embeddings and head stay in the checkpoint's dtype (a quarter of a 7B model's size at
   # float32); what reads them casts rows or products to float32 (`embed_f32`, the head's einsum).
   top = jax.tree.map(jnp.asarray, top_params(spec, read, source))
   views = None
   if view is not None:
-    views = lambda i: block_params(spec, i, lambda key: view(original[key]), source)
+    # Views read nothing until sliced: `LazyBlocks.placed` checks each slice as it reads it.
+    views = lambda i: block_params(spec, i, lambda key: view(original[key]), source, check_finite=False)
   blocks = LazyBlocks(lambda i: block_params(spec, i, read, source),
                       block_shapes(spec, dtype), dtype, source=source, views=views)
   return Model(spec, {**top, "layers": blocks}, source=os.path.abspath(source))

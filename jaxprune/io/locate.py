@@ -10,6 +10,7 @@ import glob
 import json
 import importlib.util
 import os
+import re
 
 from jaxprune.errors import CheckpointError
 from jaxprune.io.layout import is_orbax_dir
@@ -71,12 +72,30 @@ def resolve(name_or_path: str) -> Location:
       raise CheckpointError(f"{p} holds several GGUF files ({', '.join(os.path.basename(g) for g in ggufs)}); "
                             "pass one of them")
     raise CheckpointError(f"{p} has neither config.json nor a .gguf file; it is not a model directory")
-  looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-  if looks_like_hub_id:
+  if os.path.exists(p):  # a FIFO, socket or device: reading it would block or read something else
+    raise CheckpointError(f"{p} is neither a regular file nor a directory; pass a .gguf file or a model directory")
+  if looks_like_hub_id(name_or_path):
     return Location("hf", _download(name_or_path))
-  raise CheckpointError(
-      f"{name_or_path!r} does not exist. Pass a Hugging Face model directory, a .gguf file, a Hub id "
-      f"(org/name) or a built-in name ({', '.join(BUILTIN)})")
+  raise missing_path(name_or_path)
+
+
+# A Hub id is `org/name` (letters, digits, `-`, `_`, `.`); anything else is a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json")
+
+
+def looks_like_hub_id(name: str) -> bool:
+  """Whether a name that is not on disk may be sent to the Hub: `org/name`, never something
+  written as a path (`./x`, `/x`, `~/x`, `a/b/c`, a weight file's name), which is a typo of a
+  local path that the Hub would only answer with a confusing network or 404 error."""
+  return (bool(_HUB_ID.fullmatch(name)) and not name.startswith(".") and ".." not in name
+          and not name.lower().endswith(_WEIGHT_SUFFIXES))
+
+
+def missing_path(name: str) -> CheckpointError:
+  return CheckpointError(
+      f"{name!r} does not exist (no such file or directory); check the path for a typo. Pass a Hugging Face model "
+      f"directory, a .gguf file, a Hub id (org/name) or a built-in name ({', '.join(BUILTIN)})")
 
 
 _GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")

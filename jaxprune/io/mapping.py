@@ -9,6 +9,7 @@ directions cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Callable
 
@@ -19,6 +20,8 @@ from jaxprune.errors import CheckpointError, ShapeError
 from jaxprune.spec import LayerSpec, ModelSpec, Params
 
 Path = tuple[str, ...]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +204,8 @@ def key_renames(table: FamilyTable, keys) -> dict[str, str]:
   return {k: (k if k.startswith("lm_head.") else base + k) for k in keys}
 
 
-def _normalize_keys(table: FamilyTable, tensors: dict) -> dict:
+def normalize_keys(table: FamilyTable, tensors: dict) -> dict:
+  """`tensors` under the keys the tables use (`key_renames`)."""
   names = key_renames(table, tensors)
   return {names[k]: v for k, v in tensors.items()}
 
@@ -237,14 +241,20 @@ def check_keys(spec: ModelSpec, keys, is_zero: Callable[[str], bool], source: st
 
 
 def _take(spec: ModelSpec, rules, prefix: str, layer: LayerSpec | None, get: Callable[[str], np.ndarray],
-          source: str) -> Params:
-  """The leaves of `rules` (HF keys `prefix + rule.hf`, read with `get`), nested by path."""
+          source: str, check_finite: bool = True) -> Params:
+  """The leaves of `rules` (HF keys `prefix + rule.hf`, read with `get`), nested by path.
+
+  Every tensor is checked to be finite as it is read (`check_finite=False` only for views
+  of the file that read nothing yet; their slices are checked when read).
+  """
   flat: dict[Path, np.ndarray] = {}
   for rule in rules:
     if not rule.when(spec, layer):
       continue
     key = prefix + rule.hf
     arr = np.asarray(get(key))
+    if check_finite:
+      require_finite(arr, key, source)
     try:
       leaves = rule.load(arr, layer)
     except ValueError:
@@ -260,10 +270,48 @@ def top_params(spec: ModelSpec, get: Callable[[str], np.ndarray], source: str = 
   return _take(spec, TABLES[spec.family].top, "", None, get, source)
 
 
-def block_params(spec: ModelSpec, i: int, get: Callable[[str], np.ndarray], source: str = "checkpoint") -> Params:
+def block_params(spec: ModelSpec, i: int, get: Callable[[str], np.ndarray], source: str = "checkpoint",
+                 check_finite: bool = True) -> Params:
   """Block i's parameter tree from HF tensors read with `get` (keys as the tables name them)."""
   table = TABLES[spec.family]
-  return _take(spec, table.block, table.block_prefix.format(i=i), spec.layers[i], get, source)
+  return _take(spec, table.block, table.block_prefix.format(i=i), spec.layers[i], get, source, check_finite)
+
+
+def require_finite(arr: np.ndarray, key: str, source: str = "checkpoint") -> None:
+  """Raises CheckpointError when tensor `key` holds NaN or Inf.
+
+  A non-finite weight makes every logit after it NaN: pruning would fit to NaN statistics
+  and evaluation would print `perplexity nan`, so the checkpoint is refused when read.
+  """
+  if arr.dtype.kind in "biu":
+    return
+  finite = np.isfinite(arr)
+  if finite.all():
+    return
+  at = tuple(int(i) for i in np.argwhere(~finite)[0])
+  what = "NaN" if np.isnan(arr[at]) else "Inf"
+  raise CheckpointError(
+      f"{source}: tensor {key} holds {what} (first at index {at}, {int((~finite).sum())} of {arr.size} values not "
+      "finite); the checkpoint is damaged. Re-download or re-export it")
+
+
+def untie_distinct_head(spec: ModelSpec, keys, get: Callable[[str], np.ndarray],
+                        source: str = "checkpoint") -> ModelSpec:
+  """`spec`, untied when its config ties the LM head to the embedding but the checkpoint
+  (table keys `keys`, read with `get`) holds an `lm_head.weight` that differs from it.
+
+  This is what transformers 5.x computes from such a directory (`PreTrainedModel.tie_weights`
+  keeps both tensors when they differ, with a warning): ignoring the head would give another
+  model. A head equal to the embedding (checkpoints that save both) stays tied.
+  """
+  embed = next(r.hf for r in TABLES[spec.family].top if r.paths == (("embed", "embedding"),))
+  if not spec.tie_embeddings or "lm_head.weight" not in keys or embed not in keys:
+    return spec  # a missing embedding is reported by `check_keys`
+  if np.array_equal(np.asarray(get("lm_head.weight")), np.asarray(get(embed))):
+    return spec
+  log.warning("%s: the config ties the LM head to the embedding (tie_word_embeddings), but the checkpoint's "
+              "lm_head.weight differs from %s; using it untied, as transformers does", source, embed)
+  return dataclasses.replace(spec, tie_embeddings=False)
 
 
 def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> Params:
@@ -271,7 +319,7 @@ def tensors_to_params(spec: ModelSpec, tensors: dict[str, np.ndarray], source: s
 
   Raises CheckpointError naming missing and unexpected keys.
   """
-  tensors = _normalize_keys(TABLES[spec.family], dict(tensors))
+  tensors = normalize_keys(TABLES[spec.family], dict(tensors))
   check_keys(spec, tensors, lambda k: not np.any(tensors[k]), source)
   blocks = tuple(block_params(spec, i, tensors.__getitem__, source) for i in range(spec.num_layers))
   return {**top_params(spec, tensors.__getitem__, source), "layers": blocks}

@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 from jaxprune.errors import CheckpointError, ShapeError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
 from jaxprune.io.export import resolve_tokenizer
-from jaxprune.io.layout import PARAMS_DIR, SPEC_FILE, SPEC_FORMAT, is_orbax_dir, parse_dtype
+from jaxprune.io.layout import PARAMS_DIR, SPEC_FILE, SPEC_FORMAT, cast_finite, is_orbax_dir, parse_dtype
+from jaxprune.io.remote_code import save_tokenizer
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, param_shapes
 
@@ -54,7 +55,7 @@ def save_orbax(model: Model, out: str, *, dtype=None, force: bool = False, token
   params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), model.params)
   if dtype is not None:
     np_dtype = parse_dtype(dtype)[1]
-    params = jax.tree.map(lambda x: x.astype(np_dtype), params)
+    params = jax.tree_util.tree_map_with_path(lambda p, x: cast_finite(x, np_dtype, jax.tree_util.keystr(p)), params)
   tok = resolve_tokenizer(model, tokenizer)
   with atomic_dir(final, force) as tmp:
     ckptr = ocp.StandardCheckpointer()
@@ -65,7 +66,7 @@ def save_orbax(model: Model, out: str, *, dtype=None, force: bool = False, token
       ckptr.close()
     dump_json(os.path.join(tmp, SPEC_FILE), {"format": SPEC_FORMAT, "spec": model.spec.to_json(), "weights": WEIGHTS})
     if tok is not None:
-      tok.save_pretrained(tmp)
+      save_tokenizer(tok, tmp)
   log.info("wrote orbax checkpoint %s (%d parameters)", final, model.num_params)
   return final
 
@@ -167,7 +168,17 @@ def load_orbax(path: str, dtype=None, *, shardings: ShardingsArg = None, mesh: M
     # Orbax commits what it restores to a device; a model placed nowhere in particular must
     # be usable with any mesh (the pipeline shards the activations over all devices).
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
-  return Model.checked(spec, params, source=path)
+  return Model.checked(spec, _finite(params, "", path), source=path)
+
+
+def _finite(tree, prefix: str, source: str):
+  """`tree`, after checking that every restored array is finite (as the safetensors and GGUF
+  readers check every tensor they read): a NaN weight would make every logit NaN."""
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not bool(jnp.all(jnp.isfinite(x))):
+      raise CheckpointError(f"{source}: parameter {prefix}{jax.tree_util.keystr(p)} holds NaN or Inf; the checkpoint "
+                            "is damaged. Re-save it from an intact model")
+  return tree
 
 
 def _unrestorable(params_dir: str, e: Exception) -> CheckpointError:
@@ -205,7 +216,7 @@ def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> M
   target = jax.tree_util.tree_map_with_path(abstract, shapes, is_leaf=_is_shape)
   blocks = list(target.pop("layers"))
   # Host copies: restored arrays are committed to one device, and the pipeline places its own.
-  top = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), _partial_restore(params_dir, target))
+  top = _finite(jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), _partial_restore(params_dir, target)), "", path)
   n = len(blocks)
 
   def only(i, x):
@@ -213,14 +224,16 @@ def _lazy_orbax(spec: ModelSpec, path: str, params_dir: str, stored, dtype) -> M
     return {"layers": [x if j == i else None for j in range(n)]}
 
   def read(i):
-    return jax.tree.map(np.asarray, _partial_restore(params_dir, only(i, blocks[i]))["layers"][i])
+    blk = jax.tree.map(np.asarray, _partial_restore(params_dir, only(i, blocks[i]))["layers"][i])
+    return _finite(blk, f"layers[{i}]", path)
 
   dtype = jnp.dtype(dtype or jnp.float32)
   shapes_in_dtype = block_shapes(spec, dtype)
 
   def restore(i, shardings):
     # The block straight onto the mesh in the run's dtype: each process restores its devices' slices.
-    return _partial_restore(params_dir, only(i, shapes_in_dtype[i]), only(i, shardings))["layers"][i]
+    blk = _partial_restore(params_dir, only(i, shapes_in_dtype[i]), only(i, shardings))["layers"][i]
+    return _finite(blk, f"layers[{i}]", path)
 
   layers = LazyBlocks(read, shapes_in_dtype, dtype, source=path, restore=restore)
   return Model(spec, {**top, "layers": layers}, source=path)

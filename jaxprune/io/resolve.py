@@ -6,7 +6,7 @@ import numpy as np
 
 from jaxprune.io.gguf import load_gguf
 from jaxprune.io.hf import load_hf
-from jaxprune.io.locate import BUILTIN, Location, load_tokenizer, resolve
+from jaxprune.io.locate import BUILTIN, Location, load_tokenizer, looks_like_hub_id, resolve
 from jaxprune.io.orbax_io import load_orbax
 
 
@@ -36,7 +36,7 @@ def read_spec(name_or_path: str) -> tuple:
   from jaxprune.io.orbax_io import _read_spec
 
   p = os.path.expanduser(name_or_path)
-  if not os.path.exists(p) and name_or_path not in BUILTIN and name_or_path.count("/") == 1:
+  if not os.path.exists(p) and name_or_path not in BUILTIN and looks_like_hub_id(name_or_path):
     p = _hub_config(name_or_path)  # a Hub id: its config.json only
   if os.path.isfile(p) and p.endswith(".json"):
     cfg = hf.read_json(p)
