@@ -25,6 +25,7 @@ import pytest
 from jaxprune.io import export as export_mod
 from jaxprune.io.atomic import write_file
 from jaxprune.io.target import MARKER, OutputError, host_tag, write_marker
+from tests import tiny
 from tests.badinput import REPO, Result, assert_intact, assert_one_line_error, run_cli, snapshot
 
 resolve_mod = importlib.import_module("jaxprune.io.resolve")  # `jaxprune.io.resolve` is also a function's name
@@ -288,18 +289,22 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_sigterm_removes_the_temporaries(model, tmp_path):
+@pytest.mark.parametrize("command", [("export",), ("prune", "--sparsity", "0.3", "--calib", "random", "--calib-samples",
+                                                 "8", "--seq-len", "16", "--no-progress")])
+def test_sigterm_removes_the_temporaries(model, tmp_path, command):
   out, flag = str(tmp_path / "o"), str(tmp_path / "flag")
+  tiny.add_word_tokenizer(model)  # prune needs one
   before = snapshot(str(tmp_path))
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-  p = subprocess.Popen([sys.executable, "-c", _PAUSED, flag, "--no-compile-cache", "export", model, "--out", out],
+  argv = [command[0], model, *command[1:], "--out", out]
+  p = subprocess.Popen([sys.executable, "-c", _PAUSED, flag, "--no-compile-cache", *argv],
                        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        stdin=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + 300  # a hang guard, not a timing
     while not os.path.exists(flag) and p.poll() is None and time.monotonic() < deadline:
       time.sleep(0.1)
-    assert os.path.exists(flag), "the export never reached its write"
+    assert os.path.exists(flag), f"the command never reached its write:\n{p.poll() is not None and p.stderr.read()}"
     assert _debris(tmp_path, "o"), "the temporary output should exist while the writer is paused"
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
@@ -310,6 +315,7 @@ def test_sigterm_removes_the_temporaries(model, tmp_path):
   assert_one_line_error(Result(p.returncode, stdout, stderr), "terminated by SIGTERM", "temporary files were removed",
                         rc=143)
   assert not os.path.exists(out) and not _debris(tmp_path, "o")
+  assert os.path.isdir(out + ".checkpoint") == (command[0] == "prune")  # kept for --resume, as the line says
   assert_intact(before)
 
 
