@@ -101,6 +101,13 @@ def test_force_never_replaces_the_root(model, no_work):
   assert_one_line_error(run_cli("export", model, "--out", "/", "--force"), "the filesystem root")
 
 
+def test_force_never_replaces_a_mount_point(model, no_work):
+  mounts = [m for m in ("/proc", "/sys", "/dev") if os.path.ismount(m)]
+  if not mounts:
+    pytest.skip("no mount point besides / to try on this machine")
+  assert_one_line_error(run_cli("export", model, "--out", mounts[0], "--force"), "a mount point", mounts[0])
+
+
 def test_force_never_replaces_the_home_directory(model, tmp_path, monkeypatch, no_work):
   home = _marked(tmp_path / "home")
   monkeypatch.setenv("HOME", home)
