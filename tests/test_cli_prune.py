@@ -98,8 +98,14 @@ def test_existing_output_is_kept_without_force(capsys, model_dir, texts, tmp_pat
   assert code == 2 and "already exists" in err and "--force" in err and "Traceback" not in err
   assert os.listdir(out) == ["keep.txt"]
   code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", texts["calib"], "--out", out, "--force")
-  assert code == 0, err
-  assert "keep.txt" not in os.listdir(out) and "report.json" in os.listdir(out)
+  assert code == 2 and "was not written by jaxprune" in err  # --force replaces only jaxprune's outputs
+  assert os.listdir(out) == ["keep.txt"]
+  (out / "keep.txt").unlink()
+  out.rmdir()
+  for extra in ((), ("--force",)):
+    code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", texts["calib"], "--out", out, *extra)
+    assert code == 0, err
+  assert "report.json" in os.listdir(out)
 
 
 @pytest.mark.parametrize("args,msg", [

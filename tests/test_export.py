@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 
 import chex
@@ -20,6 +21,7 @@ from jaxprune.errors import CheckpointError, ConfigError, UsageError
 from jaxprune.io import export as export_mod
 from jaxprune.io.atomic import atomic_dir, write_json
 from jaxprune.io.export import save_hf
+from jaxprune.io.target import MARKER
 from jaxprune.model import Model
 from jaxprune.spec import FAMILIES, FamilySpec, spec_from_params
 from jaxprune.surgery import prune_model
@@ -407,10 +409,16 @@ def test_cli_refuses_existing_output_and_changes_nothing(tiny_dir, tmp_path, cap
   assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
   assert sorted(os.listdir(tmp_path)) == before
 
-  rc, _, _ = run_cli(capsys, "export", tiny_dir("llama_gqa"), "--out", str(out), "--force")
-  assert rc == 0
-  assert "keep.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
-  assert no_debris(str(tmp_path), "taken")
+  # --force replaces only what jaxprune wrote: this directory is the user's.
+  rc, _, err = run_cli(capsys, "export", tiny_dir("llama_gqa"), "--out", str(out), "--force")
+  assert rc == 2 and "was not written by jaxprune" in err
+  assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == before
+  os.remove(out / "keep.txt")
+  os.rmdir(out)
+  for _ in range(2):  # the second replaces the first, which carries jaxprune's marker
+    rc, _, _ = run_cli(capsys, "export", tiny_dir("llama_gqa"), "--out", str(out), *(("--force",) if _ else ()))
+    assert rc == 0
+  assert "config.json" in os.listdir(out) and no_debris(str(tmp_path), "taken")
 
 
 def _copy(tiny_dir, kind, dst) -> str:
@@ -465,16 +473,16 @@ def test_failed_write_leaves_nothing(models, monkeypatch, tmp_path):
 
 def test_atomic_dir_force_keeps_old_until_success(tmp_path):
   out = tmp_path / "d"
-  out.mkdir()
-  (out / "old").write_text("1")
+  with atomic_dir(str(out)) as tmp:
+    (pathlib.Path(tmp) / "old").write_text("1")
   with pytest.raises(ValueError):
     with atomic_dir(str(out), force=True) as tmp:
       open(os.path.join(tmp, "new"), "w").close()
       raise ValueError("fail")
-  assert os.listdir(out) == ["old"] and os.listdir(tmp_path) == ["d"]
+  assert sorted(os.listdir(out)) == [MARKER, "old"] and os.listdir(tmp_path) == ["d"]
   with atomic_dir(str(out), force=True) as tmp:
     open(os.path.join(tmp, "new"), "w").close()
-  assert os.listdir(out) == ["new"] and os.listdir(tmp_path) == ["d"]
+  assert sorted(os.listdir(out)) == [MARKER, "new"] and os.listdir(tmp_path) == ["d"]
 
 
 def test_write_json(tmp_path):

@@ -2,17 +2,25 @@
 
 Each subcommand lives in its own module with `add_parser(subparsers)` and
 `run(args) -> int`. The library never sees `args`: subcommands turn them into
-frozen configs and call library functions. Errors derived from JaxpruneError
-print as one line (what, expected, fix) with exit status 2.
+frozen configs and call library functions. Errors derived from JaxpruneError,
+and OSErrors of file operations, print as one line (what, expected, fix) with exit
+status 2; `--debug` prints the traceback instead. SIGTERM (timeouts, Slurm, docker
+stop) unwinds like Ctrl-C, so temporary outputs are removed, and exits with 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import traceback
+from typing import Iterator
 
 from jaxprune.errors import JaxpruneError
 
@@ -62,6 +70,7 @@ def return_freed_memory() -> None:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxprune", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+  parser.add_argument("--debug", action="store_true", help="print the full traceback of an error instead of one line")
   parser.add_argument("--compile-cache", default=os.environ.get("JAXPRUNE_COMPILE_CACHE", DEFAULT_CACHE),
                       metavar="DIR", help="JAX's persistent compilation cache, so a second run (or a resumed one) "
                       "does not compile its kernels again (default: %(default)s; env JAXPRUNE_COMPILE_CACHE)")
@@ -80,6 +89,52 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised wherever the program is, so that every cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+  """Within the block, SIGTERM raises `Terminated` (only the main thread may set handlers)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated()
+
+  old = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def _os_error_line(e: OSError) -> str:
+  what = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+  code = errno.errorcode.get(e.errno, str(e.errno))
+  return f"{what}{e.strerror or os.strerror(e.errno)} ({code}); check that path, or run with --debug for the traceback"
+
+
+def _report(command: str, e: BaseException, debug: bool) -> int:
+  """Prints what stopped the command (one line, or the traceback with --debug); the exit status."""
+  if debug:
+    traceback.print_exception(e)
+  elif isinstance(e, Terminated):
+    print(f"jaxprune {command}: error: terminated by SIGTERM; temporary files were removed and no output was "
+          "published (an existing checkpoint is kept for --resume)", file=sys.stderr)
+  elif isinstance(e, KeyboardInterrupt):
+    print(f"jaxprune {command}: interrupted", file=sys.stderr)
+  elif isinstance(e, JaxpruneError):
+    print(f"jaxprune {command}: error: {e}", file=sys.stderr)
+  else:
+    print(f"jaxprune {command}: error: {_os_error_line(e)}", file=sys.stderr)
+  if isinstance(e, KeyboardInterrupt):
+    return 143 if isinstance(e, Terminated) else 130
+  return 2
+
+
 def main(argv=None) -> int:
   return_freed_memory()
   parser = build_parser()
@@ -87,16 +142,17 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   if not args.verbose:  # JAX's own INFO lines (e.g. the missing-TPU probe) are noise to users
     logging.getLogger("jax").setLevel(logging.WARNING)
-  if args.compile_cache:
-    enable_compile_cache(args.compile_cache)
-  try:
-    return int(args._run(args) or 0)
-  except JaxpruneError as e:
-    print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(f"jaxprune {args.command}: interrupted", file=sys.stderr)
-    return 130
+  with sigterm_as_interrupt():
+    try:
+      if args.compile_cache:
+        enable_compile_cache(args.compile_cache)
+      return int(args._run(args) or 0)
+    except (JaxpruneError, KeyboardInterrupt) as e:
+      return _report(args.command, e, args.debug)
+    except OSError as e:
+      if e.errno is None:  # not a file operation's error: a bug, keep its traceback
+        raise
+      return _report(args.command, e, args.debug)
 
 
 if __name__ == "__main__":

@@ -150,9 +150,9 @@ def run(args) -> int:
     raise UsageError("--output saves lm-eval results; pass --tasks as well")
   model = tm = None
   if cfg.tasks:  # every cheap check before the model loads and perplexity runs
-    from jaxprune.io.atomic import check_target
+    from jaxprune.io.target import check_output, local_path
     if cfg.output is not None:
-      check_target(cfg.output, cfg.force)
+      check_output(cfg.output, cfg.force, [local_path(cfg.model), cfg.text], kind="file")
     if cfg.batch_size < 1:
       raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     tm = _task_manager(cfg)

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--format", choices=sorted(FORMATS), default="hf", help="output format (default: hf)")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                  help="dtype of the written weights (default: as loaded, float32)")
-  p.add_argument("--force", action="store_true", help="replace an existing output (only once the new one is complete)")
+  p.add_argument("--force", action="store_true", help="replace an existing output that jaxprune wrote (only once the new "
+                 "one is complete)")
   p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file for --format hf (default: 5GB)")
   return p
 
@@ -45,10 +46,11 @@ def run(args) -> int:
 
 
 def export(cfg: ExportConfig) -> int:
-  from jaxprune.io.atomic import check_target
   from jaxprune.io.resolve import load
+  from jaxprune.io.target import check_output, local_path, size_on_disk
 
-  check_target(cfg.out, cfg.force)  # fail before the (slow) load when the output exists
+  source = local_path(cfg.source)
+  check_output(cfg.out, cfg.force, [source], need_bytes=size_on_disk(source))  # before the (slow) load
   model = load(cfg.source)
   if cfg.format == "orbax":
     from jaxprune.io.orbax_io import save_orbax

@@ -41,7 +41,8 @@ def add_parser(sub):
                  "before/after (default 32; 0 skips it)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
   p.add_argument("--seed", type=int, default=d.seed, help="window choice, LoRA init and batch order (default 0)")
-  p.add_argument("--force", action="store_true", help="replace an existing DIR (only once the new one is complete)")
+  p.add_argument("--force", action="store_true", help="replace an existing DIR that jaxprune wrote (only once the new "
+                 "one is complete)")
   p.add_argument("--no-progress", dest="progress", action="store_false", help="do not draw a progress bar")
   return p
 
@@ -53,7 +54,8 @@ def run(args) -> int:
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.errors import UsageError
   from jaxprune.heal import HealConfig, heal
-  from jaxprune.io.atomic import atomic_dir, check_target
+  from jaxprune.io.atomic import atomic_dir
+  from jaxprune.io.target import check_output, local_path, size_on_disk
   from jaxprune.io.export import hf_problems, save_hf
 
   lr = args.lr if args.lr is not None else (1e-4 if args.train == "lora" else 1e-3)
@@ -61,7 +63,8 @@ def run(args) -> int:
                    weight_decay=args.weight_decay, seed=args.seed)
   if args.heldout < 0:
     raise UsageError(f"--heldout must be 0 or more windows, got {args.heldout}")
-  check_target(args.out, args.force)  # fail before the slow part when the output exists
+  model_path = local_path(args.model)
+  check_output(args.out, args.force, [model_path, args.calib], need_bytes=size_on_disk(model_path))
   text = read_text(args.calib)
   t0 = time.perf_counter()
   model = jaxprune.load(args.model)

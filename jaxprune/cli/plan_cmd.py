@@ -47,7 +47,10 @@ def run(args) -> int:
   from jaxprune.io.atomic import write_json
   from jaxprune.io.export import parse_size
   from jaxprune.io.resolve import read_spec
+  from jaxprune.io.target import check_output, local_path
 
+  if args.json:  # the estimate replaces an earlier one, never an input (e.g. the model's config.json)
+    check_output(args.json, True, [local_path(args.model), args.config], kind="file")
   if args.sparsity is None and args.config is None:
     args.sparsity = "0.2"  # the budget does not change the peak: it is set by the dense block
   args.calib = None

@@ -113,8 +113,8 @@ def add_parser(sub):
   p.add_argument("--eval-text", default=None, help="text file for perplexity before and after")
   p.add_argument("--eval-windows", type=int, default=256, help="windows of --eval-text to use (default 256)")
   p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-  p.add_argument("--force", action="store_true", help="replace an existing --out (and start over from a checkpoint "
-                 "a killed run left)")
+  p.add_argument("--force", action="store_true", help="replace an existing --out that jaxprune wrote (and start "
+                 "over from a checkpoint a killed run left); never an input, the current directory or its ancestors")
   p.add_argument("--resume", action="store_true",
                  help="continue a killed run from its last finished block (the checkpoint in OUT.checkpoint); "
                  "the result is bit-identical to an uninterrupted run with the same inputs and options")
@@ -168,11 +168,6 @@ def resolve_config(args):
   name = args.preset or presets.default_preset(given.get("method"), args.calib)
   values = presets.values(name, given)
   return PruneConfig(**values), name
-
-
-def _check_out(out: str, force: bool):
-  if os.path.exists(out) and not force:
-    raise UsageError(f"output directory {out} already exists; pass --force to replace it or choose another --out")
 
 
 def checkpoint_dir(out: str) -> str:
@@ -263,9 +258,12 @@ def run(args) -> int:
   from jaxprune.io.atomic import atomic_dir
   from jaxprune.io.export import hf_problems, parse_size, save_hf
   from jaxprune.io.lazy import is_lazy
+  from jaxprune.io.target import check_output, local_path, size_on_disk
   from jaxprune.pipeline import prune
 
-  _check_out(args.out, args.force)
+  model_path = local_path(args.model)
+  check_output(args.out, args.force, [model_path, args.calib, args.eval_text, args.config],
+               need_bytes=size_on_disk(model_path))  # writable, with room, before any work
   parse_size(args.max_shard_size)  # bad input stops before any work
   mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
