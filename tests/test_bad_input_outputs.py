@@ -177,6 +177,20 @@ def test_force_replaces_what_jaxprune_wrote(model, tmp_path):
   assert not _debris(tmp_path, "o")
 
 
+def test_force_replaces_a_prune_output_written_before_the_marker(model, tmp_path):
+  """A run directory of an older jaxprune (report.json with config, modules and params, beside
+  progress.jsonl) is jaxprune's: `scripts/main.sh` replaces its own runs/smollm2-20. A directory
+  with only one of the two, or a report.json of another shape, is not."""
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "report.json").write_text(json.dumps({"config": {}, "modules": [], "params": {}}))
+  _refused("export", model, "--out", str(old), "--force", needles=("was not written by jaxprune",), roots=(str(old),))
+  (old / "progress.jsonl").write_text("{}\n")
+  r = run_cli("export", model, "--out", str(old), "--force")
+  assert r.rc == 0, r.stderr
+  assert os.path.isfile(old / MARKER) and not os.path.exists(old / "progress.jsonl")
+
+
 # ---------------------------------------------------------------------------
 # The output location is checked before any work (item 7).
 

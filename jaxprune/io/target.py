@@ -56,6 +56,19 @@ def read_marker(directory: str) -> dict | None:
   return info if isinstance(info, dict) and info.get("tool") == "jaxprune" else None
 
 
+def _legacy_output(directory: str) -> bool:
+  """A `jaxprune prune` output written before outputs carried the marker: its report.json names
+  the run's config and modules, beside progress.jsonl. Without this, `scripts/main.sh --force`
+  would refuse the run directory an older checkout wrote."""
+  try:
+    with open(os.path.join(directory, "report.json")) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (isinstance(report, dict) and {"config", "modules", "params"} <= set(report)
+          and os.path.isfile(os.path.join(directory, "progress.jsonl")))
+
+
 def _real(path: str) -> str:
   return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
@@ -91,7 +104,7 @@ def _check_replaceable(path: str, kind: str, inputs: Iterable[str]) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
       raise UsageError(f"{path} is a directory, not a file jaxprune wrote; remove it yourself or choose another "
                        "output path")
-  elif read_marker(path) is None:
+  elif read_marker(path) is None and not _legacy_output(path):
     raise UsageError(f"{path} was not written by jaxprune (it has no {MARKER} file), so --force does not replace "
                      "it; remove it yourself or choose another --out")
 
