@@ -267,3 +267,22 @@ def test_long_phases_say_they_start_without_a_bar(work, tmp_path):
   assert starts == sorted(starts), r.stderr
   assert " left" in lines[starts[1]] and "est." in lines[starts[1]]
   assert os.path.isfile(out / "report.json")
+
+
+def test_a_tokenizer_that_cannot_be_split_gets_the_whole_text(tmp_path):
+  # A SentencePiece-style normalizer prepends "▁" to every text it is given: pieces would each
+  # get one, so the probe must refuse to split, and the file is tokenized whole.
+  from tokenizers import Tokenizer, models, normalizers
+  from transformers import PreTrainedTokenizerFast
+
+  from jaxprune.data.stream import read_tokens, splits_safely
+
+  chars = sorted(set("▁abcdefghijklmnopqrstuvwxyz\n"))
+  backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token=None))
+  backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+  assert not splits_safely(tok)
+  path = tmp_path / "t.txt"
+  path.write_text("ab cd\nef gh\n" * 5000)
+  ids, complete = read_tokens(str(path), tok, chunk_bytes=1000)
+  assert complete and ids.tolist() == tok(path.read_text(), add_special_tokens=False)["input_ids"]

@@ -7,8 +7,8 @@ its own and its ids appended to one int32 stream, and reading stops once the
 stream holds the tokens asked for.
 
 A piece ends only where tokenizing the pieces gives the ids of the whole text:
-after a newline between two visible ASCII characters, or before a space between
-a visible ASCII character (or a newline) and a visible ASCII character. The
+after a newline between two visible (non-space) characters, or before a space
+between a visible character (or a newline) and a visible character. The
 byte-level BPE tokenizers of the supported families (GPT-2, Llama 3, Qwen2,
 SmolLM2) split text into words with a GPT-2-like pattern before merging, and
 that pattern always starts a new word there: a space leads the word after it,
@@ -50,19 +50,42 @@ def decode(data: bytes, path: str, offset: int = 0, what: str = "text file") -> 
                      f"convert it, e.g. iconv -f LATIN1 -t UTF-8 {path} > {path}.utf8") from None
 
 
-# Zero-width matches where the text may be split: after a newline between two visible
-# ASCII characters ("x\nY"), and before a space that leads a visible character and follows
-# one or a newline ("x Y", "\n Y").
-_CUT = re.compile(rb"(?<=[!-~]\n)(?=[!-~])|(?<=[!-~\n])(?= [!-~])")
+_CANDIDATE = re.compile(rb"[\n ]")
 _TAIL = 1 << 16
+
+
+def _char_before(buf: bytes, i: int) -> str:
+  """The character that ends at byte `i` of `buf` (up to 4 bytes of UTF-8; "" where none decodes)."""
+  return buf[max(i - 4, 0):i].decode("utf-8", errors="ignore")[-1:]
+
+
+def _char_at(buf: bytes, i: int) -> str:
+  return buf[i:i + 4].decode("utf-8", errors="ignore")[:1]
+
+
+def _visible(c: str) -> bool:
+  return bool(c) and not c.isspace()
+
+
+def _splits_at(buf: bytes, i: int) -> int:
+  """Where the text may be split near the space or newline at byte `i` (0: not here): after a
+  newline between two visible characters ("x\nY"), before a space between a visible character
+  or a newline and a visible character ("x Y", "\n Y")."""
+  before, after = _char_before(buf, i), _char_at(buf, i + 1)
+  if not _visible(after):
+    return 0
+  if buf[i] == 0x0A:
+    return i + 1 if _visible(before) else 0
+  return i if _visible(before) or before == "\n" else 0
 
 
 def _cut(buf: bytes) -> int:
   """The last position in `buf` where the text may be split (0: none)."""
   for start in (max(len(buf) - _TAIL, 0), 0):  # the tail first: a cut is almost always there
-    cuts = [m.start() for m in _CUT.finditer(buf, start)]
-    if cuts:
-      return cuts[-1]
+    for m in reversed(list(_CANDIDATE.finditer(buf, start, len(buf) - 4))):
+      cut = _splits_at(buf, m.start())
+      if cut:
+        return cut
   return 0
 
 
@@ -83,20 +106,22 @@ def pieces(f: BinaryIO, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, b
       start, buf = start + cut, buf[cut:]
 
 
-# Text with every kind of place `_CUT` finds, for a tokenizer to be checked on.
-_PROBE = "The cat's 12 toys.\nA dog  ran,\n (quickly) home; \u00e9t\u00e9 x\n\n = Title = \nend 3.5 !? ok"
+# Text with every kind of place `_cut` may choose (and some it must not), for a tokenizer to be checked on.
+_PROBE = ("The cat's 12 toys.\nA dog  ran,\n (quickly) home; \u00e9t\u00e9 x\n\n = Title = \nend 3.5 !? ok\n"
+          "\u4e2d\u6587\n\u65e5\u672c \u8a9e\u3000x \u00e9\n\u00e9")
 
 
 def splits_safely(tokenizer) -> bool:
-  """Whether tokenizing `_PROBE` in two pieces, at each place `_CUT` finds, gives the ids of
+  """Whether tokenizing `_PROBE` in two pieces, at each place `_cut` may choose, gives the ids of
   the whole (not so for tokenizers that prepend a marker to every text, e.g. SentencePiece
   normalizers that add "▁")."""
   def ids(text):
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
   data = _PROBE.encode("utf-8")
+  cuts = [c for c in (_splits_at(data, m.start()) for m in _CANDIDATE.finditer(data, 0, len(data) - 4)) if c]
   whole = ids(_PROBE)
-  return all(ids(data[:m.start()].decode()) + ids(data[m.start():].decode()) == whole for m in _CUT.finditer(data))
+  return all(ids(data[:c].decode()) + ids(data[c:].decode()) == whole for c in cuts)
 
 
 def read_tokens(path: str, tokenizer, limit: int | None = None, chunk_bytes: int = CHUNK_BYTES,
