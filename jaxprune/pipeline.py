@@ -229,6 +229,13 @@ def _chunks(windows: np.ndarray, batch_size: int, mesh, what: str) -> np.ndarray
   if windows.ndim != 2:
     raise UsageError(f"{what} windows must be a [samples, seq_len] array, got shape {windows.shape}")
   S = windows.shape[0]
+  B = check_batches(S, batch_size, mesh, what)
+  return windows.reshape(S // B, B, windows.shape[1])
+
+
+def check_batches(S: int, batch_size: int, mesh, what: str = "calibration") -> int:
+  """The batch size `S` windows are split into, after checking that they split (callers check
+  before they make the windows: self-generating them takes minutes)."""
   B = min(batch_size, S)
   n_data = mesh.shape[sharding.DATA]
   if B % n_data:
@@ -236,7 +243,7 @@ def _chunks(windows: np.ndarray, batch_size: int, mesh, what: str) -> np.ndarray
                      f"pass a batch size divisible by {n_data}")
   if S % B:
     raise UsageError(f"{S} {what} windows do not split into batches of {B}; use a sample count divisible by {B}")
-  return windows.reshape(S // B, B, windows.shape[1])
+  return B
 
 
 def _split_holdout(chunks: np.ndarray, holdout: bool) -> list[np.ndarray]:

@@ -207,17 +207,35 @@ def _describe(name: str, kind: str) -> str:
       kind, "a string")
 
 
+def _yaml_problem(e, text: str) -> str:
+  """PyYAML's problem on one line, with the byte offset and line of the place it names."""
+  what = " ".join(str(getattr(e, "problem", None) or e).split())
+  mark = getattr(e, "problem_mark", None)
+  if mark is None:
+    return what
+  offset = len(text[:mark.index].encode("utf-8"))
+  return f"{what} at byte offset {offset} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def from_yaml(path: str) -> dict[str, Any]:
   """PruneConfig field values from a YAML mapping of field names (checked and typed)."""
   import yaml
 
+  from jaxprune.data.stream import decode
+
   try:
-    with open(path) as f:
-      data = yaml.safe_load(f)
+    with open(path, "rb") as f:
+      raw = f.read()
   except FileNotFoundError:
     raise UsageError(f"config file {path} does not exist; pass a YAML file of PruneConfig fields") from None
+  except IsADirectoryError:
+    raise UsageError(f"config file {path} is a directory; pass a YAML file of PruneConfig fields") from None
+  text = decode(raw, path, what="config file")
+  try:
+    data = yaml.safe_load(text)
   except yaml.YAMLError as e:
-    raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raise UsageError(f"config file {path} is not valid YAML: {_yaml_problem(e, text)}; fix the file (one "
+                     "'field: value' per line, e.g. 'sparsity: 0.2')") from None
   if data is None:
     return {}
   if not isinstance(data, dict):

@@ -136,7 +136,7 @@ def test_unsupported_model_type(capsys, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (("--seq-len", "1"), ("seq_len must be at least 2", "got 1")),
+    (("--seq-len", "1"), ("--seq-len must be at least 2", "got 1")),
     (("--seq-len", "5000"), ("fewer than one window of 5000", "smaller --seq-len")),
     (("--max-windows", "0"), ("max_windows must be positive, got 0",)),
     (("--batch-size", "0"), ("--batch-size must be at least 1, got 0",)),

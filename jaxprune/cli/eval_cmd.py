@@ -72,24 +72,37 @@ def config_from_args(args) -> EvalConfig:
                     output=args.output, force=args.force)
 
 
+def load_model(name: str, dtype: str, bar: bool):
+  """`jaxprune.load`, saying so while a GGUF file's tensors are dequantized."""
+  import jaxprune
+  from jaxprune.cli.progress import loading
+
+  with loading(name, bar) as report:
+    return jaxprune.load(name, dtype=dtype, progress=report)
+
+
 def evaluate(cfg: EvalConfig, model=None):
   """Perplexity of `cfg.text`; returns (PerplexityResult, Model). Loads the model unless given."""
   from tqdm import tqdm
 
   import jaxprune
-  from jaxprune.data import eval_windows, read_text, tokenize
+  from jaxprune.data import check_window_args, text_windows
+  from jaxprune.data.stream import check_file
   from jaxprune.errors import UsageError
   from jaxprune.eval import perplexity
 
   if cfg.batch_size < 1:
     raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-  text = read_text(cfg.text)  # before the (slower) model load, so a wrong path fails fast
+  check_window_args(cfg.seq_len, cfg.max_windows)
+  check_file(cfg.text)  # before the (slower) model load, so a wrong path fails fast
   if model is None:
-    model = jaxprune.load(cfg.model, dtype=cfg.dtype)
+    model = load_model(cfg.model, cfg.dtype, cfg.progress)
   tokenizer = jaxprune.load_tokenizer(cfg.model)
-  windows = eval_windows(tokenize(tokenizer, text), cfg.seq_len, cfg.max_windows, source=cfg.text)
+  # Read only as far as the windows need: a corpus of gigabytes for --max-windows 4 reads one piece.
+  windows = text_windows(cfg.text, tokenizer, cfg.seq_len, cfg.max_windows)
   with tqdm(total=len(windows), unit="win", desc="eval", disable=not cfg.progress, file=sys.stderr) as bar:
-    result = perplexity(model.spec, model.params, windows, batch_size=cfg.batch_size, progress=bar.update)
+    result = perplexity(model.spec, model.params, windows, batch_size=cfg.batch_size, progress=bar.update,
+                        finite=True)
   return result, model
 
 
@@ -173,7 +186,7 @@ def run(args) -> int:
     from jaxprune.io.atomic import write_json
 
     if model is None:
-      model = jaxprune.load(cfg.model, dtype=cfg.dtype)
+      model = load_model(cfg.model, cfg.dtype, cfg.progress)
     results = zero_shot(cfg, model, jaxprune.load_tokenizer(cfg.model), tm)
     print(make_table(results))
     if results.get("groups"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 FORMATS = {
     "hf": "Hugging Face directory (config.json, safetensors, tokenizer) that PyTorch loads",
@@ -46,20 +47,24 @@ def run(args) -> int:
 
 
 def export(cfg: ExportConfig) -> int:
+  from jaxprune.cli.progress import loading, writing
   from jaxprune.io.resolve import load
   from jaxprune.io.target import check_output, local_path, size_on_disk
 
   source = local_path(cfg.source)
   check_output(cfg.out, cfg.force, [source], need_bytes=size_on_disk(source))  # before the (slow) load
-  model = load(cfg.source)
+  bar = sys.stderr.isatty()
+  with loading(cfg.source, bar) as report:
+    model = load(cfg.source, progress=report)
   if cfg.format == "orbax":
     from jaxprune.io.orbax_io import save_orbax
     path = save_orbax(model, cfg.out, dtype=cfg.dtype, force=cfg.force)
     summary = {"path": path, "format": "orbax", "num_params": model.num_params, "loader": "jaxprune.load"}
   else:
     from jaxprune.io.export import save_hf
-    info = save_hf(model, cfg.out, dtype=cfg.dtype, force=cfg.force, jax_only=cfg.format == "jaxprune",
-                   max_shard_size=cfg.max_shard_size)
+    with writing(cfg.out, model.spec.num_layers, bar) as step:
+      info = save_hf(model, cfg.out, dtype=cfg.dtype, force=cfg.force, jax_only=cfg.format == "jaxprune",
+                     max_shard_size=cfg.max_shard_size, progress=step)
     summary = {k: v for k, v in dataclasses.asdict(info).items() if k != "files"}
     summary["loader"] = info.loader
   print(json.dumps(summary))

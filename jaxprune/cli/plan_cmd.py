@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from jaxprune.errors import UsageError
 
 
 def add_parser(sub):
@@ -44,6 +43,7 @@ def add_parser(sub):
 def run(args) -> int:
   from jaxprune import footprint, sharding
   from jaxprune.cli.prune_cmd import resolve_config
+  from jaxprune.data import check_seq_len
   from jaxprune.io.atomic import write_json
   from jaxprune.io.export import parse_size
   from jaxprune.io.resolve import read_spec
@@ -54,6 +54,7 @@ def run(args) -> int:
   if args.sparsity is None and args.config is None:
     args.sparsity = "0.2"  # the budget does not change the peak: it is set by the dense block
   args.calib = None
+  check_seq_len(args.seq_len)
   config, preset = resolve_config(args)
   import os
 
@@ -68,8 +69,7 @@ def run(args) -> int:
   from jaxprune.cli.prune_cmd import window_count
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
   args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)
-  if args.seq_len < 1:
-    raise UsageError(f"--seq-len {args.seq_len}: expected a positive number")
+  check_seq_len(args.seq_len, spec)  # as `jaxprune prune` checks it
   est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=args.seq_len, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
                            max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped)

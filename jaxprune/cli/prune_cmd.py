@@ -21,9 +21,12 @@ fields overrides the preset, and options given here override both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import sys
 import time
 
 from jaxprune.errors import UsageError
@@ -196,23 +199,54 @@ def _prepare_checkpoint(args) -> str | None:
   return ckpt  # created by the run itself, once the inputs have been checked
 
 
-def _calibration(args, model, tokenizer, config):
-  from jaxprune.data import read_text, sample_windows, tokenize
+def _calibration(args, model, tokenizer, config, n: int):
+  from jaxprune.cli.progress import phase
+  from jaxprune.data import calibration_stream, sample_windows
   from jaxprune.data.selfgen import random_tokens, self_generated
 
-  n = window_count(args.calib_samples, config, args.calib == "selfgen")
   if args.calib == "selfgen":
     from jaxprune.io.lazy import materialize
 
     model = materialize(model)  # generation runs the whole model for every token
-    return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
-                          windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
-                          temperature=config.selfgen_temperature)
+    # Minutes to an hour on a CPU: say so before the first batch compiles and runs.
+    with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself (--calib FILE "
+               "reads a text instead)", n, "self-generation", "win", args.show_progress) as update:
+      return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
+                            windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
+                            temperature=config.selfgen_temperature, progress=update)
   if args.calib == "random":
     return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed)
-  stream = tokenize(tokenizer, read_text(args.calib))
-  windows, _ = sample_windows(stream, args.seq_len, n, seed=config.seed, source=args.calib)
+  windows, _ = sample_windows(calibration_stream(args.calib, tokenizer), args.seq_len, n, seed=config.seed,
+                              source=args.calib)
   return windows
+
+
+def _check_inputs(args, config, mesh):
+  """The text files, window length and calibration size: checked before the model loads."""
+  from jaxprune.data import check_seq_len
+  from jaxprune.data.stream import check_file
+  from jaxprune.pipeline import check_batches
+
+  check_seq_len(args.seq_len)
+  if args.calib not in CALIB_SPECIAL:
+    check_file(args.calib, "calibration text")
+  if args.eval_text is not None:
+    check_file(args.eval_text, "--eval-text file")
+    if args.eval_windows < 1:
+      raise UsageError(f"--eval-windows must be positive, got {args.eval_windows}")
+  n = window_count(args.calib_samples, config, args.calib == "selfgen")
+  check_batches(n, config.batch_size, mesh)
+  return n
+
+
+def _check_model_inputs(args, spec, n: int) -> None:
+  """What the model's sizes decide: the window length against its positions, the calibration
+  streams against the memory there is (refused before they are allocated)."""
+  from jaxprune.data import check_seq_len
+  from jaxprune.data.budget import check_calibration_size
+
+  check_seq_len(args.seq_len, spec)
+  check_calibration_size(n, args.seq_len, spec.hidden_size)
 
 
 def _mesh(text: str | None):
@@ -253,7 +287,8 @@ def run(args) -> int:
   from tqdm import tqdm
 
   import jaxprune
-  from jaxprune.data import eval_windows, read_text, tokenize
+  from jaxprune.cli.progress import phase, writing
+  from jaxprune.data import text_windows
   from jaxprune.eval import perplexity
   from jaxprune.io.atomic import atomic_dir
   from jaxprune.io.export import hf_problems, parse_size, save_hf
@@ -267,29 +302,31 @@ def run(args) -> int:
   parse_size(args.max_shard_size)  # bad input stops before any work
   mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
+  n_calib = _check_inputs(args, config, mesh)
   ckpt = _prepare_checkpoint(args)
-  if args.eval_text is not None:
-    read_text(args.eval_text)  # fail before any work if it is missing
   t0 = time.perf_counter()
   # Blocks stay in the checkpoint until the run reaches them (safetensors and GGUF; jaxprune.io.lazy).
   model = jaxprune.load(args.model, lazy=True)
   config.check(model.spec)
+  _check_model_inputs(args, model.spec, n_calib)
   # A streamed checkpoint keeps its embeddings in the dtype it was saved in: the output's default.
   source_dtype = str(model.params["embed"]["embedding"].dtype) if is_lazy(model.params) else None
   tokenizer = jaxprune.load_tokenizer(args.model)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  calib = _calibration(args, model, tokenizer, config)
+  calib = _calibration(args, model, tokenizer, config, n_calib)
   calib_s = time.perf_counter() - t0
 
   evaluation = {}
   test = None
   if args.eval_text is not None:
-    test = eval_windows(tokenize(tokenizer, read_text(args.eval_text)), args.seq_len, args.eval_windows,
-                        source=args.eval_text)
+    test = text_windows(args.eval_text, tokenizer, args.seq_len, args.eval_windows)
     with tqdm(total=len(test), desc="perplexity (dense)", unit="win", disable=not args.show_progress) as bar:
-      evaluation["dense"] = dataclasses.asdict(perplexity(model.spec, model.params, test, progress=bar.update))
+      # A dense model with non-finite logits stops the run here; the pruned one's perplexity is
+      # reported whatever it is, so that the run's output is not lost.
+      evaluation["dense"] = dataclasses.asdict(perplexity(model.spec, model.params, test, progress=bar.update,
+                                                          finite=True))
 
   # progress.jsonl is written as the run goes (in the checkpoint directory, so that a
   # resumed run continues it), and copied into the output at the end.
@@ -301,7 +338,12 @@ def run(args) -> int:
     for e in events:
       log_file.write(json.dumps(e) + "\n")
   start, stop = config.block_range(model.spec)
-  with tqdm(total=stop - start, desc="pruning", unit="block", disable=not args.show_progress) as bar:
+  plan = contextlib.ExitStack()
+  plan_update = None
+  if config.allocation == "adaptive" and not args.resume:  # the dense pass runs before the first block is pruned
+    plan_update = plan.enter_context(phase(f"adaptive plan: scoring blocks {start}-{stop - 1} of the dense model "
+                                           "before pruning", stop - start, "plan", "block", args.show_progress))
+  with plan, tqdm(total=stop - start, desc="pruning", unit="block", disable=not args.show_progress) as bar:
 
     def progress(event):
       nonlocal log_file
@@ -312,9 +354,12 @@ def run(args) -> int:
           log_file = open(log_path, "w")
         log_file.write(json.dumps(event) + "\n")
         log_file.flush()
-      if event["event"] == "block":
+      if event["event"] == "plan" and plan_update is not None:
+        plan_update(1)
+      elif event["event"] == "block":
         bar.update(1)
       elif event["event"] == "module":
+        plan.close()
         err = f" err {event['error_after']:.3f}" if "error_after" in event else ""
         bar.set_postfix_str(f"layer {event['layer']} {event['module']}: {event['units_before']}->"
                             f"{event['units_after']}{err}")
@@ -329,6 +374,9 @@ def run(args) -> int:
     with tqdm(total=len(test), desc="perplexity (pruned)", unit="win", disable=not args.show_progress) as bar:
       evaluation["pruned"] = dataclasses.asdict(
           perplexity(result.model.spec, result.model.params, test, progress=bar.update))
+    if not math.isfinite(evaluation["pruned"]["perplexity"]):
+      print("warning: the pruned model's perplexity is not finite (NaN or inf logits); it is written all the same, "
+            "see report.json", file=sys.stderr)
 
   report = dict(result.report)
   report["model"] = args.model
@@ -340,8 +388,9 @@ def run(args) -> int:
 
   with atomic_dir(args.out, force=args.force) as tmp:
     # Uneven GQA groups (--free-groups) have no Hugging Face config: weights + jaxprune.json only.
-    save_hf(result.model, tmp, tokenizer=tokenizer, force=True, jax_only=bool(hf_problems(result.model.spec)),
-            dtype=args.dtype or source_dtype, max_shard_size=args.max_shard_size)
+    with writing(args.out, result.model.spec.num_layers, args.show_progress) as step:
+      save_hf(result.model, tmp, tokenizer=tokenizer, force=True, jax_only=bool(hf_problems(result.model.spec)),
+              dtype=args.dtype or source_dtype, max_shard_size=args.max_shard_size, progress=step)
     with open(os.path.join(tmp, "report.json"), "w") as f:
       json.dump(report, f, indent=1)
     with open(os.path.join(tmp, "progress.jsonl"), "w") as f:

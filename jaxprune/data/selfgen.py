@@ -8,7 +8,7 @@ seeded with a `jax.random` key, so the same seed gives the same windows.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperatu
 
 def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: int = 0, *, temperature: float = 1.0,
                    top_k: int = 50, batch_size: int = 32, first_token: int | Sequence[int] | None = None,
-                   windows_per_text: int = 1) -> np.ndarray:
+                   windows_per_text: int = 1, progress: Callable[[int], None] | None = None) -> np.ndarray:
   """`n` windows [n, seq_len] of text sampled by the model itself from BOS.
 
   Args:
@@ -58,6 +58,7 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
       Self-Gen): every window is a text of its own, starting with the same token. More:
       texts of windows_per_text * seq_len tokens, so that most windows start mid-text,
       as the windows of a tokenized corpus do.
+    progress: called with the number of windows each batch added (of `n`), as it is done.
 
   Text i is drawn with the key `fold_in(key(seed), i)`, whatever the batch it is sampled in,
   so the first windows of a larger `n` are those of a smaller one. Batches are of equal
@@ -87,6 +88,8 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(ids))
     first = jnp.asarray(np.asarray(firsts, np.int32)[ids % len(firsts)])
     rows.append(np.asarray(_sample(spec, params, keys, first, length, jnp.float32(temperature), int(top_k or 0))))
+    if progress is not None:
+      progress(min((start + batch) * windows_per_text, n) - min(start * windows_per_text, n))
   return np.concatenate(rows)[:texts].reshape(-1, seq_len)[:n]
 
 

@@ -2,23 +2,64 @@
 
 Text is tokenized as one stream without special tokens and cut into
 non-overlapping windows, the protocol of the paper and of the reference
-figures in DEVELOPERS.md.
+figures in DEVELOPERS.md. Files are read through `jaxprune.data.stream`, only as
+far as the windows need.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 
 import numpy as np
 
+from jaxprune.data.stream import check_file, decode, read_tokens
 from jaxprune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# Calibration draws windows from anywhere in the text, so it reads the whole file, but no
+# more than this many tokens (128 MiB of ids; WikiText-103's training text is ~120M tokens).
+CALIB_MAX_TOKENS = 1 << 25
 
 
 def read_text(path: str) -> str:
-  if not os.path.isfile(path):
-    raise UsageError(f"text file {path} does not exist; pass a path to a UTF-8 text file")
-  with open(path, encoding="utf-8") as f:
-    return f.read()
+  """The whole file as text (UTF-8, checked with the offset of a bad byte)."""
+  check_file(path)
+  with open(path, "rb") as f:
+    return decode(f.read(), path)
+
+
+def check_seq_len(seq_len: int, spec=None, flag: str = "--seq-len") -> None:
+  """A window length the model can take: 2 tokens or more (one predicted), and within a
+  learned position table (where positions past it would be silently clamped)."""
+  if seq_len < 2:
+    raise UsageError(f"{flag} must be at least 2 to predict anything, got {seq_len}; use e.g. {flag} 128")
+  if spec is not None and spec.fam.positions == "learned" and seq_len > spec.max_positions:
+    raise UsageError(f"windows of {seq_len} tokens ({flag}) are longer than the model's {spec.max_positions} "
+                     f"positions; use {flag} {spec.max_positions} or less")
+
+
+def check_window_args(seq_len: int, max_windows: int | None, flag: str = "--seq-len") -> None:
+  check_seq_len(seq_len, flag=flag)
+  if max_windows is not None and max_windows < 1:
+    raise UsageError(f"max_windows must be positive, got {max_windows}")
+
+
+def text_windows(path: str, tokenizer, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+  """The first `max_windows` windows [W, L] of the file at `path`, reading only as far as they need."""
+  check_window_args(seq_len, max_windows)
+  stream, _ = read_tokens(path, tokenizer, None if max_windows is None else max_windows * seq_len)
+  return eval_windows(stream, seq_len, max_windows, source=path)
+
+
+def calibration_stream(path: str, tokenizer, max_tokens: int = CALIB_MAX_TOKENS) -> np.ndarray:
+  """The token stream of a calibration text: the whole file, or its first `max_tokens` tokens."""
+  stream, whole = read_tokens(path, tokenizer, max_tokens, what="calibration text")
+  if not whole:
+    stream = stream[:max_tokens]
+    log.warning("%s holds more than %d tokens; calibration windows are drawn from the first %d (a bound on "
+                "memory: every token of the text is held)", path, max_tokens, max_tokens)
+  return stream
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
@@ -32,15 +73,12 @@ def num_windows(stream: np.ndarray, seq_len: int) -> int:
 
 def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None, source: str = "text"):
   """The first `max_windows` non-overlapping windows [W, L] of a token stream."""
-  if seq_len < 2:
-    raise UsageError(f"seq_len must be at least 2 to predict anything, got {seq_len}")
+  check_window_args(seq_len, max_windows, flag="seq_len")
   n = num_windows(stream, seq_len)
   if n == 0:
     raise UsageError(f"{source} has {len(stream)} tokens, fewer than one window of {seq_len}; "
                      "use a longer text or a smaller --seq-len")
   if max_windows is not None:
-    if max_windows < 1:
-      raise UsageError(f"max_windows must be positive, got {max_windows}")
     n = min(n, max_windows)
   return stream[:n * seq_len].reshape(n, seq_len)
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.errors import UsageError
+from jaxprune.errors import CheckpointError, UsageError
 from jaxprune.io.lazy import is_lazy
 from jaxprune.models import layers as L
 from jaxprune.models.forward import block_step, embed, head, head_params, hidden_states, positions_for
@@ -51,11 +51,16 @@ def window_nll(spec: ModelSpec, params: Params, tokens) -> jax.Array:
 
 
 def perplexity(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size: int = 8,
-               progress: Callable[[int], None] | None = None) -> PerplexityResult:
+               progress: Callable[[int], None] | None = None, finite: bool = False) -> PerplexityResult:
   """exp(mean NLL over predicted positions) of `windows` [W, L].
 
   The last batch is padded with copies of the first window so every batch has
   the same shape (one compilation); padded rows are dropped before summing.
+
+  Args:
+    finite: raise CheckpointError at the first window whose NLL is not finite (NaN or
+      infinite logits), instead of returning a perplexity of nan or inf (which a caller
+      that must not lose the model it evaluates, e.g. after pruning or healing, reports).
   """
   windows = np.asarray(windows, np.int32)
   W, T = windows.shape
@@ -67,7 +72,7 @@ def perplexity(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size:
                      f"use --seq-len {spec.max_positions} or less")
   start = time.perf_counter()
   if is_lazy(params):  # blocks read one at a time (jaxprune.io.lazy)
-    total = _streamed_nll(spec, params, windows, batch_size, progress)
+    total = _streamed_nll(spec, params, windows, batch_size, progress, finite)
     return _result(total, W, T, time.perf_counter() - start)
   total = 0.0
   for b in range(0, W, batch_size):
@@ -76,19 +81,33 @@ def perplexity(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size:
     if n < batch_size:
       chunk = np.concatenate([chunk, np.repeat(windows[:1], batch_size - n, axis=0)])
     nll = np.asarray(window_nll(spec, params, chunk), np.float64)[:n]
+    if finite:
+      _check_finite(nll, b, W, params)
     total += float(nll.sum())
     if progress is not None:
       progress(n)
   return _result(total, W, T, time.perf_counter() - start)
 
 
+def _check_finite(nll: np.ndarray, first: int, W: int, params: Params) -> None:
+  """Stops at the first window (of the batch starting at window `first`) with a non-finite NLL."""
+  bad = np.flatnonzero(~np.isfinite(nll))
+  if len(bad):
+    dtype = params["embed"]["embedding"].dtype
+    raise CheckpointError(f"the model produced non-finite logits (NaN or inf) in window {first + int(bad[0])} of "
+                          f"{W}; check its weights for NaN or inf values, or for values that overflow in {dtype} "
+                          "(evaluate with --dtype float32)")
+
+
 def _result(total: float, W: int, T: int, seconds: float) -> PerplexityResult:
   tokens = W * (T - 1)
   mean = total / tokens
-  return PerplexityResult(math.exp(mean), mean, W, tokens, seconds)
+  # math.exp raises OverflowError past a mean NLL of ~709 nats; such a model's perplexity is inf.
+  return PerplexityResult(math.inf if mean > 709 else math.exp(mean), mean, W, tokens, seconds)
 
 
-def _streamed_nll(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size: int, progress) -> float:
+def _streamed_nll(spec: ModelSpec, params: Params, windows: np.ndarray, batch_size: int, progress,
+                  finite: bool) -> float:
   """The summed NLL of `windows` with the loops swapped: every batch through block i, then
   block i + 1, so each block is read once. The same per-batch kernels as the eager path,
   so the same numbers; the residual streams of all windows are held instead of the blocks."""
@@ -104,7 +123,10 @@ def _streamed_nll(spec: ModelSpec, params: Params, windows: np.ndarray, batch_si
   total, hp = 0.0, head_params(params)
   for b, (x, t) in enumerate(zip(xs, toks)):
     n = min(batch_size, W - b * batch_size)
-    total += float(np.asarray(_nll(L.block_config(spec, 0), hp, x, t), np.float64)[:n].sum())
+    nll = np.asarray(_nll(L.block_config(spec, 0), hp, x, t), np.float64)[:n]
+    if finite:
+      _check_finite(nll, b * batch_size, W, params)
+    total += float(nll.sum())
     if progress is not None:
       progress(n)
   return total

@@ -40,7 +40,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -394,7 +394,7 @@ def resolve_tokenizer(model: Model, tokenizer):
 
 
 def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenizer=None, jax_only: bool = False,
-            max_shard_size=DEFAULT_SHARD_SIZE) -> ExportInfo:
+            max_shard_size=DEFAULT_SHARD_SIZE, progress: Callable[[int], None] | None = None) -> ExportInfo:
   """Writes `model` as a Hugging Face directory at `out`, atomically.
 
   Args:
@@ -407,6 +407,8 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     jax_only: write weights and jaxprune.json but no config.json, for models
       transformers cannot express (uneven GQA groups); `jaxprune.load` reads it.
     max_shard_size: bytes (or '5GB') per safetensors file.
+    progress: called with 1 as each of the num_layers + 1 pieces (the embeddings and head,
+      then each block) is converted for writing.
 
   Returns:
     An `ExportInfo` saying which loader reads the result.
@@ -439,6 +441,8 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     for piece in itertools.chain([top_to_tensors(tensors_spec, model.params)], blocks):
       piece = {k: cast_finite(v, np_dtype, k) for k, v in piece.items()}
       exported += sum(v.size for v in piece.values())
+      if progress is not None:
+        progress(1)
       yield piece
 
   tok = resolve_tokenizer(model, tokenizer)

@@ -280,15 +280,23 @@ def _hf_tensor(t: GGUFTensor, cfg: dict, path: str) -> np.ndarray:
   return w
 
 
-def read_gguf_tensors(reader: GGUFFile, cfg: dict, path: str = "") -> dict[str, np.ndarray]:
-  """GGUF tensors, dequantized to f32 and renamed to Hugging Face keys."""
-  return {k: _hf_tensor(t, cfg, path) for k, t in _hf_names(reader, path).items()}
+def read_gguf_tensors(reader: GGUFFile, cfg: dict, path: str = "", progress=None) -> dict[str, np.ndarray]:
+  """GGUF tensors, dequantized to f32 and renamed to Hugging Face keys; `progress(done, total)`
+  after each tensor (dequantizing a quantized model takes a while)."""
+  names = _hf_names(reader, path)
+  out = {}
+  for k, t in names.items():
+    out[k] = _hf_tensor(t, cfg, path)
+    if progress is not None:
+      progress(len(out), len(names))
+  return out
 
 
-def load_gguf(path: str, dtype=np.float32, lazy: bool = False) -> Model:
+def load_gguf(path: str, dtype=np.float32, lazy: bool = False, progress=None) -> Model:
   """Loads a LLaMA-architecture GGUF file as a jaxprune `Model`.
 
-  With `lazy`, blocks are dequantized when used (`jaxprune.io.lazy`).
+  With `lazy`, blocks are dequantized when used (`jaxprune.io.lazy`); else every tensor is
+  dequantized here, with `progress(done, total)` after each.
   """
   if not os.path.isfile(path):
     raise CheckpointError(f"{path} is not a file; pass the path of a .gguf file")
@@ -300,7 +308,7 @@ def load_gguf(path: str, dtype=np.float32, lazy: bool = False) -> Model:
 
     names = _hf_names(reader, path)
     return lazy_model(spec, list(names), lambda k: _hf_tensor(names[k], cfg, path), path, dtype)
-  params = tensors_to_params(spec, read_gguf_tensors(reader, cfg, path), source=path)
+  params = tensors_to_params(spec, read_gguf_tensors(reader, cfg, path, progress), source=path)
   check_params(spec, params)
   return Model(spec, to_device(params, dtype), source=os.path.abspath(path))
 

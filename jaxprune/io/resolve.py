@@ -10,15 +10,16 @@ from jaxprune.io.locate import BUILTIN, Location, load_tokenizer, looks_like_hub
 from jaxprune.io.orbax_io import load_orbax
 
 
-def load(name_or_path: str, dtype=np.float32, lazy: bool = False):
+def load(name_or_path: str, dtype=np.float32, lazy: bool = False, progress=None):
   """Loads a model by built-in name, path or Hub id, as a `jaxprune.Model`.
 
   With `lazy`, a safetensors, GGUF or Orbax checkpoint's blocks stay on disk until
-  used (`jaxprune.io.lazy`); PyTorch pickles are read whole.
+  used (`jaxprune.io.lazy`); PyTorch pickles are read whole. `progress(done, total)`
+  follows the dequantization of a GGUF file's tensors (the slow part of loading one).
   """
   loc = resolve(name_or_path)
   if loc.kind == "gguf":
-    return load_gguf(loc.path, dtype, lazy=lazy)
+    return load_gguf(loc.path, dtype, lazy=lazy, progress=progress)
   if loc.kind == "orbax":
     return load_orbax(loc.path, dtype, lazy=lazy)
   return load_hf(loc.path, dtype, lazy=lazy)
