@@ -20,7 +20,12 @@ declare them; the second level's input X2 of the statistics pass is kept and
 the pruned stream advances by the final second level on it, so no module's
 activations are computed twice. A module whose units all stay is not scored.
 With a `checkpoint` directory every finished block is durable and a killed run
-resumes bit-identically (`jaxprune.checkpoint`).
+resumes bit-identically (`jaxprune.checkpoint`, which verifies every file it reads).
+
+Nothing non-finite goes in or out: each input block is checked for NaN and Inf on its
+devices as it is read, and each module's pruned stream after it is pruned (a NaN or
+Inf weight, or degenerate statistics, shows there), so a run fails with one line naming
+the tensor instead of publishing NaNs. At sparsity 0 the model is returned as it is.
 
 A model loaded with `lazy=True` (`jaxprune.io.lazy`) is streamed: each dense block
 is read when the loop (or the plan) reaches it, and each finished block goes to a
@@ -49,7 +54,7 @@ import numpy as np
 from jaxprune import allocate, criteria, presets, reconstruct, sharding, surgery
 from jaxprune import checkpoint as run_checkpoint
 from jaxprune.criteria.stats import ModuleStats
-from jaxprune.errors import UsageError
+from jaxprune.errors import CheckpointError, UsageError
 from jaxprune.model import Model
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
@@ -401,6 +406,14 @@ def _sum(trees):
   return functools.reduce(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b), trees) if trees else None
 
 
+def _plan_output(kind, cfg, norm_p, p, x, mesh):
+  """Module output X2 W2 + b2 of the stream `x` by the kernels the plan stores it with
+  (`_dense_scores`), so that an output computed again equals the stored one bit for bit."""
+  h = passes.hidden_pass(kind, cfg, norm_p, p, x, None, _positions(x.shape[2]), needs_lib.StreamNeeds(), mesh=mesh)
+  w2, b2 = A.second_level(kind, p)
+  return passes.second_out(h.x2, w2, b2, mesh=mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepContext:
   """What one module's step reads and never changes: the run's configuration, its
@@ -436,21 +449,25 @@ class StepContext:
     """Whether adaptive allocation standardizes the criterion's scores over all units."""
     return not (self.crit.prescaled or self.crit.stream_costs)
 
-  def stored_dense(self, kind, i: int, groups, nd) -> list | None:
-    """The module's dense outputs from the plan's store, split like the groups (None:
-    not stored, or the module also needs what only a dense pass measures)."""
+  def stored_dense(self, kind, i: int, groups, nd, cfg, norm_p, p) -> tuple[list, str] | None:
+    """The module's dense outputs as the plan computed them, split like the groups: read
+    from its store, or computed again by the plan's own kernels where the store has none
+    (they did not fit on the disk, or a stored one is damaged), so that both give the
+    same bits. Returns (DenseOut per group, "dense_read" or "dense_recompute"), or None: no
+    plan store, or the module also needs what only a dense pass measures."""
     if self.dense_outputs is None or nd.first_moments or nd.inherited_error:
       return None
     y = self.dense_outputs.get(i, kind.name)
-    if y is None:
-      return None
     out, start = [], 0
     for g in groups:
       n = g.xp.shape[0]
-      yd = jax.device_put(y[start:start + n], sharding.stream_sharding(self.mesh))
+      if y is None:
+        yd = _plan_output(kind, cfg, norm_p, p, g.xd, self.mesh)
+      else:
+        yd = jax.device_put(y[start:start + n], sharding.stream_sharding(self.mesh))
       out.append(passes.DenseOut(yd, passes.energy(yd[:, :, nd.calib.skip:]), None, None, None))
       start += n
-    return jax.block_until_ready(out)
+    return jax.block_until_ready(out), "dense_read" if y is not None else "dense_recompute"
 
   def second_intercept(self, kind, p) -> bool:
     """Whether the second level's solves fit a bias: asked for, or the module has
@@ -582,21 +599,22 @@ def _unchanged_module(ctx: StepContext, kind, i, blk, layer, cfg, groups, xs, re
     return passes.second_apply(h.x2, w2, b2, x, None, mesh=ctx.mesh)[0]
 
   # The plan's store has this module's output on the dense stream, which the pruned one still is.
-  douts = ctx.stored_dense(kind, i, groups, ctx.needs(kind, False))
+  stored = ctx.stored_dense(kind, i, groups, ctx.needs(kind, False), cfg, norm_p, p)
   with meter.phase("advance"):
-    if douts is None:
+    if stored is None:
       nxt = jax.block_until_ready([advance(g.xp) for g in groups])
       meter.count("forward", len(groups))
     else:
-      nxt = jax.block_until_ready([passes.add(g.xp, d.yd) for g, d in zip(groups, douts)])
-      meter.count("dense_read", len(groups))
+      nxt = jax.block_until_ready([passes.add(g.xp, d.yd) for g, d in zip(groups, stored[0])])
+      meter.count(stored[1], len(groups))
     nxt = [_Group(x, x) for x in nxt]
     xs_next = None if xs is None else jax.block_until_ready(advance(xs))
   if xs is not None:
     meter.count("forward")
   n_units = A.num_units(kind, p)
   rep.update(units_before=int(n_units), units_after=int(n_units), kept=list(range(n_units)), scored=False,
-             unchanged=True, from_store=douts is not None, seconds=time.perf_counter() - t0)
+             unchanged=True, from_store=stored is not None and stored[1] == "dense_read",
+             seconds=time.perf_counter() - t0)
   if ctx.config.inherited_error:
     rep["error_inherited"] = 0.0
   if ctx.config.reconstruct:
@@ -639,15 +657,16 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
   douts = [None] * len(groups)
   if ctx.with_dense:
     with meter.phase("statistics"):
-      douts = ctx.stored_dense(kind, i, groups, nd)
-      if douts is None:
+      stored = ctx.stored_dense(kind, i, groups, nd, cfg, norm_p, p0)
+      if stored is None:
         douts = jax.block_until_ready([
             passes.dense_pass(kind, cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error,
                               mesh=ctx.mesh, skip=nd.calib.skip)
             for g in groups])
         meter.count("dense_pass", len(groups))
       else:
-        meter.count("dense_read", len(groups))
+        douts = stored[0]
+        meter.count(stored[1], len(groups))
   p1 = p0
   if c.reconstruct:
     parts = []
@@ -775,6 +794,41 @@ def prune_module(ctx: StepContext, kind: A.ModuleKind, i: int, blk, layer, cfg: 
 
 
 
+_BAD_WEIGHTS = ("pruning needs finite weights: check the model file (a broken download or conversion) or use "
+                "another checkpoint")
+
+
+@jax.jit
+def _all_finite(tree):
+  """Whether each leaf holds only finite values (one compile per tree structure and shapes)."""
+  return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
+
+
+def check_finite(tree, what: str, fix: str, error=UsageError) -> None:
+  """Raises `error` naming the first leaf of `tree` that holds NaN or Inf (checked where the
+  leaves live: one boolean per leaf comes back, and a leaf only when it is bad)."""
+  flags = jax.tree_util.tree_flatten_with_path(_all_finite(tree))[0]
+  for (path, ok), leaf in zip(flags, jax.tree_util.tree_leaves(tree)):
+    if not bool(sharding.to_host(ok)):
+      kind = "NaN" if np.isnan(np.asarray(sharding.to_host(leaf), np.float32)).any() else "Inf"
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      raise error(f"{what} holds {kind} values in {name}; {fix}")
+
+
+def _check_module(step: "ModuleStep", kind, i: int) -> None:
+  """Refuses a module whose pruned stream (and so its weights or statistics) is not finite,
+  naming the pruned tensor that is not, if one is: nothing of it is saved or published."""
+  fix = ("its statistics are degenerate (e.g. too few or repeated calibration windows): use more or other "
+         "calibration windows, or a larger --damping (nothing of this block was saved)")
+  streams = {f"group_{g}": grp.xp for g, grp in enumerate(step.groups)}
+  try:
+    check_finite({**streams, **({"scoring": step.xs} if step.xs is not None else {})},
+                 f"the pruned stream after block {i}'s {kind.name}", fix)
+  except UsageError:
+    check_finite(step.block, f"block {i}'s pruned {kind.name}", fix)
+    raise
+
+
 class _Blocks:
   """The run's blocks: the input model's (which may still be on disk, `jaxprune.io.lazy`)
   until a module changes them, then the pruned ones, in memory or, once a streamed run
@@ -783,6 +837,7 @@ class _Blocks:
   def __init__(self, dense):
     self.dense = dense
     self.new: dict[int, Any] = {}
+    self.checked: set[int] = set()  # dense blocks found finite
 
   def __len__(self) -> int:
     return len(self.dense)
@@ -791,6 +846,8 @@ class _Blocks:
     b = self.new.get(i)
     if b is None:
       return self.dense[i]
+    if isinstance(b, run_checkpoint.BlockFile):
+      return b.load()
     return run_checkpoint.load_block(b) if isinstance(b, str) else b
 
   def __setitem__(self, i: int, block) -> None:
@@ -800,8 +857,13 @@ class _Blocks:
     """Block i on the mesh, split over its `model` axis: a dense block still in its checkpoint
     is read slice by slice, each process only what its devices hold (`LazyBlocks.placed`)."""
     if i not in self.new and isinstance(self.dense, lazy_io.LazyBlocks) and mesh.shape.get(sharding.MODEL, 1) > 1:
-      return self.dense.placed(i, lambda blk: sharding.param_shardings(blk, mesh, quiet=True))
-    return sharding.place(self[i], mesh)
+      blk = self.dense.placed(i, lambda blk: sharding.param_shardings(blk, mesh, quiet=True))
+    else:
+      blk = sharding.place(self[i], mesh)
+    if i not in self.new and i not in self.checked:  # as each input block is read, once
+      check_finite(blk, f"block {i} of the model given to prune", _BAD_WEIGHTS, CheckpointError)
+      self.checked.add(i)
+    return blk
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))
@@ -886,6 +948,7 @@ class _Pruner:
     # ones as they come out of surgery), so no device holds a whole block.
     blk = self.blocks.placed(i, self.mesh)
     step = prune_module(self.ctx, kind, i, blk, layer, cfg, groups, xs, shape, tau)
+    _check_module(step, kind, i)
     self.blocks[i], self.layer_specs[i] = sharding.place(step.block, self.mesh), step.layer
     for name, n in step.passes.items():
       self.passes[name] = self.passes.get(name, 0) + n
@@ -1007,6 +1070,12 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, bloc
   t_start = time.perf_counter()
   compiles0 = _Compiles.start()
   pr = _Pruner(model, c, mesh, progress, blocks_dir)
+  if c.sparsity == 0 and not c.attn_sparsity:
+    # Nothing to remove: the model as it is (a refit or added biases would only change it).
+    pr.passes["compiles"] = 0
+    return PruneResult(model, _report(model, model, c, pr, c.tau, 0.0, time.perf_counter() - t_start, calib, mesh))
+  check_finite({k: v for k, v in model.params.items() if k != "layers"}, "the model given to prune", _BAD_WEIGHTS,
+               CheckpointError)
   tokens = _split_holdout(_chunks(calib, c.batch_size, mesh, "calibration"), c.auto_damping)
   if c.skip_positions >= tokens[0].shape[-1]:
     raise UsageError(f"skip_positions={c.skip_positions} leaves no position of the {tokens[0].shape[-1]}-token "
@@ -1039,8 +1108,10 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, bloc
   if resumed is not None:  # the plan the run made before it stopped
     plans = {int(i): allocate.LayerPlan(*hc) for i, hc in resumed.state["plans"].items()}
     tau, plan_seconds = resumed.state["tau"], resumed.state["plan_seconds"]
+    pr.plan_phase_seconds = dict(resumed.state.get("plan_phase_seconds", {}))
     if resumed.state.get("dense_outputs"):
-      store = dense_outputs_lib.DenseOutputs(_dense_outputs_dir(checkpoint), durable=True)
+      store = dense_outputs_lib.DenseOutputs(_dense_outputs_dir(checkpoint), durable=True,
+                                             digests=resumed.state.get("dense_digests"))
       stack.callback(store.close)
       pr.ctx = dataclasses.replace(pr.ctx, dense_outputs=store)
   elif c.allocation == "adaptive":
@@ -1069,7 +1140,9 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, bloc
     plan_seconds = time.perf_counter() - t0
 
   first = 0
-  if resumed is None:
+  if resumed is not None and resumed.streams is None:  # a damaged file: the run starts again
+    pr.progress({"event": "recompute", "next_block": 0})
+  if resumed is None or resumed.streams is None:
     groups = [_Group(x if pr.with_dense else None, x)
               for x in (_embed_stream(model.spec, model.params, t, mesh) for t in tokens)]
     xs = _embed_stream(model.spec, model.params, s_tokens, mesh) if s_tokens is not None else None
@@ -1115,7 +1188,7 @@ def _spill(pr: _Pruner, i: int, ckpt) -> None:
   """Block i is finished: a streamed run keeps it in a file only (the checkpoint's, blocks_dir's,
   or a temporary directory's that lives as long as the pruned model that reads it)."""
   if ckpt is not None:
-    pr.blocks[i] = ckpt.block_path(i)
+    pr.blocks[i] = ckpt.block_file(i)
     return
   if pr.blocks_dir is not None:
     path = os.path.join(pr.blocks_dir, f"block_{i:04d}")
@@ -1126,8 +1199,7 @@ def _spill(pr: _Pruner, i: int, ckpt) -> None:
     # Removed when the last reference goes: the pruned model's blocks read from it.
     pr.spill_dir = tempfile.TemporaryDirectory(prefix="jaxprune-blocks-")
   path = os.path.join(pr.spill_dir.name, f"block_{i:04d}.npz")
-  run_checkpoint.save_block(path, pr.blocks[i])
-  pr.blocks[i] = path
+  pr.blocks[i] = run_checkpoint.BlockFile(path, run_checkpoint.save_block(path, pr.blocks[i]))
 
 
 def _streamed_result(pr: _Pruner, model: Model) -> Model:
@@ -1148,17 +1220,17 @@ def _dense_outputs_dir(checkpoint: str) -> str:
 def _open_dense_outputs(pr: _Pruner, calib_tokens: np.ndarray, ckpt, stack) -> dense_outputs_lib.DenseOutputs | None:
   """A store for the plan's dense module outputs when the layer loop will need them again:
   in the checkpoint (durable, so a resumed run reads the same ones) or a temporary
-  directory removed when the run ends. None when the run needs no dense stream, runs on
-  several processes, or the outputs do not fit on the disk."""
+  directory removed when the run ends. None when the run needs no dense stream or runs on
+  several processes; a store that keeps nothing when the outputs do not fit on the disk
+  (the loop then computes them again by the plan's kernels: the same numbers either way)."""
   if not pr.with_dense or jax.process_count() > 1:
     return None
   n_modules = 2 * (pr.stop - pr.start)
   nbytes = n_modules * calib_tokens.size * pr.spec.hidden_size * 4  # streams are at most float32
   directory = _dense_outputs_dir(ckpt.path) if ckpt is not None else stack.enter_context(
       tempfile.TemporaryDirectory(prefix="jaxprune-dense-"))
-  if not dense_outputs_lib.DenseOutputs.fits(directory, nbytes):
-    return None
-  store = dense_outputs_lib.DenseOutputs(directory, durable=ckpt is not None)
+  fits = dense_outputs_lib.DenseOutputs.fits(directory, nbytes)
+  store = dense_outputs_lib.DenseOutputs(directory if fits else None, durable=ckpt is not None)
   stack.callback(store.close)  # before a temporary directory goes (callbacks run last-in first-out)
   return store
 
@@ -1177,7 +1249,8 @@ def _save(pr: _Pruner, ckpt, i: int, groups, xs, plans, tau, plan_seconds) -> No
   state = {"carry": pr.budget.carry, "modules": pr.modules, "passes": pr.passes, "phase_seconds": pr.phase_seconds,
            "plans": {str(k): [v.heads, v.channels] for k, v in plans.items()}, "tau": tau,
            "plan_seconds": plan_seconds, "plan_phase_seconds": pr.plan_phase_seconds,
-           "dense_outputs": pr.ctx.dense_outputs is not None}
+           "dense_outputs": pr.ctx.dense_outputs is not None,
+           "dense_digests": pr.ctx.dense_outputs.digests if pr.ctx.dense_outputs is not None else {}}
   ckpt.save(i, pr.blocks[i], pr.layer_specs[i], streams, state)
 
 
@@ -1188,7 +1261,6 @@ def _restore(pr: _Pruner, resumed, n_groups: int, mesh):
   st = resumed.state
   pr.budget.carry, pr.modules = st["carry"], list(st["modules"])
   pr.passes, pr.phase_seconds = dict(st["passes"]), dict(st["phase_seconds"])
-  pr.plan_phase_seconds = dict(st.get("plan_phase_seconds", {}))
   put = functools.partial(jax.device_put, device=sharding.stream_sharding(mesh))
   z = resumed.streams
   groups = []

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from jaxprune.errors import UsageError
+from jaxprune.errors import JaxpruneError, UsageError
 
 CALIB_SPECIAL = ("selfgen", "random")
 CALIB_SAMPLES = 128  # calibration windows of a text or random tokens (self-generated: the preset's selfgen_samples)
@@ -181,12 +181,14 @@ def _prepare_checkpoint(args) -> str | None:
   """The run's checkpoint directory: checked against --resume and --force before any work."""
   import shutil
 
-  from jaxprune.checkpoint import STATE
+  from jaxprune.checkpoint import STATE, read_state
 
   ckpt = checkpoint_dir(args.out)
   held = os.path.exists(os.path.join(ckpt, STATE))
   if args.resume and not held:
     raise UsageError(f"--resume: there is no checkpoint in {ckpt} to continue; run without --resume")
+  if args.resume:
+    read_state(ckpt)  # a damaged or foreign state.json stops here, before any work
   if held and not args.resume:
     if not args.force:
       raise UsageError(f"a previous run for {args.out} stopped and left a checkpoint in {ckpt}; pass --resume to "
@@ -197,6 +199,18 @@ def _prepare_checkpoint(args) -> str | None:
       raise UsageError("--resume and --no-checkpoint contradict each other; drop one")
     return None
   return ckpt  # created by the run itself, once the inputs have been checked
+
+
+def _drop_unfinished(ckpt: str | None) -> None:
+  """Removes the checkpoint directory this run created when the run was refused before its
+  first block was saved (bad weights, degenerate statistics): nothing there to resume, and
+  the plan's stored outputs in it can be large."""
+  import shutil
+
+  from jaxprune.checkpoint import STATE
+
+  if ckpt is not None and not os.path.exists(os.path.join(ckpt, STATE)):
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _calibration(args, model, tokenizer, config, n: int):
@@ -264,10 +278,9 @@ def _mesh(text: str | None):
 def _resumed_events(ckpt: str, log_path: str) -> list[dict]:
   """The killed run's log, cut to the blocks its checkpoint holds (a block it was in
   the middle of is redone), with a "block" event for every finished block."""
-  from jaxprune.checkpoint import STATE
+  from jaxprune.checkpoint import read_state
 
-  with open(os.path.join(ckpt, STATE)) as f:
-    done = set(json.load(f)["finished_blocks"])
+  done = set(read_state(ckpt)["finished_blocks"])
   events = []
   if os.path.exists(log_path):
     with open(log_path) as f:
@@ -333,10 +346,6 @@ def run(args) -> int:
   log_path = os.path.join(ckpt, "progress.jsonl") if ckpt else None
   events = _resumed_events(ckpt, log_path) if args.resume else []
   log_file = None
-  if log_path and events:
-    log_file = open(log_path, "w")
-    for e in events:
-      log_file.write(json.dumps(e) + "\n")
   start, stop = config.block_range(model.spec)
   plan = contextlib.ExitStack()
   plan_update = None
@@ -347,12 +356,22 @@ def run(args) -> int:
 
     def progress(event):
       nonlocal log_file
+      if event["event"] == "recompute":  # a damaged checkpoint: the blocks from here on are done again
+        events[:] = [e for e in events if e.get("layer", -1) < event["next_block"] or e["event"] == "plan"]
       events.append(event)
       if log_path is not None:
-        if log_file is None:  # the directory exists once the run has started (nothing before bad input)
+        # Opened at the run's first event, so a run refused before any work (bad input, another
+        # run's checkpoint) leaves the directory and the killed run's log as they were.
+        rewrite = log_file is None or event["event"] == "recompute"
+        if log_file is None:
           os.makedirs(ckpt, exist_ok=True)
           log_file = open(log_path, "w")
-        log_file.write(json.dumps(event) + "\n")
+        if rewrite:
+          log_file.seek(0)
+          log_file.truncate()
+          log_file.writelines(json.dumps(e) + "\n" for e in events)
+        else:
+          log_file.write(json.dumps(event) + "\n")
         log_file.flush()
       if event["event"] == "plan" and plan_update is not None:
         plan_update(1)
@@ -364,8 +383,12 @@ def run(args) -> int:
         bar.set_postfix_str(f"layer {event['layer']} {event['module']}: {event['units_before']}->"
                             f"{event['units_after']}{err}")
 
+    fresh = ckpt is not None and not os.path.exists(ckpt)
     try:
       result = prune(model, calib, config, progress=progress, checkpoint=ckpt, mesh=mesh)
+    except JaxpruneError:
+      _drop_unfinished(ckpt if fresh else None)
+      raise
     finally:
       if log_file is not None:
         log_file.close()
@@ -396,7 +419,7 @@ def run(args) -> int:
     with open(os.path.join(tmp, "progress.jsonl"), "w") as f:
       for e in events:
         f.write(json.dumps(e) + "\n")
-  if ckpt:
+  if ckpt and os.path.exists(ckpt):  # a run with nothing to prune (--sparsity 0) made none
     import shutil
 
     shutil.rmtree(ckpt)  # the output is in place; nothing left to resume
