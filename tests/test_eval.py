@@ -10,7 +10,7 @@ from jaxprune.data import eval_windows, read_text, sample_windows, tokenize
 from jaxprune.errors import UsageError
 from jaxprune.eval import perplexity, window_nll
 from tests import tiny
-from tests.numerics import assert_within, forward_bound, nll_bound, torch_logits_pair
+from tests.numerics import assert_within, nll_bound, sensitivity
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,8 @@ def reference_nll(path, w):
 
 def _nll_bound(path, w) -> float:
   """A window's summed NLL: float32 jaxprune against float32 transformers (tests/numerics.py)."""
-  t32, t64 = torch_logits_pair(path, w)
-  per_engine = forward_bound(path, w, (t32, t64))
-  return nll_bound(2 * per_engine, w.shape[1] - 1, t64.shape[-1], float(np.max(np.abs(t64))))
+  sens = sensitivity(path, w)
+  return nll_bound(2 * sens.bound, w.shape[1] - 1, sens.exact.shape[-1], float(np.max(np.abs(sens.exact))))
 
 
 def test_window_nll_matches_transformers(model, tiny_dir):

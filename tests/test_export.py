@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ from jaxprune.model import Model
 from jaxprune.spec import FAMILIES, FamilySpec, spec_from_params
 from jaxprune.surgery import prune_model
 from tests import tiny
-from tests.numerics import float32_yardstick
+from tests.numerics import sensitivity
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -96,12 +95,11 @@ def torch_logits(tm) -> np.ndarray:
 def assert_torch_parity(tm, model: Model, what: str = "tiny export"):
   """The exported model in PyTorch computes jaxprune's logits.
 
-  A float64 copy of the PyTorch model is the reference and tests/numerics.py's
-  yardstick is the bound (derived there), so it holds whatever the CPU rounds like.
+  A float64 copy of the PyTorch model is the reference and the model's sensitivity gives
+  the bound (tests/numerics.py, point 2), so it holds whatever the CPU rounds like.
   """
   with torch.no_grad():
-    ref = copy.deepcopy(tm).double()(torch.as_tensor(TOKENS)).logits.numpy()
-  float32_yardstick(jax_logits(model), torch_logits(tm), ref, what)
+    sensitivity(tm, TOKENS).check_engines(jax_logits(model), torch_logits(tm), what)
 
 
 def stock_load(path: str):

@@ -13,7 +13,7 @@ from jaxprune.io.gguf import read_gguf, reverse_permute
 from jaxprune.io.hf import read_tensors, weight_files
 from jaxprune.io.mapping import tensors_to_params
 from tests import tiny
-from tests.numerics import float32_yardstick
+from tests.numerics import sensitivity
 
 # GGUF tensor name -> (HF name, ggml type written). Norms stay F32 as llama.cpp keeps them.
 Q = "Q8_0"
@@ -140,9 +140,8 @@ def test_logits_match_torch_with_the_dequantized_weights(written):
     model.load_state_dict(state)
     ids = np.random.default_rng(0).integers(0, tiny.VOCAB, size=(2, 20))
     want = model(torch.as_tensor(ids)).logits.numpy()
-    ref = model.double()(torch.as_tensor(ids)).logits.numpy()
   got = np.asarray(jaxprune.logits(*_load(path), ids))
-  float32_yardstick(got, want, ref, "tiny gguf")  # derived bound: tests/numerics.py, point 2
+  sensitivity(model, ids).check_engines(got, want, "tiny gguf")  # derived bound: tests/numerics.py, point 2
 
 
 def test_logits_are_close_to_the_unquantized_model(written, tmp_path):

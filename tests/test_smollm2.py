@@ -3,7 +3,6 @@
 Run apart with `pytest -m smollm2`. One module-scoped fixture loads each model once.
 """
 
-import copy
 import os
 import re
 
@@ -14,7 +13,7 @@ import jaxprune
 from jaxprune.cli import main
 from jaxprune.data import eval_windows, read_text, tokenize
 from jaxprune.io import resolve
-from tests.numerics import float32_yardstick
+from tests.numerics import sensitivity
 
 pytestmark = pytest.mark.smollm2
 
@@ -62,11 +61,10 @@ def test_logit_parity_with_transformers_from_the_same_gguf(smol, hf_model):
   ids = torch.as_tensor(window, dtype=torch.long)
   with torch.no_grad():
     want = hf_model(ids).logits.numpy()
-    # A float64 copy as the reference, freed at once (transformers refuses to cast a
-    # GGUF-loaded model back to float32, so it cannot be converted in place).
-    ref = copy.deepcopy(hf_model).double()(ids).logits.numpy()
   got = np.asarray(jaxprune.logits(model.spec, model.params, window))
-  float32_yardstick(got, want, ref, "smollm2 gguf")  # derived bound: tests/numerics.py, point 2
+  # A float64 copy is the reference, freed at once (transformers refuses to cast a GGUF-loaded
+  # model back to float32, so it cannot be converted in place); bound: tests/numerics.py, point 2.
+  sensitivity(hf_model, window).check_engines(got, want, "smollm2 gguf")
 
 
 def test_weights_match_transformers_dequantization(smol, hf_model):
