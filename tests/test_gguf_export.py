@@ -323,6 +323,15 @@ def test_cli_writes_a_file_and_refuses_to_overwrite(tiny_dir, tmp_path):
   assert r.rc == 0 and value(read(out)[0]["llama.attention.head_count_kv"]) == 4
 
 
+def test_cli_refuses_a_directory_even_with_force(tiny_dir, tmp_path):
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "keep.txt").write_text("not jaxprune's")
+  before = badinput.snapshot(str(tmp_path))
+  r = badinput.run_cli("export", tiny_dir("llama_gqa"), "--format", "gguf", "--out", str(tmp_path / "d"), "--force")
+  badinput.assert_one_line_error(r, "is a directory", "model.gguf")
+  badinput.assert_intact(before)
+
+
 def test_cli_q8_0_needs_gguf(tiny_dir, tmp_path):
   r = badinput.run_cli("export", tiny_dir("llama_gqa"), "--out", str(tmp_path / "x"), "--dtype", "q8_0")
   badinput.assert_one_line_error(r, "q8_0", "--format gguf")

@@ -234,6 +234,9 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
 
   ttype = tensor_type(dtype)
   final = check_target(out, force)
+  if os.path.isdir(final):  # even with force: replacing a directory by a file would delete all it holds
+    raise UsageError(f"{final} is a directory; --format gguf writes one file: pass a file path such as "
+                     f"{os.path.join(final, 'model.gguf')}")
   spec = model.spec
   problems = gguf_problems(spec)
   if problems:
