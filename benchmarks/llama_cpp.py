@@ -195,23 +195,44 @@ def binding_bench(binding, files: dict[str, str], threads: int, reps: int, n: in
 # The run.
 
 
-def export_all(name: str, model, gguf_dir: str, types_: tuple[str, ...]) -> dict[str, dict]:
+def prepare(name: str, source: str, windows, gguf_dir: str) -> dict:
+  """The GGUF files and jaxprune's perplexity of one model: the part that needs no llama.cpp.
+
+  Kept in gguf_dir/NAME.json (with the windows' hash), so `--prepare-only` can run while
+  llama.cpp is still building and the full run reuses it.
+  """
+  import hashlib
+
+  import jaxprune
   from jaxprune.io.gguf_export import save_gguf
 
-  out = {}
-  for t in types_:
+  key = {"source": os.path.abspath(source) if os.path.exists(source) else source,
+         "windows_sha256": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest()}
+  cached = os.path.join(gguf_dir, f"{name}.json")
+  if os.path.exists(cached):
+    with open(cached) as f:
+      row = json.load(f)
+    if row.get("key") == key and all(os.path.exists(v["path"]) for v in row["files"].values()):
+      return row
+  model = jaxprune.load(source)
+  files = {}
+  for t in ("f32", "f16", "q8_0"):
     info = save_gguf(model, os.path.join(gguf_dir, f"{name}-{t}.gguf"), dtype=t, force=True)
-    out[t] = {"path": info.path, "architecture": info.architecture, "exported_params": info.exported_params,
-              "bytes": os.path.getsize(info.path), "f16_fallback": len(info.f16_fallback)}
-  return out
+    files[t] = {"path": info.path, "architecture": info.architecture, "exported_params": info.exported_params,
+                "bytes": os.path.getsize(info.path), "f16_fallback": len(info.f16_fallback)}
+  row = {"key": key, "params": model.num_params, "per_layer": not model.spec.uniform, "files": files,
+         "jaxprune": jaxprune_perplexity(model, windows)}
+  from jaxprune.io.atomic import write_json
+
+  write_json(cached, row, force=True)
+  return row
 
 
-def evaluate(name: str, model, windows, binding, gguf_dir: str, threads: int) -> dict:
-  files = export_all(name, model, gguf_dir, ("f32", "f16", "q8_0"))
-  jp = jaxprune_perplexity(model, windows)
-  row = {"params": model.num_params, "per_layer": not model.spec.uniform, "files": files, "jaxprune": jp}
+def evaluate(row: dict, name: str, windows, binding, threads: int) -> dict:
+  """Adds llama.cpp's perplexity of the f32 and q8_0 files to a `prepare` row."""
+  jp = row["jaxprune"]
   for t in ("f32", "q8_0"):
-    lc = llama_cpp_perplexity(binding, files[t]["path"], windows, threads)
+    lc = llama_cpp_perplexity(binding, row["files"][t]["path"], windows, threads)
     lc["relative_difference"] = abs(lc["perplexity"] - jp["perplexity"]) / jp["perplexity"]
     row[f"llama_cpp_{t}"] = lc
     print(f"{name} {t}: llama.cpp {lc['perplexity']:.4f}, jaxprune {jp['perplexity']:.4f} "
@@ -234,22 +255,25 @@ def main(argv=None) -> int:
   ap.add_argument("--speed", choices=("llama-bench", "binding"), default="llama-bench",
                   help="time pp128/tg128 with llama-bench (built here), or through the binding (no llama-bench build)")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "llama_cpp.json"))
+  ap.add_argument("--prepare-only", action="store_true",
+                  help="export the GGUF files and compute jaxprune's perplexities only (no llama.cpp needed)")
   args = ap.parse_args(argv)
 
   import jaxprune
   from jaxprune.data import eval_windows, read_text, tokenize
   from jaxprune.io.atomic import write_json
 
-  sdist, bin_dir = build(args.cache, ("llama", "llama-bench") if args.speed == "llama-bench" else ("llama",))
-  binding = llama_binding(sdist, bin_dir)
   gguf_dir = os.path.join(args.cache, "gguf")
   os.makedirs(gguf_dir, exist_ok=True)
   tokenizer = jaxprune.load_tokenizer("smollm2-135m")
   windows = eval_windows(tokenize(tokenizer, read_text(args.text)), args.seq_len, args.windows)
   sources = {"dense": "smollm2-135m", **{f"pruned_{s}": d for s, d in (p.split("=", 1) for p in args.pruned)}}
-  models = {}
-  for name, src in sources.items():
-    models[name] = evaluate(name, jaxprune.load(src), windows, binding, gguf_dir, args.threads)
+  rows = {name: prepare(name, src, windows, gguf_dir) for name, src in sources.items()}
+  if args.prepare_only:
+    return 0
+  sdist, bin_dir = build(args.cache, ("llama", "llama-bench") if args.speed == "llama-bench" else ("llama",))
+  binding = llama_binding(sdist, bin_dir)
+  models = {name: evaluate(row, name, windows, binding, args.threads) for name, row in rows.items()}
   f16 = {n: m["files"]["f16"]["path"] for n, m in models.items()}
   if args.speed == "llama-bench":
     bench = llama_bench(bin_dir, f16, args.threads, args.reps)

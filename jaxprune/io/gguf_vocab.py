@@ -30,7 +30,7 @@ _ARRAYS = {"tokenizer.ggml.tokens": "STRING", "tokenizer.ggml.merges": "STRING",
 _NORMAL, _CONTROL, _USER = 1, 3, 4
 
 
-def _scalar_type(key: str, value) -> str:
+def _scalar_type(value) -> str:
   if isinstance(value, bool):
     return "BOOL"
   if isinstance(value, int):
@@ -54,7 +54,7 @@ def typed_fields(fields: dict) -> list[tuple]:
     if isinstance(value, list):
       out.append((key, value, "ARRAY", _array_type(key, value)))
     else:
-      out.append((key, value, _scalar_type(key, value), None))
+      out.append((key, value, _scalar_type(value), None))
   return out
 
 
