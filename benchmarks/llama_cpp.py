@@ -101,6 +101,8 @@ def llama_binding(sdist: str, bin_dir: str):
     sys.modules["diskcache"] = types.ModuleType("diskcache")
   import llama_cpp
 
+  if not hasattr(llama_cpp, "Llama"):  # this file, imported as a module named llama_cpp, shadows the package
+    raise ImportError(f"llama_cpp resolved to {llama_cpp.__file__}; run this benchmark as a script")
   return llama_cpp
 
 
@@ -241,6 +243,31 @@ def evaluate(row: dict, name: str, windows, binding, threads: int) -> dict:
   return row
 
 
+def add_speedups(bench: dict) -> dict:
+  for b in bench.values():
+    for test in ("pp128", "tg128"):
+      b[f"{test}_speedup"] = b[test] / bench["dense"][test]
+  return bench
+
+
+def add_llama_bench(args) -> int:
+  """llama-bench's numbers beside the binding's, in an existing results file."""
+  from jaxprune.io.atomic import write_json
+
+  with open(args.out) as f:
+    result = json.load(f)
+  _, bin_dir = build(args.cache, ("llama", "llama-bench"))
+  models = result["models"]
+  bench = add_speedups(llama_bench(bin_dir, {n: m["files"]["f16"]["path"] for n, m in models.items()}, args.threads,
+                                   args.reps))
+  for name, b in bench.items():
+    models[name]["llama_bench_f16"] = b
+  result["machine"]["llama_bench_threads"] = args.threads
+  write_json(args.out, result, force=True)
+  print(json.dumps(bench, indent=1))
+  return 0
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--pruned", action="append", default=[], metavar="SPARSITY=DIR",
@@ -255,6 +282,9 @@ def main(argv=None) -> int:
   ap.add_argument("--speed", choices=("llama-bench", "binding"), default="llama-bench",
                   help="time pp128/tg128 with llama-bench (built here), or through the binding (no llama-bench build)")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "llama_cpp.json"))
+  ap.add_argument("--add-llama-bench", action="store_true",
+                  help="run llama-bench on the f16 files of an existing --out (written with --speed binding) and "
+                  "add its numbers there")
   ap.add_argument("--prepare-only", action="store_true",
                   help="export the GGUF files and compute jaxprune's perplexities only (no llama.cpp needed)")
   args = ap.parse_args(argv)
@@ -263,6 +293,8 @@ def main(argv=None) -> int:
   from jaxprune.data import eval_windows, read_text, tokenize
   from jaxprune.io.atomic import write_json
 
+  if args.add_llama_bench:
+    return add_llama_bench(args)
   gguf_dir = os.path.join(args.cache, "gguf")
   os.makedirs(gguf_dir, exist_ok=True)
   tokenizer = jaxprune.load_tokenizer("smollm2-135m")
@@ -279,10 +311,8 @@ def main(argv=None) -> int:
     bench = llama_bench(bin_dir, f16, args.threads, args.reps)
   else:
     bench = binding_bench(binding, f16, args.threads, args.reps)
-  for name, b in bench.items():
+  for name, b in add_speedups(bench).items():
     models[name]["speed_f16"] = b
-    for test in ("pp128", "tg128"):
-      b[f"{test}_speedup"] = b[test] / bench["dense"][test]
   result = {
       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "threads": args.threads, "llama_cpp": os.path.basename(sdist), "flags": CMAKE_FLAGS,
