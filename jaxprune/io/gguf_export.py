@@ -151,7 +151,7 @@ def model_tensors(model: Model, arch: str):
     yield from _block_tensors(spec, i, model.params["layers"][i], permute=arch != "qwen2")
 
 
-def _encode(name: str, w: np.ndarray, ttype: str):
+def _encode(w: np.ndarray, ttype: str):
   """(data, ggml type or None for numpy's own) of one tensor at tensor type `ttype`."""
   from gguf import GGMLQuantizationType as Q
   from gguf.quants import quantize
@@ -213,6 +213,28 @@ def _write(writer, f) -> None:
   writer.write_tensors_to_file()
 
 
+def _metadata(writer, model: Model, arch: str, ttype: str, tokenizer) -> None:
+  writer.add_name(os.path.basename(os.path.normpath(model.source)) if model.source else "jaxprune model")
+  writer.add_file_type(_file_type(ttype))
+  if ttype == "q8_0":
+    from gguf import GGML_QUANT_VERSION
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+  _hparams(writer, model.spec, arch)
+  _tokenizer(writer, tokenizer)
+
+
+def _add_tensors(writer, model: Model, arch: str, ttype: str) -> tuple[list[str], int, int]:
+  """Encodes and adds every tensor; returns (q8_0 matrices written as f16, tensors, parameters)."""
+  fallback, count, exported = [], 0, 0
+  for name, w in model_tensors(model, arch):
+    data, qtype = _encode(w, ttype)
+    if ttype == "q8_0" and w.ndim == 2 and qtype is None:
+      fallback.append(name)
+    writer.add_tensor(name, data, raw_dtype=qtype)  # quantized bytes: the writer derives the shape from them
+    count, exported = count + 1, exported + w.size
+  return fallback, count, exported
+
+
 def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool = False) -> GGUFInfo:
   """Writes `model` as one GGUF file at `out`, atomically.
 
@@ -245,20 +267,8 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
   fields, tok_source = tokenizer_fields(model.source)
   # A spooled temporary file takes each tensor as it is encoded, so the model is never held twice.
   writer = GGUFWriter(None, arch, use_temp_file=True)
-  writer.add_name(os.path.basename(os.path.normpath(model.source)) if model.source else "jaxprune model")
-  writer.add_file_type(_file_type(ttype))
-  if ttype == "q8_0":
-    from gguf import GGML_QUANT_VERSION
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-  _hparams(writer, spec, arch)
-  _tokenizer(writer, fields)
-  fallback, count, exported = [], 0, 0
-  for name, w in model_tensors(model, arch):
-    data, qtype = _encode(name, w, ttype)
-    if ttype == "q8_0" and w.ndim == 2 and qtype is None:
-      fallback.append(name)
-    writer.add_tensor(name, data, raw_dtype=qtype)  # quantized bytes: the writer derives the shape from them
-    count, exported = count + 1, exported + w.size
+  _metadata(writer, model, arch, ttype, fields)
+  fallback, count, exported = _add_tensors(writer, model, arch, ttype)
   try:
     write_file(final, lambda f: _write(writer, f), force=force, binary=True)
   finally:
