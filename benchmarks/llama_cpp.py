@@ -24,6 +24,8 @@
    it needs llama.cpp's `common` library, about as long to build again).
 
 Results go to JSON (default benchmarks/results/llama_cpp.json), written atomically.
+`--prepare-only` does step 2 (and jaxprune's perplexities) while llama.cpp builds;
+`--add-llama-bench` adds llama-bench's numbers to a file written with `--speed binding`.
 """
 
 from __future__ import annotations
