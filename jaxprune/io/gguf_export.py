@@ -1,0 +1,285 @@
+"""Export to GGUF for llama.cpp, dense or pruned (per-layer widths included).
+
+Which llama.cpp architecture a model becomes:
+
+* every layer the same shape: the family's own (`llama` for LLaMA and Mistral;
+  `qwen2` for Qwen2 while its attention still spans hidden_size and it has no
+  o- or MLP bias, since llama.cpp's qwen2 has neither; otherwise `llama`, which
+  computes the same function once Q/K are permuted as below);
+* per-layer widths: `deci` (llama.cpp's `src/models/deci.cpp`, written for
+  NVIDIA's Nemotron-NAS), which reads `head_count`, `head_count_kv` and
+  `feed_forward_length` as per-layer arrays and optional q/k/v, attn_output and
+  ffn gate/up/down biases, so the intercepts of reconstruction are kept.
+
+llama.cpp's `llama` and `deci` rotate adjacent pairs (its NORM RoPE) where
+Hugging Face rotates halves, so the rows of Q and K (weights and biases) are
+permuted within each head, the inverse of `jaxprune.io.gguf.reverse_permute`;
+`qwen2` uses NEOX RoPE, the Hugging Face order, and is written unpermuted.
+All-zero biases (the siblings an intercept's bias flag implies) are left out:
+llama.cpp treats a missing bias as zero, and skipping it saves an add per token.
+
+What llama.cpp cannot compute is refused (`gguf_problems`): uneven query-to-KV
+groups, per-layer head_dim, sliding windows, activations other than SiLU,
+GPT-2. Norms and biases stay float32 at every tensor type, as in llama.cpp's
+converter; at q8_0 a matrix whose rows do not fill 32-wide blocks is written
+as f16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+from jaxprune.errors import ConfigError, UsageError
+from jaxprune.io.atomic import check_target, write_file
+from jaxprune.io.gguf import _BLOCK, _TOP
+from jaxprune.io.gguf_vocab import tokenizer_fields
+from jaxprune.io.mapping import block_to_tensors, top_to_tensors
+from jaxprune.model import Model
+from jaxprune.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0")
+# jaxprune's dtype names (`--dtype` of the other formats) mean the same GGUF tensor types.
+DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# The reader's table plus the MLP biases an intercept adds (llama.cpp's llama and deci read them; the reader's
+# llama models never have them).
+_GGUF_NAMES = {**{hf: g for g, hf in _TOP.items()}, **{hf: g for g, hf in _BLOCK.items()},
+               **{f"mlp.{p}_proj.bias": f"ffn_{p}.bias" for p in ("gate", "up", "down")}}
+_Q8_BLOCK = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFInfo:
+  """What `save_gguf` wrote."""
+
+  path: str
+  architecture: str  # llama.cpp's: llama | qwen2 | deci
+  per_layer: bool
+  tensor_type: str  # f32 | f16 | bf16 | q8_0 (the matrices; norms and biases are f32)
+  num_params: int  # parameters of the JAX model
+  exported_params: int  # parameters in the file (zero biases left out)
+  tensors: int
+  f16_fallback: tuple[str, ...]  # q8_0 matrices written as f16 (rows not a multiple of 32)
+  tokenizer: str  # where the tokenizer metadata came from, or 'none'
+
+
+def tensor_type(dtype: str | None) -> str:
+  """The GGUF tensor type for a `--dtype` value (None: f32)."""
+  name = dtype or "f32"
+  name = DTYPE_ALIASES.get(name, name)
+  if name not in TENSOR_TYPES:
+    raise UsageError(f"GGUF tensor type {dtype!r} is not supported; choose one of {', '.join(TENSOR_TYPES)} "
+                     f"(or {', '.join(DTYPE_ALIASES)})")
+  return name
+
+
+def gguf_problems(spec: ModelSpec) -> list[str]:
+  """Why llama.cpp cannot run `spec` as jaxprune writes it (empty when it can)."""
+  if spec.family not in FAMILY_ARCH:
+    return [f"family {spec.family!r} has no GGUF export; supported: {', '.join(sorted(FAMILY_ARCH))}"]
+  problems = []
+  uneven = [i for i, l in enumerate(spec.layers) if l.canonical().kv_map is not None]
+  if uneven:
+    problems.append(f"layers {uneven} have uneven query-to-KV groups; llama.cpp shares each KV head among a "
+                    "contiguous, equal group of query heads (prune without --free-groups)")
+  head_dims = sorted({l.head_dim for l in spec.layers})
+  if len(head_dims) > 1:
+    problems.append(f"layers have different head_dim {head_dims}; llama.cpp has one head size per model")
+  if spec.sliding_window is not None and spec.sliding_window < spec.max_positions:
+    problems.append(f"sliding_window={spec.sliding_window} is shorter than the context ({spec.max_positions}); "
+                    "llama.cpp's llama and deci attend to the whole context")
+  if spec.act != "silu":
+    problems.append(f"activation {spec.act!r}: llama.cpp's llama, qwen2 and deci gate with SiLU")
+  if spec.rope.kind not in ("default", "linear"):
+    problems.append(f"RoPE scaling {spec.rope.kind!r} is not written by jaxprune's GGUF export (default and linear "
+                    "are); export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
+  return problems
+
+
+def architecture(spec: ModelSpec) -> str:
+  """llama.cpp's architecture for `spec` (see the module docstring)."""
+  if not spec.uniform:
+    return "deci"
+  arch = FAMILY_ARCH[spec.family]
+  layer = spec.layers[0]
+  if arch == "qwen2" and (layer.num_heads * layer.head_dim != spec.hidden_size or spec.o_bias or spec.mlp_bias):
+    return "llama"
+  return arch
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Hugging Face's Q/K rows -> llama.cpp's: per head, (2, H/2) -> (H/2, 2); inverse of `reverse_permute`."""
+  half = w.shape[0] // n_head // 2
+  return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+  """GGUF name of a Hugging Face key (`model.layers.{i}.x` -> `blk.{i}.y`)."""
+  if hf in _GGUF_NAMES:
+    return _GGUF_NAMES[hf]
+  _, _, i, rest = hf.split(".", 3)
+  return f"blk.{i}.{_GGUF_NAMES[rest]}"
+
+
+def _block_tensors(spec: ModelSpec, i: int, block, permute: bool):
+  """(GGUF name, array) of block i, Q/K permuted when `permute`, zero biases left out."""
+  layer = spec.layers[i]
+  for hf, w in block_to_tensors(spec, i, block).items():
+    w = np.ascontiguousarray(w, np.float32)  # transposed views: the quantizers and the writer want rows
+    if hf.endswith(".bias") and not np.any(w):
+      continue
+    name = gguf_name(hf)
+    if permute and ".attn_q." in name:
+      w = permute_rows(w, layer.num_heads)
+    elif permute and ".attn_k." in name:
+      w = permute_rows(w, layer.num_kv_heads)
+    yield name, w
+
+
+def model_tensors(model: Model, arch: str):
+  """(GGUF name, float32 array in Hugging Face's [out, in] order) of every tensor, one block at a time."""
+  spec = model.spec
+  for hf, w in top_to_tensors(spec, model.params).items():
+    yield gguf_name(hf), np.ascontiguousarray(w, np.float32)
+  for i in range(spec.num_layers):
+    yield from _block_tensors(spec, i, model.params["layers"][i], permute=arch != "qwen2")
+
+
+def _encode(w: np.ndarray, ttype: str):
+  """(data, ggml type or None for numpy's own) of one tensor at tensor type `ttype`."""
+  from gguf import GGMLQuantizationType as Q
+  from gguf.quants import quantize
+
+  if w.ndim == 1 or ttype == "f32":
+    return w, None
+  if ttype == "f16" or (ttype == "q8_0" and w.shape[-1] % _Q8_BLOCK):
+    return w.astype(np.float16), None
+  qtype = Q.BF16 if ttype == "bf16" else Q.Q8_0
+  return quantize(w, qtype), qtype
+
+
+def _hparams(writer, spec: ModelSpec, arch: str) -> None:
+  from gguf import RopeScalingType
+
+  layers = spec.layers
+  per_layer = lambda f: [int(f(l)) for l in layers] if arch == "deci" else int(f(layers[0]))  # noqa: E731
+  H = layers[0].head_dim
+  writer.add_block_count(spec.num_layers)
+  writer.add_context_length(spec.max_positions)
+  writer.add_embedding_length(spec.hidden_size)
+  writer.add_vocab_size(spec.vocab_size)
+  writer.add_feed_forward_length(per_layer(lambda l: l.ffn_dim))
+  writer.add_head_count(per_layer(lambda l: l.num_heads))
+  writer.add_head_count_kv(per_layer(lambda l: l.num_kv_heads))
+  # llama.cpp derives the head size from hidden_size / head_count unless told; pruned heads break that.
+  writer.add_key_length(H)
+  writer.add_value_length(H)
+  writer.add_rope_dimension_count(H)
+  writer.add_rope_freq_base(float(spec.rope.theta))
+  writer.add_layer_norm_rms_eps(float(spec.norm_eps))
+  if spec.rope.kind == "linear":
+    writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(float(spec.rope.factor))
+
+
+def _file_type(ttype: str) -> int:
+  from gguf import LlamaFileType as F
+
+  return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[ttype]
+
+
+def _tokenizer(writer, fields) -> None:
+  from gguf import GGUFValueType
+
+  for key, value, vtype, sub in fields:
+    writer.add_key_value(key, value, GGUFValueType[vtype], None if sub is None else GGUFValueType[sub])
+
+
+def _write(writer, f) -> None:
+  """Writes everything `writer` holds to the open file `f`."""
+  from gguf.gguf_writer import WriterState
+
+  # GGUFWriter opens files by name; handing it the temporary file that `write_file` renames
+  # into place is what its own open_output_file does, minus the open.
+  writer.fout, writer.state = [f], WriterState.EMPTY
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+
+
+def _metadata(writer, model: Model, arch: str, ttype: str, tokenizer) -> None:
+  writer.add_name(os.path.basename(os.path.normpath(model.source)) if model.source else "jaxprune model")
+  writer.add_file_type(_file_type(ttype))
+  if ttype == "q8_0":
+    from gguf import GGML_QUANT_VERSION
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+  _hparams(writer, model.spec, arch)
+  _tokenizer(writer, tokenizer)
+
+
+def _add_tensors(writer, model: Model, arch: str, ttype: str) -> tuple[list[str], int, int]:
+  """Encodes and adds every tensor; returns (q8_0 matrices written as f16, tensors, parameters)."""
+  fallback, count, exported = [], 0, 0
+  for name, w in model_tensors(model, arch):
+    data, qtype = _encode(w, ttype)
+    if ttype == "q8_0" and w.ndim == 2 and qtype is None:
+      fallback.append(name)
+    writer.add_tensor(name, data, raw_dtype=qtype)  # quantized bytes: the writer derives the shape from them
+    count, exported = count + 1, exported + w.size
+  return fallback, count, exported
+
+
+def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool = False) -> GGUFInfo:
+  """Writes `model` as one GGUF file at `out`, atomically.
+
+  Args:
+    model: any jaxprune model of the LLaMA family (llama, mistral, qwen2), dense or pruned.
+    out: the output file; it must not exist unless `force`.
+    dtype: tensor type of the matrices: 'f32' (default), 'f16', 'bf16' or 'q8_0'
+      ('float32', 'float16', 'bfloat16' also accepted).
+    force: replace an existing `out` (only once the new file is complete).
+
+  Returns:
+    A `GGUFInfo` naming the llama.cpp architecture written.
+
+  Raises:
+    ConfigError: llama.cpp cannot run the model (the message says why).
+    UsageError: `out` exists and `force` is False, or `dtype` is unknown; nothing is changed.
+  """
+  from gguf import GGUFWriter
+
+  ttype = tensor_type(dtype)
+  if os.path.isdir(out):  # even with force: replacing a directory by a file would delete all it holds
+    raise UsageError(f"{out} is a directory; --format gguf writes one file: pass a file path such as "
+                     f"{os.path.join(out, 'model.gguf')}")
+  final = check_target(out, force, kind="file")
+  spec = model.spec
+  problems = gguf_problems(spec)
+  if problems:
+    raise ConfigError("this model cannot be written as GGUF for llama.cpp: " + "; ".join(problems))
+  arch = architecture(spec)
+  fields, tok_source = tokenizer_fields(model.source)
+  # A spooled temporary file takes each tensor as it is encoded, so the model is never held twice.
+  writer = GGUFWriter(None, arch, use_temp_file=True)
+  _metadata(writer, model, arch, ttype, fields)
+  fallback, count, exported = _add_tensors(writer, model, arch, ttype)
+  try:
+    write_file(final, lambda f: _write(writer, f), force=force, binary=True)
+  finally:
+    writer.close()
+  if fallback:
+    log.warning("%d matrices have rows that are not a multiple of %d and were written as f16: %s", len(fallback),
+                _Q8_BLOCK, ", ".join(fallback[:4]) + (" ..." if len(fallback) > 4 else ""))
+  info = GGUFInfo(final, arch, arch == "deci", ttype, model.num_params, exported, count, tuple(fallback), tok_source)
+  log.info("wrote %s (GGUF, llama.cpp architecture %s, %s, %d parameters)", final, arch, ttype, exported)
+  return info
+
+
+__all__ = ["GGUFInfo", "TENSOR_TYPES", "architecture", "gguf_name", "gguf_problems", "model_tensors", "permute_rows",
+           "save_gguf", "tensor_type"]
