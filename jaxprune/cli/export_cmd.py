@@ -62,6 +62,9 @@ def export(cfg: ExportConfig) -> int:
   if cfg.dtype == "q8_0" and cfg.format != "gguf":
     raise UsageError(f"--dtype q8_0 is a GGUF tensor type, but --format is {cfg.format}; pass --format gguf, or "
                      "choose --dtype float32, bfloat16 or float16")
+  if cfg.format == "gguf":
+    from jaxprune.io.gguf_export import refuse_directory
+    refuse_directory(cfg.out)
   source = local_path(cfg.source)
   check_output(cfg.out, cfg.force, [source], need_bytes=size_on_disk(source),
                kind="file" if cfg.format == "gguf" else "dir")  # before the (slow) load

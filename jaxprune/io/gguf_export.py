@@ -235,6 +235,14 @@ def _add_tensors(writer, model: Model, arch: str, ttype: str) -> tuple[list[str]
   return fallback, count, exported
 
 
+def refuse_directory(out: str) -> None:
+  """A GGUF is one file: a directory as `out` is refused, even with force (replacing it by a file
+  would delete all it holds)."""
+  if os.path.isdir(out):
+    raise UsageError(f"{out} is a directory; --format gguf writes one file: pass a file path such as "
+                     f"{os.path.join(out, 'model.gguf')}")
+
+
 def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool = False) -> GGUFInfo:
   """Writes `model` as one GGUF file at `out`, atomically.
 
@@ -255,9 +263,7 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
   from gguf import GGUFWriter
 
   ttype = tensor_type(dtype)
-  if os.path.isdir(out):  # even with force: replacing a directory by a file would delete all it holds
-    raise UsageError(f"{out} is a directory; --format gguf writes one file: pass a file path such as "
-                     f"{os.path.join(out, 'model.gguf')}")
+  refuse_directory(out)
   final = check_target(out, force, kind="file")
   spec = model.spec
   problems = gguf_problems(spec)
