@@ -49,8 +49,8 @@ SEQ_LEN = 128
 # parameter budget (sparsity 0.4583, about 725 channels).
 AT_REF = dict(sparsity={0.2: 0.15, 0.5: 0.4583}, attn_sparsity={0.2: 0.0, 0.5: 0.25})
 
-# jaxprune's recipe as the README's results measured it (chosen on held-out
-# WikiText-2 *valid* windows, never on test; see README), spelled out over the
+# jaxprune's recipe as docs/results.md measured it (chosen on held-out
+# WikiText-2 *valid* windows, never on test), spelled out over the
 # `paper` preset so that these rows stay what they were when the recommended
 # preset changes: the exact greedy output-approximation order, the paper's
 # two-step reconstruction, refit of the kept channels with an intercept, small

@@ -4,7 +4,7 @@ A preset is a plain dict of `PruneConfig` field values. `PruneConfig()`'s
 defaults are the `recommended` preset's, so the API, the CLI and the notebook
 agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
 
-  recommended           jaxprune's recipe (README, Results; chosen on held-out
+  recommended           jaxprune's recipe (docs/results.md; chosen on held-out
                         WikiText-2 valid windows by benchmarks/selection.py and
                         checked on Shakespeare): the greedy output-approximation
                         order (`goa-obs`) on statistics whose covariance is
