@@ -15,6 +15,8 @@ FORMATS = {
     "orbax": "Orbax checkpoint of the parameters plus jaxprune.json",
     "gguf": "one GGUF file for llama.cpp (llama/qwen2 when every layer has the same shape, deci for per-layer "
             "widths); --dtype f32 (default), f16, bf16 or q8_0",
+    "decilm": "the hf files with a DeciLM (nemotron-nas) config that vLLM and TensorRT-LLM load; only for LLaMA "
+              "models with the same query heads in every layer and no intercept (MLP-channel or KV-group pruning)",
 }
 DTYPES = ("float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0")
 _SHORT = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # GGUF's names, accepted by every format
@@ -84,7 +86,7 @@ def export(cfg: ExportConfig) -> int:
     from jaxprune.io.export import save_hf
     with writing(cfg.out, model.spec.num_layers, bar) as step:
       info = save_hf(model, cfg.out, dtype=dtype, force=cfg.force, jax_only=cfg.format == "jaxprune",
-                     max_shard_size=cfg.max_shard_size, progress=step)
+                     max_shard_size=cfg.max_shard_size, progress=step, decilm=cfg.format == "decilm")
     summary = {k: v for k, v in dataclasses.asdict(info).items() if k != "files"}
     summary["loader"] = info.loader
   print(json.dumps(summary))

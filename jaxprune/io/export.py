@@ -48,6 +48,7 @@ import numpy as np
 
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
+from jaxprune.io.decilm import decilm_target, ship_config_code
 from jaxprune.io.lazy import is_lazy
 from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, cast_finite, parse_dtype
 from jaxprune.io.locate import load_tokenizer
@@ -108,6 +109,8 @@ class ExportInfo:
   def loader(self) -> str:
     if self.format != "hf":
       return "jaxprune.load"
+    if self.model_type == "nemotron-nas":
+      return "vllm serve PATH --trust-remote-code (DeciLMForCausalLM), or jaxprune.load"
     if self.stock:
       return "transformers.AutoModelForCausalLM.from_pretrained"
     return ("transformers.AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) or "
@@ -394,7 +397,8 @@ def resolve_tokenizer(model: Model, tokenizer):
 
 
 def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenizer=None, jax_only: bool = False,
-            max_shard_size=DEFAULT_SHARD_SIZE, progress: Callable[[int], None] | None = None) -> ExportInfo:
+            max_shard_size=DEFAULT_SHARD_SIZE, progress: Callable[[int], None] | None = None,
+            decilm: bool = False) -> ExportInfo:
   """Writes `model` as a Hugging Face directory at `out`, atomically.
 
   Args:
@@ -409,12 +413,15 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     max_shard_size: bytes (or '5GB') per safetensors file.
     progress: called with 1 as each of the num_layers + 1 pieces (the embeddings and head,
       then each block) is converted for writing.
+    decilm: write the DeciLM (`nemotron-nas`) config that vLLM and TensorRT-LLM load
+      (`jaxprune.io.decilm`) instead of a transformers one; the weights are the same.
 
   Returns:
     An `ExportInfo` saying which loader reads the result.
 
   Raises:
-    ConfigError: the model cannot be written for transformers (and not jax_only).
+    ConfigError: the model cannot be written for transformers (and not jax_only), or as
+      DeciLM (`decilm`).
     UsageError: `out` exists and `force` is False; nothing is changed.
   """
   import transformers
@@ -428,7 +435,7 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     dtype = dtypes[0] if len(dtypes) == 1 else "float32"
   dtype_name, np_dtype = parse_dtype(dtype)
   shard_bytes = parse_size(max_shard_size)
-  target = None if jax_only else hf_target(spec)
+  target = None if jax_only else decilm_target(spec) if decilm else hf_target(spec)
   padded, tensors_spec = ((), spec) if jax_only else (target.padded, target.spec)
   exported = 0
 
@@ -462,6 +469,8 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
                         os.path.join(tmp, REMOTE_CODE + ".py"))
         files.append(REMOTE_CODE + ".py")
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE}.{REMOTE_CLASSES[target.model_type]}"}
+      if decilm:
+        files.append(ship_config_code(tmp))
       dump_json(os.path.join(tmp, "config.json"), cfg)
       files.append("config.json")
     transformers.GenerationConfig(bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id).save_pretrained(tmp)
