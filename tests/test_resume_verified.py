@@ -2,6 +2,7 @@
 file is checked (sha256 and finiteness) before it is used or published; a damaged one is
 recomputed, to the bits an uninterrupted run gives."""
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -174,6 +175,8 @@ def test_block_damaged_during_the_run_is_not_published(setup, tmp_path):
 
 
 def test_nan_or_inf_in_the_given_weights_is_refused_naming_the_tensor(setup, tmp_path):
+  """Two defences: the loader refuses a file whose tensor holds NaN (streamed or not), and
+  prune refuses a model whose parameters hold NaN or Inf however they were made."""
   path, _ = setup
 
   def poison(value):
@@ -183,11 +186,19 @@ def test_nan_or_inf_in_the_given_weights_is_refused_naming_the_tensor(setup, tmp
     return change
 
   nan = _changed(path, str(tmp_path / "nan"), "model.layers.2.mlp.down_proj.weight", poison(np.nan))
-  with pytest.raises(CheckpointError, match=r"block 2 of the model given to prune holds NaN values in mlp/down/kernel"):
+  with pytest.raises(CheckpointError, match=r"tensor model\.layers\.2\.mlp\.down_proj\.weight holds NaN"):
     prune(jaxprune.load(nan, lazy=True), CALIB, CONFIG)
-  inf = _changed(path, str(tmp_path / "inf"), "model.embed_tokens.weight", poison(np.inf))
+  model = jaxprune.load(path)
+  layers = list(model.params["layers"])
+  mlp = dict(layers[2]["mlp"])
+  mlp["down"] = {**mlp["down"], "kernel": mlp["down"]["kernel"].at[0, 3].set(np.nan)}
+  layers[2] = {**layers[2], "mlp": mlp}
+  poisoned = dataclasses.replace(model, params={**model.params, "layers": type(model.params["layers"])(layers)})
+  with pytest.raises(CheckpointError, match=r"block 2 of the model given to prune holds NaN values in mlp/down/kernel"):
+    prune(poisoned, CALIB, CONFIG)
+  embed = model.params["embed"]["embedding"].at[1, 3].set(np.inf)
   with pytest.raises(CheckpointError, match=r"model given to prune holds Inf values in embed/embedding"):
-    prune(jaxprune.load(inf), CALIB, CONFIG)
+    prune(dataclasses.replace(model, params={**model.params, "embed": {"embedding": embed}}), CALIB, CONFIG)
 
 
 def test_non_finite_solve_is_refused_not_published(setup, monkeypatch):
