@@ -61,7 +61,7 @@ RECIPE = dict(method="goa-obs", attn_sparsity={0.2: 0.0, 0.5: 0.25}, reconstruct
               damping=1e-5)
 
 # The runs: (name, preset, PruneConfig keyword arguments over the preset,
-# calibration source). Presets are jaxprune.presets': "paper" holds
+# calibration source). Presets are jaxprune.prune.presets': "paper" holds
 # PruneConfig's defaults from before the presets, so rows over it are the rows
 # they always were; "baseline" runs a published tool as that tool does.
 # Calibration: "valid" (WikiText-2 valid windows), "random" (uniform random

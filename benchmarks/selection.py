@@ -68,7 +68,7 @@ CANDIDATES = [
 
 
 def parse_set(items: list[str]) -> tuple[str, dict]:
-  from jaxprune import presets
+  from jaxprune.prune import presets
   name, *pairs = items
   kw = {}
   for pair in pairs:

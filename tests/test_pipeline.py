@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune import presets
+from jaxprune.prune import presets
 from jaxprune.stats import passes
 from jaxprune.errors import UsageError
 from jaxprune.models import logits

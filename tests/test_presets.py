@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import jaxprune
-from jaxprune import presets
+from jaxprune.prune import presets
 from jaxprune.cli import build_parser, main
 from jaxprune.cli.prune_cmd import resolve_config
 from jaxprune.errors import UsageError

@@ -57,7 +57,7 @@ if os.path.join(HERE, "..") not in sys.path:  # run from a checkout without `pip
 def parse_args(argv=None) -> argparse.Namespace:
   # Building the options imports jaxprune (and JAX) but initialises no backend, so
   # jax.distributed.initialize() can still come after.
-  from jaxprune import presets
+  from jaxprune.prune import presets
   from jaxprune.cli.prune_cmd import add_config_options
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See tpu_scripts/README.md.",

@@ -26,7 +26,7 @@ def add_parser(sub):
   p.add_argument("--calib-samples", type=int, default=None,
                  help="calibration windows (default 128; a data-free preset's selfgen_samples)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-  from jaxprune import presets
+  from jaxprune.prune import presets
 
   p.add_argument("--preset", default=None, choices=presets.names(), help="as for jaxprune prune (default: recommended)")
   p.add_argument("--config", default=None, metavar="FILE.yaml", help="as for jaxprune prune")
@@ -65,7 +65,7 @@ def run(args) -> int:
   config = config.check(spec)
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
-  from jaxprune import presets
+  from jaxprune.prune import presets
   from jaxprune.cli.prune_cmd import window_count
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
   args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)

@@ -68,7 +68,7 @@ def add_config_options(p) -> None:
   that the preset and the --config file decide (precedence: preset < file < flags)."""
   import dataclasses
 
-  from jaxprune import presets
+  from jaxprune.prune import presets
   from jaxprune.pipeline import PruneConfig
 
   g = p.add_argument_group("pruning options (PruneConfig fields; defaults from the preset)")
@@ -97,7 +97,7 @@ def add_config_options(p) -> None:
 
 
 def add_parser(sub):
-  from jaxprune import presets
+  from jaxprune.prune import presets
 
   p = sub.add_parser("prune", help="prune a model and save it", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +146,7 @@ def resolve_config(args):
   """
   import dataclasses
 
-  from jaxprune import presets
+  from jaxprune.prune import presets
   from jaxprune.pipeline import PruneConfig
 
   from_file = presets.from_yaml(args.config) if args.config else {}

@@ -133,7 +133,7 @@ def values(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, A
 
 
 def _fields() -> dict[str, dataclasses.Field]:
-  from jaxprune.pipeline import PruneConfig
+  from jaxprune.prune.config import PruneConfig
   return {f.name: f for f in dataclasses.fields(PruneConfig)}
 
 

@@ -1,0 +1,1 @@
+"""The pruning engine: configuration, presets, the module step and the layer loop."""
