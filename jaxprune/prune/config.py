@@ -132,6 +132,8 @@ class PruneConfig:
   seed: int = _field(0, "seed for random choices (calibration windows, the random criterion, random-token windows)")
 
   def __post_init__(self):
+    # Callers, YAML files and older code give modes as strings; stored as members, they are typed
+    # and still equal those strings.
     for name, kind in _enum_fields().items():
       value = getattr(self, name)
       if not isinstance(value, kind):
@@ -148,6 +150,7 @@ class PruneConfig:
     return cls(**presets.overrides(name, overrides))
 
   def check(self, spec: ModelSpec) -> "PruneConfig":
+    """This config, once its values are in range and fit `spec` (else a one-line UsageError)."""
     allocate.check_ratio(self.sparsity)
     if self.attn_sparsity is not None:
       allocate.check_ratio(self.attn_sparsity)
