@@ -68,13 +68,10 @@ CANDIDATES = [
 
 
 def parse_set(items: list[str]) -> tuple[str, dict]:
-  from jaxprune.prune import presets
+  """(candidate name, PruneConfig fields) from `NAME key=value ...`, parsed as the CLI parses its options."""
+  from jaxprune.cli.prune_options import config_values
   name, *pairs = items
-  kw = {}
-  for pair in pairs:
-    k, _, v = pair.partition("=")
-    kw[k] = presets.coerce(k, v, "--set")
-  return name, kw
+  return name, config_values(dict(pair.partition("=")[::2] for pair in pairs), "--set")
 
 
 def main(argv=None) -> int:

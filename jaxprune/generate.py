@@ -21,25 +21,21 @@ from jaxprune.models import decode
 from jaxprune.spec import ModelSpec, Params
 
 
+def _field(default, help: str):
+  return dataclasses.field(default=default, metadata=dict(help=help))
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  """How tokens are drawn.
+  """How tokens are drawn. Each field's help (in its `metadata`) is also the
+  `jaxprune generate` option's, and its default the option's default."""
 
-  Attributes:
-    max_new_tokens: tokens to generate at most.
-    temperature: logits are divided by it; 0 means greedy (argmax).
-    top_p: nucleus sampling: keep the most likely tokens whose mass reaches top_p (1 keeps all).
-    top_k: keep the k most likely tokens (0 keeps all).
-    seed: `jax.random` seed.
-    stop: token ids that end a row (EOS); the stop token is included in the output.
-  """
-
-  max_new_tokens: int = 64
-  temperature: float = 0.7
-  top_p: float = 0.9
-  top_k: int = 0
-  seed: int = 0
-  stop: tuple[int, ...] = ()
+  max_new_tokens: int = _field(64, "tokens to generate at most")
+  temperature: float = _field(0.7, "sampling temperature: logits are divided by it; 0 = greedy (argmax)")
+  top_p: float = _field(0.9, "nucleus sampling: keep the most likely tokens whose mass reaches top_p, 1 = off")
+  top_k: int = _field(0, "keep the k most likely tokens, 0 = off")
+  seed: int = _field(0, "jax.random seed: the same seed, prompt and model give the same tokens")
+  stop: tuple[int, ...] = _field((), "token ids that end a row (EOS); the stop token is included in the output")
 
   def check(self) -> "SampleConfig":
     if self.max_new_tokens < 1:

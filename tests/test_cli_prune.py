@@ -119,7 +119,7 @@ def test_existing_output_is_kept_without_force(capsys, model_dir, texts, tmp_pat
     (("--heads", "similarity", "--tau", "0"), "tau must be positive"),
     (("--calib", "SHORT"), "fewer than|free windows"),
     (("--calib", "/nonexistent/text.txt"), "does not exist"),
-    (("--damping", "lots"), "--damping takes a number or 'auto'"),
+    (("--damping", "lots"), "option --damping: damping='lots' is not a number; damping takes a number or 'auto'"),
 ])
 def test_bad_input_is_a_clear_error_and_writes_nothing(capsys, model_dir, texts, tmp_path, args, msg):
   argv = list(BASE)

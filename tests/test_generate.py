@@ -1,5 +1,6 @@
 """The KV-cache decoder against the full forward, the sampler, and `jaxprune generate`."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -142,6 +143,34 @@ def test_generate_cli_prints_the_greedy_continuation(capsys, word_model):
 def test_generate_cli_refuses_chat_without_a_template(capsys, word_model):
   code, _, err = _cli(capsys, "generate", word_model, "--prompt", "w3", "--chat")
   assert code == 2 and "chat template" in err and "Traceback" not in err
+
+
+def test_generate_options_are_sample_config_and_its_defaults():
+  """SampleConfig is the one definition: its fields are the options, its defaults the run's."""
+  from jaxprune.cli import build_parser
+  from jaxprune.cli.generate_cmd import config_from_args
+
+  parse = lambda *a: config_from_args(build_parser().parse_args(["generate", "m", "--prompt", "p", *a]))
+  assert parse().sample == SampleConfig()
+  got = parse("--temperature", "0", "--top-k", "5", "--seed", "3", "--max-new-tokens", "7", "--top-p", "1")
+  assert got.sample == SampleConfig(max_new_tokens=7, temperature=0.0, top_p=1.0, top_k=5, seed=3)
+  helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+  for f in dataclasses.fields(SampleConfig):
+    if f.name != "stop":  # set from the tokenizer and the model
+      assert helps[f.name] == f"{f.metadata['help']} (default: {f.default:g})", f.name
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (("--temperature", "warm"), ("option --temperature", "temperature='warm' is not a number")),
+    (("--max-new-tokens", "1.5"), ("option --max-new-tokens", "max_new_tokens='1.5' is not a number", "an integer")),
+    (("--top-p", "0"), ("top_p must lie in (0, 1]",)),
+])
+def test_bad_sampling_options_are_one_line_errors(word_model, argv, needles):
+  from tests.badinput import assert_intact, assert_one_line_error, run_cli, snapshot
+
+  before = snapshot(word_model)
+  assert_one_line_error(run_cli("generate", word_model, "--prompt", "w3", *argv), *needles)
+  assert_intact(before)
 
 
 # ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   # Building the options imports jaxprune (and JAX) but initialises no backend, so
   # jax.distributed.initialize() can still come after.
   from jaxprune.prune import presets
-  from jaxprune.cli.prune_cmd import add_config_options
+  from jaxprune.cli.prune_options import add_config_options
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See tpu_scripts/README.md.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +154,7 @@ def build_config(args, data: int):
   """The run's PruneConfig: preset < --config file < options, as `jaxprune prune` resolves it."""
   import dataclasses
 
-  from jaxprune.cli.prune_cmd import resolve_config
+  from jaxprune.cli.prune_options import resolve_config
 
   config, _ = resolve_config(args)
   if args.batch_size is None:

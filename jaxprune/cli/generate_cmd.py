@@ -13,7 +13,11 @@ import dataclasses
 import sys
 import time
 
+from jaxprune.cli import fields
 from jaxprune.errors import UsageError
+from jaxprune.generate import SampleConfig
+
+_NOT_OPTIONS = ("stop",)  # set from the tokenizer and the model, not by the user
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +27,8 @@ class GenerateConfig:
   model: str
   prompt: str
   chat: bool = False
-  max_new_tokens: int = 64
-  temperature: float = 0.7
-  top_p: float = 0.9
-  top_k: int = 0
-  seed: int = 0
   dtype: str = "float32"
+  sample: SampleConfig = SampleConfig()
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,19 +37,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("model", help="built-in name (smollm2-135m), Hugging Face or pruned directory, .gguf file or Hub id")
   p.add_argument("--prompt", required=True, help="text to continue (or, with --chat, the user's message)")
   p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
-  p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-  p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
-  p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, 1 = off (default 0.9)")
-  p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
-  p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
+  fields.add_options(p.add_argument_group("sampling (SampleConfig fields)"), SampleConfig, skip=_NOT_OPTIONS)
   return p
 
 
 def config_from_args(args) -> GenerateConfig:
-  return GenerateConfig(model=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                        dtype=args.dtype)
+  given = fields.given(args, SampleConfig, skip=_NOT_OPTIONS)
+  sample = SampleConfig(**fields.parse_all(SampleConfig, given, lambda name: f"option {fields.flag(name)}"))
+  return GenerateConfig(model=args.model, prompt=args.prompt, chat=args.chat, dtype=args.dtype, sample=sample)
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -73,10 +69,9 @@ def stop_ids(tokenizer, spec) -> tuple[int, ...]:
 def run_generate(cfg: GenerateConfig):
   """Returns (continuation text, number of new tokens, seconds)."""
   import jaxprune
-  from jaxprune.generate import SampleConfig, generate
+  from jaxprune.generate import generate
 
-  sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        top_k=cfg.top_k, seed=cfg.seed).check()  # before the (slower) model load
+  sample = cfg.sample.check()  # before the (slower) model load
   if not cfg.prompt:
     raise UsageError("--prompt is empty; give the text to continue")
   tokenizer = jaxprune.load_tokenizer(cfg.model)  # the prompt's problems show before the slower model load

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
+from jaxprune.cli.prune_inputs import window_count
+from jaxprune.cli.prune_options import add_config_options, resolve_config
+from jaxprune.prune import presets
 
 
 def add_parser(sub):
-  from jaxprune.cli.prune_cmd import add_config_options
-
   p = sub.add_parser("plan", help="estimate the memory of a pruning run from the config alone",
                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("model", help="config.json, HF directory, .gguf file or built-in name (only the config is read)")
@@ -26,8 +28,6 @@ def add_parser(sub):
   p.add_argument("--calib-samples", type=int, default=None,
                  help="calibration windows (default 128; a data-free preset's selfgen_samples)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-  from jaxprune.prune import presets
-
   p.add_argument("--preset", default=None, choices=presets.names(), help="as for jaxprune prune (default: recommended)")
   p.add_argument("--config", default=None, metavar="FILE.yaml", help="as for jaxprune prune")
   p.add_argument("--backend", default=None, choices=("cpu", "gpu", "tpu"),
@@ -42,7 +42,6 @@ def add_parser(sub):
 
 def run(args) -> int:
   from jaxprune import footprint, sharding
-  from jaxprune.cli.prune_cmd import resolve_config
   from jaxprune.data import check_seq_len
   from jaxprune.io.atomic import write_json
   from jaxprune.io.export import parse_size
@@ -56,8 +55,6 @@ def run(args) -> int:
   args.calib = None
   check_seq_len(args.seq_len)
   config, preset = resolve_config(args)
-  import os
-
   spec, stored, loc = read_spec(args.model)
   # jaxprune's GGUF reader maps the file, and every tensor's pages are read once over the run.
   mapped = os.path.getsize(loc.path) if loc is not None and loc.kind == "gguf" else 0
@@ -65,8 +62,6 @@ def run(args) -> int:
   config = config.check(spec)
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
-  from jaxprune.prune import presets
-  from jaxprune.cli.prune_cmd import window_count
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
   args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)
   check_seq_len(args.seq_len, spec)  # as `jaxprune prune` checks it
@@ -79,18 +74,15 @@ def run(args) -> int:
   if tokenizer is None:
     print("note: no tokenizer found next to the config; the run's (tens to hundreds of MB) is not counted")
   if args.json:
-    write_json(args.json, {"model": args.model, "preset": preset, "config": dataclasses.asdict(config), "calib_samples": args.calib_samples, "seq_len": args.seq_len,
-        **est.to_json()}, force=True)
+    write_json(args.json, {"model": args.model, "preset": preset, "config": dataclasses.asdict(config),
+                           "calib_samples": args.calib_samples, "seq_len": args.seq_len, **est.to_json()}, force=True)
   return 0
 
 
 def _load_tokenizer(model: str):
-  import os
-
+  """The tokenizer beside the model's config, or None where there is only a config."""
   from jaxprune.errors import JaxpruneError
-  from jaxprune.io import load_tokenizer
-
-  from jaxprune.io import resolve
+  from jaxprune.io import load_tokenizer, resolve
 
   if os.path.isfile(os.path.expanduser(model)) and model.endswith(".json"):
     return None

@@ -29,76 +29,13 @@ import os
 import sys
 import time
 
+from jaxprune.cli import prune_output
+from jaxprune.cli.prune_inputs import calibration, check_inputs, check_model_inputs
+from jaxprune.cli.prune_options import add_config_options, resolve_config
 from jaxprune.errors import JaxpruneError, UsageError
-
-CALIB_SPECIAL = ("selfgen", "random")
-CALIB_SAMPLES = 128  # calibration windows of a text or random tokens (self-generated: the preset's selfgen_samples)
-
-
-def window_count(given: int | None, config, selfgen: bool) -> int:
-  """Calibration windows a run draws: --calib-samples when given, else the config's
-  selfgen_samples for self-generated text and CALIB_SAMPLES for any other source."""
-  if given is not None:
-    if given < 1:
-      raise UsageError(f"--calib-samples must be positive, got {given}")
-    return given
-  return config.selfgen_samples if selfgen else CALIB_SAMPLES
-
-
-def parse_block_range(text: str) -> tuple[int, int]:
-  try:
-    a, b = text.split(":")
-    return int(a), int(b)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"--layers takes A:B (a half-open block range such as 4:28), got {text!r}")
-
-
-def _flag(name: str) -> str:
-  return "--" + name.replace("_", "-")
-
-
-def _show(value) -> str:
-  if isinstance(value, bool):
-    return "on" if value else "off"
-  return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def add_config_options(p) -> None:
-  """One option per PruneConfig field, with the field's help; unset options stay None so
-  that the preset and the --config file decide (precedence: preset < file < flags)."""
-  import dataclasses
-
-  from jaxprune.prune import presets
-  from jaxprune.pipeline import PruneConfig
-
-  g = p.add_argument_group("pruning options (PruneConfig fields; defaults from the preset)")
-  rec = presets.PRESETS["recommended"]
-  for f in dataclasses.fields(PruneConfig):
-    meta = f.metadata
-    help = meta["help"]
-    if f.name == "sparsity":
-      help += " (required, here or in --config)"
-    elif f.name in rec:
-      help += f" (recommended: {_show(rec[f.name])})"
-    elif f.default is not None:
-      help += f" (default: {_show(f.default)})"
-    if meta["kind"] == "bool":
-      g.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
-      continue
-    kw = dict(dest=f.name, default=None, help=help)
-    choices = presets.choices(f.name)
-    if choices is not None:
-      kw["choices"] = choices
-    if f.name == "layers":
-      kw.update(type=parse_block_range, metavar="A:B")
-    else:
-      kw["metavar"] = f.name.upper() if choices is None else None  # text, checked by presets.coerce
-    g.add_argument(_flag(f.name), **kw)
-
+from jaxprune.prune import presets
 
 def add_parser(sub):
-  from jaxprune.prune import presets
-
   p = sub.add_parser("prune", help="prune a model and save it", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("model", help="built-in name (smollm2-135m), HF directory, .gguf file or Hub id")
@@ -135,42 +72,6 @@ def add_parser(sub):
   p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
   add_config_options(p)
   return p
-
-
-def resolve_config(args):
-  """(PruneConfig, preset name) from the preset, the --config file and the options given.
-
-  Precedence: preset < config file < command-line options. Without --preset,
-  the preset follows from the method (a baseline runs as its tool does) and
-  the calibration source.
-  """
-  import dataclasses
-
-  from jaxprune.prune import presets
-  from jaxprune.pipeline import PruneConfig
-
-  from_file = presets.from_yaml(args.config) if args.config else {}
-  flags = {}
-  for f in dataclasses.fields(PruneConfig):
-    value = getattr(args, f.name, None)
-    if value is None:
-      continue
-    if f.name == "damping" and value == "auto":
-      flags["auto_damping"] = True
-      continue
-    if f.name == "damping":
-      try:
-        float(value)
-      except ValueError:
-        raise UsageError(f"--damping takes a number or 'auto', got {value!r}") from None
-    flags[f.name] = presets.coerce(f.name, value, f"option {_flag(f.name)}")
-  given = {**from_file, **flags}
-  if "sparsity" not in given:
-    raise UsageError("no sparsity given; pass --sparsity R (the fraction of block parameters to remove, e.g. 0.2) "
-                     "or set 'sparsity' in the --config file")
-  name = args.preset or presets.default_preset(given.get("method"), args.calib)
-  values = presets.values(name, given)
-  return PruneConfig(**values), name
 
 
 def checkpoint_dir(out: str) -> str:
@@ -213,56 +114,6 @@ def _drop_unfinished(ckpt: str | None) -> None:
     shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def _calibration(args, model, tokenizer, config, n: int):
-  from jaxprune.cli.progress import phase
-  from jaxprune.data import calibration_stream, sample_windows
-  from jaxprune.data.selfgen import random_tokens, self_generated
-
-  if args.calib == "selfgen":
-    from jaxprune.io.lazy import materialize
-
-    model = materialize(model)  # generation runs the whole model for every token
-    # Minutes to an hour on a CPU: say so before the first batch compiles and runs.
-    with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself (--calib FILE "
-               "reads a text instead)", n, "self-generation", "win", args.show_progress) as update:
-      return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
-                            windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
-                            temperature=config.selfgen_temperature, progress=update)
-  if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed)
-  windows, _ = sample_windows(calibration_stream(args.calib, tokenizer), args.seq_len, n, seed=config.seed,
-                              source=args.calib)
-  return windows
-
-
-def _check_inputs(args, config, mesh):
-  """The text files, window length and calibration size: checked before the model loads."""
-  from jaxprune.data import check_seq_len
-  from jaxprune.data.stream import check_file
-  from jaxprune.pipeline import check_batches
-
-  check_seq_len(args.seq_len)
-  if args.calib not in CALIB_SPECIAL:
-    check_file(args.calib, "calibration text")
-  if args.eval_text is not None:
-    check_file(args.eval_text, "--eval-text file")
-    if args.eval_windows < 1:
-      raise UsageError(f"--eval-windows must be positive, got {args.eval_windows}")
-  n = window_count(args.calib_samples, config, args.calib == "selfgen")
-  check_batches(n, config.batch_size, mesh)
-  return n
-
-
-def _check_model_inputs(args, spec, n: int) -> None:
-  """What the model's sizes decide: the window length against its positions, the calibration
-  streams against the memory there is (refused before they are allocated)."""
-  from jaxprune.data import check_seq_len
-  from jaxprune.data.budget import check_calibration_size
-
-  check_seq_len(args.seq_len, spec)
-  check_calibration_size(n, args.seq_len, spec.hidden_size)
-
-
 def _mesh(text: str | None):
   from jaxprune import sharding
 
@@ -300,11 +151,10 @@ def run(args) -> int:
   from tqdm import tqdm
 
   import jaxprune
-  from jaxprune.cli.progress import phase, writing
+  from jaxprune.cli.progress import phase
   from jaxprune.data import text_windows
   from jaxprune.eval import perplexity
-  from jaxprune.io.atomic import atomic_dir
-  from jaxprune.io.export import hf_problems, parse_size, save_hf
+  from jaxprune.io.export import parse_size
   from jaxprune.io.lazy import is_lazy
   from jaxprune.io.target import check_output, local_path, size_on_disk
   from jaxprune.pipeline import prune
@@ -315,20 +165,20 @@ def run(args) -> int:
   parse_size(args.max_shard_size)  # bad input stops before any work
   mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
-  n_calib = _check_inputs(args, config, mesh)
+  n_calib = check_inputs(args, config, mesh)
   ckpt = _prepare_checkpoint(args)
   t0 = time.perf_counter()
   # Blocks stay in the checkpoint until the run reaches them (safetensors and GGUF; jaxprune.io.lazy).
   model = jaxprune.load(args.model, lazy=True)
   config.check(model.spec)
-  _check_model_inputs(args, model.spec, n_calib)
+  check_model_inputs(args, model.spec, n_calib)
   # A streamed checkpoint keeps its embeddings in the dtype it was saved in: the output's default.
   source_dtype = str(model.params["embed"]["embedding"].dtype) if is_lazy(model.params) else None
   tokenizer = jaxprune.load_tokenizer(args.model)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  calib = _calibration(args, model, tokenizer, config, n_calib)
+  calib = calibration(args, model, tokenizer, config, n_calib)
   calib_s = time.perf_counter() - t0
 
   evaluation = {}
@@ -401,39 +251,12 @@ def run(args) -> int:
       print("warning: the pruned model's perplexity is not finite (NaN or inf logits); it is written all the same, "
             "see report.json", file=sys.stderr)
 
-  report = dict(result.report)
-  report["model"] = args.model
-  report["preset"] = preset
-  report["calibration"] = {**report["calibration"], "source": args.calib, "seconds": calib_s}
-  report["seconds"] = {**report["seconds"], "load": load_s}
-  if evaluation:
-    report["perplexity"] = {"text": args.eval_text, "windows": len(test), "seq_len": args.seq_len, **evaluation}
-
-  with atomic_dir(args.out, force=args.force) as tmp:
-    # Uneven GQA groups (--free-groups) have no Hugging Face config: weights + jaxprune.json only.
-    with writing(args.out, result.model.spec.num_layers, args.show_progress) as step:
-      save_hf(result.model, tmp, tokenizer=tokenizer, force=True, jax_only=bool(hf_problems(result.model.spec)),
-              dtype=args.dtype or source_dtype, max_shard_size=args.max_shard_size, progress=step)
-    with open(os.path.join(tmp, "report.json"), "w") as f:
-      json.dump(report, f, indent=1)
-    with open(os.path.join(tmp, "progress.jsonl"), "w") as f:
-      for e in events:
-        f.write(json.dumps(e) + "\n")
+  report = prune_output.report(result, args, preset, calib_s=calib_s, load_s=load_s, evaluation=evaluation,
+                               eval_windows=len(test) if test is not None else 0)
+  prune_output.write(args, result.model, tokenizer, report, events, dtype=args.dtype or source_dtype)
   if ckpt and os.path.exists(ckpt):  # a run with nothing to prune (--sparsity 0) made none
     import shutil
 
     shutil.rmtree(ckpt)  # the output is in place; nothing left to resume
-
-  p = report["params"]
-  print(f"parameters: {p['before'] / 1e6:.2f}M -> {p['after'] / 1e6:.2f}M "
-        f"({100 * p['ratio_of_pruned_blocks']:.1f}% of the pruned blocks, {100 * p['ratio_global']:.1f}% overall)")
-  if evaluation:
-    print(f"perplexity on {args.eval_text} ({len(test)} windows of {args.seq_len}): "
-          f"dense {evaluation['dense']['perplexity']:.2f} -> pruned {evaluation['pruned']['perplexity']:.2f}")
-  ph = report["seconds"]["phases"]
-  split = ", ".join(f"{k} {ph[k]:.1f}s" for k in ("statistics", "advance", "solves", "scoring", "surgery", "plan",
-                                                  "prepare", "compile") if ph.get(k))
-  print(f"time: load {load_s:.1f}s, calibration {calib_s:.1f}s, pruning {report['seconds']['total']:.1f}s ({split}; "
-        f"{report['passes']['compiles']} compiles)")
-  print(f"wrote {args.out} (model, report.json, progress.jsonl)")
+  prune_output.summary(args, report)
   return 0
