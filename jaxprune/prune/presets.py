@@ -40,7 +40,7 @@ agree; `PruneConfig.preset(name, **overrides)` starts from any of them.
                         stream carries in (absorb 1, where the recipe's
                         held-out best is 0.5)
                         (benchmarks/results/selection_datafree.md).
-  paper                 the paper as METHOD.md states it: gated second-moment
+  paper                 the paper as docs/method.md states it: gated second-moment
                         metric, uniform allocation, two-step reconstruction
                         before selection, damping 1e-3.
   paper-datafree        the paper's Self-Gen: as `paper`, calibrated on
@@ -67,7 +67,7 @@ RECOMMENDED = dict(method="goa-obs", heads="second-moment", allocation="adaptive
 # No absorb: it gained on held-out valid but lost on Shakespeare with this structure.
 RECOMMENDED_UNIFORM = dict(RECOMMENDED, allocation="uniform", min_keep=0.0, shrink=0.5, absorb=0.0)
 
-# The paper's method (METHOD.md sections 2-6); also what PruneConfig's defaults
+# The paper's method (docs/method.md sections 2-6); also what PruneConfig's defaults
 # were before the presets, so results made with those defaults are this preset.
 PAPER = dict(method="goa", heads="second-moment", allocation="uniform", attn_sparsity=None, reconstruct=True,
              refit=False, intercept=False, damping=1e-3, auto_damping=False, score_data="calib", compensate=False,
@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Presets meant for self-generated calibration: the CLI generates it unless --calib says otherwise.
 DATAFREE = ("recommended-datafree", "paper-datafree")
 
-# Criteria that stand for published tools (METHOD.md section 7).
+# Criteria that stand for published tools (docs/method.md section 7).
 BASELINE_METHODS = ("flap", "wanda-sp", "l1", "l2", "random", "taylor-element1", "taylor-element2", "taylor-vector")
 
 
