@@ -1,4 +1,4 @@
-"""How many heads and channels each pruned block keeps (METHOD.md section 6).
+"""How many heads and channels each pruned block keeps (docs/method.md section 6).
 
 Parameter costs are counted from the actual structure (kernels and biases, with
 KV heads removed only with their whole group), so a ratio means the same
@@ -9,8 +9,9 @@ every kept KV head keeps the same number of query heads.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -206,10 +207,35 @@ def min_units(min_keep: float, n: int) -> int:
   return max(1, math.ceil(min_keep * n))
 
 
-def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[Costs], head_scores, channel_scores,
-             budget: float, free_groups: bool = False, standardize: bool = True,
+class UnitKind(enum.StrEnum):
+  HEAD = "head"
+  CHANNEL = "channel"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerScores:
+  """One pruned block as the adaptive plan sees it: its index in the model, its shape, its
+  parameter costs and its dense-model scores ([num_heads] and [ffn_dim], higher = keep)."""
+
+  index: int
+  spec: LayerSpec
+  costs: Costs
+  head_scores: np.ndarray
+  channel_scores: np.ndarray
+
+
+class Unit(NamedTuple):
+  """One removable head or channel in the global ranking."""
+
+  z: float  # ranking key: the (standardized, maybe per-parameter) score, lowest goes first
+  kind: UnitKind
+  pos: int  # position of its block in the plan's list
+  cost: float  # parameters its removal frees
+
+
+def adaptive(layers: Sequence[LayerScores], budget: float, free_groups: bool = False, standardize: bool = True,
              per_param: bool = False, min_keep: float = 0.0) -> dict[int, LayerPlan]:
-  """FLAP-style global allocation (AL-AM) from dense-model scores.
+  """FLAP-style global allocation (AL-AM) from dense-model scores: {block index: LayerPlan}.
 
   Scores are standardized per module kind over all pruned layers and ranked
   together; units are removed, lowest first, until the removed parameters
@@ -223,21 +249,8 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   channels). `min_keep`: every module keeps at least this fraction of its heads
   and channels (at least one), which bounds how far the ranking may empty a layer.
   """
-  z_h = np.concatenate([np.asarray(s, np.float64) for s in head_scores])
-  z_c = np.concatenate([np.asarray(s, np.float64) for s in channel_scores])
-  if standardize:
-    z_h, z_c = _standardize(z_h), _standardize(z_c)
-  units = []  # (z, kind, layer position, cost)
-  off_h = off_c = 0
-  for pos, (l, c) in enumerate(zip(specs, costs)):
-    # A query head's share of its KV head goes with it (all of it under MHA).
-    head_cost = (c.attn(l.num_heads, l.num_kv_heads) - c.attn(0, 0)) / l.num_heads
-    hk, ck = (head_cost, c.per_channel) if per_param else (1.0, 1.0)
-    units += [(z / hk, 0, pos, head_cost) for z in z_h[off_h:off_h + l.num_heads]]
-    units += [(z / ck, 1, pos, c.per_channel) for z in z_c[off_c:off_c + l.ffn_dim]]
-    off_h += l.num_heads
-    off_c += l.ffn_dim
-  units.sort(key=lambda u: u[0])
+  units = ranked_units(layers, standardize, per_param)
+  specs = [ls.spec for ls in layers]
   heads = [l.num_heads for l in specs]
   chans = [l.ffn_dim for l in specs]
   h_min = [min_units(min_keep, l.num_heads) for l in specs]
@@ -247,9 +260,9 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   for u, (z, kind, pos, cost) in enumerate(units):
     if budget - removed < cost / 2:
       continue  # would overshoot: let smaller units fill the rest
-    if kind == 0 and heads[pos] > h_min[pos]:
+    if kind is UnitKind.HEAD and heads[pos] > h_min[pos]:
       heads[pos] -= 1
-    elif kind == 1 and chans[pos] > c_min[pos]:
+    elif kind is UnitKind.CHANNEL and chans[pos] > c_min[pos]:
       chans[pos] -= 1
     else:
       continue
@@ -258,19 +271,48 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
   # Feasible head counts (keep at least as many), then recount exactly.
   for pos, l in enumerate(specs):
     heads[pos] = min(n for n, _ in feasible_heads(l, free_groups) if n >= heads[pos])
+  deficit = budget - _removed_params(layers, heads, chans, free_groups)
+  _settle_channels(units, removed_units, chans, c_min, deficit)
+  return {ls.index: LayerPlan(heads[pos], chans[pos]) for pos, ls in enumerate(layers)}
 
-  def total_removed():
-    r = 0
-    for pos, (l, c) in enumerate(zip(specs, costs)):
-      r += c.attn(l.num_heads, l.num_kv_heads) - c.attn(heads[pos], kv_heads_after(l, heads[pos], free_groups))
-      r += c.mlp(l.ffn_dim) - c.mlp(chans[pos])
-    return r
 
-  deficit = budget - total_removed()
-  # Too little removed: continue down the ranking with channels; too much:
-  # give back the last channels removed.
+def ranked_units(layers: Sequence[LayerScores], standardize: bool, per_param: bool) -> list[Unit]:
+  """Every head and channel of `layers`, lowest key first (ties: in block, then head-before-channel order)."""
+  z_h = np.concatenate([np.asarray(ls.head_scores, np.float64) for ls in layers])
+  z_c = np.concatenate([np.asarray(ls.channel_scores, np.float64) for ls in layers])
+  if standardize:
+    z_h, z_c = _standardize(z_h), _standardize(z_c)
+  units = []
+  off_h = off_c = 0
+  for pos, ls in enumerate(layers):
+    l, c = ls.spec, ls.costs
+    # A query head's share of its KV head goes with it (all of it under MHA).
+    head_cost = (c.attn(l.num_heads, l.num_kv_heads) - c.attn(0, 0)) / l.num_heads
+    hk, ck = (head_cost, c.per_channel) if per_param else (1.0, 1.0)
+    units += [Unit(z / hk, UnitKind.HEAD, pos, head_cost) for z in z_h[off_h:off_h + l.num_heads]]
+    units += [Unit(z / ck, UnitKind.CHANNEL, pos, c.per_channel) for z in z_c[off_c:off_c + l.ffn_dim]]
+    off_h += l.num_heads
+    off_c += l.ffn_dim
+  units.sort(key=lambda u: u.z)
+  return units
+
+
+def _removed_params(layers: Sequence[LayerScores], heads: list[int], chans: list[int], free_groups: bool):
+  """Parameters the blocks free when they keep `heads` and `chans`, counted exactly."""
+  r = 0
+  for pos, ls in enumerate(layers):
+    l, c = ls.spec, ls.costs
+    r += c.attn(l.num_heads, l.num_kv_heads) - c.attn(heads[pos], kv_heads_after(l, heads[pos], free_groups))
+    r += c.mlp(l.ffn_dim) - c.mlp(chans[pos])
+  return r
+
+
+def _settle_channels(units: list[Unit], removed_units: np.ndarray, chans: list[int], c_min: list[int],
+                     deficit: float) -> None:
+  """Lands the total on the budget (updates `chans`): too little removed, continue down the
+  ranking with channels; too much, give back the last channels removed."""
   for u, (_, kind, pos, cost) in enumerate(units):
-    if kind != 1 or removed_units[u] or chans[pos] <= c_min[pos]:
+    if kind is not UnitKind.CHANNEL or removed_units[u] or chans[pos] <= c_min[pos]:
       continue
     if deficit <= cost / 2:
       break
@@ -278,13 +320,12 @@ def adaptive(layers: Sequence[int], specs: Sequence[LayerSpec], costs: Sequence[
     deficit -= cost
   for u in reversed(np.flatnonzero(removed_units)):
     _, kind, pos, cost = units[u]
-    if kind != 1:
+    if kind is not UnitKind.CHANNEL:
       continue
     if -deficit <= cost / 2:
       break
     chans[pos] += 1
     deficit += cost
-  return {l: LayerPlan(heads[pos], chans[pos]) for pos, l in enumerate(layers)}
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ from flax import traverse_util
 
 from jaxprune.errors import CheckpointError, UsageError
 from jaxprune.io.atomic import write_file, write_json
-from jaxprune.sharding import to_host
+from jaxprune.placement import to_host
 from jaxprune.spec import LayerSpec
 
 log = logging.getLogger(__name__)

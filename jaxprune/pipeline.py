@@ -1,4 +1,4 @@
-"""The greedy module-wise pruning pipeline (METHOD.md section 5).
+"""The greedy module-wise pruning pipeline (docs/method.md section 5).
 
 For each block in order, attention then MLP: collect statistics on the dense
 and the pruned activation streams -> (optional) two-step reconstruction ->
@@ -976,8 +976,8 @@ def _prune(model, calib, config, score_windows, mesh, progress, checkpoint, bloc
     # Added biases count against the budget.
     budget += sum(pr.costs(i).attn(pr.layer_specs[i].num_heads, pr.layer_specs[i].num_kv_heads) +
                   pr.costs(i).mlp(pr.layer_specs[i].ffn_dim) - pr.dense_block_params(i) for i in idx)
-    plans = allocate.adaptive(idx, [pr.layer_specs[i] for i in idx], [pr.costs(i) for i in idx],
-                              [head_s[i] for i in idx], [chan_s[i] for i in idx], budget, c.free_groups,
+    plans = allocate.adaptive([allocate.LayerScores(i, pr.layer_specs[i], pr.costs(i), head_s[i], chan_s[i])
+                               for i in idx], budget, c.free_groups,
                               standardize=pr.ctx.plan_standardizes(),
                               per_param=pr.crit.stream_costs, min_keep=c.min_keep)
     if need_tau:

@@ -1,13 +1,13 @@
-"""Damped least squares from sufficient statistics (METHOD.md section 4).
+"""Damped least squares from sufficient statistics (docs/method.md section 4).
 
     W' = argmin ||X W - Y||^2 + lam ||W||^2 = (X^T X + lam I)^-1 X^T Y,
     lam = delta * mean(diag(X^T X)),
 
-solved by Cholesky in float64: on the GPU, and with SciPy's LAPACK on the CPU
-(the CPU backend, and the host of a TPU, which has no float64), since a float32
-Cholesky of an ill-conditioned Gram matrix loses the small directions the fit
-needs. A failed factorisation (non-finite result) is retried with
-10x the damping, and every retry is reported, never silently skipped. With an
+solved by Cholesky in float64, by one of two solvers that `jaxprune.placement` chooses
+(SciPy's LAPACK on the host, or XLA on the device) inside one retry loop: a failed
+factorisation (non-finite result) is retried with 10x the damping, and every retry is
+reported, never silently skipped. `ridge_lam` is the one ridge formula of every solve
+(the `goa-obs` sweep's included). With an
 intercept the augmented system [X 1] is solved and the ones column is not
 damped, so the fitted bias is the exact least-squares bias.
 """
@@ -25,7 +25,9 @@ import numpy as np
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxprune.sharding import MODEL, local_copy, replicate_like
+from jaxprune import placement
+from jaxprune.placement import host64, local_copy, replicate_like, to_solve
+from jaxprune.sharding import MODEL
 from jaxprune.stats.moments import Moments
 
 log = logging.getLogger(__name__)
@@ -43,55 +45,37 @@ class SolveInfo:
   residual: float | None = None
 
 
-def solve_on_host() -> bool:
-  """Platforms without float64 arithmetic (TPU) solve in float64 on the host CPU."""
-  return jax.default_backend() == "tpu"
+def lapack_solves() -> bool:
+  """pipeline.py's name until the engine moves; new code calls `placement.lapack_solves`."""
+  return placement.lapack_solves()
 
 
-@contextlib.contextmanager
-def float64_solves():
-  """float64 enabled and, where the accelerator has none, the host CPU as the default device."""
-  with jax.enable_x64(True):
-    if solve_on_host():
-      with jax.default_device(jax.devices("cpu")[0]):
-        yield
-    else:
-      yield
+def ridge_lam(diag, delta):
+  """The ridge delta * mean(diag(X^T X)) over the d data rows (not the ones column), in
+  float64 (numpy for a numpy `diag`, else jax.numpy, traced or not); an all-zero input still
+  gets a positive ridge."""
+  xp = np if isinstance(diag, np.ndarray) else jnp
+  lam = delta * xp.mean(xp.asarray(diag, xp.float64))
+  return xp.where(lam > 0, lam, delta)
 
 
-def to_solve(x) -> jax.Array:
-  """`x` as a float64 array where the solves run (inside `float64_solves`)."""
-  x = local_copy(x)
-  if solve_on_host():
-    x = np.asarray(x)
-  return jnp.asarray(x, jnp.float64)
+def ridge_system(xx, delta, intercept: bool):
+  """G = [X 1]^T [X 1] + lam I from augmented sums xx (d+1, d+1): the ones column undamped,
+  and dropped without an intercept."""
+  xp = np if isinstance(xx, np.ndarray) else jnp
+  d = xx.shape[0] - 1
+  if not intercept:
+    xx = xx[:d, :d]
+  lam = ridge_lam(xp.diagonal(xx)[:d], delta)
+  return xx + xp.diag(xp.concatenate([xp.full((d,), lam), xp.zeros((xx.shape[0] - d,))]).astype(xx.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("intercept",))
 def _solve(xx, xy, delta, intercept: bool):
   """W (d[+1], e) for augmented sums xx (d+1, d+1), xy (d+1, e)."""
-  d = xx.shape[0] - 1
-  if not intercept:
-    xx, xy = xx[:d, :d], xy[:d]
-  lam = delta * jnp.mean(jnp.diagonal(xx)[:d])
-  lam = jnp.where(lam > 0, lam, delta)  # an all-zero input still gets a positive ridge
-  ridge = jnp.concatenate([jnp.full((d,), lam), jnp.zeros((xx.shape[0] - d,))]).astype(xx.dtype)
-  a = xx + jnp.diag(ridge)
-  c = jax.scipy.linalg.cho_factor(a, lower=True)
-  return jax.scipy.linalg.cho_solve(c, xy)
-
-
-def lapack_solves() -> bool:
-  """Where the solves run on a CPU (the CPU backend, or the host of a TPU), they go to
-  SciPy's LAPACK: its blocked, threaded Cholesky took a quarter of the time of XLA's
-  CPU one on a 1537 x 1537 system (`benchmarks/README.md`). GPUs factor on the device."""
-  return jax.default_backend() in ("cpu", "tpu")
-
-
-def _ridge_lam(diag: np.ndarray, delta: float) -> float:
-  """The ridge delta * mean(diag(X^T X)) over the d data rows (not the ones column), in float64."""
-  lam = delta * np.mean(np.asarray(diag, np.float64))
-  return lam if lam > 0 else delta
+  k = xx.shape[0] if intercept else xx.shape[0] - 1
+  c = jax.scipy.linalg.cho_factor(ridge_system(xx, delta, intercept), lower=True)
+  return jax.scipy.linalg.cho_solve(c, xy[:k])
 
 
 def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool) -> np.ndarray | None:
@@ -101,12 +85,12 @@ def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool)
   diagonal and is factored in place (at a 4096-wide MLP each further copy would be 134 MB
   of a streamed run's peak).
   """
-  import scipy.linalg
+  import scipy.linalg  # SciPy's import is paid only where LAPACK solves
 
   d = xx.shape[0] - 1
   k = d + 1 if intercept else d
   a = np.array(xx[:k, :k], np.float64, order="F")
-  a[np.arange(d), np.arange(d)] += _ridge_lam(np.diagonal(xx)[:d], delta)
+  a[np.arange(d), np.arange(d)] += ridge_lam(np.diagonal(xx)[:d], delta)
   try:
     return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False),
                                   xy[:k], check_finite=False)
@@ -116,28 +100,59 @@ def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool)
 
 @functools.partial(jax.jit, static_argnames=("intercept",))
 def _own_residual(xx, xy, yy, w, delta, intercept: bool):
-  """||[X 1] W - Y||^2 of the ridge solution W: with (G + L) W = X^T Y (L the ridge, zero
-  for the ones column) tr(W^T G W) = tr(W^T X^T Y) - tr(W^T L W), so the residual
-  yy - 2 tr(W^T X^T Y) + tr(W^T G W) needs no product with G."""
+  """`_own_residual_host` on the device."""
   d = xx.shape[0] - 1
-  lam = delta * jnp.mean(jnp.diagonal(xx)[:d])
-  lam = jnp.where(lam > 0, lam, delta)
+  lam = ridge_lam(jnp.diagonal(xx)[:d], delta)
   k = w.shape[0]
   r = yy - jnp.sum(w * xy[:k]) - lam * jnp.sum(jnp.square(w[:d]))
   return jnp.maximum(r, 0.0)
 
 
-def host64(x) -> np.ndarray:
-  """`x` as a float64 numpy array on this host (gathered from a mesh if need be)."""
-  return np.asarray(local_copy(x), np.float64)
-
-
 def _own_residual_host(diag: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarray, delta: float) -> float:
-  """`_own_residual` in numpy float64 (the LAPACK path: no compile per system size), from the
-  Gram matrix's diagonal over the data rows."""
-  lam = _ridge_lam(diag, delta)
+  """||[X 1] W - Y||^2 of the ridge solution W, from the Gram matrix's diagonal over the data
+  rows: with (G + L) W = X^T Y (L the ridge, zero for the ones column) tr(W^T G W) =
+  tr(W^T X^T Y) - tr(W^T L W), so the residual yy - 2 tr(W^T X^T Y) + tr(W^T G W) needs no
+  product with G. numpy float64 (the LAPACK path: no compile per system size)."""
+  lam = ridge_lam(diag, delta)
   k = w.shape[0]
   return max(float(yy - np.sum(w * xy[:k]) - lam * np.sum(np.square(w[:len(diag)]))), 0.0)
+
+
+class _HostSolver:
+  """SciPy's LAPACK in float64 on numpy arrays (where `placement.lapack_solves`)."""
+
+  def __init__(self, xx, xy, intercept: bool):
+    self.xx, self.xy, self.intercept = np.asarray(local_copy(xx)), host64(xy), intercept  # xx as stored
+
+  def __call__(self, delta) -> np.ndarray | None:
+    w = _solve_lapack(self.xx, self.xy, float(delta), self.intercept)
+    return w if w is not None and np.all(np.isfinite(w)) else None
+
+  def residual(self, yy, w, delta) -> float:
+    return _own_residual_host(np.diagonal(self.xx)[:self.xx.shape[0] - 1], self.xy, float(host64(yy)), w,
+                              float(delta))
+
+  def weights(self, w, like):
+    """Numpy statistics give a numpy W, so a solve per kept width compiles nothing."""
+    w32 = w.astype(np.float32)
+    return w32 if isinstance(like, np.ndarray) else replicate_like(jax.device_put(w32), like)
+
+
+class _DeviceSolver:
+  """XLA's Cholesky in float64 on the device (inside `placement.float64_solves`)."""
+
+  def __init__(self, xx, xy, intercept: bool):
+    (self.xx, self.xy), self.intercept = _by_columns(xx, xy), intercept
+
+  def __call__(self, delta):
+    w = _solve(self.xx, self.xy, jnp.asarray(delta, jnp.float64), self.intercept)
+    return w if bool(jnp.all(jnp.isfinite(w))) else None
+
+  def residual(self, yy, w, delta) -> float:
+    return float(_own_residual(self.xx, self.xy, host64(yy), w, np.float64(delta), self.intercept))
+
+  def weights(self, w, like):
+    return replicate_like(jnp.asarray(w, jnp.float32), like)
 
 
 def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
@@ -147,40 +162,22 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   Returns W with d rows (no intercept) or d+1 rows (the last row is the bias),
   in float32, and a SolveInfo (with the fit's residual when `yy` = ||Y||^2 is given).
   Where the solves run on a CPU (LAPACK), statistics held as numpy arrays give a
-  numpy W, so a solve per kept width compiles nothing; otherwise W is a JAX array
-  placed like `m.xx`.
+  numpy W; otherwise W is a JAX array placed like `m.xx`.
   """
-  if lapack_solves():
-    xx, xy64 = np.asarray(local_copy(m.xx)), host64(xy)  # the statistics as stored; one float64 copy per try
+  host = placement.lapack_solves()
+  with contextlib.nullcontext() if host else placement.float64_solves():
+    solver = (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept)
     for retry in range(MAX_RETRIES + 1):
-      w = _solve_lapack(xx, xy64, float(delta), intercept)
-      if w is not None and np.all(np.isfinite(w)):
+      w = solver(delta)
+      if w is not None:
         break
-      _warn_retry(what, delta)
+      log.warning("Cholesky failed for %s at damping %.1e; retrying with %.1e", what or "a solve", delta, delta * 10)
       delta *= 10
     else:
-      _fail(what, delta)
-    res = None if yy is None else _own_residual_host(np.diagonal(xx)[:xx.shape[0] - 1], xy64, float(host64(yy)), w,
-                                                     float(delta))
-    w32 = w.astype(np.float32)
-    if not isinstance(m.xx, np.ndarray):
-      w32 = replicate_like(jax.device_put(w32), m.xx)
-    return w32, SolveInfo(delta=float(delta), retries=retry, residual=res)
-  with float64_solves():
-    xx, xy64 = _by_columns(m.xx, xy)
-    for retry in range(MAX_RETRIES + 1):
-      w = _solve(xx, xy64, jnp.asarray(delta, jnp.float64), intercept)
-      if bool(jnp.all(jnp.isfinite(w))):
-        break
-      _warn_retry(what, delta)
-      delta *= 10
-    else:
-      _fail(what, delta)
-    res = None
-    if yy is not None:
-      res = float(_own_residual(xx, xy64, host64(yy), w, np.float64(delta), intercept))
-    return replicate_like(jnp.asarray(w, jnp.float32), m.xx), SolveInfo(delta=float(delta), retries=retry,
-                                                                        residual=res)
+      raise FloatingPointError(f"least-squares solve for {what} failed even at damping {delta:.1e}; the calibration "
+                               "statistics are not finite (check the input data and model weights)")
+    res = None if yy is None else solver.residual(yy, w, delta)
+    return solver.weights(w, m.xx), SolveInfo(delta=float(delta), retries=retry, residual=res)
 
 
 def _by_columns(xx, xy):
@@ -197,15 +194,6 @@ def _by_columns(xx, xy):
           jax.device_put(xy, cols).astype(jnp.float64))
 
 
-def _warn_retry(what: str, delta: float) -> None:
-  log.warning("Cholesky failed for %s at damping %.1e; retrying with %.1e", what or "a solve", delta, delta * 10)
-
-
-def _fail(what: str, delta: float):
-  raise FloatingPointError(f"least-squares solve for {what} failed even at damping {delta:.1e}; the calibration "
-                           "statistics are not finite (check the input data and model weights)")
-
-
 @jax.jit
 def _residual(g, c, yy, w):
   return jnp.maximum(jnp.sum(w * (g @ w)) - 2 * jnp.sum(w * c) + yy, 0.0)
@@ -218,9 +206,9 @@ def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Arra
   host where the solves run on a CPU (numpy: nothing compiled per system size).
   """
   k = w.shape[0]
-  if lapack_solves():
+  if placement.lapack_solves():
     g, c, w64 = host64(m.xx)[:k, :k], host64(xy)[:k], host64(w)
     return np.float32(max(float(np.sum(w64 * (g @ w64)) - 2 * np.sum(w64 * c) + float(host64(yy))), 0.0))
-  with float64_solves():
+  with placement.float64_solves():
     r = _residual(to_solve(m.xx)[:k, :k], to_solve(xy)[:k], to_solve(yy), to_solve(w))
     return jnp.asarray(r, jnp.float32)

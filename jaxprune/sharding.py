@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import UsageError
+from jaxprune.placement import to_host  # noqa: F401  (pipeline.py's sharding.to_host until the engine moves)
 
 log = logging.getLogger(__name__)
 
@@ -225,49 +226,6 @@ def laid_out_replicated(tree, mesh: Mesh | None):
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
 
 
-def to_host(x) -> np.ndarray:
-  """`x` as a numpy array on every process (a collective for arrays split across processes)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
-
-# ---------------------------------------------------------------------------
-# Small dense linear algebra (solves, inverses) on one device
-#
-# Statistics come out of the data-parallel kernels replicated on every device
-# of the mesh. Solving on all of them repeats the same LAPACK work once per
-# device (on a CPU mesh: 8 copies fighting for the cores, and concurrent
-# multi-threaded LAPACK calls that can stall each other), so solves take one
-# local copy and their results are put back on the mesh, replicated.
-
-
-def local_copy(x):
-  """A copy of array `x` on this process's first device (non-arrays as they are).
-
-  Arrays sharded across processes are gathered, a collective: every process
-  must call this in the same order, as the pipeline's processes do.
-  """
-  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
-    return x
-  if x.is_fully_replicated:
-    return x.addressable_data(0)
-  if x.is_fully_addressable:
-    return jax.device_put(x, jax.local_devices()[0])
-  # Sharded across processes: every process gathers the whole (small) array.
-  return jax.device_put(to_host(x), jax.local_devices()[0])
-
-
-def replicate_like(y, like):
-  """`y` replicated over the devices `like` lives on (as it was, when `like` is on one device)."""
-  if not isinstance(like, jax.Array) or len(like.sharding.device_set) == 1:
-    return y
-  sharding = like.sharding
-  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else Mesh(np.array(list(sharding.device_set)), ("all",))
-  host = to_host(y)
-  return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda idx: host[idx])

@@ -4,7 +4,7 @@ Every function returns new arrays and a new `LayerSpec`; nothing is modified in
 place. Indices must be sorted, unique and in range, and (for attention) fit the
 GQA structure; errors list the offending indices.
 
-GQA rule (METHOD.md section 1): removing a query head removes its W_Q columns,
+GQA rule (docs/method.md section 1): removing a query head removes its W_Q columns,
 q-bias and W_O rows; a KV head goes only when all of its query heads are gone.
 By default every kept KV head must keep the same number of query heads, so the
 result is still a plain Hugging Face config; `free_groups=True` allows uneven
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import placement
 from jaxprune.errors import UsageError
 from jaxprune.model import Model
 from jaxprune.spec import LayerSpec, Params, spec_from_params
@@ -43,16 +44,14 @@ def check_indices(idx, n: int, what: str) -> np.ndarray:
   return idx.astype(np.int32)
 
 
-def _on_host(v) -> bool:
-  return isinstance(v, np.ndarray) or (isinstance(v, jax.Array) and v.is_fully_addressable and
-                                       all(d.platform == "cpu" for d in v.sharding.device_set))
+_on_host = placement.on_host  # pipeline.py's name until the engine moves; new code calls placement.on_host
 
 
 def _gather(v, idx, axis: int):
   """v[..., idx, ...] along `axis`. Arrays held by the host CPU are cut with numpy: an XLA
   gather would compile anew for every distinct kept count (every layer, under adaptive
   allocation), for a copy numpy makes at memory speed."""
-  if _on_host(v):
+  if placement.on_host(v):
     return jax.device_put(np.take(np.asarray(v), idx, axis=axis))  # jnp.asarray would compile a copy per shape
   return jnp.take(v, idx, axis=axis)
 

@@ -1,4 +1,4 @@
-"""jaxprune.flax: pruned models as Flax NNX modules give jaxprune's logits."""
+"""jaxprune.flax_bridge: pruned models as Flax NNX modules give jaxprune's logits."""
 
 import jax
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from jaxprune.flax import LM, from_flax, to_flax
+from jaxprune.flax_bridge import LM, from_flax, to_flax
 from jaxprune.surgery import prune_model
 
 EPS32 = float(np.finfo(np.float32).eps)

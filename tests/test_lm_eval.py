@@ -28,6 +28,7 @@ torch = pytest.importorskip("torch")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from jaxprune.eval import lm_eval as jl  # noqa: E402
+from jaxprune.eval import scoring  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(tiny.VOCAB - 2)]  # ids 2..127; 0 and 1 are the models' BOS and EOS
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
@@ -158,10 +159,10 @@ def test_continuation_logprobs_match_direct_forward(model):
   for _ in range(3):
     greedy.append(int(np.argmax(next_logits(model, ctx + greedy)[-1])))
   reqs.append((ctx, greedy))
-  before = jl._target_logprobs._cache_size()
-  got = jl.continuation_logprobs(model.spec, model.params, reqs, batch_size=4)
+  before = scoring._target_logprobs._cache_size()
+  got = scoring.continuation_logprobs(model.spec, model.params, reqs, batch_size=4)
   # 13 requests in 4 batches of 4 rows, padded to 16, 32 or 64 tokens: at most 3 shapes to compile.
-  assert jl._target_logprobs._cache_size() - before <= 3
+  assert scoring._target_logprobs._cache_size() - before <= 3
   for (c, t), (lp, g) in zip(reqs, got):
     want_lp, want_g = direct(model, c, t)
     assert lp == pytest.approx(want_lp, **TINY_TOL)
@@ -173,11 +174,11 @@ def test_left_truncation_to_max_length(model):
   """A request longer than max_length + 1 tokens is scored on its last max_length + 1 tokens, as in lm-eval."""
   rng = np.random.default_rng(2)
   ctx, cont = list(rng.integers(2, 128, 40)), list(rng.integers(2, 128, 5))
-  (lp, _), = jl.continuation_logprobs(model.spec, model.params, [(ctx, cont)], max_length=20)
+  (lp, _), = scoring.continuation_logprobs(model.spec, model.params, [(ctx, cont)], max_length=20)
   assert lp == pytest.approx(direct(model, ctx[-(21 - 5):], cont)[0], **TINY_TOL)
   assert abs(lp - direct(model, ctx, cont)[0]) > 1e-3  # the truncation matters for this request
   with pytest.raises(UsageError, match="continuation has 25 tokens, more than max_length 20"):
-    jl.continuation_logprobs(model.spec, model.params, [(ctx, ctx[:25])], max_length=20)
+    scoring.continuation_logprobs(model.spec, model.params, [(ctx, ctx[:25])], max_length=20)
 
 
 def test_same_requests_as_hf_backend(model_dir):
@@ -203,7 +204,7 @@ def test_greedy_generate_matches_full_forward(kind, tiny_dir):
   m = jaxprune.load(tiny_dir(kind))
   rng = np.random.default_rng(4)
   prompts = [list(rng.integers(2, 128, n)) for n in (3, 11, 6)]
-  gen = jl.greedy_generate(m.spec, m.params, prompts, 12, eos_token_id=1)
+  gen = scoring.greedy_generate(m.spec, m.params, prompts, 12, eos_token_id=1)
   for p, g in zip(prompts, gen, strict=True):
     seq = list(p)
     while len(seq) - len(p) < 12 and seq[-1] != 1:
@@ -217,7 +218,7 @@ def test_generate_until_stops_at_strings_and_budget(model_dir, model):
   lm = jl.JaxpruneLM(model_dir, batch_size=2)
   rng = np.random.default_rng(5)
   prompts = [words(rng, n) for n in (4, 9, 6)]
-  full = jl.greedy_generate(model.spec, model.params, [lm.tok_encode(p) for p in prompts], 10)
+  full = scoring.greedy_generate(model.spec, model.params, [lm.tok_encode(p) for p in prompts], 10)
   texts = [lm.tok_decode(g) for g in full]
   stop = lm.tok_decode(full[1][4:6])  # two words the second prompt generates at positions 4-5
   reqs = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": 10, "do_sample": False}), i)

@@ -31,8 +31,8 @@ def _ppl(result, test):
 
 
 def test_output_energy_beats_random_selection_by_a_wide_margin(setup):
-  # The structure of METHOD.md's probe (1229 of 1536 MLP channels in every block, all heads kept,
-  # 118.6M parameters), with a quarter of its calibration data.
+  # The structure of docs/method.md's probe (section 2: 1229 of 1536 MLP channels in every block,
+  # all heads kept, 118.6M parameters), with a quarter of its calibration data.
   model, calib, test, dense = setup
   cfg = dict(sparsity=0.15, attn_sparsity=0.0, reconstruct=False, refit=False, intercept=False, compensate=False,
              allocation="uniform", score_data="calib")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import reconstruct
+from jaxprune import placement, reconstruct
 from jaxprune.stats import moments
 from tests.numerics import U32, assert_within, gamma
 
@@ -146,7 +146,7 @@ def test_replicated_statistics_are_solved_once_and_stay_replicated():
   assert mesh.devices.size == 8
   rep = NamedSharding(mesh, P())
   m8 = jax.tree.map(lambda a: jax.device_put(a, rep), m)
-  assert len(sharding.local_copy(m8.xx).sharding.device_set) == 1
+  assert len(placement.local_copy(m8.xx).sharding.device_set) == 1
   w1, _ = reconstruct.ridge_solve(m, m.xy, 1e-3, True)
   w8, _ = reconstruct.ridge_solve(m8, m8.xy, 1e-3, True)
   assert w8.sharding.is_equivalent_to(rep, w8.ndim)
@@ -184,9 +184,9 @@ def test_solves_are_float64_even_where_the_accelerator_has_none(monkeypatch):
   assert not np.max(np.abs(np.asarray(f32, np.float64) - want)) < 1e-3 * scale
   # On a TPU the same code runs on the host CPU, in float64.
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert reconstruct.solve_on_host()
-  with reconstruct.float64_solves():
-    a = reconstruct.to_solve(m.xx)
+  assert placement.solve_on_host()
+  with placement.float64_solves():
+    a = placement.to_solve(m.xx)
     assert a.dtype == jnp.float64 and a.devices() == {jax.devices("cpu")[0]}
   host, _ = reconstruct.ridge_solve(m, xy, delta, intercept=False)
   np.testing.assert_array_equal(np.asarray(host), np.asarray(got))
@@ -319,3 +319,41 @@ def test_shrink_is_a_variance_weighted_ridge_toward_the_weights():
   # Between the unshrunk solution and W.
   full = np.linalg.solve(xx, xa.T @ y)
   assert np.linalg.norm(expect - w_aug) < np.linalg.norm(full - w_aug)
+
+
+def test_one_ridge_formula_on_host_and_under_jit():
+  """`ridge_lam` is the ridge of every solve: numpy and traced jax.numpy give the float64 lam
+  (up to summation order), and an all-zero input (mean diagonal 0) still gets delta, a positive ridge."""
+  import jax
+
+  diag = np.random.default_rng(5).uniform(0.1, 9.0, size=37).astype(np.float32)
+  with placement.float64_solves():
+    traced = float(jax.jit(reconstruct.ridge_lam)(jnp.asarray(diag), 1e-3))
+  host = float(reconstruct.ridge_lam(diag, 1e-3))
+  assert host == 1e-3 * np.mean(diag.astype(np.float64))
+  # Two float64 means of 37 positive terms in different summation orders: within 37 roundings.
+  assert abs(traced - host) <= 37 * np.finfo(np.float64).eps * host
+  assert float(reconstruct.ridge_lam(np.zeros(4, np.float32), 1e-3)) == 1e-3
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_host_and_device_solvers_agree_and_retry_alike(intercept, monkeypatch):
+  """The same problem solved by LAPACK on the host and by XLA on the device: both float64
+  Cholesky solves of a well-conditioned system, so their float32 results differ by at most one
+  float32 ulp. A system that is not positive definite until the ridge exceeds its negative
+  diagonal (-I: lam = delta) takes the same retries to damping 10 on both."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(300, 9)).astype(np.float32)
+  y = (x @ rng.normal(size=(9, 4)) + rng.normal(size=(300, 4))).astype(np.float32)
+  m, _ = _moments(x, y)
+  bad = moments.Moments(jnp.asarray(np.diag([-1.0] * 9 + [1.0]).astype(np.float32)), None)
+  got = {}
+  for lapack in (True, False):
+    monkeypatch.setattr(placement, "lapack_solves", lambda: lapack)
+    w, info = reconstruct.ridge_solve(m, m.xy, 1e-3, intercept)
+    _, failed = reconstruct.ridge_solve(bad, jnp.ones((10, 2), jnp.float32), 1e-3, intercept)
+    got[lapack] = np.asarray(w), info, failed
+  (w_host, info_host, bad_host), (w_dev, info_dev, bad_dev) = got[True], got[False]
+  assert np.all(np.abs(w_host - w_dev) <= np.spacing(np.abs(w_host)))
+  assert info_host.retries == info_dev.retries == 0
+  assert (bad_host.retries, bad_host.delta) == (bad_dev.retries, bad_dev.delta) == (4, 10.0)

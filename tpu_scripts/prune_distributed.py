@@ -250,7 +250,7 @@ def main(argv=None) -> int:
   from jax.experimental import multihost_utils
 
   import jaxprune
-  from jaxprune import sharding
+  from jaxprune import placement, sharding
   from jaxprune.errors import UsageError
   from jaxprune.io.atomic import atomic_dir, check_target
   from jaxprune.io.export import hf_problems, save_hf
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
   # files (in --blocks-dir, or each process's own, gathered as they finished); process 0's
   # save_hf reads them one at a time.
   out = result.model.params
-  host_params = jax.tree.map(sharding.to_host, {k: v for k, v in out.items() if not (streamed and k == "layers")})
+  host_params = jax.tree.map(placement.to_host, {k: v for k, v in out.items() if not (streamed and k == "layers")})
   if streamed:
     host_params["layers"] = out["layers"]
   if pid == 0:

@@ -1,4 +1,4 @@
-"""Baseline criteria (METHOD.md section 7) behind the one criterion signature.
+"""Baseline criteria (docs/method.md section 7) behind the one criterion signature.
 
 Every baseline is `score(kind, module_params, stats) -> f32[units]` (lowest
 removed first), so it runs through the same pipeline, allocation and
@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.criteria import register
+from jaxprune.criteria.registry import register
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.errors import UsageError
 from jaxprune.models import adapter as A

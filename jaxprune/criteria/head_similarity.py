@@ -1,4 +1,4 @@
-"""Redundant heads from the Jensen-Shannon divergence of their attention maps (METHOD.md section 3)."""
+"""Redundant heads from the Jensen-Shannon divergence of their attention maps (docs/method.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Greedy output approximation with refit-aware removal costs (beyond the paper).
 
 The second level of a module is refit by least squares on the kept channels
-(METHOD.md section 4, "refit"). The exact increase of that refit error when a
+(docs/method.md section 4, "refit"). The exact increase of that refit error when a
 unit S (a channel, or the H channels of a head) is removed is the
 Optimal-Brain-Surgeon cost
 
@@ -48,25 +48,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import placement
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
-from jaxprune.reconstruct import float64_solves, host64, lapack_solves, to_solve
+from jaxprune.placement import float64_solves, host64, to_solve
+from jaxprune.reconstruct import ridge_system
 from jaxprune.spec import Params
 
 
 MAX_STEPS = 128
 OBS_BLOCK = 4096  # channels; modules with more units' channels use the blocked sweep
-
-
-def _ridge_system(xx, delta: float, intercept: bool) -> np.ndarray | jax.Array:
-  """G = [X 1]^T [X 1] + lam I (the ones column undamped; dropped without an intercept)."""
-  xp = np if isinstance(xx, np.ndarray) else jnp
-  d = xx.shape[0] - 1
-  if not intercept:
-    xx = xx[:d, :d]
-  lam = delta * xp.mean(xp.diagonal(xx)[:d])
-  lam = xp.where(lam > 0, lam, delta)
-  return xx + xp.diag(xp.concatenate([xp.full((d,), lam), xp.zeros((xx.shape[0] - d,))]).astype(xx.dtype))
 
 
 @jax.jit
@@ -79,11 +70,11 @@ def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
   """G^-1 (float64, symmetric) of the ridge system. Where solves run on a CPU it is LAPACK's
   Cholesky inverse (potrf + potri: a third of the time of XLA's CPU LU inverse at
   SmolLM2's 1537 channels); elsewhere XLA's."""
-  if not lapack_solves():
-    return _inverse_xla(_ridge_system(jnp.asarray(xx, jnp.float64), delta, intercept))
-  import scipy.linalg
+  if not placement.lapack_solves():
+    return _inverse_xla(ridge_system(jnp.asarray(xx, jnp.float64), delta, intercept))
+  import scipy.linalg  # SciPy's import is paid only where LAPACK solves
 
-  g = _ridge_system(host64(xx), float(delta), intercept)
+  g = ridge_system(host64(xx), float(delta), intercept)
   chol, info = scipy.linalg.lapack.dpotrf(g, lower=1, clean=1)
   if info == 0:
     ginv, info = scipy.linalg.lapack.dpotri(chol, lower=1)
@@ -243,7 +234,7 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   n = d // width
   with float64_solves():
     # The Gram matrix goes straight to where its inverse is taken (the host, for LAPACK).
-    xx = host64(stats.hidden.xx) if lapack_solves() else to_solve(stats.hidden.xx)
+    xx = host64(stats.hidden.xx) if placement.lapack_solves() else to_solve(stats.hidden.xx)
     xy = to_solve(stats.hidden.xy)
     if d <= block:
       # With `stats.n_remove` the sweep stops there: the units it removes, their order and
@@ -280,7 +271,7 @@ def _sweep_blocks(sweep, blocks):
   wide module's sweeps run side by side instead of on one chip while the others wait. With
   LAPACK (CPU and TPU hosts) they run here, one after another, on the threaded BLAS."""
   devices = jax.local_devices()
-  if lapack_solves() or len(devices) == 1 or len(blocks) == 1:
+  if placement.lapack_solves() or len(devices) == 1 or len(blocks) == 1:
     return [sweep(units) for units in blocks]
   import concurrent.futures
 

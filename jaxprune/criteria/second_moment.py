@@ -1,4 +1,4 @@
-"""The paper's second-moment metric and the exact output energy (METHOD.md section 2).
+"""The paper's second-moment metric and the exact output energy (docs/method.md section 2).
 
 For a depth-2 module f(x) = act(x A + a0) B with first-level column a_j and
 second-level row b_j:

@@ -94,5 +94,5 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
 
 
 def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> np.ndarray:
-  """Uniformly random token windows [n, seq_len] (data-free statistics, METHOD.md 2(b))."""
+  """Uniformly random token windows [n, seq_len] (data-free statistics, docs/method.md 2(b))."""
   return np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq_len), dtype=np.int32)

@@ -42,7 +42,7 @@ those defaults. This module holds plain data and imports no config, so that
                         stream carries in (absorb 1, where the recipe's
                         held-out best is 0.5)
                         (benchmarks/results/selection_datafree.md).
-  paper                 the paper as METHOD.md states it: gated second-moment
+  paper                 the paper as docs/method.md states it: gated second-moment
                         metric, uniform allocation, two-step reconstruction
                         before selection, damping 1e-3.
   paper-datafree        the paper's Self-Gen: as `paper`, calibrated on
@@ -73,7 +73,7 @@ RECOMMENDED_UNIFORM = dict(allocation="uniform", min_keep=0.0, shrink=0.5, absor
 RECOMMENDED_DATAFREE = dict(selfgen_top_k=0, selfgen_windows_per_text=4, selfgen_samples=1024, shrink=0.5,
                             min_keep=0.5, absorb=1.0)
 
-# The paper's method (METHOD.md sections 2-6); also what PruneConfig's defaults
+# The paper's method (docs/method.md sections 2-6); also what PruneConfig's defaults
 # were before the presets, so results made with those defaults are this preset.
 PAPER = dict(method="goa", allocation="uniform", attn_sparsity=None, reconstruct=True, refit=False, intercept=False,
              damping=1e-3, shrink=0.0, min_keep=0.0, absorb=0.0)
@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Presets meant for self-generated calibration: the CLI generates it unless --calib says otherwise.
 DATAFREE = ("recommended-datafree", "paper-datafree")
 
-# Criteria that stand for published tools (METHOD.md section 7).
+# Criteria that stand for published tools (docs/method.md section 7).
 BASELINE_METHODS = ("flap", "wanda-sp", "l1", "l2", "random", "taylor-element1", "taylor-element2", "taylor-vector")
 
 

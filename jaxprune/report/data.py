@@ -66,7 +66,7 @@ def module_errors(report: dict) -> dict[str, dict[str, np.ndarray]]:
 def layer_js(spec: ModelSpec, params: Params, windows, layer: int, batch_size: int = 8) -> np.ndarray:
   """D [N,N]: the mean Jensen-Shannon divergence between the attention maps of `layer`'s heads.
 
-  The same statistic as the pipeline's (`stats.js_sums` / `js_rows`, METHOD.md
+  The same statistic as the pipeline's (`stats.js_sums` / `js_rows`, docs/method.md
   section 3), taken on the model's own residual stream over windows [S,T].
   """
   if not 0 <= layer < spec.num_layers:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.sharding import to_host
+from jaxprune.placement import to_host
 
 F32 = jnp.float32
 

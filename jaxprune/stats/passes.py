@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprune import sharding
+from jaxprune import placement, sharding
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models.forward import block_step
@@ -213,12 +213,10 @@ def gather_hidden(h: HiddenOut, mesh) -> HiddenOut:
   """`h` with Gram statistics split over `model` (`moments.RowSplit`) joined where the solves
   and the `goa-obs` sweep run: on the host where they use LAPACK (CPU, and TPU hosts: no
   device then holds a whole Gram matrix), else replicated over the mesh."""
-  from jaxprune import reconstruct
-
   if not isinstance(h.hidden, moments.RowSplit):
     return h
-  if reconstruct.lapack_solves():
-    return h._replace(hidden=moments.join(jax.tree.map(sharding.to_host, h.hidden)))
+  if placement.lapack_solves():
+    return h._replace(hidden=moments.join(jax.tree.map(placement.to_host, h.hidden)))
   return h._replace(hidden=jax.device_put(moments.join(h.hidden), sharding.replicated(mesh)))
 
 

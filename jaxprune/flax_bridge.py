@@ -172,8 +172,8 @@ def to_flax(model: Model) -> LM:
   problems += [f"{name(k)}: shape {tuple(np.shape(have[k]))}, but the Flax module has {tuple(want[k].shape)}"
                for k in want if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)]
   if problems:
-    raise ShapeError("jaxprune.flax.LM does not fit these parameters:\n  " + "\n  ".join(problems) +
-                     "\nThis is a bug in jaxprune.flax; please report it with the model's spec.")
+    raise ShapeError("jaxprune.flax_bridge.LM does not fit these parameters:\n  " + "\n  ".join(problems) +
+                     "\nThis is a bug in jaxprune.flax_bridge; please report it with the model's spec.")
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, _pure(model.params)))
   return nnx.merge(graphdef, state)
 

@@ -1,0 +1,102 @@
+"""Where the small dense linear algebra runs, and in which precision.
+
+The rule, in one place:
+
+- Solves and inverses (ridge least squares, the `goa-obs` sweep) are float64, always: a
+  float32 Cholesky of an ill-conditioned Gram matrix loses the small directions the fit needs.
+- Where the backend is a CPU (the CPU backend, and the host of a TPU) they go to SciPy's
+  LAPACK on numpy arrays (`lapack_solves`): its blocked, threaded Cholesky took a quarter of
+  the time of XLA's CPU one on a 1537 x 1537 system (`benchmarks/README.md`), and numpy
+  compiles nothing per system size.
+- A GPU factors on the device in float64 under `float64_solves`. A TPU has no float64, so
+  its JAX float64 work (the sweep's updates) runs on the host CPU device instead
+  (`solve_on_host`).
+- Statistics come out of the data-parallel kernels replicated on every device; a solve takes
+  one local copy (`local_copy`) rather than repeating the same work once per device, and its
+  result goes back where the statistics live (`replicate_like`).
+- Arrays the host holds (numpy, or JAX arrays on CPU devices of this process, `on_host`) are
+  cut and gathered with numpy, which compiles nothing per shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def lapack_solves() -> bool:
+  """Solves run with SciPy's LAPACK on the host: the CPU backend, and the host of a TPU."""
+  return jax.default_backend() in ("cpu", "tpu")
+
+
+def solve_on_host() -> bool:
+  """Platforms without float64 arithmetic (TPU) run their float64 JAX work on the host CPU."""
+  return jax.default_backend() == "tpu"
+
+
+@contextlib.contextmanager
+def float64_solves():
+  """float64 enabled and, where the accelerator has none, the host CPU as the default device."""
+  with jax.enable_x64(True):
+    if solve_on_host():
+      with jax.default_device(jax.devices("cpu")[0]):
+        yield
+    else:
+      yield
+
+
+def to_host(x) -> np.ndarray:
+  """`x` as a numpy array on every process (a collective for arrays split across processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # only multi-process runs pay for its import
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def local_copy(x):
+  """A copy of array `x` on this process's first device (non-arrays as they are).
+
+  Arrays sharded across processes are gathered, a collective: every process
+  must call this in the same order, as the pipeline's processes do.
+  """
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return x
+  if x.is_fully_replicated:
+    return x.addressable_data(0)
+  if x.is_fully_addressable:
+    return jax.device_put(x, jax.local_devices()[0])
+  # Sharded across processes: every process gathers the whole (small) array.
+  return jax.device_put(to_host(x), jax.local_devices()[0])
+
+
+def replicate_like(y, like):
+  """`y` replicated over the devices `like` lives on (as it was, when `like` is on one device)."""
+  if not isinstance(like, jax.Array) or len(like.sharding.device_set) == 1:
+    return y
+  sharding = like.sharding
+  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else Mesh(np.array(list(sharding.device_set)), ("all",))
+  host = to_host(y)
+  return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda idx: host[idx])
+
+
+def host64(x) -> np.ndarray:
+  """`x` as a float64 numpy array on this host (gathered from a mesh if need be)."""
+  return np.asarray(local_copy(x), np.float64)
+
+
+def to_solve(x) -> jax.Array:
+  """`x` as a float64 array where the solves run (inside `float64_solves`)."""
+  x = local_copy(x)
+  if solve_on_host():
+    x = np.asarray(x)
+  return jnp.asarray(x, jnp.float64)
+
+
+def on_host(v) -> bool:
+  """Whether the host CPU holds `v` (numpy, or a JAX array on this process's CPU devices)."""
+  return isinstance(v, np.ndarray) or (isinstance(v, jax.Array) and v.is_fully_addressable and
+                                       all(d.platform == "cpu" for d in v.sharding.device_set))
