@@ -6,7 +6,7 @@ from jaxprune.model import Model
 from jaxprune.models import forward, logits
 from jaxprune.spec import FAMILIES, LayerSpec, ModelSpec, RopeSpec, count_params
 
-__version__ = "0.1.0"
+from jaxprune.version import __version__
 
 __all__ = ["CheckpointError", "ConfigError", "FAMILIES", "JaxpruneError", "LayerSpec", "Model", "ModelSpec",
            "RopeSpec", "ShapeError", "UsageError", "count_params", "forward", "load", "load_tokenizer", "logits"]

@@ -36,7 +36,7 @@ def host_tag() -> str:
 
 def write_marker(directory: str) -> None:
   """Marks `directory` as jaxprune's: the pid and host say which run made it (stale temporaries)."""
-  from jaxprune import __version__
+  from jaxprune.version import __version__
 
   info = {"tool": "jaxprune", "version": __version__, "command": sys.argv, "pid": os.getpid(), "host": host_tag(),
           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
