@@ -18,7 +18,7 @@ import numpy as np
 from jaxprune import reconstruct, sharding, surgery
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
-from jaxprune.prune import solve
+from jaxprune.prune import measure, solve
 from jaxprune.prune.config import DAMPING_GRID
 from jaxprune.prune.context import StepContext
 from jaxprune.prune.metrics import Meter, ModuleRow
@@ -74,16 +74,6 @@ class StepResult(NamedTuple):
   metrics: StepMetrics
 
 
-class _Stats(NamedTuple):
-  """The pruned stream's statistics of one module (`passes.hidden_pass` per group, gathered)."""
-
-  hids: list  # per calibration group
-  hs: Any  # of the scoring stream, or None
-  m2: Any  # the second level's input moments, summed over the groups
-  js: Any  # the heads' JS sums over rows, or None
-  target_yy: list  # ||target||^2 per group (None without a dense stream)
-
-
 def step(ctx: StepContext, m: ModuleInput) -> StepResult:
   """Prunes module `m` (see the module docstring)."""
   c = ctx.config
@@ -100,11 +90,11 @@ def step(ctx: StepContext, m: ModuleInput) -> StepResult:
   grid = DAMPING_GRID if c.auto_damping else None
   solves: dict[str, dict] = {}
 
-  douts = _measure_dense(ctx, m, nd, meter)
+  douts = measure.dense_outputs(ctx, m.kind, m.i, m.block, m.cfg, m.groups, nd, meter)
   p1 = p0
   if c.reconstruct:
     p1, solves["first_level"] = _reconstruct_first(c, m, p0, douts, grid, meter)
-  st = _statistics(ctx, m, p1, douts, nd, meter)
+  st = measure.statistics(ctx, m.kind, m.block, m.cfg, p1, m.groups, m.xs, douts, nd, meter)
   p2 = p1
   if c.reconstruct:
     p2, solves["second_level"] = _reconstruct_second(c, m, p1, st, grid, meter)
@@ -173,26 +163,6 @@ def _timed_solve(meter: Meter, parts, w_aug, delta, grid, intercept, what):
   return out
 
 
-def _measure_dense(ctx: StepContext, m: ModuleInput, nd, meter: Meter) -> list:
-  """The dense module's outputs and moments per group (`passes.DenseOut`), from the plan's
-  store or a dense pass; Nones when the run carries no dense stream."""
-  if not ctx.with_dense:
-    return [None] * len(m.groups)
-  norm_p, p0 = m.block[m.kind.norm_key], m.block[m.kind.key]
-  pos = positions(m.groups[0].xp.shape[2])
-  with meter.phase("statistics"):
-    stored = ctx.stored_dense(m.kind, m.i, m.groups, nd, m.cfg, norm_p, p0)
-    if stored is not None:
-      meter.count(stored[1], len(m.groups))
-      return stored[0]
-    douts = jax.block_until_ready([
-        passes.dense_pass(m.kind, m.cfg, norm_p, p0, g.xd, g.xp, pos, nd.first_moments, nd.inherited_error,
-                          mesh=ctx.mesh, skip=nd.calib.skip)
-        for g in m.groups])
-    meter.count("dense_pass", len(m.groups))
-  return douts
-
-
 def _reconstruct_first(c, m: ModuleInput, p0, douts, grid, meter: Meter):
   """(the module with its first level refit to the dense first-level outputs, the solve's entry)."""
   parts = []
@@ -204,42 +174,7 @@ def _reconstruct_first(c, m: ModuleInput, p0, douts, grid, meter: Meter):
   return (p0 if sol is None else A.with_first_level(m.kind, p0, *sol)), entry
 
 
-def _statistics(ctx: StepContext, m: ModuleInput, p1, douts, nd, meter: Meter) -> _Stats:
-  """The statistics pass over the pruned stream (and the scoring stream)."""
-  c, kind = ctx.config, m.kind
-  norm_p = m.block[kind.norm_key]
-  pos = positions(m.groups[0].xp.shape[2])
-  with meter.phase("statistics"):
-    # What the second level's solves fit: the dense outputs, and with `absorb` a share of the
-    # error the residual stream carries in (x_p + y ~ x_d + y_d wants y ~ y_d + (x_d - x_p)).
-    # The dense stream still advances by the dense outputs.
-    targets = [None if d is None else d.yd if not c.absorb else passes.absorbing_target(d.yd, g.xd, g.xp, c.absorb)
-               for g, d in zip(m.groups, douts)]
-    target_yy = [None if d is None else d.yy if not c.absorb else passes.energy(t[:, :, nd.calib.skip:])
-                 for t, d in zip(targets, douts)]
-    hids = [passes.hidden_pass(kind, m.cfg, norm_p, p1, g.xp, t, pos, nd.calib, mesh=ctx.mesh)
-            for g, t in zip(m.groups, targets)]
-    del targets
-    hs = None
-    if nd.score is not None:  # random-token windows: the criterion's statistics, and the stream advances
-      hs = passes.hidden_pass(kind, m.cfg, norm_p, p1, m.xs, None, pos, nd.score, mesh=ctx.mesh)
-    elif m.xs is not None:
-      hs = passes.hidden_pass(kind, m.cfg, norm_p, p1, m.xs, None, pos, needs_lib.StreamNeeds(), mesh=ctx.mesh)
-    hids, hs = jax.block_until_ready((hids, hs))
-    hids = [passes.gather_hidden(h, ctx.mesh) for h in hids]
-    hs = None if hs is None else passes.gather_hidden(hs, ctx.mesh)
-  meter.count("hidden_pass", len(m.groups) + (hs is not None))
-  if c.shrink and nd.calib.hidden == "gram":
-    w2, b2 = A.second_level(kind, p1)
-    w2a = jnp.concatenate([w2, b2[None]], axis=0)
-    hids = [h._replace(hidden=moments.shrink(h.hidden, c.shrink, w2a)) for h in hids]
-  js = None
-  if nd.calib.js:
-    js = sum(h.js for h in hids) / max(sum(float(h.rows) for h in hids), 1.0)
-  return _Stats(hids, hs, solve.sum_stats([h.hidden for h in hids]), js, target_yy)
-
-
-def _reconstruct_second(c, m: ModuleInput, p1, st: _Stats, grid, meter: Meter):
+def _reconstruct_second(c, m: ModuleInput, p1, st: measure.Stats, grid, meter: Meter):
   """(the module with its second level refit to the targets on all its units, the solve's entry)."""
   parts = [solve.Part(h.hidden, h.hidden.xy, yy) for h, yy in zip(st.hids, st.target_yy)]
   w2, b2 = A.second_level(m.kind, p1)
@@ -249,7 +184,7 @@ def _reconstruct_second(c, m: ModuleInput, p1, st: _Stats, grid, meter: Meter):
   return (p1 if sol is None else A.with_second_level(m.kind, p1, *sol)), entry
 
 
-def _score_select(ctx: StepContext, m: ModuleInput, p2, st: _Stats, nd, n_units: int, meter: Meter):
+def _score_select(ctx: StepContext, m: ModuleInput, p2, st: measure.Stats, nd, n_units: int, meter: Meter):
   """(kept units, the similarity rule's decisions, seconds spent) from the criterion's scores."""
   t1 = time.perf_counter()
   with meter.phase("scoring"):
@@ -285,7 +220,7 @@ def _cut(c, m: ModuleInput, p2, keep, m2, meter: Meter):
   return blk2, layer2, idx
 
 
-def _refit(ctx: StepContext, m: ModuleInput, blk2, idx, st: _Stats, grid, meter: Meter):
+def _refit(ctx: StepContext, m: ModuleInput, blk2, idx, st: measure.Stats, grid, meter: Meter):
   """(the block with the kept units' second level refit to the targets, the solve's entry)."""
   c, kind = ctx.config, m.kind
   # The kept channels' sums are cut on the host where the solves run there (one
@@ -305,7 +240,7 @@ def _refit(ctx: StepContext, m: ModuleInput, blk2, idx, st: _Stats, grid, meter:
   return blk2, entry
 
 
-def _advance(ctx: StepContext, m: ModuleInput, douts, st: _Stats, w2f, b2f, meter: Meter):
+def _advance(ctx: StepContext, m: ModuleInput, douts, st: measure.Stats, w2f, b2f, meter: Meter):
   """Both streams advance: the dense one by the dense outputs already computed, the
   pruned one by the final second level on the X2 its statistics pass kept. Returns
   (next groups, next scoring stream, the pruned outputs' squared error against the dense)."""
