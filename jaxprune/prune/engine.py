@@ -107,14 +107,7 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
       log.info("resuming from %s at block %d", run.checkpoint, resumed.next_block)
   spill = spill_lib.Spill(ckpt, run.blocks_dir)
 
-  extra = None
-  if crit.prepare is not None:
-    t0 = time.perf_counter()
-    # Preparations see the whole model (gradients through it): a streamed model is read in.
-    extra = crit.prepare(lazy_io.materialize(model), np.asarray(calib), c)
-    state = state.with_phase("prepare", time.perf_counter() - t0)
-    log.info("criterion %s prepared in %.1fs", c.method, state.phase_seconds["prepare"])
-
+  extra, state = _prepare(crit, model, calib, c, state)
   inp = plan_lib.PlanInputs(model, c, crit, extra, mesh, state.blocks, bias_after(model.spec, c), run.progress)
   plan = _plan(inp, tokens, s_tokens, resumed, ckpt, run.checkpoint, stack)
   ctx = StepContext.build(model, c, mesh, crit, extra, plan.dense_outputs)
@@ -131,13 +124,7 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
   state = _loop(ctx, model, state, plan, first, groups, xs, ckpt, spill, run.progress,
                 streams.positions(tokens[0].shape[2]))
 
-  if lazy_io.is_lazy(model.params):
-    pruned = spill_lib.streamed_result(ctx, state, model, spill)
-  else:
-    blocks = [ctx.fill_biases(b) for b in state.blocks]
-    params = {**model.params, "layers": tuple(blocks)}
-    spec = spec_from_params(model.spec.with_layers(state.layer_specs), params)
-    pruned = Model.checked(spec, params, model.source)
+  pruned = _assemble(ctx, state, model, spill)
   state = state.with_phase("plan", plan.seconds).with_phase("compile", Compiles.seconds - compiles0[0])
   state = dataclasses.replace(state, passes={**state.passes, "compiles": Compiles.count - compiles0[1]})
   return PruneResult(pruned, report(model, pruned, c, state, tau=plan.tau, plan_seconds=plan.seconds,
@@ -148,6 +135,28 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
 def _written(model: Model, run: _Run, state: RunState) -> int | None:
   """Values this process wrote to blocks_dir, reported only where a streamed run writes there."""
   return state.values_written if run.blocks_dir is not None and lazy_io.is_lazy(model.params) else None
+
+
+def _prepare(crit, model: Model, calib, c: PruneConfig, state: RunState):
+  """(the criterion's prepared extras or None, the state with their seconds)."""
+  if crit.prepare is None:
+    return None, state
+  t0 = time.perf_counter()
+  # Preparations see the whole model (gradients through it): a streamed model is read in.
+  extra = crit.prepare(lazy_io.materialize(model), np.asarray(calib), c)
+  state = state.with_phase("prepare", time.perf_counter() - t0)
+  log.info("criterion %s prepared in %.1fs", c.method, state.phase_seconds["prepare"])
+  return extra, state
+
+
+def _assemble(ctx: StepContext, state: RunState, model: Model, spill) -> Model:
+  """The pruned model: its blocks in memory, or (streamed) read from their files when used."""
+  if lazy_io.is_lazy(model.params):
+    return spill_lib.streamed_result(ctx, state, model, spill)
+  blocks = [ctx.fill_biases(b) for b in state.blocks]
+  params = {**model.params, "layers": tuple(blocks)}
+  spec = spec_from_params(model.spec.with_layers(state.layer_specs), params)
+  return Model.checked(spec, params, model.source)
 
 
 def _windows(model: Model, calib, c: PruneConfig, score_windows, mesh):
