@@ -70,6 +70,8 @@ class StepMetrics(NamedTuple):
 
 
 class StepResult(NamedTuple):
+  """What `step` returns: the state the loop carries on, apart from what it records."""
+
   out: ModuleOut
   metrics: StepMetrics
 
