@@ -59,7 +59,7 @@ def _engine():
   try:
     from jaxprune.prune import PruneConfig, prune
   except ImportError:  # versions before the jaxprune.prune package
-    from jaxprune.pipeline import PruneConfig, prune
+    from jaxprune.prune import PruneConfig, prune
   return PruneConfig, prune
 
 

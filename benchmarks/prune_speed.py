@@ -188,7 +188,7 @@ def child(name: str, samples: int, out_path: str) -> int:
   """Loads the model and prunes it with METHODS[name]; writes the timings to out_path."""
   import jaxprune
   from jaxprune import criteria
-  from jaxprune.pipeline import PruneConfig, prune
+  from jaxprune.prune import PruneConfig, prune
 
   model = jaxprune.load(MODEL)
   calib = calibration(samples)

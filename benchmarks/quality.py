@@ -1,6 +1,6 @@
 """Side-by-side quality of every pruning method on SmolLM2-135M, in one pipeline.
 
-Every run goes through `jaxprune.pipeline.prune` with the same calibration
+Every run goes through `jaxprune.prune.prune` with the same calibration
 windows (128 x 128 tokens drawn from WikiText-2 valid with the row's seed), the
 same allocation code and the same evaluation: perplexity over the first 256
 non-overlapping 128-token windows of WikiText-2 test (the protocol of the
@@ -259,7 +259,7 @@ class Data:
 def run_one(data: Data, name: str, preset: str | None, kwargs: dict, source: str, ratio: float | None,
             seed: int) -> dict:
   from jaxprune.eval import perplexity
-  from jaxprune.pipeline import PruneConfig, prune
+  from jaxprune.prune import PruneConfig, prune
 
   model = data.model
   row = {"key": key(name, ratio, seed), "name": name, "ratio": ratio, "calibration": source,

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
   from jaxprune.data import eval_windows, read_text, sample_windows, tokenize
   from jaxprune.eval import perplexity
   from jaxprune.io.atomic import write_json
-  from jaxprune.pipeline import PruneConfig, prune
+  from jaxprune.prune import PruneConfig, prune
 
   cands = [c for c in CANDIDATES if not args.only or c[0] in args.only]
   for items in args.set:

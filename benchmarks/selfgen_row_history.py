@@ -46,7 +46,7 @@ def stage_then(args) -> dict:
 
   import jaxprune
   from jaxprune.data.selfgen import self_generated
-  from jaxprune.pipeline import PruneConfig, prune
+  from jaxprune.prune import PruneConfig, prune
 
   m, tok = jaxprune.load(MODEL), jaxprune.load_tokenizer(MODEL)
   w = self_generated(m.spec, m.params, 128, 128, seed=0)
@@ -60,7 +60,7 @@ def stage_now(args) -> dict:
   import numpy as np
 
   import jaxprune
-  from jaxprune.pipeline import PruneConfig, prune
+  from jaxprune.prune import PruneConfig, prune
 
   m, tok = jaxprune.load(MODEL), jaxprune.load_tokenizer(MODEL)
   w = np.load(args.windows)

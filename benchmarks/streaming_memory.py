@@ -71,7 +71,7 @@ def main() -> int:
     shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     shard_mb = [os.path.getsize(os.path.join(src, f)) / 1e6 for f in shards]
 
-    _, floor, _ = child([sys.executable, "-c", "import jax, jaxprune.pipeline, jaxprune.io; jax.devices()"])
+    _, floor, _ = child([sys.executable, "-c", "import jax, jaxprune.prune, jaxprune.io; jax.devices()"])
     cmd = [sys.executable, "-m", "jaxprune", "--no-compile-cache", "prune", src, "--sparsity", "0.2",
            "--calib", DATA, "--calib-samples", str(args.calib_samples), "--seq-len", "128", "--out", out,
            "--no-progress"]

@@ -45,11 +45,6 @@ class SolveInfo:
   residual: float | None = None
 
 
-def lapack_solves() -> bool:
-  """pipeline.py's name until the engine moves; new code calls `placement.lapack_solves`."""
-  return placement.lapack_solves()
-
-
 def ridge_lam(diag, delta):
   """The ridge delta * mean(diag(X^T X)) over the d data rows (not the ones column), in
   float64 (numpy for a numpy `diag`, else jax.numpy, traced or not); an all-zero input still

@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxprune.errors import UsageError
-from jaxprune.placement import to_host  # noqa: F401  (pipeline.py's sharding.to_host until the engine moves)
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,6 @@ def check_indices(idx, n: int, what: str) -> np.ndarray:
   return idx.astype(np.int32)
 
 
-_on_host = placement.on_host  # pipeline.py's name until the engine moves; new code calls placement.on_host
 
 
 def _gather(v, idx, axis: int):

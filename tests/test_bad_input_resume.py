@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxprune import checkpoint as ckpt_lib
-from tests import tiny
+import jaxprune.prune
+from tests import kill_hook, tiny
 from tests.badinput import assert_intact, assert_one_line_error, run_cli, snapshot
 
 ARGS = ("--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "16", "--batch-size", "8", "--no-progress")
@@ -27,12 +27,11 @@ def setup(tmp_path_factory):
   model = tiny.add_word_tokenizer(tiny.save("llama_gqa", str(base / "model"), layers=3))
   calib = tiny.write_words(str(base / "calib.txt"), 900, seed=1)
 
-  def kill(pid, sig):
+  def kill():
     raise _Killed
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setenv(ckpt_lib.KILL_ENV, "0")
-    mp.setattr(ckpt_lib.os, "kill", kill)
+    mp.setattr(jaxprune.prune, "prune", kill_hook.wrap(jaxprune.prune.prune, 0, kill))
     with pytest.raises(_Killed):
       run_cli("prune", model, *ARGS, "--calib", calib, "--out", str(base / "killed"))
   whole = str(base / "whole")
@@ -116,7 +115,7 @@ def test_resume_with_other_options_is_refused(setup, tmp_path):
 ])
 def test_damaged_state_json_is_refused(setup, tmp_path, state, needles):
   out, ckpt = _checkpointed(setup, tmp_path)
-  with open(os.path.join(ckpt, ckpt_lib.STATE), "wb") as f:
+  with open(os.path.join(ckpt, "state.json"), "wb") as f:
     f.write(state if isinstance(state, bytes) else state.encode())
   before = snapshot(setup[0], ckpt)
   r = run_cli("prune", setup[0], *ARGS, "--calib", setup[1], "--out", out, "--resume")

@@ -18,7 +18,7 @@ from jaxprune.errors import UsageError
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
 from jaxprune.models import logits
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from jaxprune.stats import moments
 from tests import tiny
 from tests.numerics import assert_within, assert_within_sum_bound, sensitivity_of, sum_bound

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune import pipeline, sharding
+from jaxprune import sharding
+from jaxprune.prune import engine
 from jaxprune.cli import main
 from jaxprune.errors import UsageError
 from jaxprune.eval.perplexity import perplexity
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from tests import tiny
 from tests.numerics import assert_reordering
 
@@ -32,13 +33,13 @@ def test_model_axis_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypat
   cfg = PruneConfig.preset(preset, sparsity=0.3, batch_size=8, **extra)
   calib = _calib()
   seen = []
-  step = pipeline.prune_module
+  step = engine.step
 
-  def spy(ctx, kind_, i, blk, *a, **k):
-    seen.append(getattr(blk["mlp"]["up"]["kernel"].sharding, "spec", None))
-    return step(ctx, kind_, i, blk, *a, **k)
+  def spy(ctx, m):
+    seen.append(getattr(m.block["mlp"]["up"]["kernel"].sharding, "spec", None))
+    return step(ctx, m)
 
-  monkeypatch.setattr(pipeline, "prune_module", spy)
+  monkeypatch.setattr(engine, "step", spy)
   one = prune(jaxprune.load(tiny_dir(kind), lazy=True), calib, cfg, mesh=sharding.make_mesh(1, 1))
   seen.clear()
   mesh = sharding.make_mesh(2, 4)

@@ -14,7 +14,7 @@ from jaxprune.prune import presets
 from jaxprune.stats import passes
 from jaxprune.errors import UsageError
 from jaxprune.models import logits
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from jaxprune.spec import block_param_count
 
 KINDS = ["llama_mha", "llama_gqa", "llama_bias", "qwen2", "mistral", "gpt2"]
@@ -183,7 +183,7 @@ def test_calibration_that_does_not_split_is_refused(tiny_dir):
 
 
 def test_auto_damping_chooses_on_held_out_windows(tiny_dir):
-  from jaxprune.pipeline import DAMPING_GRID
+  from jaxprune.prune.config import DAMPING_GRID
   m = jaxprune.load(tiny_dir("llama_gqa"))
   r = prune(m, _calib(24), PruneConfig(sparsity=0.3, batch_size=8, auto_damping=True, refit=True, reconstruct=True))
   assert r.report["calibration"]["held_out_for_damping"] == 8

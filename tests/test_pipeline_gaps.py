@@ -15,7 +15,7 @@ import pytest
 import jaxprune
 from jaxprune import allocate, criteria
 from jaxprune.models import logits
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from jaxprune.spec import block_param_count
 
 # The paper's pipeline without least squares: selection only.

@@ -7,7 +7,7 @@ import pytest
 from transformers import LlamaConfig
 
 from jaxprune.cli import main
-from jaxprune.pipeline import PruneConfig
+from jaxprune.prune import PruneConfig
 
 LLAMA2 = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

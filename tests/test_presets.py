@@ -11,7 +11,7 @@ from jaxprune.prune import presets
 from jaxprune.cli import build_parser, main
 from jaxprune.cli.prune_options import resolve_config
 from jaxprune.errors import UsageError
-from jaxprune.pipeline import PruneConfig
+from jaxprune.prune import PruneConfig
 from tests import tiny
 
 FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]

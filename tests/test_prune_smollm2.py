@@ -9,7 +9,7 @@ import pytest
 import jaxprune
 from jaxprune.data import eval_windows, read_text, sample_windows, tokenize
 from jaxprune.eval import perplexity
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 
 pytestmark = pytest.mark.smollm2
 

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from jaxprune.checkpoint import KILL_ENV
 from jaxprune.cli import main
 from tests import tiny
+from tests.kill_hook import ENV as KILL_ENV
 
 LAYERS = 6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ("--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "16", "--batch-size", "8", "--no-progress")
 
 
@@ -25,8 +26,9 @@ def setup(tmp_path_factory):
 
 
 def _cli(*argv, env=None):
-  """`jaxprune ...` in a child process (so that it can be killed)."""
-  code = "import sys; from jaxprune.cli import main; sys.exit(main(sys.argv[1:]))"
+  """`jaxprune ...` in a child process (so that it can be killed: `tests.kill_hook`)."""
+  code = ("import sys; sys.path.insert(0, %r); from tests import kill_hook; kill_hook.install_from_env(); "
+          "from jaxprune.cli import main; sys.exit(main(sys.argv[1:]))" % ROOT)
   return subprocess.run([sys.executable, "-c", code, *map(str, argv)], env={**os.environ, **(env or {})},
                         capture_output=True, text=True)
 

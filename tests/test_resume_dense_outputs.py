@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from jaxprune.stats import dense_outputs
 from tests import tiny
 

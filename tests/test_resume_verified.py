@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune import checkpoint as ckpt_lib
+from jaxprune.prune import checkpoint as ckpt_lib
 from jaxprune import reconstruct
 from jaxprune.errors import CheckpointError, UsageError
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from tests import tiny
 
 LAYERS = 4
@@ -133,7 +133,7 @@ def test_damaged_checkpoint_file_is_recomputed_from_the_first_block(setup, tmp_p
   d = _stopped(model, str(tmp_path / "ckpt"), after=2)
   damage(os.path.join(d, name))
   events = []
-  with caplog.at_level(logging.WARNING, logger="jaxprune.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="jaxprune.prune.checkpoint"):
     result = _resume(model, d, events)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1 and name in warnings[0] and found in warnings[0] and "\n" not in warnings[0]
@@ -150,9 +150,9 @@ def test_nan_in_a_checkpoint_block_is_found_even_with_its_hash_rewritten(setup, 
   block = os.path.join(d, "block_0001.npz")
   _nan_rewrite(block)
   state = ckpt_lib.read_state(d)
-  state["files"]["block_0001.npz"] = ckpt_lib.file_sha256(block)
-  ckpt_lib.write_json(os.path.join(d, ckpt_lib.STATE), state, force=True)
-  with caplog.at_level(logging.WARNING, logger="jaxprune.checkpoint"):
+  state.files["block_0001.npz"] = ckpt_lib.file_sha256(block)
+  ckpt_lib.write_json(os.path.join(d, ckpt_lib.STATE), state.to_json(), force=True)
+  with caplog.at_level(logging.WARNING, logger="jaxprune.prune.checkpoint"):
     result = _resume(model, d)
   assert any("NaN or Inf" in r.getMessage() for r in caplog.records)
   _assert_same_bits(result.model, expected)

@@ -11,7 +11,7 @@ from jaxprune.stats import passes
 from jaxprune.stats.needs import StreamNeeds
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
-from jaxprune.pipeline import _chunks, _embed_stream, _positions
+from jaxprune.prune.streams import chunks as _chunks, embed_stream as _embed_stream, positions as _positions
 from jaxprune.stats import heads as js_stats
 from jaxprune.stats import moments
 from tests.numerics import assert_within_sum_bound, gamma

@@ -19,7 +19,7 @@ from jaxprune.errors import CheckpointError, ShapeError
 from jaxprune.eval.perplexity import perplexity
 from jaxprune.io.export import save_hf
 from jaxprune.io.lazy import LazyBlocks, materialize
-from jaxprune.pipeline import PruneConfig, prune
+from jaxprune.prune import PruneConfig, prune
 from jaxprune.spec import count_params
 from tests import tiny
 

@@ -24,7 +24,7 @@ import pytest
 
 import jaxprune
 from jaxprune import sharding
-from jaxprune.pipeline import prune
+from jaxprune.prune import prune
 from tests import tiny
 from tests.numerics import assert_within, reordering_bound
 
@@ -198,7 +198,7 @@ def test_script_takes_every_prune_config_option_and_the_presets(tmp_path):
   and --config, resolved the same way (preset < file < options)."""
   import dataclasses
 
-  from jaxprune.pipeline import PruneConfig
+  from jaxprune.prune import PruneConfig
   mod = _script()
   flags = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(PruneConfig)}
   cfg_file = tmp_path / "c.yaml"

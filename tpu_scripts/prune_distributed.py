@@ -23,7 +23,7 @@ windows are drawn with the same seed, so they agree. The parameters are placed
 on the mesh by logical axis names (`jaxprune.sharding.param_shardings`: heads,
 KV heads, MLP channels and the vocabulary over `model`), a block when the run
 reaches it; the calibration streams are sharded over `data`, and
-`jaxprune.pipeline.prune(..., mesh=mesh)` runs the greedy pipeline. Its
+`jaxprune.prune.prune(..., mesh=mesh)` runs the greedy pipeline. Its
 statistics are sums, so XLA's all-reduce over `data` gives the single-device
 result up to summation order; a Gram matrix's rows are split over `model` while
 they accumulate. With several processes, each writes only its own shards of every
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
   from jaxprune.io.atomic import atomic_dir, check_target
   from jaxprune.io.export import hf_problems, save_hf
   from jaxprune.io.lazy import is_lazy
-  from jaxprune.pipeline import prune
+  from jaxprune.prune import prune
 
   pid, nproc = jax.process_index(), jax.process_count()
   # Several processes write the finished blocks' shards to one shared directory (none gathers them).

@@ -82,7 +82,7 @@ def _prepare_checkpoint(args) -> str | None:
   """The run's checkpoint directory: checked against --resume and --force before any work."""
   import shutil
 
-  from jaxprune.checkpoint import STATE, read_state
+  from jaxprune.prune.checkpoint import STATE, read_state
 
   ckpt = checkpoint_dir(args.out)
   held = os.path.exists(os.path.join(ckpt, STATE))
@@ -108,7 +108,7 @@ def _drop_unfinished(ckpt: str | None) -> None:
   the plan's stored outputs in it can be large."""
   import shutil
 
-  from jaxprune.checkpoint import STATE
+  from jaxprune.prune.checkpoint import STATE
 
   if ckpt is not None and not os.path.exists(os.path.join(ckpt, STATE)):
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -129,9 +129,9 @@ def _mesh(text: str | None):
 def _resumed_events(ckpt: str, log_path: str) -> list[dict]:
   """The killed run's log, cut to the blocks its checkpoint holds (a block it was in
   the middle of is redone), with a "block" event for every finished block."""
-  from jaxprune.checkpoint import read_state
+  from jaxprune.prune.checkpoint import read_state
 
-  done = set(read_state(ckpt)["finished_blocks"])
+  done = set(read_state(ckpt).finished_blocks)
   events = []
   if os.path.exists(log_path):
     with open(log_path) as f:
@@ -157,7 +157,7 @@ def run(args) -> int:
   from jaxprune.io.export import parse_size
   from jaxprune.io.lazy import is_lazy
   from jaxprune.io.target import check_output, local_path, size_on_disk
-  from jaxprune.pipeline import prune
+  from jaxprune.prune import prune
 
   model_path = local_path(args.model)
   check_output(args.out, args.force, [model_path, args.calib, args.eval_text, args.config],

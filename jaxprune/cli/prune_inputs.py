@@ -49,7 +49,7 @@ def check_inputs(args, config, mesh):
   """The text files, window length and calibration size: checked before the model loads."""
   from jaxprune.data import check_seq_len
   from jaxprune.data.stream import check_file
-  from jaxprune.pipeline import check_batches
+  from jaxprune.prune import check_batches
 
   check_seq_len(args.seq_len)
   if args.calib not in CALIB_SPECIAL:

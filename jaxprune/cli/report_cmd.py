@@ -70,7 +70,7 @@ def _calibration_windows(report: dict, calib: str, model, model_arg: str, n: int
   cal, cfg = report.get("calibration", {}), report.get("config", {})
   seq_len, total, seed = int(cal.get("seq_len", 128)), int(cal.get("windows", n)), int(cfg.get("seed", 0))
   if calib == "selfgen":
-    from jaxprune.pipeline import PruneConfig  # reports from before these fields sampled as the defaults do
+    from jaxprune.prune import PruneConfig  # reports from before these fields sampled as the defaults do
 
     per_text = int(cfg.get("selfgen_windows_per_text", PruneConfig.selfgen_windows_per_text))
     return self_generated(model.spec, model.params, n, seq_len, seed=seed, windows_per_text=per_text,

@@ -206,7 +206,7 @@ def _grad_leaf(tree: Params | None, k: str, leaf: str, like):
 def _need_grads(stats: ModuleStats, name: str, second: bool = False):
   if stats.grads is None or (second and stats.sq_grads is None):
     raise UsageError(f"criterion {name!r} needs language-model gradients from its prepare() step; run it through "
-                     "jaxprune.pipeline.prune (with uniform allocation) or pass them in ModuleStats.grads"
+                     "jaxprune.prune.prune (with uniform allocation) or pass them in ModuleStats.grads"
                      + (" and .sq_grads" if second else ""))
 
 

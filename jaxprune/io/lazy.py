@@ -6,7 +6,7 @@ disk: `params["layers"]` is a `LazyBlocks`, a sequence that reads block i (in
 the checkpoint's dtype, safetensors' `safe_open` reading only that block's
 tensors, GGUF dequantizing only them), checks its shapes against the spec and
 upcasts that block alone to float32. A pruning run then holds only the blocks it
-is working on, whatever the size of the model (`jaxprune.pipeline`). On a mesh
+is working on, whatever the size of the model (`jaxprune.prune`). On a mesh
 with a `model` axis, `LazyBlocks.placed` builds each block's arrays from the
 slices each process's devices hold, read from memory-mapped safetensors files
 (`safetensors_views`), so no process reads what it does not hold.

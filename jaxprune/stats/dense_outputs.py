@@ -15,7 +15,7 @@ and the sha256 of each output is kept (`digests`, recorded in the checkpoint), s
 a resumed run uses only outputs that are what was written, and finite. A module
 whose output is missing, damaged, or was never stored (`DenseOutputs(None)`: the
 outputs did not fit on the disk) is recomputed by the loop with the plan's own
-kernels (`pipeline.StepContext.stored_dense`), to the same bits: the store is only
+kernels (`jaxprune.prune.context.StepContext.stored_dense`), to the same bits: the store is only
 ever a saving, and no result depends on the free disk space.
 """
 

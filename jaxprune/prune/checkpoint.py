@@ -1,13 +1,13 @@
 """Durable per-block state of a pruning run, so a killed run resumes where it stopped.
 
-After every finished block the pipeline saves, in a checkpoint directory:
+After every finished block the engine (`jaxprune.prune.engine`) saves, in a checkpoint directory:
 
   block_0007.npz     the pruned block's parameters (written once, when the block is done)
   streams_0007.npz   the activation streams entering the next block (dense, pruned,
                      random-token), exactly as float arrays
   state.json         the next block, the budget carry, the report rows so far, the
                      adaptive plan and tau, the run's fingerprint and the sha256 of
-                     every block and streams file it names
+                     every block and streams file it names (`durable.DurableState`)
 
 Every file is written to a temporary name and renamed into place, and state.json
 (which names the streams file) is replaced last, so a run killed at any instant
@@ -31,8 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +39,13 @@ from flax import traverse_util
 
 from jaxprune.errors import CheckpointError, UsageError
 from jaxprune.io.atomic import write_file, write_json
+from jaxprune.prune.durable import DurableState, RunRecord
 from jaxprune.placement import to_host
 from jaxprune.spec import LayerSpec
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
-# The layout of state.json; a checkpoint of another layout is refused, not guessed at.
-VERSION = 2
-# Test hook: the process SIGKILLs itself right after saving this block's state,
-# which is what a preemption at that instant looks like.
-KILL_ENV = "JAXPRUNE_KILL_AFTER_BLOCK"
 
 
 def _leaf_update(h, name: str, x) -> None:
@@ -93,7 +87,6 @@ def _weight_files(source: str) -> list[str]:
   Hugging Face directory's weight files, or every file of another directory (Orbax)."""
   if os.path.isfile(source):
     return [source]
-  from jaxprune.errors import CheckpointError
   from jaxprune.io.hf import weight_files
 
   try:
@@ -278,10 +271,10 @@ class Resumed:
   blocks: dict[int, BlockFile]
   layer_specs: dict[int, LayerSpec]
   streams: dict[str, np.ndarray] | None
-  state: dict[str, Any]
+  state: DurableState
 
 
-def read_state(directory: str) -> dict[str, Any]:
+def read_state(directory: str) -> DurableState:
   """The checkpoint's state.json, checked for being whole and of this layout (one-line errors)."""
   path = os.path.join(directory, STATE)
   fix = f"pass --force to start over (the checkpoint in {directory} is then removed)"
@@ -290,15 +283,7 @@ def read_state(directory: str) -> dict[str, Any]:
       state = json.loads(f.read().decode())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__} at {getattr(e, 'pos', '?')}); {fix}") from None
-  version = state.get("version", 1) if isinstance(state, dict) else None
-  if version != VERSION:
-    raise CheckpointError(f"{path} has checkpoint layout version {version!r}; this jaxprune reads version "
-                          f"{VERSION}: {fix}")
-  kinds = dict(fingerprint=dict, next_block=int, finished_blocks=list, layer_specs=dict, streams=str, files=dict)
-  missing = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
-  if missing:
-    raise CheckpointError(f"{path} lacks {', '.join(missing)} (or holds another type); {fix}")
-  return state
+  return DurableState.from_json(state, path, fix)
 
 
 class RunCheckpoint:
@@ -325,32 +310,32 @@ class RunCheckpoint:
     and replaces its file. One warning line says what was found.
     """
     state = read_state(self.path)
-    differ = [k for k in self.fp if state["fingerprint"].get(k) != self.fp[k]]
+    differ = [k for k in self.fp if state.fingerprint.get(k) != self.fp[k]]
     if differ:
       raise UsageError(f"the checkpoint in {self.path} belongs to a run with a different {', '.join(differ)}; "
                        "resume with the same model, calibration data and options, or remove the checkpoint "
                        "(pass --force) to start over")
-    files = state["files"]
+    files = state.files
     blocks, specs = {}, {}
     try:
-      for i in state["finished_blocks"]:
+      for i in state.finished_blocks:
         blocks[i] = BlockFile(self.block_path(i), files.get(os.path.basename(self.block_path(i)), "unrecorded"))
         read_verified(blocks[i].path, blocks[i].sha256)
-        d = state["layer_specs"][str(i)]
+        d = state.layer_specs[str(i)]
         specs[i] = LayerSpec(**{**d, "kv_map": None if d["kv_map"] is None else tuple(d["kv_map"])})
-      streams = read_verified(os.path.join(self.path, state["streams"]), files.get(state["streams"], "unrecorded"))
+      streams = read_verified(os.path.join(self.path, state.streams), files.get(state.streams, "unrecorded"))
     except Damaged as e:
       log.warning("checkpoint %s: %s; recomputing from the first block (only the streams entering block %d "
-                  "are kept), so that no damaged block is used or published", self.path, e, state["next_block"])
+                  "are kept), so that no damaged block is used or published", self.path, e, state.next_block)
       return Resumed(0, {}, {}, None, state)
-    return Resumed(state["next_block"], blocks, specs, streams, state)
+    return Resumed(state.next_block, blocks, specs, streams, state)
 
   def block_file(self, i: int) -> BlockFile:
     """Finished block i as the file written for it, with the sha256 `save` recorded."""
     return BlockFile(self.block_path(i), self.hashes[os.path.basename(self.block_path(i))])
 
   def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict[str, np.ndarray],
-           state: dict[str, Any]) -> None:
+           run: RunRecord) -> None:
     """Saves block i (just finished) and the state entering block i + 1.
 
     Blocks finish in order, so the finished blocks are those before i that the previous
@@ -359,17 +344,14 @@ class RunCheckpoint:
     name = f"streams_{i + 1:04d}.npz"
     hashes = {os.path.basename(self.block_path(i)): save_block(self.block_path(i), block),
               name: _save_npz(os.path.join(self.path, name), streams)}
-    prev = read_state(self.path) if self.exists() else {}
-    finished = [b for b in prev.get("finished_blocks", []) if b < i] + [i]
-    specs = {**{str(b): prev["layer_specs"][str(b)] for b in finished[:-1]}, str(i): dataclasses.asdict(layer_spec)}
+    prev = read_state(self.path) if self.exists() else None
+    finished = [b for b in (prev.finished_blocks if prev else []) if b < i] + [i]
+    specs = {**{str(b): prev.layer_specs[str(b)] for b in finished[:-1]}, str(i): dataclasses.asdict(layer_spec)}
     blocks = {os.path.basename(self.block_path(b)) for b in finished}
-    files = {**{k: v for k, v in prev.get("files", {}).items() if k in blocks}, **hashes}
-    state = {**state, "version": VERSION, "fingerprint": self.fp, "next_block": i + 1, "finished_blocks": finished,
-             "layer_specs": specs, "streams": name, "files": files}
-    write_json(os.path.join(self.path, STATE), state, force=True)  # last: names the streams file
+    files = {**{k: v for k, v in (prev.files if prev else {}).items() if k in blocks}, **hashes}
+    state = DurableState(self.fp, i + 1, tuple(finished), specs, name, files, run)
+    write_json(os.path.join(self.path, STATE), state.to_json(), force=True)  # last: names the streams file
     self.hashes = files
     for old in glob.glob(os.path.join(self.path, "streams_*.npz")):
       if os.path.basename(old) != name:
         os.remove(old)
-    if os.environ.get(KILL_ENV) == str(i):
-      os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,38 @@
+"""A preemption at the worst instant, for the resume tests: the process dies right after a
+given block became durable. Hooked into the engine's public `progress` callback, whose
+"block" event comes once the block's checkpoint is written; the engine knows nothing of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# Set in a child process's environment to the block after which it SIGKILLs itself.
+ENV = "JAXPRUNE_TEST_KILL_AFTER_BLOCK"
+
+
+def _sigkill() -> None:
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrap(prune, block: int, kill=_sigkill):
+  """`prune` whose run calls `kill()` at the "block" event of `block`, before anyone else sees it."""
+
+  def killing_prune(*args, progress=None, **kwargs):
+    def hook(event):
+      if event.get("event") == "block" and event.get("layer") == block:
+        kill()
+      if progress is not None:
+        progress(event)
+
+    return prune(*args, progress=hook, **kwargs)
+
+  return killing_prune
+
+
+def install_from_env() -> None:
+  """In a child process: the CLI's `prune` (read from `jaxprune.prune` when it runs) killed per ENV."""
+  import jaxprune.prune
+
+  if os.environ.get(ENV):
+    jaxprune.prune.prune = wrap(jaxprune.prune.prune, int(os.environ[ENV]))
