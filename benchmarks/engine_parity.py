@@ -100,7 +100,17 @@ def run_row(data, name: str, ratio: float) -> dict:
           "kept_digest": {m: digest(k) for m, k in kept.items()},
           "kept_count": {m: len(k) for m, k in kept.items()},
           "perplexity": {t: float(e.perplexity) for t, e in evals.items()},
-          "prune_seconds": res.report["seconds"]["total"]}
+          "prune_seconds": res.report["seconds"]["total"], "commit": _commit()}
+
+
+def _commit() -> str | None:
+  """The commit of the jaxprune under test (the checkout PYTHONPATH names, not this script's)."""
+  import subprocess
+
+  import jaxprune
+  root = os.path.dirname(os.path.dirname(os.path.abspath(jaxprune.__file__)))
+  r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
+  return r.stdout.strip() or None
 
 
 def run(out_path: str, only) -> None:
@@ -136,7 +146,7 @@ def compare(a_path: str, b_path: str, report: str | None) -> int:
         max(rel.values()) <= RTOL
     bad += not ok
     q = recorded.get(k, {})
-    out.append({"row": k, "ok": ok, "modules_differing": modules, "params": [ra["params"], rb["params"]],
+    out.append({"row": k, "ok": ok, "commits": [ra.get("commit"), rb.get("commit")], "modules_differing": modules, "params": [ra["params"], rb["params"]],
                 "perplexity_before": ra["perplexity"], "perplexity_after": rb["perplexity"], "relative_difference": rel,
                 "quality_json": {"wikitext2": q.get("perplexity"), "shakespeare": q.get("shakespeare_perplexity"),
                                  "commit": q.get("commit")},
