@@ -170,3 +170,18 @@ def test_unknown_model_type_in_the_cli_is_one_line(tiny_dir, tmp_path):
   r = run_cli("inspect", str(d))
   assert_one_line_error(r, "model_type 'bert' is not supported", "llama, mistral, qwen2, gpt2")
   assert_intact(before)
+
+
+def test_families_import_only_errors_and_each_other():
+  """The registry sits below everything that reads it (spec, models, io), so it can never close an import
+  cycle: its files import nothing of jaxprune but `errors` and one another, at any depth of a function."""
+  root = os.path.dirname(families.__file__)
+  for name in sorted(os.listdir(root)):
+    if not name.endswith(".py"):
+      continue
+    with open(os.path.join(root, name)) as f:
+      tree = ast.parse(f.read())
+    mods = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    inner = [m for m in mods if m.split(".")[0] == "jaxprune"]
+    assert all(m == "jaxprune.errors" or m.startswith("jaxprune.families") for m in inner), (name, inner)

@@ -48,7 +48,7 @@ import numpy as np
 from jaxprune import families
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
-from jaxprune.io.decilm import decilm_target, ship_config_code
+from jaxprune.io.decilm import MODEL_TYPE as DECILM_MODEL_TYPE, decilm_target, ship_config_code
 from jaxprune.io.hf_target import HFTarget, hf_problems, hf_target
 from jaxprune.io.lazy import is_lazy
 from jaxprune.io.layout import DTYPES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, cast_finite, parse_dtype
@@ -85,7 +85,7 @@ class ExportInfo:
   def loader(self) -> str:
     if self.format != "hf":
       return "jaxprune.load"
-    if self.model_type == "nemotron-nas":
+    if self.model_type == DECILM_MODEL_TYPE:
       return "vllm serve PATH --trust-remote-code (DeciLMForCausalLM), or jaxprune.load"
     if self.stock:
       return "transformers.AutoModelForCausalLM.from_pretrained"

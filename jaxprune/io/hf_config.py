@@ -123,7 +123,7 @@ def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
 
 
 def _llama_spec(fam: Family, cfg: Mapping[str, Any]) -> ModelSpec:
-
+  """The spec of a config with LLaMA's keys (hidden_size, num_attention_heads, ...)."""
   n_layers = int(cfg["num_hidden_layers"])
   D = int(cfg["hidden_size"])
   N0 = int(cfg["num_attention_heads"])
@@ -167,6 +167,7 @@ def _token_id(v):
 
 
 def _gpt2_spec(fam: Family, cfg: Mapping[str, Any]) -> ModelSpec:
+  """The spec of a config with GPT-2's keys (n_embd, n_head, ...)."""
   if cfg.get("scale_attn_by_inverse_layer_idx"):
     _refuse("scale_attn_by_inverse_layer_idx", True, "False")
   if cfg.get("scale_attn_weights") is False:
