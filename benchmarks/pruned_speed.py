@@ -3,7 +3,7 @@
 One run measures everything and writes JSON (default benchmarks/results/pruned_speed.json):
 for the dense model and each sparsity, tokens/s of a full forward pass (logits
 included) in JAX (`jaxprune.logits`) and in PyTorch (the exported directory
-loaded by `jaxprune.torch.load_pruned`, which is stock transformers for plain
+loaded by `jaxprune.pytorch.load_pruned`, which is stock transformers for plain
 configs), the speedups over dense, parameter counts and the logit difference
 between the two frameworks on the timed batch.
 
@@ -86,7 +86,7 @@ class Candidate:
   def __init__(self, name: str, sparsity: float, model: Model, tokens: np.ndarray, workdir: str):
     import torch
 
-    from jaxprune.torch import count_parameters, load_pruned
+    from jaxprune.pytorch import count_parameters, load_pruned
 
     self.name, self.sparsity, self.model, self.tokens = name, sparsity, model, tokens
     info = save_hf(model, os.path.join(workdir, name), dtype="float32", tokenizer=False)

@@ -20,40 +20,17 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxprune import families
 from jaxprune.errors import ConfigError, ShapeError
+from jaxprune.families.base import Family
 
 Params = dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class FamilySpec:
-  """What a family of checkpoints computes, independent of its sizes."""
-
-  name: str
-  norm: str  # "rms" | "layer"
-  act: str  # default activation: "silu" | "gelu_tanh" | "gelu"
-  gated_mlp: bool
-  positions: str  # "rope" | "learned"
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "llama": FamilySpec("llama", norm="rms", act="silu", gated_mlp=True, positions="rope"),
-    "mistral": FamilySpec("mistral", norm="rms", act="silu", gated_mlp=True, positions="rope"),
-    "qwen2": FamilySpec("qwen2", norm="rms", act="silu", gated_mlp=True, positions="rope"),
-    "gpt2": FamilySpec("gpt2", norm="layer", act="gelu_tanh", gated_mlp=False, positions="learned"),
-}
-
+# Every family jaxprune knows, by name (a read-only view of the registry in jaxprune.families).
+FAMILIES = families.REGISTRY
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-
-
-def family(name: str) -> FamilySpec:
-  try:
-    return FAMILIES[name]
-  except KeyError:
-    raise ConfigError(
-        f"model family {name!r} is not supported; supported families: "
-        f"{', '.join(sorted(FAMILIES))}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +145,7 @@ class ModelSpec:
   eos_token_id: int | None = None
 
   def __post_init__(self):
-    fam = family(self.family)
+    fam = families.get(self.family)
     if self.act is None:
       object.__setattr__(self, "act", fam.act)
     if self.act not in ACTIVATIONS:
@@ -181,8 +158,8 @@ class ModelSpec:
       raise ConfigError(f"family {self.family!r} uses {fam.positions} positions; rope={self.rope!r} does not fit")
 
   @property
-  def fam(self) -> FamilySpec:
-    return FAMILIES[self.family]
+  def fam(self) -> Family:
+    return families.get(self.family)
 
   @property
   def num_layers(self) -> int:

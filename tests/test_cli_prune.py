@@ -64,7 +64,7 @@ def test_prune_writes_a_loadable_model_and_a_report(capsys, model_dir, texts, tm
   windows = np.zeros((8, 16), np.int32) + np.arange(16, dtype=np.int32)
   scale = float(np.abs(np.asarray(logits(pruned.spec, pruned.params, windows))).max())
   import torch
-  from jaxprune.torch import load_pruned
+  from jaxprune.pytorch import load_pruned
 
   pruned64 = load_pruned(str(out), dtype=torch.float64, attn_implementation="eager")
   bound = nll_bound(2 * forward_bound(pruned64, windows), 1, pruned.spec.vocab_size, scale)

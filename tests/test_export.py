@@ -15,21 +15,21 @@ import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune import cli
+from jaxprune import cli, families
 from jaxprune.errors import CheckpointError, ConfigError, UsageError
 from jaxprune.io import export as export_mod
 from jaxprune.io.atomic import atomic_dir, write_json
 from jaxprune.io.export import save_hf
 from jaxprune.io.target import MARKER
 from jaxprune.model import Model
-from jaxprune.spec import FAMILIES, FamilySpec, spec_from_params
+from jaxprune.spec import spec_from_params
 from jaxprune.surgery import prune_model
 from tests import tiny
 from tests.numerics import sensitivity
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from jaxprune.torch import count_parameters, load_pruned, native_support  # noqa: E402
+from jaxprune.pytorch import count_parameters, load_pruned, native_support  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, tiny.VOCAB, (2, 16))  # longer than mistral's window of 8
 
@@ -344,8 +344,10 @@ def test_mistral_window_with_bias_refused(models, tmp_path):
 
 
 def test_unsupported_family_refused(models, monkeypatch, tmp_path):
-  monkeypatch.setitem(FAMILIES, "gemma", FamilySpec("gemma", norm="rms", act="gelu_tanh", gated_mlp=True,
-                                                   positions="rope"))
+  # A family jaxprune computes but has no tensor table or transformers class for.
+  gemma = dataclasses.replace(families.get("llama"), name="gemma", model_type="gemma", act="gelu_tanh",
+                              architectures=(), table=None)
+  monkeypatch.setitem(families._REGISTRY, "gemma", gemma)
   base = models("llama_gqa")
   model = Model(dataclasses.replace(base.spec, family="gemma"), base.params)
   out = str(tmp_path / "g")

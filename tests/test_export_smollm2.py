@@ -3,7 +3,7 @@
 Pruned models come from `jaxprune.surgery` with a fixed keep rule: the same
 sizes in every layer (a plain config for stock transformers) or sizes that vary
 by layer (per_layer_config, loaded by stock transformers with the modeling file the
-export ships, `trust_remote_code=True`, or by `jaxprune.torch.load_pruned`).
+export ships, `trust_remote_code=True`, or by `jaxprune.pytorch.load_pruned`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.numerics import assert_within, gamma, sensitivity
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from jaxprune.torch import count_parameters, load_pruned  # noqa: E402
+from jaxprune.pytorch import count_parameters, load_pruned  # noqa: E402
 
 pytestmark = pytest.mark.smollm2
 

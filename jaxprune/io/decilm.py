@@ -21,11 +21,11 @@ import os
 import shutil
 
 from jaxprune.errors import ConfigError
+from jaxprune.io.hf_target import HFTarget, hf_target
 from jaxprune.spec import ModelSpec
 
 MODEL_TYPE = "nemotron-nas"
 CONFIG_CODE = "configuration_decilm"
-_FAMILIES = ("llama", "mistral")
 # Global LLaMA keys vLLM's DeciLM code reads; the per-layer sizes live in block_configs.
 _GLOBAL_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "hidden_act", "max_position_embeddings",
                 "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id")
@@ -45,7 +45,7 @@ def ffn_mult(width: int, hidden_size: int) -> float | None:
 
 def decilm_problems(spec: ModelSpec) -> list[str]:
   """Why `spec` cannot be written as a DeciLM config (empty when it can)."""
-  if spec.family not in _FAMILIES or spec.sliding_window is not None:
+  if not spec.fam.decilm or spec.sliding_window is not None:
     return [f"DeciLM is LLaMA-only; a {spec.family} model"
             + (f" with sliding_window={spec.sliding_window}" if spec.sliding_window is not None else "")
             + " has no DeciLM form"]
@@ -84,8 +84,6 @@ def _block(layer, hidden_size: int) -> dict:
 def decilm_config(spec: ModelSpec) -> dict | None:
   """config.json for `spec` as DeciLM (`DeciLMForCausalLM`, `nemotron-nas`), or None when it has none
   (`decilm_problems` says why)."""
-  from jaxprune.io.export import hf_target
-
   if decilm_problems(spec):
     return None
   llama = hf_target(spec).config
@@ -102,10 +100,8 @@ def decilm_config(spec: ModelSpec) -> dict | None:
   return cfg
 
 
-def decilm_target(spec: ModelSpec):
+def decilm_target(spec: ModelSpec) -> HFTarget:
   """The `HFTarget` that `save_hf(..., decilm=True)` writes; a one-line ConfigError when there is none."""
-  from jaxprune.io.export import HFTarget
-
   cfg = decilm_config(spec)
   if cfg is None:
     raise ConfigError("this model cannot be written as a DeciLM (nemotron-nas) config: " +

@@ -14,7 +14,7 @@ atomically. Two config forms:
   modeling_jaxprune.py (`modeling_per_layer.py`: the family's own transformers
   class, with every layer rebuilt at its size) and names it in `auto_map`, so
   stock `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
-  loads it; `jaxprune.torch.load_pruned` loads it without running that file.
+  loads it; `jaxprune.pytorch.load_pruned` loads it without running that file.
   GPT-2 with pruned heads always takes this form (GPT-2 derives head_dim from
   n_embd/n_head), and so does LLaMA when the head count does not divide
   hidden_size (LlamaConfig's validator insists on it).
@@ -33,7 +33,6 @@ is exact).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -46,47 +45,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import families
 from jaxprune.errors import ConfigError, JaxpruneError, UsageError
 from jaxprune.io.atomic import atomic_dir, check_target, dump_json
-from jaxprune.io.decilm import decilm_target, ship_config_code
+from jaxprune.io.decilm import MODEL_TYPE as DECILM_MODEL_TYPE, decilm_target, ship_config_code
+from jaxprune.io.hf_target import HFTarget, hf_problems, hf_target
 from jaxprune.io.lazy import is_lazy
-from jaxprune.io.layout import DTYPES, REMOTE_CLASSES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, cast_finite, parse_dtype
+from jaxprune.io.layout import DTYPES, REMOTE_CODE, SPEC_FILE, SPEC_FORMAT, cast_finite, parse_dtype
 from jaxprune.io.locate import load_tokenizer
-from jaxprune.io.mapping import TABLES, block_to_tensors, top_to_tensors
+from jaxprune.io.mapping import block_to_tensors, top_to_tensors
 from jaxprune.io.remote_code import save_tokenizer
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, Params
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
-_LLAMA_ACTS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
-_GPT2_ACTS = {"silu": "silu", "gelu_tanh": "gelu_new", "gelu": "gelu"}
 DEFAULT_SHARD_SIZE = 5 * 10**9
 # Without one of these, transformers may build an empty tokenizer from config.json alone.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
-
-
-@dataclasses.dataclass(frozen=True)
-class HFTarget:
-  """How a `ModelSpec` is written for transformers.
-
-  Attributes:
-    model_type: the transformers model type written to config.json.
-    spec: the spec as transformers sees it: bias flags raised where zeros are padded in.
-    padded: bias groups written as zeros ("qkv", "o", "mlp").
-    config: the config.json dict.
-    per_layer: the config carries `per_layer_config`.
-    stock: stock `AutoModelForCausalLM.from_pretrained` (transformers 5.x) builds it.
-  """
-
-  model_type: str
-  spec: ModelSpec
-  padded: tuple[str, ...]
-  config: dict
-  per_layer: bool
-  stock: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +73,7 @@ class ExportInfo:
   format: str  # "hf" | "jaxprune" (no config.json: JAX-only)
   model_type: str | None
   per_layer: bool
-  stock: bool  # loads with stock transformers; otherwise use jaxprune.torch.load_pruned
+  stock: bool  # loads with stock transformers; otherwise use jaxprune.pytorch.load_pruned
   dtype: str
   num_params: int  # parameters of the JAX model
   exported_params: int  # parameters in the written weights (a tied embedding counted once)
@@ -109,184 +85,16 @@ class ExportInfo:
   def loader(self) -> str:
     if self.format != "hf":
       return "jaxprune.load"
-    if self.model_type == "nemotron-nas":
+    if self.model_type == DECILM_MODEL_TYPE:
       return "vllm serve PATH --trust-remote-code (DeciLMForCausalLM), or jaxprune.load"
     if self.stock:
       return "transformers.AutoModelForCausalLM.from_pretrained"
     return ("transformers.AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True) or "
-            "jaxprune.torch.load_pruned")
+            "jaxprune.pytorch.load_pruned")
 
 
 # --------------------------------------------------------------------------
-# What transformers can express.
-
-
-def _mode(values):
-  """Most common value; ties go to the one seen first."""
-  return collections.Counter(values).most_common(1)[0][0]
-
-
-def _layer_key(i: int, n: int) -> str:
-  """Zero-padded layer index, as transformers writes per_layer_config keys."""
-  return str(i).zfill(len(str(n - 1)))
-
-
-def _bias_plan(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
-  """The model type to write and the bias flags it implies for each group."""
-  fam = spec.family
-  has = {"qkv": spec.qkv_bias, "o": spec.o_bias, "mlp": spec.mlp_bias}
-  if fam == "gpt2":
-    return "gpt2", {"qkv": True, "o": True, "mlp": True}
-  if fam == "qwen2" and not (spec.o_bias or spec.mlp_bias):
-    return "qwen2", {"qkv": True, "o": False, "mlp": False}
-  if fam == "mistral" and not any(has.values()):
-    return "mistral", dict(has)
-  if spec.sliding_window is not None:
-    if fam == "mistral":
-      raise ConfigError(
-          f"this mistral model has biases ({', '.join(k for k, v in has.items() if v)}) that transformers' mistral "
-          f"code cannot hold, and sliding_window={spec.sliding_window} that its llama code cannot express, so no "
-          "transformers family computes it (prune without an intercept to keep it exportable)")
-    raise ConfigError(f"a {fam} model with sliding_window={spec.sliding_window} has no transformers config; only "
-                      "mistral configs (without biases) express a sliding window")
-  attn = spec.qkv_bias or spec.o_bias
-  return "llama", {"qkv": attn, "o": attn, "mlp": spec.mlp_bias}
-
-
-def hf_problems(spec: ModelSpec) -> list[str]:
-  """Why `spec` cannot be written as a transformers config (empty when it can)."""
-  if spec.family not in ARCHITECTURES or spec.family not in TABLES:
-    return [f"family {spec.family!r} has no transformers export; supported: {', '.join(sorted(ARCHITECTURES))}"]
-  problems = []
-  uneven = [i for i, l in enumerate(spec.layers) if l.canonical().kv_map is not None]
-  if uneven:
-    problems.append(f"layers {uneven} have uneven query-to-KV groups, which transformers configs cannot express")
-  head_dims = sorted({l.head_dim for l in spec.layers})
-  if len(head_dims) > 1:
-    problems.append(f"layers have different head_dim {head_dims}; transformers computes one rotary table (or one "
-                    "attention split) for all layers")
-  if spec.family == "gpt2" and spec.hidden_size % head_dims[0]:
-    problems.append(f"GPT-2 derives head_dim from n_embd/n_head, but head_dim {head_dims[0]} does not divide "
-                    f"n_embd {spec.hidden_size}")
-  try:
-    _bias_plan(spec)
-  except ConfigError as e:
-    problems.append(str(e))
-  return problems
-
-
-def _per_layer_config(spec: ModelSpec, base: dict, groups) -> dict[str, dict]:
-  """{layer key: overrides} for the layers whose sizes differ from the global config `base`.
-
-  `groups(layer)` gives dicts of config keys that go together (a layer states
-  both head counts when either differs).
-  """
-  out = {}
-  for i, l in enumerate(spec.layers):
-    over = {}
-    for g in groups(l):
-      if any(base[k] != v for k, v in g.items()):
-        over.update(g)
-    if over:
-      out[_layer_key(i, spec.num_layers)] = over
-  return out
-
-
-def _llama_config(spec: ModelSpec, model_type: str, flags: dict[str, bool]) -> tuple[dict, bool]:
-  n, D, H = spec.num_layers, spec.hidden_size, spec.layers[0].head_dim
-  heads = [(l.num_heads, l.num_kv_heads) for l in spec.layers]
-  N, K = _mode(heads)
-  F = _mode([l.ffn_dim for l in spec.layers])
-  # transformers 5.x's LlamaConfig insists that num_attention_heads divides hidden_size, although the model uses
-  # the explicit head_dim. When the common head count does not, the global count is one that does (the heads of
-  # width head_dim that fill hidden_size), and every layer states its own count.
-  if model_type == "llama" and D % N:
-    N = K = D // H if D % H == 0 else 1
-  rope = spec.rope
-  rope_params = {"rope_type": rope.kind, "rope_theta": float(rope.theta)}
-  if rope.kind in ("linear", "llama3"):
-    rope_params["factor"] = float(rope.factor)
-  if rope.kind == "llama3":
-    rope_params.update(low_freq_factor=float(rope.low_freq_factor), high_freq_factor=float(rope.high_freq_factor),
-                       original_max_position_embeddings=int(rope.original_max_positions))
-  cfg = {
-      "architectures": [ARCHITECTURES[model_type]],
-      "model_type": model_type,
-      "vocab_size": spec.vocab_size,
-      "hidden_size": D,
-      "num_hidden_layers": n,
-      "num_attention_heads": N,
-      "num_key_value_heads": K,
-      "head_dim": H,
-      "intermediate_size": F,
-      "hidden_act": _LLAMA_ACTS[spec.act],
-      "max_position_embeddings": spec.max_positions,
-      "rms_norm_eps": float(spec.norm_eps),
-      "rope_parameters": rope_params,
-      "tie_word_embeddings": spec.tie_embeddings,
-      "bos_token_id": spec.bos_token_id,
-      "eos_token_id": spec.eos_token_id,
-  }
-  if model_type == "llama":
-    cfg.update(attention_bias=flags["qkv"], mlp_bias=flags["mlp"])
-  elif model_type == "mistral":
-    cfg["sliding_window"] = spec.sliding_window
-  elif model_type == "qwen2":
-    cfg.update(use_sliding_window=False, sliding_window=None)
-  per_layer = _per_layer_config(spec, cfg, lambda l: (
-      {"num_attention_heads": l.num_heads, "num_key_value_heads": l.num_kv_heads}, {"intermediate_size": l.ffn_dim}))
-  if per_layer:
-    cfg["per_layer_config"] = per_layer
-    if model_type == "llama" and any("num_attention_heads" in v for v in per_layer.values()):
-      # LlamaConfig's validator reads the global num_attention_heads, which a heterogeneous config refuses to
-      # give unless this documented switch is on; without it AutoConfig (hence AutoTokenizer) cannot read the
-      # directory. Building the model from the global sizes still fails loudly (a size mismatch), as it should.
-      cfg["allow_global_per_layer_attribute_access"] = True
-  return cfg, not per_layer
-
-
-def _gpt2_config(spec: ModelSpec) -> tuple[dict, bool]:
-  n = spec.num_layers
-  H = spec.layers[0].head_dim
-  N = spec.hidden_size // H  # GPT-2 splits n_embd into n_head heads: keep the original head count
-  F = _mode([l.ffn_dim for l in spec.layers])
-  cfg = {
-      "architectures": [ARCHITECTURES["gpt2"]],
-      "model_type": "gpt2",
-      "vocab_size": spec.vocab_size,
-      "n_embd": spec.hidden_size,
-      "n_layer": n,
-      "n_head": N,
-      "n_inner": F,
-      "n_positions": spec.max_positions,
-      "layer_norm_epsilon": float(spec.norm_eps),
-      "activation_function": _GPT2_ACTS[spec.act],
-      "tie_word_embeddings": spec.tie_embeddings,
-      "bos_token_id": spec.bos_token_id,
-      "eos_token_id": spec.eos_token_id,
-  }
-  per_layer = _per_layer_config(spec, cfg, lambda l: ({"n_head": l.num_heads}, {"n_inner": l.ffn_dim}))
-  if per_layer:
-    cfg["per_layer_config"] = per_layer
-  return cfg, not per_layer
-
-
-def hf_target(spec: ModelSpec) -> HFTarget:
-  """The transformers form of `spec`; raises ConfigError when there is none."""
-  problems = hf_problems(spec)
-  if problems:
-    raise ConfigError(
-        "this model cannot be written as a Hugging Face checkpoint: " + "; ".join(problems) +
-        ". Export it for JAX only with jax_only=True (CLI: --format jaxprune or --format orbax)")
-  model_type, flags = _bias_plan(spec)
-  padded = tuple(g for g, have in (("qkv", spec.qkv_bias), ("o", spec.o_bias), ("mlp", spec.mlp_bias))
-                 if flags[g] and not have)
-  hf_spec = dataclasses.replace(spec, qkv_bias=flags["qkv"], o_bias=flags["o"], mlp_bias=flags["mlp"])
-  if model_type == "gpt2":
-    cfg, stock = _gpt2_config(hf_spec)
-  else:
-    cfg, stock = _llama_config(hf_spec, model_type, flags)
-  return HFTarget(model_type, hf_spec, padded, cfg, "per_layer_config" in cfg, stock)
+# Zero biases a target family requires.
 
 
 _BIAS_LEAVES = {
@@ -428,8 +236,8 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
 
   spec = model.spec
   final = check_target(out, force)  # fail before any work when the output exists
-  if spec.family not in TABLES:
-    raise ConfigError(f"family {spec.family!r} cannot be exported; supported: {', '.join(sorted(TABLES))}")
+  if spec.family not in families.exportable():
+    raise ConfigError(f"family {spec.family!r} cannot be exported; supported: {', '.join(families.exportable())}")
   if dtype is None:
     dtypes = sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(model.params)})
     dtype = dtypes[0] if len(dtypes) == 1 else "float32"
@@ -468,7 +276,8 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
         shutil.copyfile(os.path.join(os.path.dirname(__file__), "modeling_per_layer.py"),
                         os.path.join(tmp, REMOTE_CODE + ".py"))
         files.append(REMOTE_CODE + ".py")
-        cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE}.{REMOTE_CLASSES[target.model_type]}"}
+        remote = families.for_model_type(target.model_type).remote_class
+        cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE}.{remote}"}
       if decilm:
         files.append(ship_config_code(tmp))
       dump_json(os.path.join(tmp, "config.json"), cfg)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxprune import families
 from jaxprune.errors import CheckpointError, ConfigError
 from jaxprune.io.hf import to_device
 from jaxprune.io.hf_config import spec_from_hf_config
@@ -28,29 +29,11 @@ from jaxprune.io.mapping import tensors_to_params
 from jaxprune.model import Model
 from jaxprune.spec import check_params
 
-SUPPORTED_ARCHS = ("llama",)
+# GGUF files are read as LLaMA: llama.cpp's `llama` architecture is its layout, under llama.cpp's tensor names.
+_FAMILY = families.get("llama")
+SUPPORTED_ARCHS = (_FAMILY.gguf_arch,)
 GGUF_VERSIONS = (2, 3)
 
-_TOP = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 # GGUF metadata value types with a fixed width: type id -> struct format.
@@ -193,7 +176,7 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
     vocab = _meta({"tokenizer.ggml.tokens": len(reader.fields.get("tokenizer.ggml.tokens", ()))},
                   "tokenizer.ggml.tokens", None, path)
   cfg = {
-      "model_type": "llama",
+      "model_type": _FAMILY.model_type,
       "vocab_size": n("vocab_size", vocab),
       "hidden_size": hidden,
       "intermediate_size": n("feed_forward_length"),
@@ -256,16 +239,17 @@ def _dequantize(t: GGUFTensor, path: str) -> np.ndarray:
 
 def _hf_names(reader: GGUFFile, path: str = "") -> dict[str, GGUFTensor]:
   """Hugging Face key -> the GGUF tensor holding it."""
+  top, block = _FAMILY.gguf_top, _FAMILY.gguf_block
   out = {}
   for t in reader.tensors:
     m = _BLOCK_RE.fullmatch(t.name)
-    if m and m.group(2) in _BLOCK:
-      key = f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
-    elif t.name in _TOP:
-      key = _TOP[t.name]
+    if m and m.group(2) in block:
+      key = _FAMILY.table.block_prefix.format(i=m.group(1)) + block[m.group(2)]
+    elif t.name in top:
+      key = top[t.name]
     else:
-      raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a llama model; expected only "
-                            f"{', '.join(_TOP)} and blk.N.{{{', '.join(_BLOCK)}}}")
+      raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a {_FAMILY.name} model; expected only "
+                            f"{', '.join(top)} and blk.N.{{{', '.join(block)}}}")
     out[key] = t
   return out
 

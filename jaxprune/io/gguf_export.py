@@ -28,14 +28,15 @@ as f16.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
 import numpy as np
 
+from jaxprune import families
 from jaxprune.errors import ConfigError, UsageError
 from jaxprune.io.atomic import check_target, write_file
-from jaxprune.io.gguf import _BLOCK, _TOP
 from jaxprune.io.gguf_vocab import tokenizer_fields
 from jaxprune.io.mapping import block_to_tensors, top_to_tensors
 from jaxprune.model import Model
@@ -46,11 +47,9 @@ log = logging.getLogger(__name__)
 TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0")
 # jaxprune's dtype names (`--dtype` of the other formats) mean the same GGUF tensor types.
 DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-FAMILY_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-# The reader's table plus the MLP biases an intercept adds (llama.cpp's llama and deci read them; the reader's
-# llama models never have them).
-_GGUF_NAMES = {**{hf: g for g, hf in _TOP.items()}, **{hf: g for g, hf in _BLOCK.items()},
-               **{f"mlp.{p}_proj.bias": f"ffn_{p}.bias" for p in ("gate", "up", "down")}}
+# The MLP biases an intercept adds, beyond the names the reader knows (llama.cpp's llama and deci read them; the
+# models the reader loads never have them).
+_MLP_BIASES = {f"mlp.{p}_proj.bias": f"ffn_{p}.bias" for p in ("gate", "up", "down")}
 _Q8_BLOCK = 32
 
 
@@ -81,8 +80,9 @@ def tensor_type(dtype: str | None) -> str:
 
 def gguf_problems(spec: ModelSpec) -> list[str]:
   """Why llama.cpp cannot run `spec` as jaxprune writes it (empty when it can)."""
-  if spec.family not in FAMILY_ARCH:
-    return [f"family {spec.family!r} has no GGUF export; supported: {', '.join(sorted(FAMILY_ARCH))}"]
+  if spec.fam.gguf_arch is None:
+    writable = sorted(f.name for f in families.REGISTRY.values() if f.gguf_arch is not None)
+    return [f"family {spec.family!r} has no GGUF export; supported: {', '.join(writable)}"]
   problems = []
   uneven = [i for i, l in enumerate(spec.layers) if l.canonical().kv_map is not None]
   if uneven:
@@ -106,7 +106,7 @@ def architecture(spec: ModelSpec) -> str:
   """llama.cpp's architecture for `spec` (see the module docstring)."""
   if not spec.uniform:
     return "deci"
-  arch = FAMILY_ARCH[spec.family]
+  arch = spec.fam.gguf_arch
   layer = spec.layers[0]
   if arch == "qwen2" and (layer.num_heads * layer.head_dim != spec.hidden_size or spec.o_bias or spec.mlp_bias):
     return "llama"
@@ -119,12 +119,20 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_name(hf: str) -> str:
-  """GGUF name of a Hugging Face key (`model.layers.{i}.x` -> `blk.{i}.y`)."""
-  if hf in _GGUF_NAMES:
-    return _GGUF_NAMES[hf]
+@functools.cache
+def _gguf_names(family: str) -> dict[str, str]:
+  """Hugging Face name -> GGUF name, for the top tensors and (unprefixed) block tensors of `family`."""
+  fam = families.get(family)
+  return {**{hf: g for g, hf in fam.gguf_top.items()}, **{hf: g for g, hf in fam.gguf_block.items()}, **_MLP_BIASES}
+
+
+def gguf_name(hf: str, family: str = "llama") -> str:
+  """GGUF name of a Hugging Face key (`model.layers.{i}.x` -> `blk.{i}.y`) of a model of `family`."""
+  names = _gguf_names(family)
+  if hf in names:
+    return names[hf]
   _, _, i, rest = hf.split(".", 3)
-  return f"blk.{i}.{_GGUF_NAMES[rest]}"
+  return f"blk.{i}.{names[rest]}"
 
 
 def _block_tensors(spec: ModelSpec, i: int, block, permute: bool):
@@ -134,7 +142,7 @@ def _block_tensors(spec: ModelSpec, i: int, block, permute: bool):
     w = np.ascontiguousarray(w, np.float32)  # transposed views: the quantizers and the writer want rows
     if hf.endswith(".bias") and not np.any(w):
       continue
-    name = gguf_name(hf)
+    name = gguf_name(hf, spec.family)
     if permute and ".attn_q." in name:
       w = permute_rows(w, layer.num_heads)
     elif permute and ".attn_k." in name:
@@ -146,7 +154,7 @@ def model_tensors(model: Model, arch: str):
   """(GGUF name, float32 array in Hugging Face's [out, in] order) of every tensor, one block at a time."""
   spec = model.spec
   for hf, w in top_to_tensors(spec, model.params).items():
-    yield gguf_name(hf), np.ascontiguousarray(w, np.float32)
+    yield gguf_name(hf, spec.family), np.ascontiguousarray(w, np.float32)
   for i in range(spec.num_layers):
     yield from _block_tensors(spec, i, model.params["layers"][i], permute=arch != "qwen2")
 

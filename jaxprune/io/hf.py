@@ -20,7 +20,7 @@ import numpy as np
 from jaxprune.errors import CheckpointError
 from jaxprune.io.layout import SPEC_FILE
 from jaxprune.io.hf_config import spec_from_hf_config
-from jaxprune.io.mapping import TABLES, normalize_keys, tensors_to_params, untie_distinct_head
+from jaxprune.io.mapping import normalize_keys, table, tensors_to_params, untie_distinct_head
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec, check_params
 
@@ -184,7 +184,7 @@ def load_hf(path: str, dtype=np.float32, lazy: bool = False) -> Model:
     if lazy_io.can_stream(files):
       return lazy_io.lazy_model(spec, *lazy_io.safetensors_reader(files), path, dtype,
                                 view=lazy_io.safetensors_views(files))
-  tensors = normalize_keys(TABLES[spec.family], read_tensors(files))
+  tensors = normalize_keys(table(spec), read_tensors(files))
   spec = untie_distinct_head(spec, tensors, tensors.__getitem__, path)
   params = tensors_to_params(spec, tensors, source=path)
   check_params(spec, params)

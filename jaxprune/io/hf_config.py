@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from jaxprune.io.layout import REMOTE_CLASSES, REMOTE_CODE
+from jaxprune import families
 from jaxprune.errors import ConfigError
+from jaxprune.families.base import ConfigLayout, Family, Sliding
+from jaxprune.io.layout import REMOTE_CODE
 from jaxprune.spec import LayerSpec, ModelSpec, RopeSpec
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
-SUPPORTED_ACTS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                  "gelu": "gelu"}
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 # Keys any checkpoint may carry that do not change the forward pass.
@@ -44,7 +43,7 @@ def _get(cfg: Mapping[str, Any], key: str, default=None):
 def _own_auto_map(cfg: Mapping[str, Any]) -> bool:
   """Whether `auto_map` names only the per-layer classes jaxprune's exports ship (which change
   no computation: they build every layer at the sizes per_layer_config states)."""
-  own = {f"{REMOTE_CODE}.{c}" for c in REMOTE_CLASSES.values()}
+  own = {f"{REMOTE_CODE}.{f.remote_class}" for f in families.REGISTRY.values()}
   m = cfg.get("auto_map")
   return isinstance(m, dict) and set(m) == {"AutoModelForCausalLM"} and m["AutoModelForCausalLM"] in own
 
@@ -52,9 +51,10 @@ def _own_auto_map(cfg: Mapping[str, Any]) -> bool:
 def _check_keys(cfg: Mapping[str, Any]) -> None:
   unknown = sorted(k for k in cfg if k not in _HARMLESS and not (k == "auto_map" and _own_auto_map(cfg)))
   if unknown:
+    *rest, last = (f.model_type for f in families.REGISTRY.values())
     raise ConfigError(
         f"config keys {unknown} are not understood by jaxprune, which will not guess what they change. "
-        "Supported keys are the standard ones of llama, mistral, qwen2 and gpt2 configs; if these keys are harmless "
+        f"Supported keys are the standard ones of {', '.join(rest)} and {last} configs; if these keys are harmless "
         "for your checkpoint, remove them from config.json.")
 
 
@@ -82,19 +82,23 @@ def _rope(cfg: Mapping[str, Any]) -> RopeSpec:
                   original_max_positions=int(params["original_max_position_embeddings"]))
 
 
-def _act(name: str) -> str:
-  if name not in SUPPORTED_ACTS:
-    _refuse("hidden_act", name, ", ".join(SUPPORTED_ACTS))
-  return SUPPORTED_ACTS[name]
+def _act(fam: Family, cfg: Mapping[str, Any]) -> str:
+  name = _get(cfg, fam.act_key, fam.act_to_hf[fam.act])
+  if name not in fam.act_from_hf:
+    _refuse("hidden_act", name, ", ".join(fam.act_from_hf))
+  return fam.act_from_hf[name]
 
 
-# GPT-2 configs name these sizes n_head and n_inner; per-layer overrides use the names the modeling code reads.
-_GPT2_ALIASES = {"n_head": "num_attention_heads", "n_inner": "intermediate_size"}
+def _biases(fam: Family, cfg: Mapping[str, Any]) -> dict[str, bool]:
+  """qkv_bias, o_bias and mlp_bias: the family's fixed ones, and those its config's switches turn on."""
+  attn = bool(cfg.get("attention_bias", False))
+  on = {"qkv": attn and "qkv" in fam.attention_bias_groups, "o": attn and "o" in fam.attention_bias_groups,
+        "mlp": bool(cfg.get("mlp_bias", False))}
+  return {f"{g}_bias": g in fam.fixed_biases or on[g] for g in ("qkv", "o", "mlp")}
 
 
-def _per_layer(cfg: Mapping[str, Any], n_layers: int, aliases: Mapping[str, str] | None = None) -> list[dict]:
+def _per_layer(cfg: Mapping[str, Any], n_layers: int, aliases: Mapping[str, str]) -> list[dict]:
   overrides = cfg.get("per_layer_config") or {}
-  aliases = aliases or {}
   out = [{} for _ in range(n_layers)]
   for k, v in overrides.items():
     i = int(k)
@@ -103,23 +107,23 @@ def _per_layer(cfg: Mapping[str, Any], n_layers: int, aliases: Mapping[str, str]
     v = {aliases.get(name, name): value for name, value in v.items()}
     bad = sorted(set(v) - {"num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"})
     if bad:
+      named = f" ({', '.join(aliases)})" if aliases else ""
       raise ConfigError(
           f"per_layer_config[{k}] overrides {bad}; jaxprune supports per-layer num_attention_heads, "
-          f"num_key_value_heads, head_dim and intermediate_size{' (n_head, n_inner)' if aliases else ''}")
+          f"num_key_value_heads, head_dim and intermediate_size{named}")
     out[i] = dict(v)
   return out
 
 
 def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
   """ModelSpec for a Hugging Face config dict (as in config.json)."""
-  model_type = cfg.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ConfigError(
-        f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  fam = families.for_model_type(cfg.get("model_type"))
   _check_keys(cfg)
-  if model_type == "gpt2":
-    return _gpt2_spec(cfg)
+  return _SPEC_READERS[fam.config_layout](fam, cfg)
 
+
+def _llama_spec(fam: Family, cfg: Mapping[str, Any]) -> ModelSpec:
+  """The spec of a config with LLaMA's keys (hidden_size, num_attention_heads, ...)."""
   n_layers = int(cfg["num_hidden_layers"])
   D = int(cfg["hidden_size"])
   N0 = int(cfg["num_attention_heads"])
@@ -127,33 +131,30 @@ def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
   H0 = int(_get(cfg, "head_dim", D // N0))
   F0 = int(cfg["intermediate_size"])
   layers = []
-  for over in _per_layer(cfg, n_layers):
+  for over in _per_layer(cfg, n_layers, fam.layer_aliases):
     N = int(over.get("num_attention_heads", N0))
     layers.append(LayerSpec(N, int(over.get("num_key_value_heads", K0)), int(over.get("head_dim", H0)),
                             int(over.get("intermediate_size", F0))))
 
   sliding = None
-  if model_type == "mistral":
+  if fam.sliding == Sliding.READ:
     sliding = cfg.get("sliding_window")
-  elif model_type == "qwen2":
+  elif fam.sliding == Sliding.REFUSE:
     types = cfg.get("layer_types") or []
     if cfg.get("use_sliding_window") or "sliding_attention" in types:
       _refuse("use_sliding_window", True, "False (full attention in every layer)")
-  attn_bias = bool(cfg.get("attention_bias", False))
   return ModelSpec(
-      family=model_type,
+      family=fam.name,
       vocab_size=int(cfg["vocab_size"]),
       hidden_size=D,
       layers=tuple(layers),
       norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
       max_positions=int(_get(cfg, "max_position_embeddings", 2048)),
-      tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+      tie_embeddings=bool(_get(cfg, "tie_word_embeddings", fam.tie_default)),
       rope=_rope(cfg),
       sliding_window=int(sliding) if sliding is not None else None,
-      qkv_bias=True if model_type == "qwen2" else attn_bias,
-      o_bias=attn_bias if model_type == "llama" else False,
-      mlp_bias=bool(cfg.get("mlp_bias", False)),
-      act=_act(_get(cfg, "hidden_act", "silu")),
+      **_biases(fam, cfg),
+      act=_act(fam, cfg),
       bos_token_id=_token_id(cfg.get("bos_token_id")),
       eos_token_id=_token_id(cfg.get("eos_token_id")),
   )
@@ -165,7 +166,8 @@ def _token_id(v):
   return None if v is None else int(v)
 
 
-def _gpt2_spec(cfg: Mapping[str, Any]) -> ModelSpec:
+def _gpt2_spec(fam: Family, cfg: Mapping[str, Any]) -> ModelSpec:
+  """The spec of a config with GPT-2's keys (n_embd, n_head, ...)."""
   if cfg.get("scale_attn_by_inverse_layer_idx"):
     _refuse("scale_attn_by_inverse_layer_idx", True, "False")
   if cfg.get("scale_attn_weights") is False:
@@ -177,20 +179,23 @@ def _gpt2_spec(cfg: Mapping[str, Any]) -> ModelSpec:
   F = int(_get(cfg, "n_inner", 4 * D))
   n_layers = int(_get(cfg, "n_layer", 12))
   layers = []
-  for over in _per_layer(cfg, n_layers, _GPT2_ALIASES):
+  for over in _per_layer(cfg, n_layers, fam.layer_aliases):
     n = int(over.get("num_attention_heads", N))
     layers.append(LayerSpec(n, n, int(over.get("head_dim", D // N)), int(over.get("intermediate_size", F))))
   return ModelSpec(
-      family="gpt2",
+      family=fam.name,
       vocab_size=int(_get(cfg, "vocab_size", 50257)),
       hidden_size=D,
       layers=tuple(layers),
       norm_eps=float(_get(cfg, "layer_norm_epsilon", 1e-5)),
       max_positions=int(_get(cfg, "n_positions", 1024)),
-      tie_embeddings=bool(_get(cfg, "tie_word_embeddings", True)),
+      tie_embeddings=bool(_get(cfg, "tie_word_embeddings", fam.tie_default)),
       rope=None,
-      qkv_bias=True, o_bias=True, mlp_bias=True,
-      act=_act(_get(cfg, "activation_function", "gelu_new")),
+      **_biases(fam, cfg),
+      act=_act(fam, cfg),
       bos_token_id=_token_id(cfg.get("bos_token_id")),
       eos_token_id=_token_id(cfg.get("eos_token_id")),
   )
+
+
+_SPEC_READERS = {ConfigLayout.LLAMA: _llama_spec, ConfigLayout.GPT2: _gpt2_spec}

@@ -14,11 +14,9 @@ SPEC_FILE = "jaxprune.json"  # the per-layer spec beside the weights
 SPEC_FORMAT = 1
 PARAMS_DIR = "params"  # an Orbax checkpoint's parameter tree
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
-# The modeling file per-layer Hugging Face exports carry (a copy of io/modeling_per_layer.py,
-# named in config.json's auto_map) and its class for each family.
+# The modeling file per-layer Hugging Face exports carry (a copy of io/modeling_per_layer.py, named in
+# config.json's auto_map); each family names its class in it (`Family.remote_class`).
 REMOTE_CODE = "modeling_jaxprune"
-REMOTE_CLASSES = {"llama": "JaxpruneLlamaForCausalLM", "mistral": "JaxpruneMistralForCausalLM",
-                  "qwen2": "JaxpruneQwen2ForCausalLM", "gpt2": "JaxpruneGPT2LMHeadModel"}
 
 
 def parse_dtype(dtype) -> tuple[str, object]:

@@ -162,9 +162,9 @@ def lazy_model(spec: ModelSpec, keys: Sequence[str], get: Callable[[str], np.nda
   `view(hf_key)`, where the format allows it, is the tensor as a view of the file that reads
   only what is indexed (`LazyBlocks.placed`).
   """
-  from jaxprune.io.mapping import TABLES, block_params, check_keys, key_renames, top_params, untie_distinct_head
+  from jaxprune.io.mapping import block_params, check_keys, key_renames, table, top_params, untie_distinct_head
 
-  names = key_renames(TABLES[spec.family], keys)
+  names = key_renames(table(spec), keys)
   original = {v: k for k, v in names.items()}
   read = lambda key: get(original[key])
   spec = untie_distinct_head(spec, original, read, source)

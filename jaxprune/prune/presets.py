@@ -17,7 +17,7 @@ those defaults. This module holds plain data and imports no config, so that
                         before selection. Layers differ in width, so the
                         Hugging Face export is a per-layer config with
                         its modeling file (`from_pretrained(...,
-                        trust_remote_code=True)` or `jaxprune.torch.load_pruned`).
+                        trust_remote_code=True)` or `jaxprune.pytorch.load_pruned`).
                         Each refit also fits half the error the residual
                         stream carries into its module (absorb 0.5), so
                         modules take back what earlier ones lost instead of

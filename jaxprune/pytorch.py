@@ -21,28 +21,17 @@ import copy
 import logging
 import os
 
+from jaxprune import families
 from jaxprune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
-
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
-# Per-layer keys each family's layers understand (aliases map to the config attribute the modeling code reads).
-# Not head_dim: transformers computes one rotary table (LLaMA) or one head split (GPT-2) for all layers.
-_LAYER_KEYS = {
-    "llama": {"num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
-              "intermediate_size": "intermediate_size"},
-    "gpt2": {"n_head": "n_head", "num_attention_heads": "n_head", "n_inner": "n_inner",
-             "intermediate_size": "n_inner"},
-}
-_LAYER_KEYS["mistral"] = _LAYER_KEYS["qwen2"] = _LAYER_KEYS["llama"]
-_EMBED = {"gpt2": "transformer.wte.weight"}
 
 
 def _torch():
   try:
     import torch
   except ImportError:
-    raise ConfigError("jaxprune.torch needs PyTorch; install it (pip install 'jaxprune[torch]', or on CPU "
+    raise ConfigError("jaxprune.pytorch needs PyTorch; install it (pip install 'jaxprune[torch]', or on CPU "
                       "pip install torch first)") from None
   return torch
 
@@ -55,9 +44,10 @@ def _config_dict(path: str) -> dict:
             "load it with jaxprune.load" if os.path.exists(os.path.join(path, "jaxprune.json")) else "")
     raise CheckpointError(f"{path} has no config.json.{hint}")
   cfg = read_json(cfg_path)
-  if cfg.get("model_type") not in FAMILIES:
+  known = [f.model_type for f in families.REGISTRY.values()]
+  if cfg.get("model_type") not in known:
     raise ConfigError(f"model_type {cfg.get('model_type')!r} is not supported by load_pruned; supported: "
-                      f"{', '.join(FAMILIES)}")
+                      f"{', '.join(known)}")
   return cfg
 
 
@@ -87,7 +77,7 @@ def _shapes_match(model, shapes: dict, tied: bool) -> list[str]:
 
 
 def _tied(cfg: dict) -> bool:
-  return bool(cfg.get("tie_word_embeddings", cfg["model_type"] == "gpt2"))  # GPT-2 ties by default
+  return bool(cfg.get("tie_word_embeddings", families.for_model_type(cfg["model_type"]).tie_default))
 
 
 def native_support(path: str) -> bool:
@@ -131,8 +121,8 @@ def _make_config(cls, d: dict):
     return cfg
 
 
-def _layer_config(config, model_type: str, i: int, over: dict):
-  keys = _LAYER_KEYS[model_type]
+def _layer_config(config, fam, i: int, over: dict):
+  keys = fam.layer_keys
   bad = sorted(set(over) - set(keys))
   if bad:
     raise ConfigError(f"per_layer_config[{i}] overrides {bad}; load_pruned supports per-layer {sorted(keys)}")
@@ -176,10 +166,10 @@ def _build(cfg: dict, attn_implementation):
   from transformers import CONFIG_MAPPING, AutoModelForCausalLM
   from transformers.initialization import no_init_weights
 
-  model_type = cfg["model_type"]
+  fam = families.for_model_type(cfg["model_type"])
   overrides = {int(k): dict(v) for k, v in (cfg.get("per_layer_config") or {}).items()}
   base = {k: v for k, v in cfg.items() if k not in ("per_layer_config", "allow_global_per_layer_attribute_access")}
-  config = _make_config(CONFIG_MAPPING[model_type], base)
+  config = _make_config(CONFIG_MAPPING[fam.model_type], base)
   n = config.num_hidden_layers
   bad = sorted(i for i in overrides if not 0 <= i < n)
   if bad:
@@ -188,8 +178,8 @@ def _build(cfg: dict, attn_implementation):
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     config = model.config
     for i, over in sorted(overrides.items()):
-      lc = _layer_config(config, model_type, i, over)
-      if model_type == "gpt2":
+      lc = _layer_config(config, fam, i, over)
+      if fam.head_dim_from_hidden:
         layer = _gpt2_block(config, lc, i)
         model.transformer.h[i] = layer
       else:
@@ -264,7 +254,7 @@ def load_pruned(path: str, *, dtype=None, attn_implementation: str | None = None
                             f"{'; '.join(mismatch[:3])}). Re-export the model")
     sd = _read_state_dict(path)
     if tied and "lm_head.weight" not in sd:
-      sd["lm_head.weight"] = sd[_EMBED.get(cfg["model_type"], "model.embed_tokens.weight")]
+      sd["lm_head.weight"] = sd[families.for_model_type(cfg["model_type"]).embed_tensor]
     model.load_state_dict(sd, strict=True)
     model.jaxprune_loader = "per_layer"
     model = model.to(torch_dtype)
