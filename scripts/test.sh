@@ -8,4 +8,6 @@ bash scripts/setup.sh
 . "${JAXPRUNE_VENV:-.venv}/bin/activate"
 # Whole test files go to a worker (--dist loadfile): a file's module-scoped fixtures
 # (SmolLM2 in JAX and PyTorch, exports) are built once, and a worker holds one file's at a time.
-exec python -m pytest -n 2 --dist loadfile "$@"
+# Files are handed out in collection order (--no-loadscope-reorder): tests/conftest.py puts
+# the costliest first, so that no worker is left alone with a long file at the end.
+exec python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
