@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from jaxprune import placement
+from jaxprune import placement, sharding
 from jaxprune.placement import host64, local_copy, replicate_like, to_solve
 from jaxprune.sharding import MODEL
 from jaxprune.stats.moments import Moments
@@ -184,7 +184,7 @@ def _by_columns(xx, xy):
   m = sh.mesh.shape.get(MODEL, 1) if isinstance(sh, NamedSharding) else 1
   if m == 1 or not xx.is_fully_replicated or xy.shape[1] % m:
     return to_solve(xx), to_solve(xy)
-  cols = NamedSharding(sh.mesh, P(None, MODEL))
+  cols = NamedSharding(sh.mesh, sharding.activation_spec("solution", sh.mesh))
   return (jax.device_put(xx, sh).astype(jnp.float64),
           jax.device_put(xy, cols).astype(jnp.float64))
 

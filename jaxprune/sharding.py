@@ -36,6 +36,25 @@ DEFAULT_RULES: dict[str, str | None] = {
     "mlp": MODEL,
     "vocab": MODEL,
     "positions": None,
+    # Activations and statistics (`ACTIVATION_AXES`).
+    "chunks": None,
+    "length": None,
+    "features": MODEL,
+    "columns": MODEL,
+}
+
+# Logical axes of what the engine computes, named like the parameters' and placed by the same
+# rules: a calibration stream [chunks, batch, T, D] as it is stored (positions and features
+# replicated, left unnamed); a module's hidden input X2 [chunks, batch, T, F] inside a kernel;
+# the rows of its Gram sums (X2's features), alone or under a leading per-`data`-shard axis; a
+# solve's right-hand side and solution [rows, columns].
+ACTIVATION_AXES: dict[str, tuple[str | None, ...]] = {
+    "stream": ("chunks", "batch"),
+    "hidden": ("chunks", "batch", "length", "features"),
+    "shards": ("batch",),
+    "gram": ("features", None),
+    "gram_shards": ("batch", "features", None),
+    "solution": (None, "columns"),
 }
 
 # Logical axes of each leaf, keyed by (module, projection, leaf) suffix of its path.
@@ -142,13 +161,21 @@ def param_shardings(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAUL
   return jax.tree.map(lambda x, a: NamedSharding(mesh, spec_for(np.shape(x), a, mesh, rules, quiet)), params, axes)
 
 
+def activation_spec(name: str, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES,
+                    drop: Sequence[str] = ()) -> P:
+  """PartitionSpec of activation `name` (`ACTIVATION_AXES`) by `rules`; logical axes in `drop`
+  (e.g. a dimension the mesh axis does not divide) replicated. Sizes are the caller's to
+  check: the engine chunks streams so that `data` divides every batch."""
+  return P(*(None if a is None or a in drop else rules.get(a) for a in ACTIVATION_AXES[name]))
+
+
 def shard_params(params, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
   return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
 def stream_sharding(mesh: Mesh) -> NamedSharding:
   """Activations stored as [chunks, batch, T, D]: the batch axis over `data`."""
-  return NamedSharding(mesh, P(None, DATA))
+  return NamedSharding(mesh, activation_spec("stream", mesh))
 
 
 def gram_rows(mesh: Mesh | None, d: int, shards: bool = False) -> NamedSharding | None:
@@ -159,7 +186,7 @@ def gram_rows(mesh: Mesh | None, d: int, shards: bool = False) -> NamedSharding 
   m = 1 if mesh is None else mesh.shape.get(MODEL, 1)
   if m == 1 or d % m:
     return None
-  return NamedSharding(mesh, P(DATA, MODEL, None) if shards and data_shards(mesh) > 1 else P(MODEL, None))
+  return NamedSharding(mesh, activation_spec("gram_shards" if shards and data_shards(mesh) > 1 else "gram", mesh))
 
 
 # Per-shard sums. Statistics are sums over the calibration tokens, whose batch is
@@ -180,7 +207,7 @@ def split_batch(x, mesh: Mesh):
   own windows in its row of the leading axis."""
   n = data_shards(mesh)
   x = x.reshape(n, x.shape[0] // n, *x.shape[1:])
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec("shards", mesh)))
 
 
 def laid_out_shards(tree, mesh: Mesh | None):
@@ -188,7 +215,8 @@ def laid_out_shards(tree, mesh: Mesh | None):
   (as they are with one data shard, which keeps no such axis)."""
   if data_shards(mesh) == 1:
     return tree
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA))), tree)
+  spec = NamedSharding(mesh, activation_spec("shards", mesh))
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
 
 
 def stack_shards(tree, mesh: Mesh | None):
@@ -214,8 +242,9 @@ def laid_out_stream(x, mesh: Mesh | None, features: bool = False):
   if mesh is None:
     return x
   m = mesh.shape.get(MODEL, 1)
-  last = MODEL if features and m > 1 and x.shape[-1] % m == 0 else None
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA, None, last)))
+  split = features and m > 1 and x.shape[-1] % m == 0
+  spec = activation_spec("hidden", mesh, drop=() if split else ("features",))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def laid_out_replicated(tree, mesh: Mesh | None):

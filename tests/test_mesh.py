@@ -160,3 +160,20 @@ def _reordered(load, calib, cfg, first: float, samples: int = REORDERINGS) -> li
     again = prune(load(), calib[perm], cfg, mesh=sharding.make_mesh(1, 1))
     spreads.append(perplexity(again.model.spec, again.model.params, calib).mean_nll - first)
   return spreads
+
+
+def test_activations_are_placed_by_logical_names_through_the_rules():
+  """Streams, hidden inputs, Gram rows and solutions name their axes like the parameters do,
+  so one rules table moves them: e.g. `mlp`-like features off `model` changes the Gram's rows."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = sharding.make_mesh(data=2, model=4)
+  assert set(a for axes in sharding.ACTIVATION_AXES.values() for a in axes if a) <= set(sharding.DEFAULT_RULES)
+  assert sharding.stream_sharding(mesh).spec == P(None, sharding.DATA)
+  assert sharding.gram_rows(mesh, 8).spec == P(sharding.MODEL, None)
+  assert sharding.gram_rows(mesh, 8, shards=True).spec == P(sharding.DATA, sharding.MODEL, None)
+  assert sharding.gram_rows(mesh, 6) is None  # 4 does not divide 6: the sums stay replicated
+  rules = {**sharding.DEFAULT_RULES, "features": None, "batch": None}
+  assert sharding.activation_spec("gram", mesh, rules) == P(None, None)
+  assert sharding.activation_spec("stream", mesh, rules) == P(None, None)
+  assert sharding.activation_spec("hidden", mesh, drop=("features",)) == P(None, sharding.DATA, None, None)

@@ -122,17 +122,10 @@ class JaxpruneLM(TemplateLM):
       return self.tokenizer.bos_token_id
     return self.eot_token_id
 
-  @property
-  def max_length(self) -> int:
-    return self._max_length
-
-  @property
-  def max_gen_toks(self) -> int:
-    return self._max_gen_toks
-
-  @property
-  def batch_size(self) -> int:
-    return self._batch_size
+  # What lm-eval reads of a model: fixed when it is built.
+  max_length = property(lambda self: self._max_length)
+  max_gen_toks = property(lambda self: self._max_gen_toks)
+  batch_size = property(lambda self: self._batch_size)
 
   @property
   def tokenizer_name(self) -> str:

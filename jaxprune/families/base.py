@@ -21,13 +21,13 @@ BiasFlags = dict[str, bool]
 
 
 class Norm(enum.StrEnum):
-  RMS = "rms"
-  LAYER = "layer"
+  RMS = "rms"  # RMSNorm: a scale, no mean, no bias (LLaMA and its kin)
+  LAYER = "layer"  # LayerNorm: mean, scale and bias (GPT-2)
 
 
 class Positions(enum.StrEnum):
-  ROPE = "rope"
-  LEARNED = "learned"
+  ROPE = "rope"  # rotary embeddings inside attention
+  LEARNED = "learned"  # a position embedding table added to the token embeddings
 
 
 class ConfigLayout(enum.StrEnum):

@@ -29,19 +29,19 @@ class HeadMode(enum.StrEnum):
 
 
 class Allocation(enum.StrEnum):
-  UNIFORM = "uniform"
-  ADAPTIVE = "adaptive"
+  UNIFORM = "uniform"  # every pruned layer keeps the same heads and channels
+  ADAPTIVE = "adaptive"  # one ranking over all layers decides each layer's share (FLAP's AL-AM)
 
 
 class ScoreData(enum.StrEnum):
-  CALIB = "calib"
-  RANDOM = "random"
-  IDENTITY = "identity"
+  CALIB = "calib"  # the calibration windows through the pruned model
+  RANDOM = "random"  # random-token windows
+  IDENTITY = "identity"  # no statistics: S = I
 
 
 class Rounding(enum.StrEnum):
-  ONCE = "once"
-  CARRY = "carry"
+  ONCE = "once"  # one shape for every pruned layer, the budget error reported
+  CARRY = "carry"  # each layer's rounding carried to the next
 
 
 # The modes' values, for code that checks a string against them.
