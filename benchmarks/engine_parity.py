@@ -105,12 +105,8 @@ def run_row(data, name: str, ratio: float) -> dict:
 
 def _commit() -> str | None:
   """The commit of the jaxprune under test (the checkout PYTHONPATH names, not this script's)."""
-  import subprocess
-
   import jaxprune
-  root = os.path.dirname(os.path.dirname(os.path.abspath(jaxprune.__file__)))
-  r = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True)
-  return r.stdout.strip() or None
+  return quality.git_state(os.path.dirname(os.path.dirname(os.path.abspath(jaxprune.__file__))))["commit"]
 
 
 def run(out_path: str, only) -> None:

@@ -44,11 +44,6 @@ class Rounding(enum.StrEnum):
   CARRY = "carry"  # each layer's rounding carried to the next
 
 
-# The modes' values, for code that checks a string against them.
-HEAD_MODES = tuple(HeadMode)
-ALLOCATIONS = tuple(Allocation)
-SCORE_DATA = tuple(ScoreData)
-ROUNDINGS = tuple(Rounding)
 DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
