@@ -15,13 +15,15 @@ tokens, the first 256 windows of 128 tokens of WikiText-2 test and of Tiny
 Shakespeare), and so are the rows' settings. Self-generated calibration text
 is made by `jaxprune.data.selfgen`, not by the engine, and 1024 windows of it
 take half an hour on two cores, so it is cached under ~/.cache/jaxprune/parity,
-keyed by that module's source digest and the sampling settings: both versions
-prune on the same windows. Runs resume: rows already in --out are skipped.
+keyed by that module's code (its syntax tree without docstrings, so a reworded
+docstring does not regenerate) and the sampling settings: both versions prune on
+the same windows. Runs resume: rows already in --out are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -67,6 +69,17 @@ def digest(values) -> str:
   return hashlib.sha256(json.dumps([int(v) for v in values]).encode()).hexdigest()[:16]
 
 
+def code_digest(path: str) -> str:
+  """Digest of a module's syntax tree with its docstrings removed."""
+  tree = ast.parse(open(path, encoding="utf-8").read())
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+        and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+      node.body = body[1:] or [ast.Pass()]
+  return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:12]
+
+
 class CachedData(quality.Data):
   """quality.Data whose self-generated windows are kept on disk between versions."""
 
@@ -74,7 +87,7 @@ class CachedData(quality.Data):
     if source != "selfgen":
       return super().calib(source, seed, windows_per_text, top_k, temperature, samples)
     import jaxprune.data.selfgen as selfgen
-    code = hashlib.sha256(open(selfgen.__file__, "rb").read()).hexdigest()[:12]
+    code = code_digest(selfgen.__file__)
     path = os.path.join(CACHE, f"selfgen-{code}-s{seed}-n{samples}-w{windows_per_text}-k{top_k}-t{temperature}.npy")
     if os.path.exists(path):
       return np.load(path), 0.0
