@@ -323,6 +323,17 @@ def test_cli_writes_a_file_and_refuses_to_overwrite(tiny_dir, tmp_path):
   assert r.rc == 0 and value(read(out)[0]["llama.attention.head_count_kv"]) == 4
 
 
+def test_export_says_it_starts_and_counts_every_piece(models, tiny_dir, tmp_path):
+  """The export prints its start line (a log shows no silence) and reports the embeddings and
+  each block once, so the bar's time left is over the whole file."""
+  steps = []
+  save_gguf(models("llama_gqa"), str(tmp_path / "a.gguf"), progress=steps.append)
+  assert steps == [1] * (models("llama_gqa").spec.num_layers + 1)
+  out = str(tmp_path / "b.gguf")
+  r = badinput.run_cli("export", tiny_dir("llama_gqa"), "--format", "gguf", "--out", out)
+  assert r.rc == 0 and f"writing {out}: the embeddings and 2 blocks" in r.stderr.splitlines(), r.stderr
+
+
 def test_cli_refuses_a_directory_even_with_force(tiny_dir, tmp_path):
   (tmp_path / "d").mkdir()
   (tmp_path / "d" / "keep.txt").write_text("not jaxprune's")
@@ -343,6 +354,7 @@ def test_cli_q8_0_needs_gguf(tiny_dir, tmp_path):
 def test_cli_refuses_what_llama_cpp_cannot_run(tiny_dir, kind, needles, tmp_path):
   r = badinput.run_cli("export", tiny_dir(kind), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
   badinput.assert_one_line_error(r, "cannot be written as GGUF", *needles)
+  assert "writing" not in r.stderr  # refused before the export says it starts
   assert not os.listdir(tmp_path)
 
 
