@@ -269,6 +269,15 @@ def test_long_phases_say_they_start_without_a_bar(work, tmp_path):
   assert os.path.isfile(out / "report.json")
 
 
+@pytest.mark.parametrize("fmt,line", [("hf", "the embeddings and 2 blocks"), ("gguf", "the embeddings and 2 blocks"),
+                                      ("orbax", "an Orbax checkpoint of")])
+def test_every_export_format_says_it_starts(work, tmp_path, fmt, line):
+  out = str(tmp_path / ("m.gguf" if fmt == "gguf" else "m"))
+  r = run_cli("export", work["llama"], "--format", fmt, "--out", out)
+  assert r.rc == 0, r.stderr
+  assert any(l.startswith(f"writing {out}: {line}") for l in r.stderr.splitlines()), r.stderr
+
+
 def test_a_tokenizer_that_cannot_be_split_gets_the_whole_text(tmp_path):
   # A SentencePiece-style normalizer prepends "▁" to every text it is given: pieces would each
   # get one, so the probe must refuse to split, and the file is tokenized whole.

@@ -82,6 +82,8 @@ def export(cfg: ExportConfig) -> int:
     summary = {**dataclasses.asdict(info), "loader": "llama.cpp (llama-cli -m FILE)"}
   elif cfg.format == "orbax":
     from jaxprune.io.orbax_io import save_orbax
+    # Orbax writes the tree in one call, with no steps to count: the start line alone.
+    print(f"writing {cfg.out}: an Orbax checkpoint of {model.num_params} parameters", file=sys.stderr, flush=True)
     path = save_orbax(model, cfg.out, dtype=dtype, force=cfg.force)
     summary = {"path": path, "format": "orbax", "num_params": model.num_params, "loader": "jaxprune.load"}
   else:
