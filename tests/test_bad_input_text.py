@@ -278,6 +278,39 @@ def test_every_export_format_says_it_starts(work, tmp_path, fmt, line):
   assert any(l.startswith(f"writing {out}: {line}") for l in r.stderr.splitlines()), r.stderr
 
 
+def test_inspect_says_it_dequantizes_a_gguf(tmp_path):
+  from tests.test_gguf import write_gguf
+
+  path = tmp_path / "tiny.gguf"
+  write_gguf(path, tiny.build("llama_mha"))
+  r = run_cli("inspect", str(path))
+  assert r.rc == 0 and any(l.startswith("dequantizing the ") and l.endswith(f"tensors of {path}")
+                           for l in r.stderr.splitlines()), r.stderr
+
+
+@pytest.mark.parametrize("command", [("generate", "--prompt", "w1 w2", "--max-new-tokens", "2"),
+                                     ("heal", "--steps", "1", "--calib-samples", "4", "--heldout", "0", "--seq-len",
+                                      "8", "--batch-size", "2", "--no-progress")], ids=["generate", "heal"])
+def test_every_command_that_loads_says_it_dequantizes(work, tmp_path, monkeypatch, command):
+  # The tiny GGUF has no tokenizer, so the load reports its tensors as a GGUF's would; what is
+  # checked is that generate and heal pass a progress to it and print its start line. heal with
+  # --steps 1 ended in optax's traceback (decay_steps must exceed the warmup) before.
+  import jaxprune
+
+  real = jaxprune.load
+
+  def reporting(name, *a, progress=None, **k):
+    if progress is not None:
+      progress(1, 3)
+    return real(name, *a, **k)
+
+  monkeypatch.setattr(jaxprune, "load", reporting)
+  extra = ("--calib", work["text"], "--out", str(tmp_path / "healed")) if command[0] == "heal" else ()
+  r = run_cli(command[0], work["llama"], *command[1:], *extra)
+  assert r.rc == 0, r.stderr
+  assert f"dequantizing the 3 tensors of {work['llama']}" in r.stderr.splitlines(), r.stderr
+
+
 def test_a_tokenizer_that_cannot_be_split_gets_the_whole_text(tmp_path):
   # A SentencePiece-style normalizer prepends "▁" to every text it is given: pieces would each
   # get one, so the probe must refuse to split, and the file is tokenized whole.
