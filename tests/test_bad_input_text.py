@@ -79,6 +79,18 @@ def test_seq_len_below_two(work, command, seq_len):
          f"got {seq_len}", "--seq-len 128")
 
 
+# Each ended in a traceback from deep inside the run (ZeroDivisionError, numpy's ValueError, an
+# AxisError from the solve) before being checked with the other options.
+@pytest.mark.parametrize("flag,value,needles", [
+    ("--batch-size", "0", ("batch size must be a positive number of windows", "got 0")),
+    ("--seed", "-1", ("seed must be 0 or a positive integer", "got -1")),
+    ("--damping", "inf", ("damping must be positive and finite", "got inf", "1e-5")),
+    ("--damping", "nan", ("damping must be positive and finite", "got nan", "1e-5")),
+])
+def test_prune_numbers_out_of_range(work, flag, value, needles):
+  _check(work, ("prune", work["llama"], *PRUNE, "--calib", work["text"], "--out", "out", flag, value), *needles)
+
+
 @pytest.mark.parametrize("calib", ["random", "text"])
 def test_prune_seq_len_beyond_learned_positions(work, calib):
   calib = work["text"] if calib == "text" else calib
