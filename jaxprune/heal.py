@@ -178,9 +178,10 @@ def heal(model: Model, windows: np.ndarray, heldout: np.ndarray | None, cfg: Hea
                      "use a smaller --batch-size or more --calib-samples")
   spec, frozen = model.spec, jax.tree.map(jnp.asarray, model.params)
   trainable = init_trainable(model, cfg)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate, warmup_steps=max(1, int(cfg.warmup * cfg.steps)), decay_steps=cfg.steps,
-      end_value=0.1 * cfg.learning_rate)
+  # A single step has no warmup: optax needs decay_steps > warmup_steps, and a warmup step's rate is 0.
+  warmup = min(max(1, int(cfg.warmup * cfg.steps)), cfg.steps - 1)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup_steps=warmup, decay_steps=cfg.steps,
+                                                end_value=0.1 * cfg.learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
   opt_state = tx.init(trainable)
   predicted = windows.shape[1] - 1

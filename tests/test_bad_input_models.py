@@ -327,6 +327,20 @@ def test_float16_export_of_overflowing_weights(model, tmp_path):
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporary left behind
 
 
+# The GGUF names of the poisoned tensor; q8_0's limit is its float16 block scale (max / 127).
+@pytest.mark.parametrize("ttype,value,needles", [
+    ("f16", 1.0e5, ("blk.0.ffn_up.weight", "100000", "65504", "--dtype bfloat16")),
+    ("bf16", 3.4e38, ("blk.0.ffn_up.weight", "3.4e+38", "bfloat16", "--dtype float32")),
+    ("q8_0", 1.0e7, ("blk.0.ffn_up.weight", "1e+07", "8.31901e+06", "--dtype bf16")),
+])
+def test_gguf_export_of_overflowing_weights(model, tmp_path, ttype, value, needles):
+  _poison(model, "model.layers.0.mlp.up_proj.weight", value)
+  out = str(tmp_path / "m.gguf")
+  check(snapshot(str(tmp_path)), "export", model, "--format", "gguf", "--out", out, "--dtype", ttype, needles=needles)
+  assert not os.path.exists(out)
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
 def test_export_drops_the_inputs_remote_code(model, tmp_path, caplog):
   cfg_path = os.path.join(model, "tokenizer_config.json")
   with open(cfg_path) as f:

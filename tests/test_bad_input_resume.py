@@ -3,6 +3,7 @@ no traceback, and every file that existed is intact (tests/badinput.py)."""
 
 import glob
 import json
+import logging
 import os
 import shutil
 
@@ -181,3 +182,16 @@ def test_truncated_block_is_recomputed_through_the_cli(setup, tmp_path):
   events = [json.loads(l) for l in open(os.path.join(out, "progress.jsonl"))]
   assert [e["layer"] for e in events if e["event"] == "block"] == [0, 1, 2]
   assert not os.path.exists(ckpt)
+
+
+def test_fingerprinting_a_large_model_says_it_starts(setup, tmp_path, monkeypatch, caplog):
+  """Hashing the weights (minutes for a 70B model) is announced with its estimated time."""
+  from jaxprune.prune import checkpoint
+
+  monkeypatch.setattr(checkpoint, "ANNOUNCE_BYTES", 0)
+  out = str(tmp_path / "out")
+  with caplog.at_level(logging.INFO, logger=checkpoint.__name__):
+    r = run_cli("prune", setup[0], *ARGS, "--calib", setup[1], "--out", out)
+  assert r.rc == 0, r.stderr
+  lines = [m.getMessage() for m in caplog.records if "fingerprinting" in m.getMessage()]
+  assert len(lines) == 1 and "GB of weights, about" in lines[0], lines

@@ -79,6 +79,18 @@ def test_seq_len_below_two(work, command, seq_len):
          f"got {seq_len}", "--seq-len 128")
 
 
+# Each ended in a traceback from deep inside the run (ZeroDivisionError, numpy's ValueError, an
+# AxisError from the solve) before being checked with the other options.
+@pytest.mark.parametrize("flag,value,needles", [
+    ("--batch-size", "0", ("batch size must be a positive number of windows", "got 0")),
+    ("--seed", "-1", ("seed must be 0 or a positive integer", "got -1")),
+    ("--damping", "inf", ("damping must be positive and finite", "got inf", "1e-5")),
+    ("--damping", "nan", ("damping must be positive and finite", "got nan", "1e-5")),
+])
+def test_prune_numbers_out_of_range(work, flag, value, needles):
+  _check(work, ("prune", work["llama"], *PRUNE, "--calib", work["text"], "--out", "out", flag, value), *needles)
+
+
 @pytest.mark.parametrize("calib", ["random", "text"])
 def test_prune_seq_len_beyond_learned_positions(work, calib):
   calib = work["text"] if calib == "text" else calib
@@ -267,6 +279,48 @@ def test_long_phases_say_they_start_without_a_bar(work, tmp_path):
   assert starts == sorted(starts), r.stderr
   assert " left" in lines[starts[1]] and "est." in lines[starts[1]]
   assert os.path.isfile(out / "report.json")
+
+
+@pytest.mark.parametrize("fmt,line", [("hf", "the embeddings and 2 blocks"), ("gguf", "the embeddings and 2 blocks"),
+                                      ("orbax", "an Orbax checkpoint of")])
+def test_every_export_format_says_it_starts(work, tmp_path, fmt, line):
+  out = str(tmp_path / ("m.gguf" if fmt == "gguf" else "m"))
+  r = run_cli("export", work["llama"], "--format", fmt, "--out", out)
+  assert r.rc == 0, r.stderr
+  assert any(l.startswith(f"writing {out}: {line}") for l in r.stderr.splitlines()), r.stderr
+
+
+def test_inspect_says_it_dequantizes_a_gguf(tmp_path):
+  from tests.test_gguf import write_gguf
+
+  path = tmp_path / "tiny.gguf"
+  write_gguf(path, tiny.build("llama_mha"))
+  r = run_cli("inspect", str(path))
+  assert r.rc == 0 and any(l.startswith("dequantizing the ") and l.endswith(f"tensors of {path}")
+                           for l in r.stderr.splitlines()), r.stderr
+
+
+@pytest.mark.parametrize("command", [("generate", "--prompt", "w1 w2", "--max-new-tokens", "2"),
+                                     ("heal", "--steps", "1", "--calib-samples", "4", "--heldout", "0", "--seq-len",
+                                      "8", "--batch-size", "2", "--no-progress")], ids=["generate", "heal"])
+def test_every_command_that_loads_says_it_dequantizes(work, tmp_path, monkeypatch, command):
+  # The tiny GGUF has no tokenizer, so the load reports its tensors as a GGUF's would; what is
+  # checked is that generate and heal pass a progress to it and print its start line. heal with
+  # --steps 1 ended in optax's traceback (decay_steps must exceed the warmup) before.
+  import jaxprune
+
+  real = jaxprune.load
+
+  def reporting(name, *a, progress=None, **k):
+    if progress is not None:
+      progress(1, 3)
+    return real(name, *a, **k)
+
+  monkeypatch.setattr(jaxprune, "load", reporting)
+  extra = ("--calib", work["text"], "--out", str(tmp_path / "healed")) if command[0] == "heal" else ()
+  r = run_cli(command[0], work["llama"], *command[1:], *extra)
+  assert r.rc == 0, r.stderr
+  assert f"dequantizing the 3 tensors of {work['llama']}" in r.stderr.splitlines(), r.stderr
 
 
 def test_a_tokenizer_that_cannot_be_split_gets_the_whole_text(tmp_path):

@@ -323,6 +323,14 @@ def test_cli_writes_a_file_and_refuses_to_overwrite(tiny_dir, tmp_path):
   assert r.rc == 0 and value(read(out)[0]["llama.attention.head_count_kv"]) == 4
 
 
+def test_progress_counts_every_piece(models, tmp_path):
+  """The embeddings and each block are reported once, so the bar's time left spans the whole
+  file (the CLI's start line: tests/test_bad_input_text.py)."""
+  steps = []
+  save_gguf(models("llama_gqa"), str(tmp_path / "a.gguf"), progress=steps.append)
+  assert steps == [1] * (models("llama_gqa").spec.num_layers + 1)
+
+
 def test_cli_refuses_a_directory_even_with_force(tiny_dir, tmp_path):
   (tmp_path / "d").mkdir()
   (tmp_path / "d" / "keep.txt").write_text("not jaxprune's")
@@ -343,6 +351,7 @@ def test_cli_q8_0_needs_gguf(tiny_dir, tmp_path):
 def test_cli_refuses_what_llama_cpp_cannot_run(tiny_dir, kind, needles, tmp_path):
   r = badinput.run_cli("export", tiny_dir(kind), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
   badinput.assert_one_line_error(r, "cannot be written as GGUF", *needles)
+  assert "writing" not in r.stderr  # refused before the export says it starts
   assert not os.listdir(tmp_path)
 
 

@@ -75,11 +75,15 @@ def export(cfg: ExportConfig) -> int:
     model = load(cfg.source, progress=report)
   dtype = _SHORT.get(cfg.dtype, cfg.dtype) if cfg.format != "gguf" else cfg.dtype
   if cfg.format == "gguf":
-    from jaxprune.io.gguf_export import save_gguf
-    info = save_gguf(model, cfg.out, dtype=cfg.dtype, force=cfg.force)
+    from jaxprune.io.gguf_export import refuse_model, save_gguf
+    refuse_model(model.spec)  # before the line saying the file is being written
+    with writing(cfg.out, model.spec.num_layers, bar) as step:
+      info = save_gguf(model, cfg.out, dtype=cfg.dtype, force=cfg.force, progress=step)
     summary = {**dataclasses.asdict(info), "loader": "llama.cpp (llama-cli -m FILE)"}
   elif cfg.format == "orbax":
     from jaxprune.io.orbax_io import save_orbax
+    # Orbax writes the tree in one call, with no steps to count: the start line alone.
+    print(f"writing {cfg.out}: an Orbax checkpoint of {model.num_params} parameters", file=sys.stderr, flush=True)
     path = save_orbax(model, cfg.out, dtype=dtype, force=cfg.force)
     summary = {"path": path, "format": "orbax", "num_params": model.num_params, "loader": "jaxprune.load"}
   else:

@@ -69,6 +69,7 @@ def stop_ids(tokenizer, spec) -> tuple[int, ...]:
 def run_generate(cfg: GenerateConfig):
   """Returns (continuation text, number of new tokens, seconds)."""
   import jaxprune
+  from jaxprune.cli.eval_cmd import load_model
   from jaxprune.generate import generate
 
   sample = cfg.sample.check()  # before the (slower) model load
@@ -78,7 +79,7 @@ def run_generate(cfg: GenerateConfig):
   ids = prompt_ids(tokenizer, cfg.prompt, cfg.chat)
   if not ids:
     raise UsageError(f"the prompt {cfg.prompt!r} tokenizes to no tokens; give a longer prompt")
-  model = jaxprune.load(cfg.model, dtype=cfg.dtype)
+  model = load_model(cfg.model, cfg.dtype, sys.stderr.isatty())
   sample = dataclasses.replace(sample, stop=stop_ids(tokenizer, model.spec))
   t0 = time.perf_counter()
   new = generate(model.spec, model.params, [ids], sample)[0]

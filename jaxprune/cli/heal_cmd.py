@@ -51,6 +51,7 @@ def run(args) -> int:
   from tqdm import tqdm
 
   import jaxprune
+  from jaxprune.cli.eval_cmd import load_model
   from jaxprune.data import read_text, sample_windows, tokenize
   from jaxprune.errors import UsageError
   from jaxprune.heal import HealConfig, heal
@@ -67,7 +68,7 @@ def run(args) -> int:
   check_output(args.out, args.force, [model_path, args.calib], need_bytes=size_on_disk(model_path))
   text = read_text(args.calib)
   t0 = time.perf_counter()
-  model = jaxprune.load(args.model)
+  model = load_model(args.model, "float32", args.progress)
   tokenizer = jaxprune.load_tokenizer(args.model)
   stream = tokenize(tokenizer, text)
   train, idx = sample_windows(stream, args.seq_len, args.calib_samples, seed=args.seed, source=args.calib)

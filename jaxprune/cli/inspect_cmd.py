@@ -51,7 +51,9 @@ def describe(model) -> list[str]:
 
 
 def run(args) -> int:
-  import jaxprune
+  import sys
 
-  print("\n".join(describe(jaxprune.load(args.model))))
+  from jaxprune.cli.eval_cmd import load_model
+
+  print("\n".join(describe(load_model(args.model, "float32", sys.stderr.isatty()))))
   return 0

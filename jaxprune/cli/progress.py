@@ -75,5 +75,5 @@ def loading(name: str, bar: bool = True) -> counted:
 
 
 def writing(out: str, num_layers: int, bar: bool = True):
-  """Progress for `save_hf(..., progress=...)`: the embeddings and head, then each block."""
+  """Progress for `save_hf` and `save_gguf` (`progress=`): the embeddings and head, then each block."""
   return phase(f"writing {out}: the embeddings and {num_layers} blocks", num_layers + 1, "export", "piece", bar)

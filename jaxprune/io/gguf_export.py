@@ -31,13 +31,16 @@ import dataclasses
 import functools
 import logging
 import os
+from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import families
 from jaxprune.errors import ConfigError, UsageError
 from jaxprune.io.atomic import check_target, write_file
 from jaxprune.io.gguf_vocab import tokenizer_fields
+from jaxprune.io.layout import cast_finite
 from jaxprune.io.mapping import block_to_tensors, top_to_tensors
 from jaxprune.model import Model
 from jaxprune.spec import ModelSpec
@@ -51,6 +54,7 @@ DTYPE_ALIASES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # models the reader loads never have them).
 _MLP_BIASES = {f"mlp.{p}_proj.bias": f"ffn_{p}.bias" for p in ("gate", "up", "down")}
 _Q8_BLOCK = 32
+_Q8_LARGEST = 127 * float(np.finfo(np.float16).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,26 +154,45 @@ def _block_tensors(spec: ModelSpec, i: int, block, permute: bool):
     yield name, w
 
 
+def model_pieces(model: Model, arch: str):
+  """The embeddings and head, then each block: per piece, its (GGUF name, float32 array in Hugging
+  Face's [out, in] order)."""
+  spec = model.spec
+  yield [(gguf_name(hf, spec.family), np.ascontiguousarray(w, np.float32))
+         for hf, w in top_to_tensors(spec, model.params).items()]
+  for i in range(spec.num_layers):
+    yield list(_block_tensors(spec, i, model.params["layers"][i], permute=arch != "qwen2"))
+
+
 def model_tensors(model: Model, arch: str):
   """(GGUF name, float32 array in Hugging Face's [out, in] order) of every tensor, one block at a time."""
-  spec = model.spec
-  for hf, w in top_to_tensors(spec, model.params).items():
-    yield gguf_name(hf, spec.family), np.ascontiguousarray(w, np.float32)
-  for i in range(spec.num_layers):
-    yield from _block_tensors(spec, i, model.params["layers"][i], permute=arch != "qwen2")
+  for piece in model_pieces(model, arch):
+    yield from piece
 
 
-def _encode(w: np.ndarray, ttype: str):
-  """(data, ggml type or None for numpy's own) of one tensor at tensor type `ttype`."""
+def _encode(name: str, w: np.ndarray, ttype: str):
+  """(data, ggml type or None for numpy's own) of one tensor at tensor type `ttype`.
+
+  A value the type cannot hold is refused rather than written as inf: llama.cpp would compute
+  NaN from the first token on.
+  """
   from gguf import GGMLQuantizationType as Q
   from gguf.quants import quantize
 
   if w.ndim == 1 or ttype == "f32":
-    return w, None
+    return cast_finite(w, np.float32, name), None
   if ttype == "f16" or (ttype == "q8_0" and w.shape[-1] % _Q8_BLOCK):
-    return w.astype(np.float16), None
-  qtype = Q.BF16 if ttype == "bf16" else Q.Q8_0
-  return quantize(w, qtype), qtype
+    return cast_finite(w, np.float16, name), None
+  if ttype == "bf16":
+    cast_finite(w, jnp.bfloat16, name)
+    return quantize(w, Q.BF16), Q.BF16
+  cast_finite(w, np.float32, name)
+  big = float(np.max(np.abs(w)))
+  if big > _Q8_LARGEST:  # the block scale, max / 127, is a float16
+    raise UsageError(f"tensor {name} holds values up to |{big:.6g}|, beyond what q8_0 holds ({_Q8_LARGEST:.6g}: "
+                     "127 times float16's largest value, for its block scale), so the export would write inf; "
+                     "export with --dtype bf16 or --dtype f32")
+  return quantize(w, Q.Q8_0), Q.Q8_0
 
 
 def _hparams(writer, spec: ModelSpec, arch: str) -> None:
@@ -231,16 +254,26 @@ def _metadata(writer, model: Model, arch: str, ttype: str, tokenizer) -> None:
   _tokenizer(writer, tokenizer)
 
 
-def _add_tensors(writer, model: Model, arch: str, ttype: str) -> tuple[list[str], int, int]:
+def _add_tensors(writer, model: Model, arch: str, ttype: str, progress) -> tuple[list[str], int, int]:
   """Encodes and adds every tensor; returns (q8_0 matrices written as f16, tensors, parameters)."""
   fallback, count, exported = [], 0, 0
-  for name, w in model_tensors(model, arch):
-    data, qtype = _encode(w, ttype)
-    if ttype == "q8_0" and w.ndim == 2 and qtype is None:
-      fallback.append(name)
-    writer.add_tensor(name, data, raw_dtype=qtype)  # quantized bytes: the writer derives the shape from them
-    count, exported = count + 1, exported + w.size
+  for piece in model_pieces(model, arch):
+    for name, w in piece:
+      data, qtype = _encode(name, w, ttype)
+      if ttype == "q8_0" and w.ndim == 2 and qtype is None:
+        fallback.append(name)
+      writer.add_tensor(name, data, raw_dtype=qtype)  # quantized bytes: the writer derives the shape from them
+      count, exported = count + 1, exported + w.size
+    if progress is not None:
+      progress(1)
   return fallback, count, exported
+
+
+def refuse_model(spec: ModelSpec) -> None:
+  """Raises ConfigError naming everything of `spec` that llama.cpp cannot run (`gguf_problems`)."""
+  problems = gguf_problems(spec)
+  if problems:
+    raise ConfigError("this model cannot be written as GGUF for llama.cpp: " + "; ".join(problems))
 
 
 def refuse_directory(out: str) -> None:
@@ -251,7 +284,8 @@ def refuse_directory(out: str) -> None:
                      f"{os.path.join(out, 'model.gguf')}")
 
 
-def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool = False) -> GGUFInfo:
+def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool = False,
+              progress: Callable[[int], None] | None = None) -> GGUFInfo:
   """Writes `model` as one GGUF file at `out`, atomically.
 
   Args:
@@ -260,33 +294,36 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
     dtype: tensor type of the matrices: 'f32' (default), 'f16', 'bf16' or 'q8_0'
       ('float32', 'float16', 'bfloat16' also accepted).
     force: replace an existing `out` (only once the new file is complete).
+    progress: called with 1 as each of the num_layers + 1 pieces (the embeddings and head,
+      then each block) is encoded.
 
   Returns:
     A `GGUFInfo` naming the llama.cpp architecture written.
 
   Raises:
     ConfigError: llama.cpp cannot run the model (the message says why).
-    UsageError: `out` exists and `force` is False, or `dtype` is unknown; nothing is changed.
+    CheckpointError: a tensor holds NaN or Inf; nothing is written.
+    UsageError: `out` exists and `force` is False, `dtype` is unknown, or a value overflows
+      `dtype` (float16's 65504, say); nothing is changed.
   """
   from gguf import GGUFWriter
 
   ttype = tensor_type(dtype)
   refuse_directory(out)
   final = check_target(out, force, kind="file")
-  spec = model.spec
-  problems = gguf_problems(spec)
-  if problems:
-    raise ConfigError("this model cannot be written as GGUF for llama.cpp: " + "; ".join(problems))
-  arch = architecture(spec)
+  refuse_model(model.spec)
+  arch = architecture(model.spec)
   fields, tok_source = tokenizer_fields(model.source)
   # A spooled temporary file takes each tensor as it is encoded, so the model is never held twice.
   writer = GGUFWriter(None, arch, use_temp_file=True)
-  _metadata(writer, model, arch, ttype, fields)
-  fallback, count, exported = _add_tensors(writer, model, arch, ttype)
   try:
+    _metadata(writer, model, arch, ttype, fields)
+    fallback, count, exported = _add_tensors(writer, model, arch, ttype, progress)
     write_file(final, lambda f: _write(writer, f), force=force, binary=True)
   finally:
     writer.close()
+    if writer.temp_file is not None:  # the tensors encoded before a refusal: spooled to /tmp past a few MB
+      writer.temp_file.close()
   if fallback:
     log.warning("%d matrices have rows that are not a multiple of %d and were written as f16: %s", len(fallback),
                 _Q8_BLOCK, ", ".join(fallback[:4]) + (" ..." if len(fallback) > 4 else ""))
@@ -295,5 +332,5 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
   return info
 
 
-__all__ = ["GGUFInfo", "TENSOR_TYPES", "architecture", "gguf_name", "gguf_problems", "model_tensors", "permute_rows",
-           "save_gguf", "tensor_type"]
+__all__ = ["GGUFInfo", "TENSOR_TYPES", "architecture", "gguf_name", "gguf_problems", "model_pieces", "model_tensors",
+           "permute_rows", "refuse_model", "save_gguf", "tensor_type"]

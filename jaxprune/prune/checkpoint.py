@@ -46,6 +46,10 @@ from jaxprune.spec import LayerSpec
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+# sha256 of weight files on one busy core (measured, see `weights_digest`); past ANNOUNCE_BYTES
+# (a few seconds of it) the hashing is announced with its estimated time.
+HASH_BYTES_PER_S = 0.58e9
+ANNOUNCE_BYTES = 2e9
 
 
 def _leaf_update(h, name: str, x) -> None:
@@ -118,7 +122,12 @@ def weights_digest(params) -> str:
   source = getattr(layers, "source", None)
   if isinstance(source, str) and os.path.exists(source):
     base = source if os.path.isdir(source) else os.path.dirname(source)
-    for f in _weight_files(source):  # by names within the model: a copy elsewhere is the same model
+    files = _weight_files(source)
+    total = sum(os.path.getsize(f) for f in files)
+    if total > ANNOUNCE_BYTES:  # minutes for a large model: a line, so that the run is not taken for hung
+      log.info("fingerprinting the model for the checkpoint: hashing %.1f GB of weights, about %.0f s at %.1f GB/s",
+               total / 1e9, total / HASH_BYTES_PER_S, HASH_BYTES_PER_S / 1e9)
+    for f in files:  # by names within the model: a copy elsewhere is the same model
       h.update(f"{os.path.relpath(f, base)}:{file_sha256(f)}".encode())
     return h.hexdigest()[:16]
   for i, block in enumerate(layers):

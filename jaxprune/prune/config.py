@@ -162,10 +162,12 @@ class PruneConfig:
     if not 0 <= self.absorb <= 1:
       raise UsageError(f"absorb must lie in [0, 1], got {self.absorb}; 0 fits each module to its dense output "
                        "alone, 1 also takes back all of the error the residual stream carries in")
-    if not self.damping > 0:
-      raise UsageError(f"damping must be positive, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
+    if not 0 < self.damping < float("inf"):
+      raise UsageError(f"damping must be positive and finite, got {self.damping}; e.g. 1e-3 (the paper's) or 1e-5")
     if self.batch_size < 1:
       raise UsageError(f"batch_size must be positive, got {self.batch_size}")
+    if self.seed < 0:  # numpy's generators take none
+      raise UsageError(f"seed must be 0 or a positive integer, got {self.seed}")
     if self.skip_positions < 0:
       raise UsageError(f"skip_positions must be 0 or a positive number of positions, got {self.skip_positions}")
     if self.selfgen_windows_per_text < 1:

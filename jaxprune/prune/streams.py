@@ -43,6 +43,8 @@ def chunks(windows: np.ndarray, batch_size: int, mesh, what: str) -> np.ndarray:
 def check_batches(S: int, batch_size: int, mesh, what: str = "calibration") -> int:
   """The batch size `S` windows are split into, after checking that they split (callers check
   before they make the windows: self-generating them takes minutes)."""
+  if batch_size < 1:
+    raise UsageError(f"batch size must be a positive number of windows, got {batch_size}; e.g. 16")
   B = min(batch_size, S)
   n_data = mesh.shape[sharding.DATA]
   if B % n_data:
