@@ -33,6 +33,26 @@ COSTLIEST_FIRST = (
 )
 
 
+def pytest_report_header(config):
+  """The CPU and its vector extensions head every run's log: float32 kernels round
+  differently on each, and the derived tolerances must hold on all of them."""
+  model, flags = "unknown CPU", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  isa = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
+  forced = " ".join(f"{k}={os.environ[k]}" for k in ("XLA_FLAGS", "ATEN_CPU_CAPABILITY") if k in os.environ)
+  return f"cpu: {model} ({' '.join(isa) or 'no AVX2'}){'; ' + forced if forced else ''}"
+
+
 def _schedule_key(counts: dict[str, int]):
   """Sort key of a test file: the costly ones in COSTLIEST_FIRST's order, then the rest by
   their number of tests, as xdist orders them."""
