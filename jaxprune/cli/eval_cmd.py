@@ -45,7 +45,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       "jaxprune[eval]`).")
   p.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory, .gguf file or Hub id")
   p.add_argument("--text", default=None, help="UTF-8 text file, e.g. ../shared/data/wikitext-2/test.txt")
-  p.add_argument("--seq-len", type=int, default=128, help="window length in tokens, a BOS the tokenizer adds not counted (default 128)")
+  p.add_argument("--seq-len", type=int, default=128,
+                 help="window length in tokens, a BOS the tokenizer adds not counted (default 128)")
   p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
   p.add_argument("--batch-size", type=int, default=8,
                  help="windows (perplexity) or lm-eval requests per forward pass (default 8)")
