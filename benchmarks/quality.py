@@ -222,6 +222,12 @@ class Data:
       self._tok = jaxprune.load_tokenizer(MODEL)
     return self._tok
 
+  @property
+  def prefix(self) -> tuple[int, ...]:
+    """What every window is fed after: BOS where the tokenizer adds it (jaxprune.data.bos_prefix)."""
+    from jaxprune.data import bos_prefix
+    return bos_prefix(self.tokenizer)
+
   def texts(self) -> dict:
     """{"wikitext2": windows, "shakespeare": windows}: the first --eval-windows windows of each text."""
     from jaxprune.data import eval_windows, read_text, tokenize
@@ -229,7 +235,7 @@ class Data:
       for name, path in (("wikitext2", os.path.join(self.args.data, "test.txt")),
                          ("shakespeare", self.args.shakespeare)):
         self._texts[name] = eval_windows(tokenize(self.tokenizer, read_text(path)), SEQ_LEN, self.args.eval_windows,
-                                         source=path)
+                                         source=path, prefix=self.prefix)
     return self._texts
 
   def calib(self, source: str, seed: int, windows_per_text: int = 1, top_k: int = 50, temperature: float = 1.0,
@@ -244,12 +250,14 @@ class Data:
       t0 = time.perf_counter()
       if source == "valid":
         path = os.path.join(self.args.data, "valid.txt")
-        w, _ = sample_windows(tokenize(self.tokenizer, read_text(path)), SEQ_LEN, n, seed=seed, source=path)
+        w, _ = sample_windows(tokenize(self.tokenizer, read_text(path)), SEQ_LEN, n, seed=seed, source=path,
+                              prefix=self.prefix)
       elif source == "random":
-        w = random_tokens(self.model.spec.vocab_size, n, SEQ_LEN, seed=seed)
+        w = random_tokens(self.model.spec.vocab_size, n, SEQ_LEN, seed=seed, prefix=self.prefix)
       elif source == "selfgen":
         w = self_generated(self.model.spec, self.model.params, n, SEQ_LEN, seed=seed,
-                           windows_per_text=windows_per_text, top_k=top_k, temperature=temperature)
+                           windows_per_text=windows_per_text, top_k=top_k, temperature=temperature,
+                           prefix=self.prefix)
       else:
         raise ValueError(f"unknown calibration source {source!r}; use valid, random or selfgen")
       self._calib[k] = (w, time.perf_counter() - t0)

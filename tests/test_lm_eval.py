@@ -232,6 +232,30 @@ def test_generate_until_stops_at_strings_and_budget(model_dir, model):
     lm.generate_until([Instance("generate_until", {}, (prompts[0], {"do_sample": True, "temperature": 0.7}), 0)])
 
 
+def test_tokenizer_with_bos_scores_after_bos(model, model_dir, tmp_path):
+  """A tokenizer that adds BOS makes add_bos_token default to True: a context is scored after
+  BOS, and a rolling document is its tokens after one BOS (the prefix token), every one of them
+  scored, as a perplexity window is. A tokenizer without BOS keeps add_bos_token False."""
+  from transformers import PreTrainedTokenizerFast
+
+  from tests.test_windows_bos import save_tokenizer
+
+  tok = PreTrainedTokenizerFast.from_pretrained(save_tokenizer(str(tmp_path), "template"))
+  lm = jl.JaxpruneLM(model=model, tokenizer=tok, batch_size=4)
+  assert lm.add_bos_token and lm.prefix_token_id == 0
+  assert jl.JaxpruneLM(model=model, tokenizer=model_dir, batch_size=4).add_bos_token is False
+  rng = np.random.default_rng(5)
+  ctx, cont, doc = words(rng, 6), " " + words(rng, 2), words(rng, 20)
+
+  def ids(text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+  (lp, _), = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)])
+  assert lp == pytest.approx(direct(model, [0, *ids(ctx)], ids(cont))[0], **TINY_TOL)
+  roll, = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (doc,), 0)])
+  assert roll == pytest.approx(direct(model, [0], ids(doc))[0], **TINY_TOL)
+
+
 def test_registered_with_lm_eval():
   from lm_eval.api.registry import get_model
 

@@ -40,11 +40,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser(
       "eval", help="perplexity of a model on a text; zero-shot tasks through lm-eval",
       description="Perplexity on a text tokenized as one stream without special tokens and cut into "
-      "non-overlapping windows (the paper's protocol), and/or lm-evaluation-harness tasks run in-process "
-      "on the JAX model (--tasks; needs `pip install jaxprune[eval]`).")
+      "non-overlapping windows (the paper's protocol; each fed after BOS where the model's tokenizer adds BOS), "
+      "and/or lm-evaluation-harness tasks run in-process on the JAX model (--tasks; needs `pip install "
+      "jaxprune[eval]`).")
   p.add_argument("model", help="built-in name (smollm2-135m), Hugging Face directory, .gguf file or Hub id")
   p.add_argument("--text", default=None, help="UTF-8 text file, e.g. ../shared/data/wikitext-2/test.txt")
-  p.add_argument("--seq-len", type=int, default=128, help="window length in tokens (default 128)")
+  p.add_argument("--seq-len", type=int, default=128,
+                 help="window length in tokens, a BOS the tokenizer adds not counted (default 128)")
   p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
   p.add_argument("--batch-size", type=int, default=8,
                  help="windows (perplexity) or lm-eval requests per forward pass (default 8)")
@@ -174,7 +176,9 @@ def run(args) -> int:
     print(f"model       {cfg.model} ({model.source})")
     print(f"text        {cfg.text}")
     print(f"perplexity  {r.perplexity:.4f}")
-    print(f"windows     {r.windows} x {cfg.seq_len} tokens (batch {cfg.batch_size}, {cfg.dtype})")
+    # A window fed after BOS (data.bos_prefix) has all its seq_len tokens predicted, a plain one all but the first.
+    after = " after BOS" if r.tokens == r.windows * cfg.seq_len else ""
+    print(f"windows     {r.windows} x {cfg.seq_len} tokens{after} (batch {cfg.batch_size}, {cfg.dtype})")
     print(f"tokens      {r.tokens} predicted")
     print(f"throughput  {r.tokens_per_second:.1f} tokens/s ({r.seconds:.2f} s, including compilation)")
   if cfg.tasks:

@@ -52,7 +52,7 @@ def run(args) -> int:
 
   import jaxprune
   from jaxprune.cli.eval_cmd import load_model
-  from jaxprune.data import read_text, sample_windows, tokenize
+  from jaxprune.data import bos_prefix, read_text, sample_windows, tokenize
   from jaxprune.errors import UsageError
   from jaxprune.heal import HealConfig, heal
   from jaxprune.io.atomic import atomic_dir
@@ -70,12 +70,13 @@ def run(args) -> int:
   t0 = time.perf_counter()
   model = load_model(args.model, "float32", args.progress)
   tokenizer = jaxprune.load_tokenizer(args.model)
-  stream = tokenize(tokenizer, text)
-  train, idx = sample_windows(stream, args.seq_len, args.calib_samples, seed=args.seed, source=args.calib)
+  stream, prefix = tokenize(tokenizer, text), bos_prefix(tokenizer)
+  train, idx = sample_windows(stream, args.seq_len, args.calib_samples, seed=args.seed, source=args.calib,
+                              prefix=prefix)
   heldout = None
   if args.heldout:
     heldout, _ = sample_windows(stream, args.seq_len, args.heldout, seed=args.seed + 1, exclude=idx,
-                                source=args.calib)
+                                source=args.calib, prefix=prefix)
   load_s = time.perf_counter() - t0
 
   with tqdm(total=cfg.steps, unit="step", desc="heal", disable=not args.progress, file=sys.stderr) as bar:

@@ -23,11 +23,13 @@ def window_count(given: int | None, config, selfgen: bool) -> int:
 
 
 def calibration(args, model, tokenizer, config, n: int):
-  """`n` calibration windows [n, seq_len] of --calib: a text file, the model's own text, or random tokens."""
+  """`n` calibration windows [n, seq_len] of --calib: a text file, the model's own text, or random tokens,
+  each after the tokenizer's prefix (BOS where it adds one: [n, 1 + seq_len]; `data.bos_prefix`)."""
   from jaxprune.cli.progress import phase
-  from jaxprune.data import calibration_stream, sample_windows
+  from jaxprune.data import bos_prefix, calibration_stream, sample_windows
   from jaxprune.data.selfgen import random_tokens, self_generated
 
+  prefix = bos_prefix(tokenizer)
   if args.calib == "selfgen":
     from jaxprune.io.lazy import materialize
 
@@ -37,11 +39,11 @@ def calibration(args, model, tokenizer, config, n: int):
                "reads a text instead)", n, "self-generation", "win", args.show_progress) as update:
       return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
                             windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
-                            temperature=config.selfgen_temperature, progress=update)
+                            temperature=config.selfgen_temperature, prefix=prefix, progress=update)
   if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed)
+    return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed, prefix=prefix)
   windows, _ = sample_windows(calibration_stream(args.calib, tokenizer), args.seq_len, n, seed=config.seed,
-                              source=args.calib)
+                              source=args.calib, prefix=prefix)
   return windows
 
 

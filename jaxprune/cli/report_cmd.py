@@ -64,22 +64,25 @@ def _source_path(value: str, flag: str, what: str) -> str:
 def _calibration_windows(report: dict, calib: str, model, model_arg: str, n: int):
   """The first `n` of the run's calibration windows, rebuilt as `jaxprune prune` drew them."""
   import jaxprune
-  from jaxprune.data import read_text, sample_windows, tokenize
+  from jaxprune.data import bos_prefix, read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
 
   cal, cfg = report.get("calibration", {}), report.get("config", {})
   seq_len, total, seed = int(cal.get("seq_len", 128)), int(cal.get("windows", n)), int(cfg.get("seed", 0))
+  tokenizer = jaxprune.load_tokenizer(model_arg)
+  prefix = bos_prefix(tokenizer)  # as `jaxprune prune` fed them: after BOS where the tokenizer adds it
   if calib == "selfgen":
     from jaxprune.prune import PruneConfig  # reports from before these fields sampled as the defaults do
 
     per_text = int(cfg.get("selfgen_windows_per_text", PruneConfig.selfgen_windows_per_text))
     return self_generated(model.spec, model.params, n, seq_len, seed=seed, windows_per_text=per_text,
                           top_k=int(cfg.get("selfgen_top_k", PruneConfig.selfgen_top_k)),
-                          temperature=float(cfg.get("selfgen_temperature", PruneConfig.selfgen_temperature)))
+                          temperature=float(cfg.get("selfgen_temperature", PruneConfig.selfgen_temperature)),
+                          prefix=prefix)
   if calib == "random":
-    return random_tokens(model.spec.vocab_size, total, seq_len, seed=seed)[:n]
-  stream = tokenize(jaxprune.load_tokenizer(model_arg), read_text(calib))
-  windows, _ = sample_windows(stream, seq_len, max(total, n), seed=seed, source=calib)
+    return random_tokens(model.spec.vocab_size, total, seq_len, seed=seed, prefix=prefix)[:n]
+  stream = tokenize(tokenizer, read_text(calib))
+  windows, _ = sample_windows(stream, seq_len, max(total, n), seed=seed, source=calib, prefix=prefix)
   return windows[:n]
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.data.windows import prefixed
 from jaxprune.errors import UsageError
 from jaxprune.models import decode
 from jaxprune.spec import ModelSpec, Params
@@ -48,12 +49,18 @@ def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperatu
 
 def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: int = 0, *, temperature: float = 1.0,
                    top_k: int = 50, batch_size: int = 32, first_token: int | Sequence[int] | None = None,
-                   windows_per_text: int = 1, progress: Callable[[int], None] | None = None) -> np.ndarray:
-  """`n` windows [n, seq_len] of text sampled by the model itself from BOS.
+                   windows_per_text: int = 1, prefix: tuple[int, ...] = (),
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+  """`n` windows [n, len(prefix) + seq_len] of text sampled by the model itself from BOS.
 
   Args:
     first_token: the token every text starts with (default: the model's BOS id), or several:
       text i starts with `first_token[i % len(first_token)]`.
+    prefix: the tokenizer's prefix (`data.bos_prefix`): (BOS,) for a model whose tokenizer adds
+      BOS. Then a text is sampled after its one token, BOS, and every window is that token
+      followed by seq_len sampled tokens, [n, 1 + seq_len], as text windows are (a later window
+      of a text: BOS and the text's next seq_len tokens). Empty: windows of seq_len tokens,
+      the first window of a text starting with its first token.
     windows_per_text: consecutive windows cut from each sampled text. 1 (the paper's
       Self-Gen): every window is a text of its own, starting with the same token. More:
       texts of windows_per_text * seq_len tokens, so that most windows start mid-text,
@@ -64,7 +71,10 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
   so the first windows of a larger `n` are those of a smaller one. Batches are of equal
   size (at most `batch_size`): one compile.
   """
-  firsts = [spec.bos_token_id] if first_token is None else np.atleast_1d(first_token).tolist()
+  if len(prefix) > 1 or (prefix and first_token is not None):
+    raise UsageError(f"self-generated texts after a prefix start from it, one token (BOS); got prefix {prefix!r} "
+                     f"and first_token {first_token!r}; pass one of them")
+  firsts = list(prefix) or ([spec.bos_token_id] if first_token is None else np.atleast_1d(first_token).tolist())
   if firsts == [None]:
     raise UsageError("the model declares no BOS token id to start self-generated text from; pass first_token")
   bad = [t for t in firsts if not (isinstance(t, int) and 0 <= t < spec.vocab_size)]
@@ -72,10 +82,10 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
     raise UsageError(f"self-generated texts start from token ids in [0, {spec.vocab_size}), got {first_token!r}")
   if windows_per_text < 1:
     raise UsageError(f"windows_per_text must be a positive number of windows, got {windows_per_text}")
-  length = windows_per_text * seq_len
+  length = len(prefix) + windows_per_text * seq_len
   if length > spec.max_positions:
-    raise UsageError(f"self-generated texts of {windows_per_text} x {seq_len} tokens exceed the model's "
-                     f"{spec.max_positions} positions; use fewer windows per text or a shorter seq_len")
+    raise UsageError(f"self-generated texts of {len(prefix)} + {windows_per_text} x {seq_len} tokens exceed the "
+                     f"model's {spec.max_positions} positions; use fewer windows per text or a shorter seq_len")
   if not temperature > 0:
     raise UsageError(f"temperature must be positive, got {temperature}")
   texts = -(-n // windows_per_text)
@@ -90,9 +100,11 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
     rows.append(np.asarray(_sample(spec, params, keys, first, length, jnp.float32(temperature), int(top_k or 0))))
     if progress is not None:
       progress(min((start + batch) * windows_per_text, n) - min(start * windows_per_text, n))
-  return np.concatenate(rows)[:texts].reshape(-1, seq_len)[:n]
+  body = np.concatenate(rows)[:texts, len(prefix):]
+  return prefixed(body.reshape(-1, seq_len)[:n], tuple(prefix))
 
 
-def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int = 0) -> np.ndarray:
-  """Uniformly random token windows [n, seq_len] (data-free statistics, docs/method.md 2(b))."""
-  return np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq_len), dtype=np.int32)
+def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int = 0, prefix: tuple[int, ...] = ()) -> np.ndarray:
+  """Uniformly random token windows [n, seq_len] (data-free statistics, docs/method.md 2(b)), each after
+  `prefix` ([n, len(prefix) + seq_len]: the random tokens stand for text, which such a model sees after BOS)."""
+  return prefixed(np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq_len), dtype=np.int32), prefix)

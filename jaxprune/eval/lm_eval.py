@@ -15,7 +15,10 @@ The numerics follow lm-eval's `hf` backend: the same tokenization rules
 (`tok_encode`, empty contexts scored after the prefix token, left truncation to
 `max_length + 1` tokens, rolling windows from `lm_eval.utils`), float32
 log-softmax, and greedy decoding cut at the first stop string; the batched JAX
-scoring and decoding are in `jaxprune.eval.scoring`.
+scoring and decoding are in `jaxprune.eval.scoring`. One difference, for tokenizers
+that add BOS: a rolling document is its text's tokens after the prefix token (BOS),
+all of them scored, as perplexity windows are; `hf` encodes the document with its
+BOS and then scores that BOS after the prefix BOS.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from jaxprune.data.windows import bos_prefix
 from jaxprune.errors import UsageError
 from jaxprune.eval.scoring import continuation_logprobs, greedy_generate
 
@@ -72,7 +76,10 @@ class JaxpruneLM(TemplateLM):
     dtype: parameter dtype when loading (float32 or bfloat16; log-softmax is float32 either way).
     max_length: the longest input (default: the model's `max_positions`, as lm-eval's `hf` backend).
     max_gen_toks: default generation budget of `generate_until` (256, as `hf`).
-    add_bos_token, prefix_token_id: as in lm-eval's `hf` backend.
+    add_bos_token: whether requests are encoded with the tokenizer's special tokens, as in
+      lm-eval's `hf` backend; default: whether the tokenizer adds BOS (`data.bos_prefix`), so a
+      model like Gemma sees BOS before every context, as its perplexity windows do.
+    prefix_token_id: as in lm-eval's `hf` backend.
     device, max_batch_size: accepted for command-line compatibility; JAX places
       the computation on its default device (set JAX_PLATFORMS to choose).
   """
@@ -104,7 +111,7 @@ class JaxpruneLM(TemplateLM):
       raise UsageError(f"max_length {self._max_length} exceeds the model's {spec.max_positions} learned positions; "
                        f"use max_length={spec.max_positions} or less")
     self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
-    self.add_bos_token = add_bos_token
+    self.add_bos_token = bool(bos_prefix(tokenizer)) if add_bos_token is None else add_bos_token
     self.custom_prefix_token_id = prefix_token_id
     self.pretrained = pretrained
 
@@ -172,8 +179,9 @@ class JaxpruneLM(TemplateLM):
     windows, owner = [], []
     for i, (string,) in enumerate(req.args for req in requests):
       for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-          token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-          context_len=1)):
+          # The prefix token is the BOS a BOS-adding tokenizer would put first: the text goes without it.
+          token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
+          max_seq_len=self.max_length, context_len=1)):
         windows.append((None, ctx, cont))
         owner.append(i)
     scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)

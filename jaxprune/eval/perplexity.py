@@ -1,4 +1,9 @@
-"""Perplexity over token windows: jit-compiled, batched, f32 log-softmax."""
+"""Perplexity over token windows: jit-compiled, batched, f32 log-softmax.
+
+Every position but the last predicts the next token, so a window [T] scores T - 1 tokens:
+the N - 1 after the first of a plain N-token window, or all N of a window fed after BOS
+(`[BOS] + N`, `jaxprune.data.bos_prefix`), whose first token is predicted from BOS.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ class PerplexityResult:
   perplexity: float
   mean_nll: float
   windows: int
-  tokens: int  # predicted tokens: windows * (seq_len - 1)
+  tokens: int  # predicted tokens: windows * (T - 1), T the fed length (with BOS: T - 1 = seq_len)
   seconds: float
 
   @property
