@@ -83,6 +83,7 @@ class Family:
     table: Hugging Face tensor names <-> jaxprune leaves.
     gguf_arch: llama.cpp's architecture for uniform models, or None when there is no GGUF export.
     gguf_top, gguf_block: GGUF tensor name -> Hugging Face name (blocks without their prefix).
+    gguf_rope_permuted: llama.cpp permutes the rows of Q and K for its interleaved RoPE (its `llama` arch only).
     decilm: the DeciLM (nemotron-nas) export can hold the family.
     norm_offset: RMSNorm scales by (offset + weight): 1 for Gemma, whose weights are stored around 0.
     qk_norm: an RMSNorm over head_dim on every query and key head before RoPE (Qwen3, Gemma 3).
@@ -120,6 +121,7 @@ class Family:
   gguf_arch: str | None = None
   gguf_top: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
   gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
+  gguf_rope_permuted: bool = False
   decilm: bool = False
   norm_offset: float = 0.0
   qk_norm: bool = False

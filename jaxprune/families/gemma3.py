@@ -71,7 +71,7 @@ GEMMA3 = dataclasses.replace(
     remote_class="JaxpruneGemma3ForCausalLM", act_key="hidden_activation",
     native_biases=native_biases, config_extra=config_extra,
     table=dataclasses.replace(TABLE, block=BLOCK), tie_default=True, sliding=Sliding.LAYER_TYPES,
-    attention_bias_groups=("qkv", "o"), gguf_arch="gemma3", gguf_block=GGUF_BLOCK, decilm=False,
+    attention_bias_groups=("qkv", "o"), gguf_arch="gemma3", gguf_block=GGUF_BLOCK, gguf_rope_permuted=False, decilm=False,
     norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True, spec_keys=SPEC_KEYS,
     fixed_keys=MappingProxyType({"use_bidirectional_attention": False}),
 )

@@ -33,5 +33,6 @@ QWEN3 = dataclasses.replace(
     LLAMA, name="qwen3", model_type="qwen3", architectures=("Qwen3ForCausalLM",),
     remote_class="JaxpruneQwen3ForCausalLM", native_biases=native_biases, config_extra=config_extra,
     table=dataclasses.replace(TABLE, block=TABLE.block + QK_NORMS), strict_heads=False, sliding=Sliding.REFUSE,
-    gguf_arch="qwen3", gguf_block={**GGUF_BLOCK, **GGUF_QK_NORMS}, decilm=False, qk_norm=True,
+    gguf_arch="qwen3", gguf_block={**GGUF_BLOCK, **GGUF_QK_NORMS}, gguf_rope_permuted=False, decilm=False,
+    qk_norm=True,
 )

@@ -84,6 +84,9 @@ def gguf_problems(spec: ModelSpec) -> list[str]:
     writable = sorted(f.name for f in families.REGISTRY.values() if f.gguf_arch is not None)
     return [f"family {spec.family!r} has no GGUF export; supported: {', '.join(writable)}"]
   problems = []
+  if spec.fam.gguf_arch not in ("llama", "qwen2"):  # read from GGUF (io/gguf.py), not written
+    problems.append(f"jaxprune writes {spec.family} models only in Hugging Face form; convert that export "
+                    "(--format hf) with llama.cpp's convert_hf_to_gguf.py")
   uneven = [i for i, l in enumerate(spec.layers) if l.canonical().kv_map is not None]
   if uneven:
     problems.append(f"layers {uneven} have uneven query-to-KV groups; llama.cpp shares each KV head among a "

@@ -32,6 +32,11 @@ class ModuleKind:
   second_key: str
 
 
+  def post_norm(self, block: Params):
+    """The parameters of the norm the module's output passes before the residual add (Gemma), or None."""
+    return block.get(f"{self.name}_post_norm")
+
+
 ATTN = ModuleKind("attn", "attn_norm", "attn", lambda p: ("q", "k", "v"), "o")
 MLP = ModuleKind("mlp", "mlp_norm", "mlp", lambda p: ("gate", "up") if "gate" in p else ("up",), "down")
 KINDS = {"attn": ATTN, "mlp": MLP}
