@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxprune.errors import ShapeError
+from jaxprune.errors import ConfigError, ShapeError
 from jaxprune.model import Model
 from jaxprune.spec import LayerSpec, ModelSpec, Params, check_params
 
@@ -161,6 +161,10 @@ def to_flax(model: Model) -> LM:
     ShapeError: the parameters disagree with `model.spec`, or with the module
       built from it (every mismatching leaf is named).
   """
+  fam = model.spec.fam
+  if fam.qk_norm or fam.post_norms or fam.embed_scale or fam.norm_offset:
+    raise ConfigError(f"the Flax bridge builds LLaMA, Mistral, Qwen2 and GPT-2 decoders, not {fam.name} ones "
+                      "(q/k norms, post-norms); run it with jaxprune.logits or jaxprune.generate instead")
   check_params(model.spec, model.params)
   abstract = nnx.eval_shape(lambda: LM(model.spec, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)

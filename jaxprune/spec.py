@@ -143,6 +143,12 @@ class ModelSpec:
   act: str | None = None  # None: the family's default
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  # Gemma's per-model settings (None: the plain computation).
+  query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power instead of head_dim's
+  attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+  final_softcap: float | None = None  # the same on the logits
+  sliding_layers: tuple[int, ...] | None = None  # layers the window applies to (None: all, when there is one)
+  rope_local: RopeSpec | None = None  # the rotary settings of the sliding layers (None: `rope`)
 
   def __post_init__(self):
     fam = families.get(self.family)
@@ -152,6 +158,8 @@ class ModelSpec:
       raise ConfigError(f"activation {self.act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     if not isinstance(self.layers, tuple):
       object.__setattr__(self, "layers", tuple(self.layers))
+    if self.sliding_layers is not None and not isinstance(self.sliding_layers, tuple):
+      object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
     if not self.layers:
       raise ConfigError("a model needs at least one layer")
     if (fam.positions == "rope") != (self.rope is not None):
@@ -194,7 +202,13 @@ class ModelSpec:
         l["kv_map"] = tuple(l["kv_map"])
       layers.append(LayerSpec(**l))
     rope = RopeSpec(**d.pop("rope")) if d.get("rope") is not None else d.pop("rope", None)
+    if d.get("rope_local") is not None:
+      d["rope_local"] = RopeSpec(**d["rope_local"])
     return cls(layers=tuple(layers), rope=rope, **d)
+
+  def sliding(self, layer: int) -> bool:
+    """Whether the attention window applies to this layer."""
+    return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
 
 # --------------------------------------------------------------------------
@@ -208,6 +222,9 @@ def layer_shapes(spec: ModelSpec, layer: LayerSpec) -> Params:
 
   def norm():
     return {"scale": (D,), "bias": (D,)} if fam.norm == "layer" else {"scale": (D,)}
+
+  post = {"attn_post_norm": norm(), "mlp_post_norm": norm()} if fam.post_norms else {}
+  qk_norms = {"q_norm": {"scale": (H,)}, "k_norm": {"scale": (H,)}} if fam.qk_norm else {}
 
   def proj(kernel, bias, with_bias):
     return {"kernel": kernel, "bias": bias} if with_bias else {"kernel": kernel}
@@ -225,9 +242,11 @@ def layer_shapes(spec: ModelSpec, layer: LayerSpec) -> Params:
           "k": proj((D, K, H), (K, H), spec.qkv_bias),
           "v": proj((D, K, H), (K, H), spec.qkv_bias),
           "o": proj((N, H, D), (D,), spec.o_bias),
+          **qk_norms,
       },
       "mlp_norm": norm(),
       "mlp": mlp,
+      **post,
   }
 
 

@@ -82,6 +82,7 @@ def prune_heads(block: Params, layer: LayerSpec, heads, *, free_groups: bool = F
   kv_keep, kv_map = kept_kv_heads(layer, heads, free_groups)
   a = block["attn"]
   attn = {
+      **a,  # the q/k norms act on head_dim, shared by every head: kept whole
       "q": _take(a["q"], heads, {"kernel": 1, "bias": 0}),
       "k": _take(a["k"], kv_keep, {"kernel": 1, "bias": 0}),
       "v": _take(a["v"], kv_keep, {"kernel": 1, "bias": 0}),

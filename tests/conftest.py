@@ -15,7 +15,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 from tests import tiny  # noqa: E402
 
 
-# The test files that cost the most (the SmolLM2 and `slow` ones), most costly first: only the
+# The test files that cost the most (the SmolLM2, Gemma-3-270M and `slow` ones), most costly first: only the
 # order matters. test_export_smollm2 is first by measurement (its dense layout alone took about
 # 6 CPU minutes, float64 SmolLM2 runs for its bounds); the others are ordered by what they run.
 # scripts/test.sh hands whole files to two workers in collection order (--dist loadfile
@@ -24,6 +24,7 @@ from tests import tiny  # noqa: E402
 # and one worker ran them alone while the other idled.
 COSTLIEST_FIRST = (
     "test_export_smollm2.py",
+    "test_gemma3_270m.py",
     "test_streaming.py",
     "test_lm_eval.py",
     "test_notebook.py",

@@ -45,9 +45,9 @@ def _spec(tiny_dir, name: str):
 
 
 def _pruned(spec):
-  """`spec` with layer 0 at half its heads (whole KV groups) and fewer MLP channels: a per-layer config."""
+  """`spec` with layer 0 at half its heads (whole KV groups, or within the one group) and fewer MLP channels."""
   l = spec.layers[0]
-  return spec.with_layers([LayerSpec(l.num_heads // 2, l.num_kv_heads // 2, l.head_dim, l.ffn_dim - 8),
+  return spec.with_layers([LayerSpec(l.num_heads // 2, max(1, l.num_kv_heads // 2), l.head_dim, l.ffn_dim - 8),
                            *spec.layers[1:]])
 
 
@@ -150,7 +150,7 @@ def test_every_architecture_is_a_transformers_class():
 
 
 @pytest.mark.parametrize("lookup,needle", [
-    (lambda: families.get("bert"), "model family 'bert' is not supported; supported families: gpt2, llama"),
+    (lambda: families.get("bert"), "model family 'bert' is not supported; supported families: gemma3, gpt2, llama"),
     (lambda: families.for_model_type("bert"), "model_type 'bert' is not supported; supported: llama, mistral"),
 ])
 def test_unknown_family_is_one_line(lookup, needle):

@@ -70,8 +70,13 @@ def sharpen(model, factor=8.0):
         blk.attn.c_attn.weight[:, :2 * model.config.n_embd].mul_(factor)
     else:
       for layer in model.model.layers:
+        a = layer.self_attn
         layer.self_attn.q_proj.weight.mul_(factor)
         layer.self_attn.k_proj.weight.mul_(factor)
+        if hasattr(a, "q_norm"):  # the q/k norms undo a scale of W_Q, W_K: scale theirs ((1 + w) in Gemma)
+          offset = 1.0 if model.config.model_type.startswith("gemma") else 0.0
+          for n in (a.q_norm, a.k_norm):
+            n.weight.copy_((n.weight + offset) * factor - offset)
   return model
 
 
@@ -86,18 +91,19 @@ def test_logit_parity_with_sharp_attention(tmp_path, kind):
   assert_parity(str(tmp_path), np.asarray(logits(spec, params, ids)), ids, f"tiny {kind} sharp")
 
 
-def test_mistral_sliding_window_changes_logits(tiny_dir):
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_sliding_window_changes_logits(tiny_dir, kind):
   # The same weights without the window must give different logits after position 8,
-  # so the parity test above really exercises the window.
+  # so the parity test above really exercises the window (Gemma: on its sliding layer).
   import dataclasses
 
-  spec, params = _spec_params(tiny_dir("mistral"))
+  spec, params = _spec_params(tiny_dir(kind))
   ids = tokens()
   windowed = np.asarray(logits(spec, params, ids))
   full = np.asarray(logits(dataclasses.replace(spec, sliding_window=None), params, ids))
   # Before position 8 the two masks differ only in entries that softmax turns into exact
   # zeros, so the logits agree within two float32 forwards' bound (tests/numerics.py) ...
-  bound = 2 * forward_bound(tiny_dir("mistral"), ids)
+  bound = 2 * forward_bound(tiny_dir(kind), ids)
   np.testing.assert_allclose(windowed[:, :8], full[:, :8], atol=bound, rtol=0)
   # ... and after it they differ by far more than that.
   assert np.max(np.abs(windowed[:, 8:] - full[:, 8:])) > 100 * bound

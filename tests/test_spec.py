@@ -117,7 +117,7 @@ def test_uneven_groups_and_canonical_form():
 
 
 def test_model_spec_errors():
-  with pytest.raises(ConfigError, match="model family 'bert' is not supported; supported families: gpt2, llama"):
+  with pytest.raises(ConfigError, match="model family 'bert' is not supported; supported families: gemma3, gpt2, llama"):
     llama_spec(8, [LayerSpec(1, 1, 8, 8)]).__class__(
         family="bert", vocab_size=4, hidden_size=8, layers=(LayerSpec(1, 1, 8, 8),), norm_eps=1e-5,
         max_positions=8, tie_embeddings=True)

@@ -13,6 +13,13 @@ KINDS = {
                                        mlp_bias=True)),
     "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2)),
     "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    # Every other layer slides (Gemma-3-270M: five of every six). head_dim 32
+    # with 4 heads is wider than hidden (Gemma-3-270M's 256 x 4 over 640); one KV head, as there.
+    "gemma3": ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                        sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
+                                        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+                                        sliding_window_pattern=2, bos_token_id=2)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)),
 }
 LLAMA_LIKE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -11,12 +11,14 @@ from types import MappingProxyType
 
 from jaxprune.errors import ConfigError
 from jaxprune.families.base import Family
+from jaxprune.families.gemma3 import GEMMA3
 from jaxprune.families.gpt2 import GPT2
 from jaxprune.families.llama import LLAMA
 from jaxprune.families.mistral import MISTRAL
 from jaxprune.families.qwen2 import QWEN2
+from jaxprune.families.qwen3 import QWEN3
 
-_REGISTRY: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, GPT2)}
+_REGISTRY: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, GPT2, QWEN3, GEMMA3)}
 # A read-only view for callers that list or test membership (jaxprune.FAMILIES).
 REGISTRY = MappingProxyType(_REGISTRY)
 

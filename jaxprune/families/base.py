@@ -43,6 +43,7 @@ class Sliding(enum.StrEnum):
   READ = "read"  # the window is part of the model (Mistral)
   REFUSE = "refuse"  # the config can switch one on, which jaxprune does not compute (Qwen2)
   IGNORE = "ignore"  # the config has no window (LLaMA, GPT-2)
+  LAYER_TYPES = "layer_types"  # the window is on the layers `layer_types` marks sliding, with their own RoPE (Gemma 3)
 
 
 # Hugging Face activation names -> jaxprune's; every family's config may name any of them.
@@ -82,7 +83,15 @@ class Family:
     table: Hugging Face tensor names <-> jaxprune leaves.
     gguf_arch: llama.cpp's architecture for uniform models, or None when there is no GGUF export.
     gguf_top, gguf_block: GGUF tensor name -> Hugging Face name (blocks without their prefix).
+    gguf_rope_permuted: llama.cpp permutes the rows of Q and K for its interleaved RoPE (its `llama` arch only).
     decilm: the DeciLM (nemotron-nas) export can hold the family.
+    norm_offset: RMSNorm scales by (offset + weight): 1 for Gemma, whose weights are stored around 0.
+    qk_norm: an RMSNorm over head_dim on every query and key head before RoPE (Qwen3, Gemma 3).
+    post_norms: each module's output is normalized before the residual add (Gemma 2 and 3).
+    embed_scale: token embeddings are multiplied by sqrt(hidden_size) (Gemma).
+    spec_keys: config keys only this family has -> the ModelSpec fields holding them (Gemma's scalings);
+      None: a key the family's transformers code reads nowhere, accepted and ignored as there.
+    fixed_keys: config keys this family reads only at one value (anything else is refused).
   """
 
   name: str
@@ -112,9 +121,27 @@ class Family:
   gguf_arch: str | None = None
   gguf_top: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
   gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
+  gguf_rope_permuted: bool = False
   decilm: bool = False
+  norm_offset: float = 0.0
+  qk_norm: bool = False
+  post_norms: bool = False
+  embed_scale: bool = False
+  spec_keys: Mapping[str, str | None] = dataclasses.field(default_factory=lambda: _EMPTY)
+  fixed_keys: Mapping[str, Any] = dataclasses.field(default_factory=lambda: _EMPTY)
 
   @property
   def embed_tensor(self) -> str:
     """The Hugging Face name of the token embedding (a tied LM head's weight)."""
     return next(r.hf for r in self.table.top if r.paths == (("embed", "embedding"),))
+
+
+def rope_parameters(rope) -> dict:
+  """A `RopeSpec` as Hugging Face's `rope_parameters`."""
+  params = {"rope_type": rope.kind, "rope_theta": float(rope.theta)}
+  if rope.kind in ("linear", "llama3"):
+    params["factor"] = float(rope.factor)
+  if rope.kind == "llama3":
+    params.update(low_freq_factor=float(rope.low_freq_factor), high_freq_factor=float(rope.high_freq_factor),
+                  original_max_position_embeddings=int(rope.original_max_positions))
+  return params

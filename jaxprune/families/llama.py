@@ -81,5 +81,5 @@ LLAMA = Family(
                                  "intermediate_size": "intermediate_size"}),
     table=TABLE, native_biases=native_biases, config_extra=config_extra,
     strict_heads=True, attention_bias_groups=("qkv", "o"),
-    gguf_arch="llama", gguf_top=GGUF_TOP, gguf_block=GGUF_BLOCK, decilm=True,
+    gguf_arch="llama", gguf_top=GGUF_TOP, gguf_block=GGUF_BLOCK, gguf_rope_permuted=True, decilm=True,
 )

@@ -23,5 +23,5 @@ QWEN2 = dataclasses.replace(
     LLAMA, name="qwen2", model_type="qwen2", architectures=("Qwen2ForCausalLM",),
     remote_class="JaxpruneQwen2ForCausalLM", native_biases=native_biases, config_extra=config_extra,
     strict_heads=False, sliding=Sliding.REFUSE, attention_bias_groups=(), fixed_biases=("qkv",),
-    fallback="llama", gguf_arch="qwen2", decilm=False,
+    fallback="llama", gguf_arch="qwen2", gguf_rope_permuted=False, decilm=False,
 )

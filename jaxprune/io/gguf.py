@@ -1,13 +1,14 @@
-"""Reading GGUF files (LLaMA architecture).
+"""Reading GGUF files (llama.cpp's `llama`, `qwen3` and `gemma3` architectures).
 
 The header (metadata and tensor table) is parsed here with `struct` straight
 from a memory map: `gguf.GGUFReader` builds a numpy view per metadata value,
 which takes seconds for a 49k-token vocabulary. Tensors are dequantized to
 float32 with `gguf.quants.dequantize`, so every quantization type that package
 implements is supported. llama.cpp's converter permutes the rows of Q and K
-for its interleaved RoPE; they are permuted back exactly as transformers' GGUF
-loader does, so the weights are in Hugging Face layout and go through the same
-key table as a Hugging Face checkpoint.
+for its interleaved RoPE (`llama` only), and stores Gemma's norm weights with
+their +1 added; both are undone exactly as transformers' GGUF loader does, so
+the weights are in Hugging Face layout and go through the same key table as a
+Hugging Face checkpoint.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import numpy as np
 
 from jaxprune import families
 from jaxprune.errors import CheckpointError, ConfigError
+from jaxprune.families.base import Family, Sliding
 from jaxprune.io.hf import to_device
 from jaxprune.io.hf_config import spec_from_hf_config
 from jaxprune.io.mapping import tensors_to_params
 from jaxprune.model import Model
 from jaxprune.spec import check_params
 
-# GGUF files are read as LLaMA: llama.cpp's `llama` architecture is its layout, under llama.cpp's tensor names.
-_FAMILY = families.get("llama")
-SUPPORTED_ARCHS = (_FAMILY.gguf_arch,)
+# The family each readable llama.cpp architecture is read as (Mistral's GGUF files are `llama` ones).
+_FAMILIES = {f.gguf_arch: f for f in map(families.get, ("llama", "qwen3", "gemma3"))}
+SUPPORTED_ARCHS = tuple(_FAMILIES)
 GGUF_VERSIONS = (2, 3)
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
@@ -166,6 +168,7 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
   arch = reader.fields.get("general.architecture")
   if arch not in SUPPORTED_ARCHS:
     raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
+  fam = _FAMILIES[arch]
   a = lambda k, d=None: reader.fields.get(f"{arch}.{k}", d)  # noqa: E731
   n = lambda k, d=None, integer=True: _meta(reader.fields, f"{arch}.{k}", d, path, integer)  # noqa: E731
   names = {t.name for t in reader.tensors}
@@ -176,7 +179,7 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
     vocab = _meta({"tokenizer.ggml.tokens": len(reader.fields.get("tokenizer.ggml.tokens", ()))},
                   "tokenizer.ggml.tokens", None, path)
   cfg = {
-      "model_type": _FAMILY.model_type,
+      "model_type": fam.model_type,
       "vocab_size": n("vocab_size", vocab),
       "hidden_size": hidden,
       "intermediate_size": n("feed_forward_length"),
@@ -188,7 +191,7 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
       "max_position_embeddings": n("context_length", 2048),
       "tie_word_embeddings": "output.weight" not in names,
       "attention_bias": "blk.0.attn_q.bias" in names,
-      "hidden_act": "silu",
+      fam.act_key: fam.act_to_hf[fam.act],
       "bos_token_id": reader.fields.get("tokenizer.ggml.bos_token_id"),
       "eos_token_id": reader.fields.get("tokenizer.ggml.eos_token_id"),
   }
@@ -202,7 +205,19 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
     raise ConfigError(f"{path}: GGUF per-frequency RoPE factors (rope_freqs.weight, as in Llama 3.1) are not "
                       "supported; load the Hugging Face checkpoint instead")
   cfg["rope_parameters"] = rope
+  if fam.sliding == Sliding.LAYER_TYPES:
+    # llama.cpp's gemma3 keeps transformers' defaults for what it does not store: the window on five
+    # of every six layers, the sliding layers' RoPE base 10k, query_pre_attn_scalar = head_dim.
+    cfg["sliding_window"] = a("attention.sliding_window")
+    cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                                            "rope_theta": 10000.0}}
+    cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+    cfg["final_logit_softcapping"] = a("final_logit_softcapping")
   return cfg
+
+
+def _family(reader: GGUFFile) -> Family:
+  return _FAMILIES[reader.fields.get("general.architecture")]
 
 
 def _meta(fields: dict, key: str, default, path: str, integer: bool = True):
@@ -239,24 +254,28 @@ def _dequantize(t: GGUFTensor, path: str) -> np.ndarray:
 
 def _hf_names(reader: GGUFFile, path: str = "") -> dict[str, GGUFTensor]:
   """Hugging Face key -> the GGUF tensor holding it."""
-  top, block = _FAMILY.gguf_top, _FAMILY.gguf_block
+  fam = _family(reader)
+  top, block = fam.gguf_top, fam.gguf_block
   out = {}
   for t in reader.tensors:
     m = _BLOCK_RE.fullmatch(t.name)
     if m and m.group(2) in block:
-      key = _FAMILY.table.block_prefix.format(i=m.group(1)) + block[m.group(2)]
+      key = fam.table.block_prefix.format(i=m.group(1)) + block[m.group(2)]
     elif t.name in top:
       key = top[t.name]
     else:
-      raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a {_FAMILY.name} model; expected only "
+      raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for a {fam.name} model; expected only "
                             f"{', '.join(top)} and blk.N.{{{', '.join(block)}}}")
     out[key] = t
   return out
 
 
 def _hf_tensor(t: GGUFTensor, cfg: dict, path: str) -> np.ndarray:
-  """One tensor dequantized to f32, with llama.cpp's Q/K row permutation undone."""
+  """One tensor dequantized to f32, with llama.cpp's Q/K row permutation (llama) and norm offset (Gemma) undone."""
   w = _dequantize(t, path)
+  fam = families.for_model_type(cfg["model_type"])
+  if not fam.gguf_rope_permuted:
+    return w - np.float32(fam.norm_offset) if fam.norm_offset and t.name.endswith("norm.weight") else w
   if ".attn_q." in t.name:
     w = reverse_permute(w, cfg["num_attention_heads"])
   elif ".attn_k." in t.name:

@@ -82,10 +82,14 @@ def tensor_type(dtype: str | None) -> str:
   return name
 
 
+# llama.cpp architectures jaxprune writes (Qwen3's and Gemma 3's files are read, io/gguf.py, not written).
+_WRITTEN_ARCHS = ("llama", "qwen2")
+
+
 def gguf_problems(spec: ModelSpec) -> list[str]:
   """Why llama.cpp cannot run `spec` as jaxprune writes it (empty when it can)."""
-  if spec.fam.gguf_arch is None:
-    writable = sorted(f.name for f in families.REGISTRY.values() if f.gguf_arch is not None)
+  if spec.fam.gguf_arch not in _WRITTEN_ARCHS:
+    writable = sorted(f.name for f in families.REGISTRY.values() if f.gguf_arch in _WRITTEN_ARCHS)
     return [f"family {spec.family!r} has no GGUF export; supported: {', '.join(writable)}"]
   problems = []
   uneven = [i for i, l in enumerate(spec.layers) if l.canonical().kv_map is not None]

@@ -48,8 +48,12 @@ def _own_auto_map(cfg: Mapping[str, Any]) -> bool:
   return isinstance(m, dict) and set(m) == {"AutoModelForCausalLM"} and m["AutoModelForCausalLM"] in own
 
 
-def _check_keys(cfg: Mapping[str, Any]) -> None:
-  unknown = sorted(k for k in cfg if k not in _HARMLESS and not (k == "auto_map" and _own_auto_map(cfg)))
+def _check_keys(fam: Family, cfg: Mapping[str, Any]) -> None:
+  own = {fam.act_key, *fam.spec_keys, *fam.fixed_keys}
+  if fam.sliding == Sliding.LAYER_TYPES:  # the older spellings of the window's layers and local RoPE
+    own |= {"sliding_window_pattern", "_sliding_window_pattern", "rope_local_base_freq"}
+  unknown = sorted(k for k in cfg
+                   if k not in _HARMLESS and k not in own and not (k == "auto_map" and _own_auto_map(cfg)))
   if unknown:
     *rest, last = (f.model_type for f in families.REGISTRY.values())
     raise ConfigError(
@@ -62,8 +66,12 @@ def _refuse(key, value, supported):
   raise ConfigError(f"config {key}={value!r} is not supported; supported: {supported}")
 
 
-def _rope(cfg: Mapping[str, Any]) -> RopeSpec:
+def _rope(cfg: Mapping[str, Any], layer_type: str | None = None) -> RopeSpec:
   params = dict(_get(cfg, "rope_parameters", {}) or {})
+  if layer_type is not None:  # Gemma 3: one set per layer type
+    params = dict(params.get(layer_type) or {})
+    if layer_type == "sliding_attention" and "rope_theta" not in params:
+      params["rope_theta"] = float(_get(cfg, "rope_local_base_freq", 10000.0))
   legacy = dict(_get(cfg, "rope_scaling", {}) or {})
   params = {**legacy, **params}
   theta = float(params.get("rope_theta", _get(cfg, "rope_theta", 10000.0)))
@@ -118,7 +126,10 @@ def _per_layer(cfg: Mapping[str, Any], n_layers: int, aliases: Mapping[str, str]
 def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
   """ModelSpec for a Hugging Face config dict (as in config.json)."""
   fam = families.for_model_type(cfg.get("model_type"))
-  _check_keys(cfg)
+  _check_keys(fam, cfg)
+  for key, want in fam.fixed_keys.items():
+    if cfg.get(key, want) not in (want, None):
+      _refuse(key, cfg[key], repr(want))
   return _SPEC_READERS[fam.config_layout](fam, cfg)
 
 
@@ -143,6 +154,10 @@ def _llama_spec(fam: Family, cfg: Mapping[str, Any]) -> ModelSpec:
     types = cfg.get("layer_types") or []
     if cfg.get("use_sliding_window") or "sliding_attention" in types:
       _refuse("use_sliding_window", True, "False (full attention in every layer)")
+  by_type = {}
+  if fam.sliding == Sliding.LAYER_TYPES:
+    by_type = _layer_types(cfg, n_layers)
+    sliding = by_type["sliding_window"]
   return ModelSpec(
       family=fam.name,
       vocab_size=int(cfg["vocab_size"]),
@@ -151,13 +166,30 @@ def _llama_spec(fam: Family, cfg: Mapping[str, Any]) -> ModelSpec:
       norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
       max_positions=int(_get(cfg, "max_position_embeddings", 2048)),
       tie_embeddings=bool(_get(cfg, "tie_word_embeddings", fam.tie_default)),
-      rope=_rope(cfg),
+      rope=_rope(cfg, "full_attention" if by_type else None),
       sliding_window=int(sliding) if sliding is not None else None,
+      sliding_layers=by_type.get("sliding_layers"),
+      rope_local=by_type.get("rope_local"),
+      **{field: float(cfg[key]) for key, field in fam.spec_keys.items() if field and cfg.get(key) is not None},
       **_biases(fam, cfg),
       act=_act(fam, cfg),
       bos_token_id=_token_id(cfg.get("bos_token_id")),
       eos_token_id=_token_id(cfg.get("eos_token_id")),
   )
+
+
+def _layer_types(cfg: Mapping[str, Any], n_layers: int) -> dict:
+  """Gemma 3's window: on the layers `layer_types` marks sliding (by default five of every
+  `sliding_window_pattern`), each with the sliding layers' RoPE."""
+  pattern = int(_get(cfg, "sliding_window_pattern", _get(cfg, "_sliding_window_pattern", 6)))
+  types = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(n_layers)]
+  if len(types) != n_layers or set(types) - {"sliding_attention", "full_attention"}:
+    _refuse("layer_types", types, f"{n_layers} entries, each sliding_attention or full_attention")
+  window = cfg.get("sliding_window")
+  return {"sliding_window": window,
+          "sliding_layers": tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+          "rope_local": _rope(cfg, "sliding_attention")}
 
 
 def _token_id(v):

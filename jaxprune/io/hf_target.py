@@ -13,7 +13,7 @@ import dataclasses
 
 from jaxprune import families
 from jaxprune.errors import ConfigError
-from jaxprune.families.base import ConfigLayout, Sliding
+from jaxprune.families.base import ConfigLayout, Sliding, rope_parameters
 from jaxprune.spec import ModelSpec
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,9 @@ def _bias_plan(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
   flags = fam.native_biases(spec)
   if flags is not None:
     return fam.model_type, flags
+  if fam.fallback is None and fam.sliding != Sliding.IGNORE:  # Qwen3, Gemma 3: nothing else computes their block
+    raise ConfigError(f"this {fam.name} model has MLP biases, which transformers' {fam.name} code cannot hold "
+                      "(prune without an intercept to keep it exportable)")
   if spec.sliding_window is not None:
     if fam.sliding == Sliding.READ:
       has = _has_biases(spec)
@@ -64,7 +67,7 @@ def _bias_plan(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
           f"this {fam.name} model has biases ({', '.join(k for k, v in has.items() if v)}) that transformers' "
           f"{fam.name} code cannot hold, and sliding_window={spec.sliding_window} that its {fam.fallback} code "
           "cannot express, so no transformers family computes it (prune without an intercept to keep it exportable)")
-    windowed = [f.name for f in families.REGISTRY.values() if f.sliding == Sliding.READ]
+    windowed = [f.name for f in families.REGISTRY.values() if f.sliding in (Sliding.READ, Sliding.LAYER_TYPES)]
     raise ConfigError(f"a {fam.name} model with sliding_window={spec.sliding_window} has no transformers config; "
                       f"only {', '.join(windowed)} configs (without biases) express a sliding window")
   target = families.get(fam.fallback)
@@ -110,16 +113,6 @@ def _per_layer_config(spec: ModelSpec, base: dict, groups) -> dict[str, dict]:
   return out
 
 
-def _rope_parameters(rope) -> dict:
-  params = {"rope_type": rope.kind, "rope_theta": float(rope.theta)}
-  if rope.kind in ("linear", "llama3"):
-    params["factor"] = float(rope.factor)
-  if rope.kind == "llama3":
-    params.update(low_freq_factor=float(rope.low_freq_factor), high_freq_factor=float(rope.high_freq_factor),
-                  original_max_position_embeddings=int(rope.original_max_positions))
-  return params
-
-
 def _llama_config(spec: ModelSpec, fam, flags: dict[str, bool]) -> tuple[dict, bool]:
   n, D, H = spec.num_layers, spec.hidden_size, spec.layers[0].head_dim
   heads = [(l.num_heads, l.num_kv_heads) for l in spec.layers]
@@ -140,10 +133,10 @@ def _llama_config(spec: ModelSpec, fam, flags: dict[str, bool]) -> tuple[dict, b
       "num_key_value_heads": K,
       "head_dim": H,
       "intermediate_size": F,
-      "hidden_act": fam.act_to_hf[spec.act],
+      fam.act_key: fam.act_to_hf[spec.act],
       "max_position_embeddings": spec.max_positions,
       "rms_norm_eps": float(spec.norm_eps),
-      "rope_parameters": _rope_parameters(spec.rope),
+      "rope_parameters": rope_parameters(spec.rope),
       "tie_word_embeddings": spec.tie_embeddings,
       "bos_token_id": spec.bos_token_id,
       "eos_token_id": spec.eos_token_id,

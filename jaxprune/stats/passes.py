@@ -220,9 +220,22 @@ def gather_hidden(h: HiddenOut, mesh) -> HiddenOut:
   return h._replace(hidden=jax.device_put(moments.join(h.hidden), sharding.replicated(mesh)))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def second_apply(x2, w2, b2, xp, yd, mesh=None):
-  """Advances the pruned stream by the second level on X2: xp + X2 W2 + b2; also sum ||y - yd||^2.
+def _joined(cfg, post_p, y):
+  """A module's output as it joins the residual stream: through the module's post-norm
+  (Gemma; `post_p` its parameters) if it has one. Fits and errors stay on y itself."""
+  return y if post_p is None else L.norm(cfg, post_p, y)
+
+
+def post_kw(kind: A.ModuleKind, cfg: L.BlockConfig, block) -> dict:
+  """`second_apply`'s and `add`'s keywords for a module of `block`: its post-norm, if it has one."""
+  post_p = kind.post_norm(block)
+  return {} if post_p is None else {"cfg": cfg, "post_p": post_p}
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "cfg"))
+def second_apply(x2, w2, b2, xp, yd, mesh=None, cfg=None, post_p=None):
+  """Advances the pruned stream by the second level on X2: xp + X2 W2 + b2 (through the
+  post-norm `post_p` if given, with `cfg`); also sum ||y - yd||^2, before any post-norm.
 
   `w2` [U2, D] has the full width of X2 with the removed units' rows zero, so
   every module of one shape shares one compile whatever it keeps. `yd` may be None.
@@ -234,7 +247,7 @@ def second_apply(x2, w2, b2, xp, yd, mesh=None):
     y = y.astype(jnp.result_type(x2_c, w2))
     if yd_c is not None:
       err = sharding.laid_out_shards(err + _by_shard(_sq, mesh)(y - yd_c), mesh)
-    return err, xp_c + y.astype(xp_c.dtype)
+    return err, xp_c + _joined(cfg, post_p, y).astype(xp_c.dtype)
 
   err, xp_next = jax.lax.scan(body, sharding.stack_shards(jnp.zeros((), F32), mesh), (x2, xp, yd))
   return sharding.laid_out_stream(xp_next, mesh), sharding.laid_out_replicated(sharding.sum_shards(err, mesh), mesh)
@@ -275,9 +288,10 @@ def block_pass(cfg: L.BlockConfig, blk, x, positions, mesh=None):
   return sharding.laid_out_stream(out, mesh)
 
 
-@jax.jit
-def add(x, y):
-  return x + y.astype(x.dtype)
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def add(x, y, cfg=None, post_p=None):
+  """x + y, y through the post-norm `post_p` (with `cfg`) if given."""
+  return x + _joined(cfg, post_p, y).astype(x.dtype)
 
 
 @jax.jit
