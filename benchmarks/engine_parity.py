@@ -58,11 +58,26 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxprune", "parity")
 
 
 def _engine():
-  try:
+  """The engine of the jaxprune under test. Chosen by what its package holds, not by trying
+  imports: in an environment with another checkout installed editable, setuptools' finder
+  serves a module the tested checkout lacks (jaxprune.prune) from the installed one."""
+  import jaxprune
+  if os.path.isdir(os.path.join(os.path.dirname(jaxprune.__file__), "prune")):
     from jaxprune.prune import PruneConfig, prune
-  except ImportError:  # versions before the jaxprune.prune package
-    from jaxprune.prune import PruneConfig, prune
+  else:  # versions before the jaxprune.prune package
+    from jaxprune.pipeline import PruneConfig, prune
   return PruneConfig, prune
+
+
+def check_one_checkout() -> None:
+  """Every jaxprune module loaded comes from the checkout under test (no mixed versions)."""
+  import jaxprune
+  root = os.path.dirname(os.path.abspath(jaxprune.__file__))
+  strays = sorted(n for n, m in list(sys.modules.items()) if (n == "jaxprune" or n.startswith("jaxprune."))
+                  and getattr(m, "__file__", None) and not os.path.abspath(m.__file__).startswith(root + os.sep))
+  if strays:
+    raise SystemExit(f"engine_parity: modules {strays[:5]} come from another checkout than {root}; "
+                     "run from a directory outside both checkouts with PYTHONPATH naming the one to test")
 
 
 def digest(values) -> str:
@@ -101,6 +116,7 @@ class CachedData(quality.Data):
 def run_row(data, name: str, ratio: float) -> dict:
   from jaxprune.eval import perplexity
   PruneConfig, prune = _engine()
+  check_one_checkout()
   _, preset, kwargs, source = next(r for r in quality.RUNS if r[0] == name)
   kwargs = quality.resolve(kwargs, ratio)
   config = PruneConfig.preset(preset, **kwargs, seed=SEED)
@@ -109,6 +125,7 @@ def run_row(data, name: str, ratio: float) -> dict:
   res = prune(data.model, calib, config)
   kept = {f"{m['layer']}.{m['module']}": m["kept"] for m in res.report["modules"]}
   evals = {t: perplexity(res.model.spec, res.model.params, w) for t, w in data.texts().items()}
+  check_one_checkout()
   return {"name": name, "ratio": ratio, "seed": SEED, "params": int(res.model.num_params),
           "kept_digest": {m: digest(k) for m, k in kept.items()},
           "kept_count": {m: len(k) for m, k in kept.items()},
