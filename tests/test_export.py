@@ -351,7 +351,7 @@ def test_unsupported_family_refused(models, monkeypatch, tmp_path):
   base = models("llama_gqa")
   model = Model(dataclasses.replace(base.spec, family="gemma"), base.params)
   out = str(tmp_path / "g")
-  with pytest.raises(ConfigError, match="family 'gemma' cannot be exported; supported: gpt2, llama, mistral, qwen2"):
+  with pytest.raises(ConfigError, match="family 'gemma' cannot be exported; supported: gemma3, gpt2, llama, mistral, qwen2, qwen3"):
     save_hf(model, out)
   with pytest.raises(ConfigError, match="gemma"):
     save_hf(model, out, jax_only=True)
