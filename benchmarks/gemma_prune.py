@@ -46,8 +46,9 @@ def main() -> int:
   model = jaxprune.load("gemma3-270m")
   bos = model.spec.bos_token_id
   texts = {n: bos_windows(tokenize(tokenizer, read_text(p)), WINDOWS, LENGTH, bos) for n, p in TEXTS.items()}
-  calib, _ = sample_windows(tokenize(tokenizer, read_text(VALID)), LENGTH, CALIB, seed=SEED, source=VALID)
-  calib = np.concatenate([np.full((CALIB, 1), bos, np.int32), np.asarray(calib, np.int32)], axis=1)
+  calib, _ = sample_windows(tokenize(tokenizer, read_text(VALID)), LENGTH, CALIB, seed=SEED, source=VALID,
+                            prefix=(bos,))
+  calib = np.asarray(calib, np.int32)
   result = json.load(open(OUT)) if os.path.exists(OUT) else {"benchmark": "gemma_prune", "rows": []}
   result["protocol"] = __doc__.split("\n\n", 2)[2].strip()
   parity = os.path.join(ROOT, "benchmarks", "results", "gemma_parity.json")

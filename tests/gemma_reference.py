@@ -54,5 +54,5 @@ def reference_model():
 
 def bos_windows(stream: np.ndarray, n: int, length: int, bos: int) -> np.ndarray:
   """The first n windows of `length` tokens of a token stream, each fed as [BOS] + window: [n, 1 + length]."""
-  w = np.asarray(stream[:n * length], np.int32).reshape(n, length)
-  return np.concatenate([np.full((n, 1), bos, np.int32), w], axis=1)
+  from jaxprune.data import prefixed
+  return prefixed(np.asarray(stream[:n * length], np.int32).reshape(n, length), (bos,))
