@@ -37,7 +37,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 DATA = os.path.join(ROOT, "..", "shared", "data", "wikitext-2")
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # the model of rows without a "model" field, and the default of --model
+MODELS = ("smollm2-135m", "gemma3-270m")  # the built-in models a row can run on
 SEQ_LEN = 128
 
 # Structures of the published reference runs on SmolLM2 (parameters after):
@@ -148,11 +149,11 @@ def resolve(kwargs: dict | None, ratio: float) -> dict | None:
   return out
 
 
-def key(name: str, ratio: float | None, seed: int | None = None) -> str:
-  """Row key: the dense row has neither ratio nor seed (it uses no calibration)."""
-  if ratio is None:
-    return name
-  return f"{name}|{ratio:g}|seed{seed}"
+def key(name: str, ratio: float | None, seed: int | None = None, model: str = MODEL) -> str:
+  """Row key: the dense row has neither ratio nor seed (it uses no calibration); rows of
+  another model than SmolLM2 are prefixed by its name (SmolLM2's keys are the old ones)."""
+  base = name if ratio is None else f"{name}|{ratio:g}|seed{seed}"
+  return base if model == MODEL else f"{model}/{base}"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -204,6 +205,7 @@ class Data:
 
   def __init__(self, args):
     self.args = args
+    self.name = getattr(args, "model", MODEL)
     self._model = self._tok = None
     self._texts = {}
     self._calib = {}
@@ -212,14 +214,14 @@ class Data:
   def model(self):
     import jaxprune
     if self._model is None:
-      self._model = jaxprune.load(MODEL)
+      self._model = jaxprune.load(self.name)
     return self._model
 
   @property
   def tokenizer(self):
     import jaxprune
     if self._tok is None:
-      self._tok = jaxprune.load_tokenizer(MODEL)
+      self._tok = jaxprune.load_tokenizer(self.name)
     return self._tok
 
   @property
@@ -270,7 +272,8 @@ def run_one(data: Data, name: str, preset: str | None, kwargs: dict, source: str
   from jaxprune.prune import PruneConfig, prune
 
   model = data.model
-  row = {"key": key(name, ratio, seed), "name": name, "ratio": ratio, "calibration": source,
+  row = {"key": key(name, ratio, seed, data.name), "model": data.name, "name": name, "ratio": ratio,
+         "calibration": source,
          "load_avg_start": os.getloadavg()[0]}
   if ratio is None:  # dense
     spec, params, n_params, prune_s, rep = model.spec, model.params, model.num_params, 0.0, None
@@ -325,21 +328,38 @@ def _commit(row: dict) -> str:
   return ("?" if c is None else c[:8]) + ("+dirty" if row.get("dirty") else "")
 
 
+TITLES = {"smollm2-135m": "SmolLM2-135M (30 blocks)", "gemma3-270m": "Gemma-3-270M (18 blocks; windows fed after BOS)"}
+
+
 def markdown(result: dict) -> str:
   runs = result["runs"]
   commits = sorted({_commit(r) for r in runs})
+  models = [m for m in MODELS if any(r.get("model", MODEL) == m for r in runs)]
   lines = [
-      "# Pruning quality on SmolLM2-135M",
+      "# Pruning quality on " + " and ".join(TITLES[m].split(" (")[0] for m in models),
       "",
       f"Produced by `python benchmarks/quality.py` at commit {', '.join(commits) or '?'}. "
       f"Calibration: {result['protocol']['calibration']}. "
       f"Evaluation: {result['protocol']['evaluation']}. Ratios are fractions of the attention + MLP parameters "
-      "of all 30 blocks; `@ref` rows match the parameter counts of the published reference runs. Rows run with "
+      "of all blocks; `@ref` rows match the parameter counts of the published reference runs. Rows run with "
       "several calibration seeds show mean ± sample std. Prune seconds are wall time on a shared CPU (see the JSON "
       "for load averages).",
       "",
   ]
   mixed = len(commits) > 1
+  for model in models:
+    lines += _model_tables([r for r in runs if r.get("model", MODEL) == model], TITLES[model], mixed)
+  lines += ["## Reference figures (published tools on SmolLM2, same windows and protocol)", "",
+            "| tool | ratio | parameters after | perplexity |", "|---|---:|---:|---:|"]
+  for tool, ratio, ppl, n in REFERENCES:
+    lines.append(f"| {tool} | {100 * ratio:g}% | {'' if n is None else f'{n / 1e6:.2f}M'} | {ppl:g} |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def _model_tables(runs: list[dict], title: str, mixed: bool) -> list[str]:
+  """One model's rows: a table per ratio, the dense row first, then the runs in RUNS' order."""
+  lines = []
   ratios = sorted({r["ratio"] for r in runs if r["ratio"] is not None})
   dense = next((r for r in runs if r["ratio"] is None), None)
   head = "| method | settings | parameters after | WikiText-2 test | Shakespeare | prune s |"
@@ -347,7 +367,7 @@ def markdown(result: dict) -> str:
   if mixed:
     head, rule = head + " commit |", rule + "---|"
   for ratio in ratios:
-    lines += [f"## {100 * ratio:g}% of block parameters", "", head, rule]
+    lines += [f"## {title}: {100 * ratio:g}% of block parameters", "", head, rule]
     if dense is not None:
       lines.append(f"| dense | | {dense['params_after'] / 1e6:.2f}M | {dense['perplexity']:.2f} | "
                    f"{_fmt_opt(dense.get('shakespeare_perplexity'))} | |" + (f" {_commit(dense)} |" if mixed else ""))
@@ -366,12 +386,7 @@ def markdown(result: dict) -> str:
         line += f" {', '.join(sorted({_commit(r) for r in rs}))} |"
       lines.append(line)
     lines.append("")
-  lines += ["## Reference figures (published tools on SmolLM2, same windows and protocol)", "",
-            "| tool | ratio | parameters after | perplexity |", "|---|---:|---:|---:|"]
-  for tool, ratio, ppl, n in REFERENCES:
-    lines.append(f"| {tool} | {100 * ratio:g}% | {'' if n is None else f'{n / 1e6:.2f}M'} | {ppl:g} |")
-  lines.append("")
-  return "\n".join(lines)
+  return lines
 
 
 def _fmt_opt(x) -> str:
@@ -389,6 +404,8 @@ def write_text(path: str, text: str) -> None:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", choices=MODELS, default=MODEL,
+                 help=f"the built-in model to prune (default {MODEL}); other models' rows are keyed '<model>/<row>'")
   p.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
   p.add_argument("--seeds", type=parse_seeds, default=[0],
                  help="calibration seeds, e.g. 0,1,2 (each row runs once per seed; the table shows mean ± std)")
@@ -424,7 +441,7 @@ def main(argv=None) -> int:
         plan += [(name, preset, kw, source, ratio, seed) for seed in args.seeds]
   if args.list:
     for name, preset, kw, source, ratio, seed in plan:
-      print(f"{key(name, ratio, seed):50s} calib={source:8s} preset={preset} {kw}")
+      print(f"{key(name, ratio, seed, args.model):50s} calib={source:8s} preset={preset} {kw}")
     return 0
 
   md_out = os.path.splitext(args.out)[0] + ".md"
@@ -436,7 +453,7 @@ def main(argv=None) -> int:
   done = {r["key"]: i for i, r in enumerate(result["runs"])}
   # Rows that stay as they are must come from this commit, or the table would
   # compare code that differs in ways nobody can see.
-  rerun = {key(name, ratio, seed) for name, _, _, _, ratio, seed in plan} if args.force else set()
+  rerun = {key(name, ratio, seed, args.model) for name, _, _, _, ratio, seed in plan} if args.force else set()
   kept = [r for r in result["runs"] if r["key"] not in rerun]
   others = mixed_commits(kept, state["commit"])
   if others and not args.allow_mixed:
@@ -444,7 +461,8 @@ def main(argv=None) -> int:
             f"(--force, with --only for a subset), write to another --out, or pass --allow-mixed to mix commits")
   import jax
 
-  result["model"] = MODEL
+  result.pop("model", None)  # before rows named their model, the file held one
+  result["models"] = sorted({r.get("model", MODEL) for r in result["runs"]} | {args.model})
   result["protocol"] = {
       "calibration": f"{args.calib_samples} x {SEQ_LEN} tokens, WikiText-2 valid, sample_windows with the row's "
                      "seed (data-free rows: random tokens, or as many windows of self-generated text as the preset's "
@@ -456,7 +474,7 @@ def main(argv=None) -> int:
                            "backend": jax.default_backend()}
   data = Data(args)
   for name, preset, kw, source, ratio, seed in plan:
-    k = key(name, ratio, seed)
+    k = key(name, ratio, seed, args.model)
     if k in done and not args.force:
       print(f"skip {k} (in {args.out}; --force reruns it)")
       continue
