@@ -182,7 +182,7 @@ def compare(a_path: str, b_path: str, report: str | None) -> int:
           f"{rb['perplexity']['wikitext2']:.6f}/{rb['perplexity']['shakespeare']:.6f} "
           f"(rel {max(rel.values()):.1e})")
   if report:
-    doc = {"protocol": __doc__.split("\n\n")[2].replace("\n", " "), "rtol": RTOL, "before": a_path, "after": b_path,
+    doc = {"protocol": __doc__.split("\n\n")[3].replace("\n", " "), "rtol": RTOL, "before": a_path, "after": b_path,
            "all_ok": bad == 0, "rows": out}
     with open(report + ".tmp", "w") as f:
       json.dump(doc, f, indent=1)

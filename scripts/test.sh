@@ -10,4 +10,5 @@ bash scripts/setup.sh
 # (SmolLM2 in JAX and PyTorch, exports) are built once, and a worker holds one file's at a time.
 # Files are handed out in collection order (--no-loadscope-reorder): tests/conftest.py puts
 # the costliest first, so that no worker is left alone with a long file at the end.
-exec python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
+# The 30 slowest steps close the log: what to look at when the run nears its 30 minutes.
+exec python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30 "$@"
