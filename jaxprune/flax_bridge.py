@@ -1,6 +1,6 @@
 """A Flax NNX bridge: pruned (or dense) jaxprune models as `flax.nnx` modules.
 
-`LM(spec, rngs=...)` is a LLaMA / Mistral / Qwen2 / GPT-2 decoder written with
+`LM(spec, rngs=...)` is a LLaMA / Mistral / Qwen2 / Qwen3 / GPT-2 decoder written with
 stock NNX layers (`nnx.Embed`, `nnx.RMSNorm` / `nnx.LayerNorm`, `nnx.Einsum`,
 `nnx.Linear`) and `jax.nn.dot_product_attention`. Every block is built at its
 own size from `ModelSpec.layers` (query heads, KV heads, head dim, MLP width),
@@ -64,6 +64,9 @@ class Attention(nnx.Module):
     self.k = nnx.Einsum("btd,dkh->btkh", (D, K, H), (K, H) if qkv_bias else None, rngs=rngs)
     self.v = nnx.Einsum("btd,dkh->btkh", (D, K, H), (K, H) if qkv_bias else None, rngs=rngs)
     self.o = nnx.Einsum("btnh,nhd->btd", (N, H, D), (D,) if spec.o_bias else None, rngs=rngs)
+    # Qwen3: one RMSNorm over head_dim, shared by every query (and every key) head, before RoPE.
+    self.q_norm = nnx.RMSNorm(H, epsilon=spec.norm_eps, rngs=rngs) if spec.fam.qk_norm else None
+    self.k_norm = nnx.RMSNorm(H, epsilon=spec.norm_eps, rngs=rngs) if spec.fam.qk_norm else None
     self.rope = spec.rope
     self.sliding_window = spec.sliding_window
     kv_map = layer.canonical().kv_map
@@ -72,6 +75,8 @@ class Attention(nnx.Module):
   def __call__(self, x):
     """x [B,T,D] (normalized) -> [B,T,D]."""
     q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     T, H = x.shape[1], q.shape[-1]
     if self.rope is not None:
       freqs = jnp.arange(T, dtype=F32)[:, None] * jnp.asarray(self.rope.inv_freq(H))
@@ -162,9 +167,10 @@ def to_flax(model: Model) -> LM:
       built from it (every mismatching leaf is named).
   """
   fam = model.spec.fam
-  if fam.qk_norm or fam.post_norms or fam.embed_scale or fam.norm_offset:
-    raise ConfigError(f"the Flax bridge builds LLaMA, Mistral, Qwen2 and GPT-2 decoders, not {fam.name} ones "
-                      "(q/k norms, post-norms); run it with jaxprune.logits or jaxprune.generate instead")
+  if fam.post_norms or fam.embed_scale or fam.norm_offset:
+    raise ConfigError(f"the Flax bridge builds LLaMA, Mistral, Qwen2, Qwen3 and GPT-2 decoders, not {fam.name} ones "
+                      "(post-norms, (1 + w) norms, scaled embeddings); run it with jaxprune.logits or "
+                      "jaxprune.generate instead")
   check_params(model.spec, model.params)
   abstract = nnx.eval_shape(lambda: LM(model.spec, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)

@@ -21,6 +21,7 @@ PLANS = {
     "llama_bias": ({0: [2, 3], 1: [0, 1, 2, 3]}, {0: [3, 7, 50], 1: list(range(60))}, False),
     "qwen2": ({0: [0, 1, 3]}, {0: list(range(40))}, True),  # uneven GQA groups: kv_map (0, 0, 1)
     "mistral": ({1: [0, 1]}, {1: list(range(10, 80))}, False),
+    "qwen3": ({0: [0, 1]}, {1: list(range(0, 96, 3))}, False),  # q/k norms over head_dim 16
     "gpt2": ({0: [1, 3]}, {0: list(range(0, 256, 4)), 1: list(range(100))}, False),
 }
 

@@ -77,11 +77,10 @@ def test_refit_is_the_least_squares_fit_of_the_output_before_the_post_norm(tiny_
   assert absorbed_gap > 0 and gap < 1e-2 * absorbed_gap, (gap, absorbed_gap)
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
-def test_flax_bridge_refuses_q_k_and_post_norm_families_in_one_line(tiny_dir, kind):
+def test_flax_bridge_refuses_gemma_in_one_line(tiny_dir):
   from jaxprune.errors import ConfigError
   from jaxprune.flax_bridge import to_flax
 
-  with pytest.raises(ConfigError, match=f"not {kind} ones") as e:
-    to_flax(jaxprune.load(tiny_dir(kind)))
+  with pytest.raises(ConfigError, match="not gemma3 ones .post-norms.*jaxprune.logits") as e:
+    to_flax(jaxprune.load(tiny_dir("gemma3")))
   assert "\n" not in str(e.value)
