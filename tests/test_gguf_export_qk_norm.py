@@ -209,3 +209,24 @@ def test_cli_refuses_a_gemma_query_scale_llama_cpp_does_not_compute(tiny_dir, tm
   r = badinput.run_cli("export", tiny_dir("gemma3"), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))
   badinput.assert_one_line_error(r, "cannot be written as GGUF", "query_pre_attn_scalar=24", "32^-1/2")
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("pattern", [[True, False], "5"])
+def test_reader_refuses_a_window_pattern_llama_cpp_would_not_read(models, monkeypatch, pattern, tmp_path):
+  """A crafted `sliding_window_pattern` (flags for 2 of 3 layers, a string) gets one line naming the key."""
+  import jaxprune.io.gguf_export as ge
+
+  T = gguf.GGUFValueType
+
+  def crafted(writer, spec, arch):
+    writer.add_key_value("gemma3.attention.sliding_window", 8, T.UINT32)
+    if isinstance(pattern, list):
+      writer.add_key_value("gemma3.attention.sliding_window_pattern", pattern, T.ARRAY, T.BOOL)
+    else:
+      writer.add_key_value("gemma3.attention.sliding_window_pattern", pattern, T.STRING)
+
+  monkeypatch.setattr(ge, "_family_meta", crafted)
+  path = save_gguf(models("gemma3_cpp"), str(tmp_path / "m.gguf")).path
+  r = badinput.run_cli("inspect", path)
+  badinput.assert_one_line_error(r, "gemma3.attention.sliding_window_pattern", repr(pattern),
+                                 "a period (an integer >= 0) or 3 per-layer flags")
