@@ -40,8 +40,9 @@ LLAMA_LIKE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidd
 VOCAB = 128
 
 
-def build(kind: str, seed: int = 0, layers: int | None = None):
-  """A transformers model of `kind` with every parameter (biases too) random (`layers` blocks, default 2)."""
+def build(kind: str, seed: int = 0, layers: int | None = None, vocab: int = VOCAB):
+  """A transformers model of `kind` with every parameter (biases too) random (`layers` blocks, default 2;
+  `vocab` tokens: a real tokenizer's size where a tool needs one, as llama.cpp does)."""
   import torch
   import transformers
 
@@ -49,8 +50,7 @@ def build(kind: str, seed: int = 0, layers: int | None = None):
   kw = dict(extra) if kind == "gpt2" else {**LLAMA_LIKE, **extra}
   if layers is not None:
     kw["n_layer" if kind == "gpt2" else "num_hidden_layers"] = layers
-  if kind == "gpt2":
-    kw["vocab_size"] = VOCAB
+  kw["vocab_size"] = vocab
   cfg = getattr(transformers, cls_name)(**kw)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
