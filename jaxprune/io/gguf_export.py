@@ -191,8 +191,8 @@ def model_pieces(model: Model, arch: str):
   """The embeddings and head, then each block: per piece, its (GGUF name, float32 array in Hugging
   Face's [out, in] order)."""
   spec = model.spec
-  names = {hf: gguf_name(hf, spec.family) for hf in top_to_tensors(spec, model.params)}
-  yield [(names[hf], _stored(spec, names[hf], w)) for hf, w in top_to_tensors(spec, model.params).items()]
+  top = top_to_tensors(spec, model.params)
+  yield [(gguf_name(hf, spec.family), _stored(spec, gguf_name(hf, spec.family), w)) for hf, w in top.items()]
   for i in range(spec.num_layers):
     yield list(_block_tensors(spec, i, model.params["layers"][i], permute=rope_permuted(spec, arch)))
 
