@@ -7,6 +7,7 @@ computing jaxprune's logits. Running the files in llama.cpp is
 benchmarks/llama_cpp_gemma.py's job.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -230,3 +231,22 @@ def test_reader_refuses_a_window_pattern_llama_cpp_would_not_read(models, monkey
   r = badinput.run_cli("inspect", path)
   badinput.assert_one_line_error(r, "gemma3.attention.sliding_window_pattern", repr(pattern),
                                  "a period (an integer >= 0) or 3 per-layer flags")
+
+
+@pytest.mark.parametrize("change", [dict(rope_local=None), {}])
+def test_scaled_rope_on_sliding_layers_is_refused(models, change, tmp_path):
+  """llama.cpp's gemma3 scales only the full-attention layers' RoPE (its sliding layers' scale is 1):
+  a linear scaling reaching the sliding layers, theirs or the model's, is refused."""
+  from jaxprune.spec import RopeSpec
+
+  spec = models("gemma3_cpp").spec
+  scaled = RopeSpec(1e6, "linear", 8.0)
+  spec = dataclasses.replace(spec, rope=scaled, **(change or {"rope_local": RopeSpec(2e4, "linear", 2.0)}))
+  with pytest.raises(ConfigError, match="sliding layers' RoPE scaling 'linear': llama.cpp's gemma3 scales only"):
+    save_gguf(Model(spec, models("gemma3_cpp").params), str(tmp_path / "m.gguf"))
+  assert not os.listdir(tmp_path)
+  # The full-attention layers' scaling alone is written (rope.scaling.*) and exported.
+  ok = dataclasses.replace(models("gemma3_cpp").spec, rope=scaled)
+  fields, _ = fields_and_tensors(save_gguf(Model(ok, models("gemma3_cpp").params), str(tmp_path / "ok.gguf")).path)
+  assert fields["gemma3.rope.scaling.type"].contents() == "linear"
+  assert fields["gemma3.rope.scaling.factor"].contents() == 8.0

@@ -100,8 +100,9 @@ def gguf_checks(spec):
   if scalar != want:
     problems.append(f"query_pre_attn_scalar={scalar:g}: llama.cpp's gemma3 scales queries by {want}^-1/2 "
                     "(head_dim; hidden / heads at 62 layers)")
-  if spec.rope_local is not None and spec.rope_local.kind != "default":
-    problems.append(f"sliding layers' RoPE scaling {spec.rope_local.kind!r}: llama.cpp's gemma3 scales only the "
+  local = spec.rope_local or spec.rope  # the sliding layers' RoPE (theirs, else the model's)
+  if any(spec.sliding(i) for i in range(spec.num_layers)) and local.kind != "default":
+    problems.append(f"sliding layers' RoPE scaling {local.kind!r}: llama.cpp's gemma3 scales only the "
                     "full-attention layers' RoPE")
   return problems
 
