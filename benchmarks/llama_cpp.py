@@ -52,6 +52,7 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_N
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
 TEXT = "/work/shared/data/wikitext-2/test.txt"
+_ROWS = 64  # positions whose log-softmax is taken at once
 
 
 # --------------------------------------------------------------------------
@@ -124,10 +125,12 @@ def llama_cpp_perplexity(binding, path: str, windows: np.ndarray, threads: int) 
   for w in windows:
     llm.reset()  # n_tokens = 0: eval() then drops the whole KV cache before decoding
     llm.eval([int(t) for t in w])
-    logits = np.asarray(llm.scores[:T - 1], np.float64)
-    peak = logits.max(axis=-1)
-    lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
-    total += float(np.sum(lse - logits[np.arange(T - 1), w[1:]]))
+    for s in range(0, T - 1, _ROWS):  # rows at a time: a float64 copy of a long window's scores over a
+      e = min(s + _ROWS, T - 1)  # 262144-token vocabulary (Gemma's) would take gigabytes
+      logits = np.asarray(llm.scores[s:e], np.float64)
+      peak = logits.max(axis=-1)
+      lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
+      total += float(np.sum(lse - logits[np.arange(e - s), w[s + 1:e + 1]]))
   seconds = time.perf_counter() - start
   del llm
   mean = total / (W * (T - 1))

@@ -1,10 +1,11 @@
 """A Flax NNX bridge: pruned (or dense) jaxprune models as `flax.nnx` modules.
 
-`LM(spec, rngs=...)` is a LLaMA / Mistral / Qwen2 / GPT-2 decoder written with
-stock NNX layers (`nnx.Embed`, `nnx.RMSNorm` / `nnx.LayerNorm`, `nnx.Einsum`,
-`nnx.Linear`) and `jax.nn.dot_product_attention`. Every block is built at its
-own size from `ModelSpec.layers` (query heads, KV heads, head dim, MLP width),
-so a model whose layers were pruned differently needs no padding.
+`LM(spec, rngs=...)` is a LLaMA / Mistral / Qwen2 / Qwen3 / Gemma 3 / GPT-2 decoder
+written with stock NNX layers (`nnx.Embed`, `nnx.RMSNorm` / `nnx.LayerNorm`,
+`nnx.Einsum`, `nnx.Linear`; Gemma's `(1 + w)` RMSNorm is `OffsetRMSNorm` here) and
+`jax.nn.dot_product_attention`. Every block is built at its own size from
+`ModelSpec.layers` (query heads, KV heads, head dim, MLP width), so a model whose
+layers were pruned differently needs no padding.
 
 The module's attribute tree is named like jaxprune's parameter tree
 (`layers[i].attn.q.kernel [D,N,H]`, `layers[i].mlp.down.kernel [F,D]`, ...),
@@ -39,8 +40,22 @@ _ACTS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=
          "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def _norm(spec: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
-  D = spec.hidden_size
+class OffsetRMSNorm(nnx.Module):
+  """Gemma's RMSNorm: x / rms(x) * (offset + scale), its weights stored around 0."""
+
+  def __init__(self, dim: int, epsilon: float, offset: float):
+    self.scale = nnx.Param(jnp.zeros((dim,), F32))
+    self.epsilon, self.offset = epsilon, offset
+
+  def __call__(self, x):
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+    return x * (self.offset + self.scale[...])
+
+
+def _norm(spec: ModelSpec, rngs: nnx.Rngs, dim: int | None = None) -> nnx.Module:
+  D = dim or spec.hidden_size
+  if spec.fam.norm_offset:
+    return OffsetRMSNorm(D, spec.norm_eps, spec.fam.norm_offset)
   if spec.fam.norm == "rms":
     return nnx.RMSNorm(D, epsilon=spec.norm_eps, rngs=rngs)
   # Two-pass variance, as PyTorch's LayerNorm computes it.
@@ -57,21 +72,29 @@ def _rotate(x, cos, sin):
 class Attention(nnx.Module):
   """Grouped-query self-attention with heads as an axis: q [D,N,H], k, v [D,K,H], o [N,H,D]."""
 
-  def __init__(self, spec: ModelSpec, layer: LayerSpec, *, rngs: nnx.Rngs):
+  def __init__(self, spec: ModelSpec, layer: LayerSpec, *, rngs: nnx.Rngs, index: int = 0):
     D, N, K, H = spec.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim
     qkv_bias = spec.qkv_bias
     self.q = nnx.Einsum("btd,dnh->btnh", (D, N, H), (N, H) if qkv_bias else None, rngs=rngs)
     self.k = nnx.Einsum("btd,dkh->btkh", (D, K, H), (K, H) if qkv_bias else None, rngs=rngs)
     self.v = nnx.Einsum("btd,dkh->btkh", (D, K, H), (K, H) if qkv_bias else None, rngs=rngs)
     self.o = nnx.Einsum("btnh,nhd->btd", (N, H, D), (D,) if spec.o_bias else None, rngs=rngs)
-    self.rope = spec.rope
-    self.sliding_window = spec.sliding_window
+    # Qwen3, Gemma 3: one RMSNorm over head_dim, shared by every query (and every key) head, before RoPE.
+    self.q_norm = _norm(spec, rngs, H) if spec.fam.qk_norm else None
+    self.k_norm = _norm(spec, rngs, H) if spec.fam.qk_norm else None
+    # Gemma 3's sliding layers have their own RoPE base; only they have the window (Mistral: every layer).
+    local = spec.rope_local is not None and index in (spec.sliding_layers or ())
+    self.rope = spec.rope_local if local else spec.rope
+    self.sliding_window = spec.sliding_window if spec.sliding(index) else None
+    self.scale = None if spec.query_pre_attn_scalar is None else float(spec.query_pre_attn_scalar)**-0.5
     kv_map = layer.canonical().kv_map
     self.kv_map = None if kv_map is None else tuple(kv_map)
 
   def __call__(self, x):
     """x [B,T,D] (normalized) -> [B,T,D]."""
     q, k, v = self.q(x), self.k(x), self.v(x)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     T, H = x.shape[1], q.shape[-1]
     if self.rope is not None:
       freqs = jnp.arange(T, dtype=F32)[:, None] * jnp.asarray(self.rope.inv_freq(H))
@@ -83,7 +106,8 @@ class Attention(nnx.Module):
       k, v = k[:, :, idx], v[:, :, idx]
     # The window covers the query and the `sliding_window - 1` keys before it (Mistral's convention).
     window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-    heads = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window, implementation="xla")
+    heads = jax.nn.dot_product_attention(q, k, v, scale=self.scale, is_causal=True, local_window_size=window,
+                                         implementation="xla")
     return self.o(heads)
 
 
@@ -104,17 +128,22 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block at the sizes of one `LayerSpec`."""
+  """Pre-norm transformer block at the sizes of one `LayerSpec` (block `index` of the model); Gemma's
+  also normalizes each module's output before the residual add."""
 
-  def __init__(self, spec: ModelSpec, layer: LayerSpec, *, rngs: nnx.Rngs):
+  def __init__(self, spec: ModelSpec, layer: LayerSpec, *, rngs: nnx.Rngs, index: int = 0):
+    post = spec.fam.post_norms
     self.attn_norm = _norm(spec, rngs)
-    self.attn = Attention(spec, layer, rngs=rngs)
+    self.attn = Attention(spec, layer, rngs=rngs, index=index)
+    self.attn_post_norm = _norm(spec, rngs) if post else None
     self.mlp_norm = _norm(spec, rngs)
     self.mlp = MLP(spec, layer, rngs=rngs)
+    self.mlp_post_norm = _norm(spec, rngs) if post else None
 
   def __call__(self, x):
-    x = x + self.attn(self.attn_norm(x))
-    return x + self.mlp(self.mlp_norm(x))
+    keep = lambda y: y  # noqa: E731
+    x = x + (self.attn_post_norm or keep)(self.attn(self.attn_norm(x)))
+    return x + (self.mlp_post_norm or keep)(self.mlp(self.mlp_norm(x)))
 
 
 class LM(nnx.Module):
@@ -129,21 +158,27 @@ class LM(nnx.Module):
     D, V = spec.hidden_size, spec.vocab_size
     self.embed = nnx.Embed(V, D, rngs=rngs)
     self.pos_embed = nnx.Embed(spec.max_positions, D, rngs=rngs) if spec.fam.positions == "learned" else None
-    self.layers = nnx.List([Block(spec, layer, rngs=rngs) for layer in spec.layers])
+    self.layers = nnx.List([Block(spec, layer, rngs=rngs, index=i) for i, layer in enumerate(spec.layers)])
     self.final_norm = _norm(spec, rngs)
     self.lm_head = None if spec.tie_embeddings else nnx.Linear(D, V, use_bias=False, rngs=rngs)
+    self.embed_scale = float(D)**0.5 if spec.fam.embed_scale else None  # Gemma
+    self.final_softcap = spec.final_softcap
 
   def __call__(self, tokens):
     """Next-token logits [B,T,V] (f32) for token ids [B,T]."""
     tokens = jnp.asarray(tokens, jnp.int32)
     x = self.embed(tokens)
+    if self.embed_scale is not None:
+      x = x * jnp.asarray(self.embed_scale, x.dtype)
     if self.pos_embed is not None:
       x = x + self.pos_embed(jnp.arange(tokens.shape[1]))[None]
     for block in self.layers:
       x = block(x)
     h = self.final_norm(x)
-    logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
-    return logits.astype(F32)
+    logits = (self.embed.attend(h) if self.lm_head is None else self.lm_head(h)).astype(F32)
+    if self.final_softcap is not None:
+      logits = jnp.tanh(logits / self.final_softcap) * self.final_softcap
+    return logits
 
 
 def _pure(params: Params) -> dict:
@@ -161,10 +196,10 @@ def to_flax(model: Model) -> LM:
     ShapeError: the parameters disagree with `model.spec`, or with the module
       built from it (every mismatching leaf is named).
   """
-  fam = model.spec.fam
-  if fam.qk_norm or fam.post_norms or fam.embed_scale or fam.norm_offset:
-    raise ConfigError(f"the Flax bridge builds LLaMA, Mistral, Qwen2 and GPT-2 decoders, not {fam.name} ones "
-                      "(q/k norms, post-norms); run it with jaxprune.logits or jaxprune.generate instead")
+  if model.spec.attn_softcap is not None:
+    raise ConfigError(f"attention-score soft-capping ({model.spec.attn_softcap:g}, Gemma 2's) is not in the Flax "
+                      "bridge, whose attention is jax.nn.dot_product_attention; run the model with jaxprune.logits "
+                      "or jaxprune.generate instead")
   check_params(model.spec, model.params)
   abstract = nnx.eval_shape(lambda: LM(model.spec, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -190,4 +225,4 @@ def from_flax(lm: LM, spec: ModelSpec, source: str | None = None) -> Model:
   return Model.checked(spec, params, source)
 
 
-__all__ = ["Attention", "Block", "LM", "MLP", "from_flax", "to_flax"]
+__all__ = ["Attention", "Block", "LM", "MLP", "OffsetRMSNorm", "from_flax", "to_flax"]

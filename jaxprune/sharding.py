@@ -76,6 +76,10 @@ _LEAF_AXES = {
     ("embed", "embedding"): ("vocab", "embed"),
     ("pos_embed", "embedding"): ("positions", "embed"),
     ("lm_head", "kernel"): ("embed", "vocab"),
+    # Qwen3's and Gemma's RMSNorm of each query and key head: one scale over head_dim, shared by every
+    # head. Every other norm (Gemma's post-norms too) scales the model width: the default below.
+    ("q_norm", "scale"): ("head_dim",),
+    ("k_norm", "scale"): ("head_dim",),
 }
 
 

@@ -21,6 +21,10 @@ PLANS = {
     "llama_bias": ({0: [2, 3], 1: [0, 1, 2, 3]}, {0: [3, 7, 50], 1: list(range(60))}, False),
     "qwen2": ({0: [0, 1, 3]}, {0: list(range(40))}, True),  # uneven GQA groups: kv_map (0, 0, 1)
     "mistral": ({1: [0, 1]}, {1: list(range(10, 80))}, False),
+    "qwen3": ({0: [0, 1]}, {1: list(range(0, 96, 3))}, False),  # q/k norms over head_dim 16
+    # (1 + w) norms, q/k and post-norms, scaled embeddings, query_pre_attn_scalar, a window on layer 0
+    # only with its own RoPE base, the logit soft-cap; one KV head, head_dim 32.
+    "gemma3": ({0: [0, 2]}, {1: list(range(0, 96, 3))}, False),
     "gpt2": ({0: [1, 3]}, {0: list(range(0, 256, 4)), 1: list(range(100))}, False),
 }
 
@@ -100,3 +104,18 @@ def test_flax_module_trains_with_nnx_split_and_merge(tiny_dir):
 
   want = np.asarray(jaxprune.logits(model.spec, model.params, tokens))
   assert np.abs(np.asarray(run(state)) - want).max() <= _bound(model, want)
+
+
+def test_attention_soft_capping_is_refused_in_one_line(tiny_dir):
+  """Gemma 2's score capping (a spec field no family's reader sets today) has no place in
+  jax.nn.dot_product_attention: refused rather than computed without it."""
+  import dataclasses
+
+  from jaxprune.errors import ConfigError
+  from jaxprune.model import Model
+
+  model = jaxprune.load(tiny_dir("gemma3"))
+  capped = Model(dataclasses.replace(model.spec, attn_softcap=50.0), model.params, model.source)
+  with pytest.raises(ConfigError, match="attention-score soft-capping .50.*jaxprune.logits") as e:
+    to_flax(capped)
+  assert "\n" not in str(e.value)

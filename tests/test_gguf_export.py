@@ -346,7 +346,7 @@ def test_cli_q8_0_needs_gguf(tiny_dir, tmp_path):
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("kind,needles", [("gpt2", ["gpt2", "supported: llama, mistral, qwen2"]),
+@pytest.mark.parametrize("kind,needles", [("gpt2", ["gpt2", "supported: gemma3, llama, mistral, qwen2, qwen3"]),
                                           ("mistral", ["sliding_window=8", "whole context"])])
 def test_cli_refuses_what_llama_cpp_cannot_run(tiny_dir, kind, needles, tmp_path):
   r = badinput.run_cli("export", tiny_dir(kind), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))

@@ -30,7 +30,18 @@ def _calib():
                                           ("recommended-datafree", {}),  # absorb: targets from both streams
                                           ("baseline", dict(method="flap", allocation="adaptive"))])
 def test_model_axis_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypatch, kind, preset, extra):
-  cfg = PruneConfig.preset(preset, sparsity=0.3, batch_size=8, **extra)
+  _assert_mesh_matches_one_device(tiny_dir, monkeypatch, kind, PruneConfig.preset(preset, sparsity=0.3, batch_size=8,
+                                                                                  **extra))
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
+def test_q_k_norm_families_keep_the_same_units_with_blocks_sharded(tiny_dir, monkeypatch, kind):
+  """Qwen3 and Gemma 3 (q/k norms; Gemma's post-norms, one KV head, sliding window) on the same mesh."""
+  _assert_mesh_matches_one_device(tiny_dir, monkeypatch, kind, PruneConfig.preset("recommended", sparsity=0.3,
+                                                                                  batch_size=8))
+
+
+def _assert_mesh_matches_one_device(tiny_dir, monkeypatch, kind, cfg):
   calib = _calib()
   seen = []
   step = engine.step
@@ -55,6 +66,20 @@ def test_model_axis_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypat
   # over `model`). How far such a reordering moves the result is measured, not fitted: the one-device
   # run again on permuted windows (the same sums in other orders), as in test_tpu_scripts.
   assert_reordering(b, a, _reordered(lambda: jaxprune.load(tiny_dir(kind), lazy=True), calib, cfg, a), "mesh nll")
+
+
+def test_q_k_norm_scales_are_named_by_head_dim(tiny_dir):
+  """A q/k norm scales head_dim, not the model width: a rules table that splits `embed` must leave it whole
+  (it used to fall to the norms' default, ("embed",), and be split like the hidden norms)."""
+  params = jaxprune.load(tiny_dir("gemma3")).params
+  blk = sharding.logical_axes(params)["layers"][0]
+  assert blk["attn"]["q_norm"]["scale"] == blk["attn"]["k_norm"]["scale"] == ("head_dim",)
+  assert blk["attn_post_norm"]["scale"] == blk["mlp_post_norm"]["scale"] == ("embed",)
+  mesh = sharding.make_mesh(2, 4)
+  placed = sharding.param_shardings(params, mesh, {**sharding.DEFAULT_RULES, "embed": sharding.MODEL}, quiet=True)
+  got = placed["layers"][0]
+  assert got["attn"]["q_norm"]["scale"].spec == got["attn"]["k_norm"]["scale"].spec == sharding.P(None)
+  assert got["attn_post_norm"]["scale"].spec == sharding.P(sharding.MODEL)  # 64 wide: split over 4
 
 
 def test_place_splits_what_the_axis_divides():

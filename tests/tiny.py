@@ -22,13 +22,27 @@ KINDS = {
                                         sliding_window_pattern=2, bos_token_id=2)),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)),
 }
+# GGUF exports for llama.cpp. transformers' GGUF loader reads no head_dim for qwen3 (it takes
+# Qwen3Config's 128) and, for gemma3, no query_pre_attn_scalar (256), window pattern (five of six),
+# soft-cap or local RoPE base: these two keep its defaults. llama.cpp's gemma3 scales queries by
+# head_dim, so "gemma3_cpp" is "gemma3" with that scale and a window on layers no period describes.
+KINDS["qwen3_gguf"] = ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128))
+KINDS["gemma3_gguf"] = ("Gemma3TextConfig", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                                 query_pre_attn_scalar=256, sliding_window=8, num_hidden_layers=6,
+                                                 bos_token_id=2))
+KINDS["gemma3_cpp"] = ("Gemma3TextConfig", {
+    **KINDS["gemma3"][1], "query_pre_attn_scalar": 32, "num_hidden_layers": 3, "sliding_window_pattern": None,
+    "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+    "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}})
 LLAMA_LIKE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=None)
 VOCAB = 128
 
 
-def build(kind: str, seed: int = 0, layers: int | None = None):
-  """A transformers model of `kind` with every parameter (biases too) random (`layers` blocks, default 2)."""
+def build(kind: str, seed: int = 0, layers: int | None = None, vocab: int = VOCAB):
+  """A transformers model of `kind` with every parameter (biases too) random (`layers` blocks, default 2;
+  `vocab` tokens: a real tokenizer's size where a tool needs one, as llama.cpp does)."""
   import torch
   import transformers
 
@@ -36,8 +50,7 @@ def build(kind: str, seed: int = 0, layers: int | None = None):
   kw = dict(extra) if kind == "gpt2" else {**LLAMA_LIKE, **extra}
   if layers is not None:
     kw["n_layer" if kind == "gpt2" else "num_hidden_layers"] = layers
-  if kind == "gpt2":
-    kw["vocab_size"] = VOCAB
+  kw["vocab_size"] = vocab
   cfg = getattr(transformers, cls_name)(**kw)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()

@@ -13,8 +13,8 @@ FORMATS = {
     "hf": "Hugging Face directory (config.json, safetensors, tokenizer) that PyTorch loads",
     "jaxprune": "the same files without config.json, for models transformers cannot express (uneven GQA groups)",
     "orbax": "Orbax checkpoint of the parameters plus jaxprune.json",
-    "gguf": "one GGUF file for llama.cpp (llama/qwen2 when every layer has the same shape, deci for per-layer "
-            "widths); --dtype f32 (default), f16, bf16 or q8_0",
+    "gguf": "one GGUF file for llama.cpp (llama/qwen2/qwen3/gemma3 when every layer has the same shape, deci for "
+            "LLaMA-family per-layer widths); --dtype f32 (default), f16, bf16 or q8_0",
     "decilm": "the hf files with a DeciLM (nemotron-nas) config that vLLM and TensorRT-LLM load; only for LLaMA "
               "models with the same query heads in every layer and no intercept (MLP-channel or KV-group pruning)",
 }

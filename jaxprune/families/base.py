@@ -84,6 +84,11 @@ class Family:
     gguf_arch: llama.cpp's architecture for uniform models, or None when there is no GGUF export.
     gguf_top, gguf_block: GGUF tensor name -> Hugging Face name (blocks without their prefix).
     gguf_rope_permuted: llama.cpp permutes the rows of Q and K for its interleaved RoPE (its `llama` arch only).
+    gguf_deci: per-layer widths are written as llama.cpp's `deci` (LLaMA's block, per-layer head and channel
+      counts); without it only uniform models have a GGUF export.
+    gguf_checks: what of a spec llama.cpp's `gguf_arch` cannot compute, as one phrase each (empty: it can).
+    gguf_meta: the metadata only this family's llama.cpp architecture reads, from a spec: key without the
+      `{arch}.` prefix -> value (an int is written as uint32, a float as float32, a list of bools as a bool array).
     decilm: the DeciLM (nemotron-nas) export can hold the family.
     norm_offset: RMSNorm scales by (offset + weight): 1 for Gemma, whose weights are stored around 0.
     qk_norm: an RMSNorm over head_dim on every query and key head before RoPE (Qwen3, Gemma 3).
@@ -122,6 +127,9 @@ class Family:
   gguf_top: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
   gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
   gguf_rope_permuted: bool = False
+  gguf_deci: bool = True
+  gguf_checks: Callable[[Any], list[str]] = lambda spec: []
+  gguf_meta: Callable[[Any], dict] = lambda spec: {}
   decilm: bool = False
   norm_offset: float = 0.0
   qk_norm: bool = False

@@ -12,7 +12,7 @@ from jaxprune.families.base import Sliding, rope_parameters
 from jaxprune.families.llama import BLOCK as LLAMA_BLOCK
 from jaxprune.families.llama import GGUF_BLOCK as LLAMA_GGUF_BLOCK
 from jaxprune.families.llama import LLAMA, TABLE
-from jaxprune.families.qwen3 import GGUF_QK_NORMS, QK_NORMS
+from jaxprune.families.qwen3 import GGUF_QK_NORMS, QK_NORMS, output_bias_checks
 from jaxprune.families.tensors import Rule
 
 # Gemma names its norms by place: the LLaMA name `post_attention_layernorm` is here the norm AFTER attention.
@@ -66,12 +66,67 @@ def config_extra(spec, flags):
   }
 
 
+def gguf_query_scalar(hidden: int, n_heads: int, n_layers: int, head_dim: int) -> int:
+  """The query_pre_attn_scalar llama.cpp's gemma3 scales queries by (it stores none): hidden / heads for
+  Gemma 3 27B, which it recognizes by its 62 layers, else head_dim (src/models/gemma3.cpp)."""
+  return hidden // n_heads if n_layers == 62 else head_dim
+
+
+def swa_pattern(sliding: list[bool]) -> int | list[bool]:
+  """llama.cpp's `attention.sliding_window_pattern` for these sliding layers: the period n whose rule
+  (layer i slides when i % n < n - 1, llama_hparams::set_swa_pattern) gives them, as its converter
+  writes, else one flag per layer (which llama.cpp's load_swa_pattern also reads)."""
+  for n in range(1, len(sliding) + 2):
+    if [i % n < n - 1 for i in range(len(sliding))] == sliding:
+      return n
+  return sliding
+
+
+def swa_layers(pattern, n_layers: int) -> list[bool]:
+  """Which layers slide, from a `sliding_window_pattern` as `swa_pattern` writes it (inverse of it)."""
+  if isinstance(pattern, list):
+    return [bool(p) for p in pattern]
+  return [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]  # 0: every layer, as llama.cpp
+
+
+_gguf_biases = output_bias_checks("gemma3")
+
+
+def gguf_checks(spec):
+  problems = _gguf_biases(spec)
+  l0 = spec.layers[0]
+  scalar = spec.query_pre_attn_scalar or l0.head_dim
+  want = gguf_query_scalar(spec.hidden_size, l0.num_heads, spec.num_layers, l0.head_dim)
+  if scalar != want:
+    problems.append(f"query_pre_attn_scalar={scalar:g}: llama.cpp's gemma3 scales queries by {want}^-1/2 "
+                    "(head_dim; hidden / heads at 62 layers)")
+  local = spec.rope_local or spec.rope  # the sliding layers' RoPE (theirs, else the model's)
+  if any(spec.sliding(i) for i in range(spec.num_layers)) and local.kind != "default":
+    problems.append(f"sliding layers' RoPE scaling {local.kind!r}: llama.cpp's gemma3 scales only the "
+                    "full-attention layers' RoPE")
+  return problems
+
+
+def gguf_meta(spec):
+  """What llama.cpp's gemma3 reads beyond LLaMA's keys (llama_model_gemma3::load_arch_hparams)."""
+  meta = {}
+  sliding = [spec.sliding(i) for i in range(spec.num_layers)]
+  if any(sliding):
+    meta["attention.sliding_window"] = int(spec.sliding_window)
+    meta["attention.sliding_window_pattern"] = swa_pattern(sliding)
+    meta["rope.freq_base_swa"] = float((spec.rope_local or spec.rope).theta)
+  if spec.final_softcap:
+    meta["final_logit_softcapping"] = float(spec.final_softcap)
+  return meta
+
+
 GEMMA3 = dataclasses.replace(
     LLAMA, name="gemma3", act="gelu_tanh", model_type="gemma3_text", architectures=("Gemma3ForCausalLM",),
     remote_class="JaxpruneGemma3ForCausalLM", act_key="hidden_activation",
     native_biases=native_biases, config_extra=config_extra,
     table=dataclasses.replace(TABLE, block=BLOCK), tie_default=True, sliding=Sliding.LAYER_TYPES,
-    attention_bias_groups=("qkv", "o"), gguf_arch="gemma3", gguf_block=GGUF_BLOCK, gguf_rope_permuted=False, decilm=False,
+    attention_bias_groups=("qkv", "o"), gguf_arch="gemma3", gguf_block=GGUF_BLOCK, gguf_rope_permuted=False,
+    gguf_deci=False, gguf_checks=gguf_checks, gguf_meta=gguf_meta, decilm=False,
     norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True, spec_keys=SPEC_KEYS,
     fixed_keys=MappingProxyType({"use_bidirectional_attention": False}),
 )

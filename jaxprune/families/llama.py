@@ -71,6 +71,14 @@ def config_extra(spec, flags):
   return {"attention_bias": flags["qkv"], "mlp_bias": flags["mlp"]}
 
 
+def gguf_checks(spec):
+  """llama.cpp's llama and deci (and qwen2) have no attention window."""
+  if spec.sliding_window is not None and spec.sliding_window < spec.max_positions:
+    return [f"sliding_window={spec.sliding_window} is shorter than the context ({spec.max_positions}); "
+            "llama.cpp's llama and deci attend to the whole context"]
+  return []
+
+
 LLAMA = Family(
     name="llama", norm=Norm.RMS, act="silu", gated_mlp=True, positions=Positions.ROPE,
     model_type="llama", architectures=("LlamaForCausalLM",), remote_class="JaxpruneLlamaForCausalLM",
@@ -81,5 +89,6 @@ LLAMA = Family(
                                  "intermediate_size": "intermediate_size"}),
     table=TABLE, native_biases=native_biases, config_extra=config_extra,
     strict_heads=True, attention_bias_groups=("qkv", "o"),
-    gguf_arch="llama", gguf_top=GGUF_TOP, gguf_block=GGUF_BLOCK, gguf_rope_permuted=True, decilm=True,
+    gguf_arch="llama", gguf_top=GGUF_TOP, gguf_block=GGUF_BLOCK, gguf_rope_permuted=True, gguf_checks=gguf_checks,
+    decilm=True,
 )

@@ -29,10 +29,25 @@ def config_extra(spec, flags):
   return {"attention_bias": flags["qkv"], "use_sliding_window": False, "sliding_window": None}
 
 
+def output_bias_checks(arch: str):
+  """The GGUF check of an architecture that loads q/k/v biases but none on attn_output or the MLP
+  (llama.cpp's qwen3 and gemma3: their loaders create no such tensor, and refuse a file holding one)."""
+
+  def checks(spec):
+    groups = [name for name, on in (("attention-output", spec.o_bias), ("MLP", spec.mlp_bias)) if on]
+    if not groups:
+      return []
+    return [f"{' and '.join(groups)} biases (reconstruction's intercept): llama.cpp's {arch} reads only q/k/v "
+            "biases; prune with --no-intercept"]
+
+  return checks
+
+
 QWEN3 = dataclasses.replace(
     LLAMA, name="qwen3", model_type="qwen3", architectures=("Qwen3ForCausalLM",),
     remote_class="JaxpruneQwen3ForCausalLM", native_biases=native_biases, config_extra=config_extra,
     table=dataclasses.replace(TABLE, block=TABLE.block + QK_NORMS), strict_heads=False, sliding=Sliding.REFUSE,
-    gguf_arch="qwen3", gguf_block={**GGUF_BLOCK, **GGUF_QK_NORMS}, gguf_rope_permuted=False, decilm=False,
+    gguf_arch="qwen3", gguf_block={**GGUF_BLOCK, **GGUF_QK_NORMS}, gguf_rope_permuted=False, gguf_deci=False,
+    gguf_checks=output_bias_checks("qwen3"), decilm=False,
     qk_norm=True,
 )

@@ -25,6 +25,7 @@ import numpy as np
 from jaxprune import families
 from jaxprune.errors import CheckpointError, ConfigError
 from jaxprune.families.base import Family, Sliding
+from jaxprune.families.gemma3 import gguf_query_scalar, swa_layers
 from jaxprune.io.hf import to_device
 from jaxprune.io.hf_config import spec_from_hf_config
 from jaxprune.io.mapping import tensors_to_params
@@ -206,14 +207,29 @@ def hf_config_from_gguf(reader: GGUFFile, path: str = "") -> dict:
                       "supported; load the Hugging Face checkpoint instead")
   cfg["rope_parameters"] = rope
   if fam.sliding == Sliding.LAYER_TYPES:
-    # llama.cpp's gemma3 keeps transformers' defaults for what it does not store: the window on five
-    # of every six layers, the sliding layers' RoPE base 10k, query_pre_attn_scalar = head_dim.
-    cfg["sliding_window"] = a("attention.sliding_window")
-    cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
-                                                                            "rope_theta": 10000.0}}
-    cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+    # What llama.cpp's gemma3 computes where the file is silent (llama_model_gemma3::load_arch_hparams):
+    # no window without its key; the window on five of every six layers; the sliding layers' RoPE
+    # base 10k and unscaled; queries scaled as `gguf_query_scalar` says.
+    window = a("attention.sliding_window") or None
+    n_layers = cfg["num_hidden_layers"]
+    sliding = swa_layers(_pattern(reader, arch, n_layers, path), n_layers) if window else [False] * n_layers
+    cfg["sliding_window"] = window
+    cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+        "rope_type": "default", "rope_theta": n("rope.freq_base_swa", 10000.0, integer=False)}}
+    cfg["query_pre_attn_scalar"] = gguf_query_scalar(hidden, n_heads, n_layers, cfg["head_dim"])
     cfg["final_logit_softcapping"] = a("final_logit_softcapping")
   return cfg
+
+
+def _pattern(reader: GGUFFile, arch: str, n_layers: int, path: str):
+  """`{arch}.attention.sliding_window_pattern`: a period (llama.cpp's default 6) or one flag per layer."""
+  key = f"{arch}.attention.sliding_window_pattern"
+  p = reader.fields.get(key, 6)
+  if isinstance(p, list) and len(p) == n_layers or isinstance(p, int) and not isinstance(p, bool) and p >= 0:
+    return p
+  raise ConfigError(f"{path}: GGUF metadata {key} is {p!r}, expected a period (an integer >= 0) or {n_layers} "
+                    "per-layer flags; the file is not a complete llama.cpp model. Re-convert or re-download it")
 
 
 def _family(reader: GGUFFile) -> Family:

@@ -3,26 +3,36 @@
 Which llama.cpp architecture a model becomes:
 
 * every layer the same shape: the family's own (`llama` for LLaMA and Mistral;
-  `qwen2` for Qwen2 while its attention still spans hidden_size and it has no
-  o- or MLP bias, since llama.cpp's qwen2 has neither; otherwise `llama`, which
-  computes the same function once Q/K are permuted as below);
+  `qwen3`, `gemma3`; `qwen2` for Qwen2 while its attention still spans
+  hidden_size and it has no o- or MLP bias, since llama.cpp's qwen2 has neither;
+  otherwise `llama`, which computes the same function once Q/K are permuted as
+  below);
 * per-layer widths: `deci` (llama.cpp's `src/models/deci.cpp`, written for
   NVIDIA's Nemotron-NAS), which reads `head_count`, `head_count_kv` and
   `feed_forward_length` as per-layer arrays and optional q/k/v, attn_output and
-  ffn gate/up/down biases, so the intercepts of reconstruction are kept.
+  ffn gate/up/down biases, so the intercepts of reconstruction are kept. It
+  computes LLaMA's block only: llama.cpp's qwen3 and gemma3 read those arrays
+  but build every layer with layer 0's widths, so their per-layer models are
+  refused (`Family.gguf_deci`).
 
 llama.cpp's `llama` and `deci` rotate adjacent pairs (its NORM RoPE) where
 Hugging Face rotates halves, so the rows of Q and K (weights and biases) are
 permuted within each head, the inverse of `jaxprune.io.gguf.reverse_permute`;
-`qwen2` uses NEOX RoPE, the Hugging Face order, and is written unpermuted.
+`qwen2`, `qwen3` and `gemma3` use NEOX RoPE, the Hugging Face order, and are
+written unpermuted. Gemma's norm weights are stored with its offset added, as
+llama.cpp's converter stores them (the reader subtracts it). What only one
+architecture reads (Gemma's window, its pattern, the sliding layers' RoPE base,
+the logit soft-cap) comes from the family (`Family.gguf_meta`).
 All-zero biases (the siblings an intercept's bias flag implies) are left out:
 llama.cpp treats a missing bias as zero, and skipping it saves an add per token.
 
-What llama.cpp cannot compute is refused (`gguf_problems`): uneven query-to-KV
-groups, per-layer head_dim, sliding windows, activations other than SiLU,
-GPT-2. Norms and biases stay float32 at every tensor type, as in llama.cpp's
-converter; at q8_0 a matrix whose rows do not fill 32-wide blocks is written
-as f16.
+What llama.cpp cannot compute is refused (`gguf_problems`, with the family's
+own `Family.gguf_checks`): uneven query-to-KV groups, per-layer head_dim,
+activations other than the architecture's, GPT-2, and per family: sliding
+windows (llama), o/MLP biases (qwen3, gemma3), a query scale other than
+llama.cpp's (gemma3). Norms and biases stay float32 at every tensor type, as in
+llama.cpp's converter; at q8_0 a matrix whose rows do not fill 32-wide blocks is
+written as f16.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ class GGUFInfo:
   """What `save_gguf` wrote."""
 
   path: str
-  architecture: str  # llama.cpp's: llama | qwen2 | deci
+  architecture: str  # llama.cpp's: llama | qwen2 | qwen3 | gemma3 | deci
   per_layer: bool
   tensor_type: str  # f32 | f16 | bf16 | q8_0 (the matrices; norms and biases are f32)
   num_params: int  # parameters of the JAX model
@@ -82,8 +92,8 @@ def tensor_type(dtype: str | None) -> str:
   return name
 
 
-# llama.cpp architectures jaxprune writes (Qwen3's and Gemma 3's files are read, io/gguf.py, not written).
-_WRITTEN_ARCHS = ("llama", "qwen2")
+# llama.cpp architectures jaxprune writes for the families' uniform models.
+_WRITTEN_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
 
 def gguf_problems(spec: ModelSpec) -> list[str]:
@@ -91,7 +101,13 @@ def gguf_problems(spec: ModelSpec) -> list[str]:
   if spec.fam.gguf_arch not in _WRITTEN_ARCHS:
     writable = sorted(f.name for f in families.REGISTRY.values() if f.gguf_arch in _WRITTEN_ARCHS)
     return [f"family {spec.family!r} has no GGUF export; supported: {', '.join(writable)}"]
+  fam = spec.fam
   problems = []
+  widths = sorted({(l.num_heads, l.num_kv_heads, l.ffn_dim) for l in spec.layers})
+  if len(widths) > 1 and not fam.gguf_deci:
+    problems.append(f"layers differ in width ((heads, KV heads, MLP channels): {widths}); llama.cpp's "
+                    f"{fam.gguf_arch} builds every layer with layer 0's, so prune with --allocation uniform "
+                    "(or --preset recommended-uniform)")
   uneven = [i for i, l in enumerate(spec.layers) if l.canonical().kv_map is not None]
   if uneven:
     problems.append(f"layers {uneven} have uneven query-to-KV groups; llama.cpp shares each KV head among a "
@@ -99,15 +115,14 @@ def gguf_problems(spec: ModelSpec) -> list[str]:
   head_dims = sorted({l.head_dim for l in spec.layers})
   if len(head_dims) > 1:
     problems.append(f"layers have different head_dim {head_dims}; llama.cpp has one head size per model")
-  if spec.sliding_window is not None and spec.sliding_window < spec.max_positions:
-    problems.append(f"sliding_window={spec.sliding_window} is shorter than the context ({spec.max_positions}); "
-                    "llama.cpp's llama and deci attend to the whole context")
-  if spec.act != "silu":
-    problems.append(f"activation {spec.act!r}: llama.cpp's llama, qwen2 and deci gate with SiLU")
+  if spec.act != fam.act:
+    problems.append(f"activation {spec.act!r}: llama.cpp's {fam.gguf_arch} gates with {fam.act}")
+  if spec.attn_softcap:
+    problems.append(f"attention-score soft-capping ({spec.attn_softcap:g}): llama.cpp's {fam.gguf_arch} has none")
   if spec.rope.kind not in ("default", "linear"):
     problems.append(f"RoPE scaling {spec.rope.kind!r} is not written by jaxprune's GGUF export (default and linear "
                     "are); export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
-  return problems
+  return problems + fam.gguf_checks(spec)
 
 
 def architecture(spec: ModelSpec) -> str:
@@ -143,14 +158,28 @@ def gguf_name(hf: str, family: str = "llama") -> str:
   return f"blk.{i}.{names[rest]}"
 
 
+def _stored(spec: ModelSpec, name: str, w: np.ndarray) -> np.ndarray:
+  """A tensor as llama.cpp's converter stores it: Gemma's norms with their offset added, in float32
+  (what `jaxprune.io.gguf` subtracts; the sum is the (offset + w) llama.cpp and jaxprune scale by)."""
+  w = np.ascontiguousarray(w, np.float32)  # transposed views: the quantizers and the writer want rows
+  offset = spec.fam.norm_offset
+  return w + np.float32(offset) if offset and name.endswith("norm.weight") else w
+
+
+def rope_permuted(spec: ModelSpec, arch: str) -> bool:
+  """Whether llama.cpp's `arch` wants the rows of Q and K of `spec` permuted (see the module docstring):
+  `llama` and `deci` do, the NEOX architectures a family has as its own do not."""
+  return arch != spec.fam.gguf_arch or spec.fam.gguf_rope_permuted
+
+
 def _block_tensors(spec: ModelSpec, i: int, block, permute: bool):
   """(GGUF name, array) of block i, Q/K permuted when `permute`, zero biases left out."""
   layer = spec.layers[i]
   for hf, w in block_to_tensors(spec, i, block).items():
-    w = np.ascontiguousarray(w, np.float32)  # transposed views: the quantizers and the writer want rows
+    name = gguf_name(hf, spec.family)
+    w = _stored(spec, name, w)
     if hf.endswith(".bias") and not np.any(w):
       continue
-    name = gguf_name(hf, spec.family)
     if permute and ".attn_q." in name:
       w = permute_rows(w, layer.num_heads)
     elif permute and ".attn_k." in name:
@@ -162,10 +191,10 @@ def model_pieces(model: Model, arch: str):
   """The embeddings and head, then each block: per piece, its (GGUF name, float32 array in Hugging
   Face's [out, in] order)."""
   spec = model.spec
-  yield [(gguf_name(hf, spec.family), np.ascontiguousarray(w, np.float32))
-         for hf, w in top_to_tensors(spec, model.params).items()]
+  top = top_to_tensors(spec, model.params)
+  yield [(gguf_name(hf, spec.family), _stored(spec, gguf_name(hf, spec.family), w)) for hf, w in top.items()]
   for i in range(spec.num_layers):
-    yield list(_block_tensors(spec, i, model.params["layers"][i], permute=arch != "qwen2"))
+    yield list(_block_tensors(spec, i, model.params["layers"][i], permute=rope_permuted(spec, arch)))
 
 
 def model_tensors(model: Model, arch: str):
@@ -221,6 +250,18 @@ def _hparams(writer, spec: ModelSpec, arch: str) -> None:
   if spec.rope.kind == "linear":
     writer.add_rope_scaling_type(RopeScalingType.LINEAR)
     writer.add_rope_scaling_factor(float(spec.rope.factor))
+  _family_meta(writer, spec, arch)
+
+
+def _family_meta(writer, spec: ModelSpec, arch: str) -> None:
+  """The keys only the family's architecture reads (`Family.gguf_meta`), typed as llama.cpp reads them."""
+  from gguf import GGUFValueType as T
+
+  for key, value in spec.fam.gguf_meta(spec).items():
+    if isinstance(value, list):
+      writer.add_key_value(f"{arch}.{key}", value, T.ARRAY, T.BOOL)
+    else:
+      writer.add_key_value(f"{arch}.{key}", value, T.UINT32 if isinstance(value, int) else T.FLOAT32)
 
 
 def _file_type(ttype: str) -> int:
@@ -293,7 +334,8 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
   """Writes `model` as one GGUF file at `out`, atomically.
 
   Args:
-    model: any jaxprune model of the LLaMA family (llama, mistral, qwen2), dense or pruned.
+    model: a jaxprune model of the llama, mistral or qwen2 family, dense or pruned, or of qwen3 or
+      gemma3 with every layer the same shape.
     out: the output file; it must not exist unless `force`.
     dtype: tensor type of the matrices: 'f32' (default), 'f16', 'bf16' or 'q8_0'
       ('float32', 'float16', 'bfloat16' also accepted).
@@ -337,4 +379,4 @@ def save_gguf(model: Model, out: str, *, dtype: str | None = None, force: bool =
 
 
 __all__ = ["GGUFInfo", "TENSOR_TYPES", "architecture", "gguf_name", "gguf_problems", "model_pieces", "model_tensors",
-           "permute_rows", "refuse_model", "save_gguf", "tensor_type"]
+           "permute_rows", "refuse_model", "rope_permuted", "save_gguf", "tensor_type"]
