@@ -77,15 +77,6 @@ def torch_logprobs(model):
   return run
 
 
-def pruned_reference(path: str):
-  """Stock transformers on a jaxprune export: the per-layer modeling file it ships, float32, eager attention."""
-  import torch
-  import transformers
-
-  return transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gemma_parity.json"))
@@ -108,7 +99,7 @@ def main(argv=None) -> int:
   nll["jaxprune"] = {name: _nll(jax_logprobs(model), w) for name, w in windows.items()}
   seconds["jaxprune"] = time.perf_counter() - t
   del model
-  hf = pruned_reference(args.pruned) if args.pruned else reference_model()  # its weights built once (minutes)
+  hf = reference_model(args.pruned)  # the GGUF reference's weights are built once (minutes)
   t = time.perf_counter()
   nll["transformers"] = {name: _nll(torch_logprobs(hf), w) for name, w in windows.items()}
   seconds["transformers"] = time.perf_counter() - t

@@ -43,13 +43,15 @@ def reference_dir() -> str:
   return out
 
 
-def reference_model():
-  """transformers' Gemma3ForCausalLM (float32, eager attention) with the GGUF's weights."""
+def reference_model(export: str | None = None):
+  """transformers' Gemma3ForCausalLM (float32, eager attention) with the GGUF's weights; or, given a
+  jaxprune `export` directory, stock transformers on it (the modeling file it ships, trust_remote_code)."""
   import torch
   import transformers
 
-  return transformers.AutoModelForCausalLM.from_pretrained(reference_dir(), dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(export or reference_dir(), dtype=torch.float32,
+                                                           attn_implementation="eager",
+                                                           trust_remote_code=export is not None).eval()
 
 
 def bos_windows(stream: np.ndarray, n: int, length: int, bos: int) -> np.ndarray:
