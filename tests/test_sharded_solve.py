@@ -89,10 +89,10 @@ def cholesky_forward_bound(s, x) -> np.ndarray:
   return s["inv"] @ (gamma(3 * D + 2, U64) * delta[:, None] * (delta @ np.abs(x))[None])
 
 
-def refined_backward_bound(s, x, omega: float) -> np.ndarray:
+def refined_backward_bound(s, x, omega: float, d: int = D) -> np.ndarray:
   """|C - A X| for a float32 refined solve that reported omega (module doc), plus this check's float64 rounding."""
   scale = np.abs(s["a"]) @ np.abs(x) + np.abs(s["c"].astype(np.float64))
-  comp = omega * (1 + gamma(D + 2, U32)) + gamma(D + 2, U32) + U32 + gamma(D + 2, U64)
+  comp = omega * (1 + gamma(d + 2, U32)) + gamma(d + 2, U32) + U32 + gamma(d + 2, U64)
   return comp * scale
 
 
@@ -193,6 +193,38 @@ def test_no_device_holds_more_than_its_share_and_a_panel(dtype):
   assert mem.temp_size_in_bytes + mem.argument_size_in_bytes < d * d * item / 2  # far from a whole Gram
 
 
+def test_refinement_repairs_a_weak_factor(monkeypatch):
+  """A factor with backward error 1e-4 (as one made with low-precision matmuls, e.g. a TPU's
+  default bfloat16 passes, may have) leaves a direct float32 solve far from the least-squares
+  optimum; refinement with the residual at HIGHEST brings it back within a float32 residual's
+  bound (cond(A) 1e-4 < 1: Higham's Thm 12.3 applies). Without refinement the same solve fails
+  that bound."""
+  d = 256  # a shape no other test compiles: the weakened kernel stays out of their jit cache
+  g = ill_conditioned(d, 1e3, seed=3)
+  c = np.random.default_rng(4).standard_normal((d, E)).astype(np.float32)
+  lam = float(ridge_lam(np.diagonal(g), PruneConfig().damping))
+  s = dict(a=g.astype(np.float64) + lam * np.eye(d), c=c)
+  factor = sharded_solve._factor
+
+  def weak(a, i, m):
+    wobble = 1e-4 * jnp.sin(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape))
+    return factor(a * (1 + wobble), i, m)
+
+  monkeypatch.setattr(sharded_solve, "_factor", weak)
+  mesh = sharding.make_mesh(2, 4)
+  try:
+    refined = sharded_solve.solve(g, c, lam, mesh, dtype=jnp.float32)
+    direct = sharded_solve.solve(g, c, lam, mesh, dtype=jnp.float32, refine=0)
+  finally:
+    sharded_solve._solve.clear_cache()
+  assert refined.refinements >= 1 and refined.omega <= gamma(d + 1, U32)
+  w = np.asarray(refined.w, np.float64)
+  res = s["a"] @ w - c
+  assert_within(res, np.zeros_like(res), refined_backward_bound(s, w, refined.omega, d), "refined weak factor")
+  w0 = np.asarray(direct.w, np.float64)
+  assert np.any(np.abs(s["a"] @ w0 - c) > refined_backward_bound(s, w0, 0.0, d)), "the weak factor alone was enough"
+
+
 def intercept_system(d: int, n: int, seed: int):
   """Statistics of X [n, d] with nonzero means and Y = X W + noise, as a module's solve sees them."""
   rng = np.random.default_rng(seed)
@@ -237,3 +269,28 @@ def test_a_failed_factorisation_returns_none():
   g = np.eye(64, dtype=np.float32)
   c = np.ones((64, 8), np.float32)
   assert sharded_solve.solve(g, c, -2.0, sharding.make_mesh(2, 4)) is None
+
+
+def test_split_solves_keep_the_default_paths_units(tiny_dir, monkeypatch):
+  """Opt-in (`placement.split_solves`): a tiny LLaMA pruned on a 2 x 4 mesh with its solves split over
+  `model` keeps every module's units of the default path on that mesh, and its NLL moves less than
+  a reordering of the float32 sums may move it (tests/numerics.py, point 2; test_mesh's draws)."""
+  import jaxprune
+  from jaxprune import placement
+  from jaxprune.eval.perplexity import perplexity
+  from jaxprune.prune import prune
+  from tests.numerics import assert_reordering
+  from tests.test_mesh import _calib, _reordered
+
+  calib, cfg, mesh = _calib(), PruneConfig.preset("recommended", sparsity=0.3, batch_size=8), sharding.make_mesh(2, 4)
+  load = lambda: jaxprune.load(tiny_dir("llama_gqa"), lazy=True)
+  default = prune(load(), calib, cfg, mesh=mesh)
+  widths, solve = [], sharded_solve.solve
+  monkeypatch.setattr(sharded_solve, "solve", lambda g, *a, **k: widths.append(g.shape[0]) or solve(g, *a, **k))
+  with placement.split_solves(mesh):
+    split = prune(load(), calib, cfg, mesh=mesh)
+  assert widths and all(w % 4 == 0 for w in widths)  # every solve went split (padded to the axis)
+  assert [m["kept"] for m in split.report["modules"]] == [m["kept"] for m in default.report["modules"]]
+  a = perplexity(default.model.spec, default.model.params, calib).mean_nll
+  b = perplexity(split.model.spec, split.model.params, calib).mean_nll
+  assert_reordering(b, a, _reordered(load, calib, cfg, a), "split solves nll")
