@@ -91,12 +91,6 @@ class Solution:
   omega: float
 
 
-def splits(mesh: Mesh | None, d: int) -> bool:
-  """Whether a d x d Gram matrix splits by rows over `mesh`'s `model` axis (the axis exists and divides d)."""
-  m = 1 if mesh is None else mesh.shape.get(MODEL, 1)
-  return m > 1 and d % m == 0
-
-
 def unit_roundoff(dtype) -> float:
   return float(jnp.finfo(dtype).eps) / 2
 
@@ -118,8 +112,8 @@ def _columns(mesh: Mesh, e: int) -> str | None:
 
 
 def diagonal(gram: jax.Array, mesh: Mesh) -> jax.Array:
-  """diag(G) [d] of a row-split G, each device reading its own diagonal block (for `ridge_lam`)."""
-  m = mesh.shape[MODEL]
+  """diag(G) [d] of a row-split G, each device reading its own diagonal block: the ridge
+  (`reconstruct.ridge_lam`) of statistics that stay split, without gathering G."""
 
   def local(g):
     b = g.shape[0]
@@ -127,7 +121,7 @@ def diagonal(gram: jax.Array, mesh: Mesh) -> jax.Array:
     return jnp.diagonal(jax.lax.dynamic_slice_in_dim(g, i * b, b, axis=1))
 
   return jax.jit(_shard_map(local, mesh=mesh, in_specs=P(MODEL, None), out_specs=P(MODEL),
-                            check_vma=False))(_placed(gram, mesh, P(MODEL, None), m))
+                            check_vma=False))(_placed(gram, mesh, P(MODEL, None)))
 
 
 def solve(gram, rhs, lam: float, mesh: Mesh, dtype=jnp.float64, intercept: Intercept | None = None,
@@ -139,7 +133,7 @@ def solve(gram, rhs, lam: float, mesh: Mesh, dtype=jnp.float64, intercept: Inter
       array goes to each device as its row block only).
     rhs: C [d, e], laid out as `row_spec(mesh, e)` (likewise).
     lam: the ridge, from `reconstruct.ridge_lam` (computed in float64 by the caller).
-    mesh: a mesh whose `model` axis divides d (`splits`).
+    mesh: a mesh whose `model` axis divides d.
     dtype: the arithmetic, float64 or float32.
     refine: refinement steps at most; default 0 in float64 (a Cholesky solve, as on the host)
       and REFINE_STEPS in float32.
@@ -155,18 +149,18 @@ def solve(gram, rhs, lam: float, mesh: Mesh, dtype=jnp.float64, intercept: Inter
   dtype = jnp.dtype(dtype)
   steps = (REFINE_STEPS if dtype == jnp.float32 else 0) if refine is None else refine
   with jax.enable_x64(dtype == jnp.float64):
-    args = (_placed(gram, mesh, row_spec(mesh), m), _placed(rhs, mesh, row_spec(mesh, e), m),
+    args = (_placed(gram, mesh, row_spec(mesh)), _placed(rhs, mesh, row_spec(mesh, e)),
             jnp.asarray(lam, dtype))
     if intercept is not None:
-      args += (_placed(intercept.xsum, mesh, P(), m), jnp.asarray(intercept.count, dtype),
-               _placed(intercept.ysum, mesh, P(_columns(mesh, e)), m))
+      args += (_placed(intercept.xsum, mesh, P()), jnp.asarray(intercept.count, dtype),
+               _placed(intercept.ysum, mesh, P(_columns(mesh, e))))
     w, bias, taken, omega = _solve(*args, mesh=mesh, dtype=dtype, steps=steps)
     if not bool(jnp.all(jnp.isfinite(w))) or (bias is not None and not bool(jnp.all(jnp.isfinite(bias)))):
       return None
     return Solution(w, bias if intercept is not None else None, int(taken), float(omega) if steps else math.nan)
 
 
-def _placed(x, mesh: Mesh, spec: P, m: int):
+def _placed(x, mesh: Mesh, spec: P):
   """`x` laid out as `spec` on `mesh` (no copy when it already is)."""
   sh = NamedSharding(mesh, spec)
   if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):

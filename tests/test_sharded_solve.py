@@ -164,6 +164,9 @@ def test_results_and_inputs_stay_row_blocks(system, solved):
     assert {s.data.shape for s in sol.w.addressable_shards} == {(D // model, cols)}
     g = jax.device_put(system["g"], NamedSharding(mesh, sharded_solve.row_spec(mesh)))
     assert {s.data.shape for s in g.addressable_shards} == {(D // model, D)}
+    diag = sharded_solve.diagonal(g, mesh)  # the ridge's input, read from the row blocks
+    assert {s.data.shape for s in diag.addressable_shards} == {(D // model,)}
+    np.testing.assert_array_equal(np.asarray(diag), np.diagonal(system["g"]))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
