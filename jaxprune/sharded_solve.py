@@ -200,8 +200,8 @@ def _local(g, c, lam, s=None, n=None, ysum=None, *, m: int, dtype, steps: int, d
   del a
   w = _substitute(lf, rhs, i, m)
 
-  def bias(x):
-    return None if s is None else (ysum - _mm(s, jax.lax.all_gather(x, MODEL, tiled=True))) / n
+  def bias(x):  # s^T X summed over the row blocks: nothing [d, e'] is gathered
+    return None if s is None else (ysum - jax.lax.psum(_mm(own.astype(dtype), x), MODEL)) / n
 
   if not steps:
     bias_w = bias(w)
@@ -210,13 +210,13 @@ def _local(g, c, lam, s=None, n=None, ysum=None, *, m: int, dtype, steps: int, d
 
   def residual(x):
     """C - A x on this device's rows, and omega over the whole mesh."""
-    xf = jax.lax.all_gather(x, MODEL, tiled=True)
-    r = c.astype(dtype) - _rows_times(g, xf, dtype) - lam * x
-    scale = _rows_times(g, jnp.abs(xf), dtype, jnp.abs) + lam * jnp.abs(x) + jnp.abs(c.astype(dtype))
+    r = c.astype(dtype) - _rows_times(g, x, i, m, dtype) - lam * x
+    scale = _rows_times(g, jnp.abs(x), i, m, dtype, jnp.abs) + lam * jnp.abs(x) + jnp.abs(c.astype(dtype))
     if s is not None:
       ownd = own.astype(dtype)
       r = r - ownd[:, None] * bias(x)[None]
-      scale = scale + jnp.abs(ownd)[:, None] * ((_mm(jnp.abs(s), jnp.abs(xf)) + jnp.abs(ysum)) / n)[None]
+      scale = scale + jnp.abs(ownd)[:, None] * ((jax.lax.psum(_mm(jnp.abs(ownd), jnp.abs(x)), MODEL) +
+                                                 jnp.abs(ysum)) / n)[None]
     ratio = jnp.where(scale > 0, jnp.abs(r) / jnp.where(scale > 0, scale, 1), jnp.where(r == 0, 0, jnp.inf))
     return r, jax.lax.pmax(jnp.max(ratio), axes)
 
@@ -300,12 +300,18 @@ def _substitute(lf, rhs, i, m: int):
   return jax.lax.fori_loop(0, m, back, jax.lax.fori_loop(0, m, forward, rhs))
 
 
-def _rows_times(g, xf, dtype, f=lambda blk: blk):
-  """f(G_i) X [b, e'] for this device's rows g [b, d] of G and the whole X [d, e'], a block of
-  columns at a time (no temporary the size of the row block, whatever f and the cast)."""
-  b, d = g.shape
+def _rows_times(g, x, i, m: int, dtype, f=lambda blk: blk):
+  """f(G_i) X [b, e'] for this device's rows g [b, d] of G and its block x [b, e'] of X, by a
+  ring: each step multiplies the block of X it holds and passes it to the previous device, so
+  no device ever holds X whole (at e near d that would be another row block or two) nor a
+  temporary the size of its row block, whatever f and the cast."""
+  b = g.shape[0]
+  ring = [(src, (src - 1) % m) for src in range(m)]
 
-  def add(k, acc):
-    return acc + _mm(f(_block(g, k, b).astype(dtype)), jax.lax.dynamic_slice_in_dim(xf, k * b, b))
+  def step(k, carry):
+    acc, blk = carry
+    j = (i + k) % m  # the block of X this device holds at step k
+    acc = acc + _mm(f(_block(g, j, b).astype(dtype)), blk)
+    return acc, jax.lax.ppermute(blk, MODEL, ring)
 
-  return jax.lax.fori_loop(0, d // b, add, jnp.zeros((b, xf.shape[1]), dtype))
+  return jax.lax.fori_loop(0, m, step, (jnp.zeros(x.shape, dtype), x))[0]
