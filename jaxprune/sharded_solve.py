@@ -6,8 +6,9 @@
 Layout. With m devices on `model` and b = d / m, device (j, i) of the (data, model) mesh holds
 row block i of G (the layout the statistics accumulate in, `sharding.gram_rows`), the (i, j)
 block of C and, while it works, a copy of its row block in the solve's dtype that becomes its
-rows of the Cholesky factor L, plus one panel (d x b) of L. No device ever holds G whole: every
-array of the kernel is a row block, a panel, a b x b block or a [d, e / data] iterate.
+rows of the Cholesky factor L, plus one panel (d x b) of L. No device ever holds G, or the
+iterate X, whole: every array of the kernel is a row block, a panel, a b x b block or a
+b x e' block (e' = e / data); products G X pass X's blocks round a ring.
 
 Algorithm. A right-looking blocked Cholesky with panel broadcasts, m steps: at step k device k
 factors its diagonal block, L_kk goes to every device (a psum of one nonzero term, exact), each
@@ -26,7 +27,8 @@ for a correction with the factor already made, until the componentwise backward 
     omega = max |C - A W| / (|A| |W| + |C|)
 is at most `target_omega` (2u), stops shrinking by half, or `refine` steps are spent; the best
 iterate is kept. Higham's Thm 12.3 puts the limit of omega at about gamma(d + 1) whatever the
-condition number, so a float32 solve ends componentwise backward stable; its forward error is
+condition number, provided the factor's backward error times cond(A) is below 1, so a float32
+solve ends componentwise backward stable even from a weak factor; its forward error is
 then |dW| <= |A^-1| omega (|A| |W| + |C|), which grows with cond(A), as for any float32 solve.
 
 Intercept. The ones column of the augmented system [[G + lam I, s], [s^T, n]] [W; b] = [C; y]
