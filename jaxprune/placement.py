@@ -16,16 +16,38 @@ The rule, in one place:
   result goes back where the statistics live (`replicate_like`).
 - Arrays the host holds (numpy, or JAX arrays on CPU devices of this process, `on_host`) are
   cut and gathered with numpy, which compiles nothing per shape.
+- Opt-in (`split_solves`): the ridge solves run on the devices of a mesh, split by rows over its
+  `model` axis (`jaxprune.sharded_solve`): float64 where the backend has it, else float32 with
+  iterative refinement. Off by default, so the default results do not move.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+_SPLIT_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("split_solves", default=None)
+
+
+@contextlib.contextmanager
+def split_solves(mesh: Mesh | None):
+  """Within: ridge solves split over `mesh`'s `model` axis on its devices (None: as by default)."""
+  token = _SPLIT_MESH.set(mesh if mesh is not None and mesh.shape.get("model", 1) > 1 else None)
+  try:
+    yield
+  finally:
+    _SPLIT_MESH.reset(token)
+
+
+def split_solve_mesh() -> Mesh | None:
+  """The mesh `split_solves` asked for (one with a `model` axis over 1), or None."""
+  return _SPLIT_MESH.get()
 
 
 def lapack_solves() -> bool:

@@ -4,7 +4,8 @@
     lam = delta * mean(diag(X^T X)),
 
 solved by Cholesky in float64, by one of two solvers that `jaxprune.placement` chooses
-(SciPy's LAPACK on the host, or XLA on the device) inside one retry loop: a failed
+(SciPy's LAPACK on the host, or XLA on the device; opt-in, a third: split over the mesh's
+`model` axis on the devices, `placement.split_solves`) inside one retry loop: a failed
 factorisation (non-finite result) is retried with 10x the damping, and every retry is
 reported, never silently skipped. `ridge_lam` is the one ridge formula of every solve
 (the `goa-obs` sweep's included). With an
@@ -25,8 +26,8 @@ import numpy as np
 
 from jax.sharding import NamedSharding
 
-from jaxprune import placement, sharding
-from jaxprune.placement import host64, local_copy, replicate_like, to_solve
+from jaxprune import placement, sharded_solve, sharding
+from jaxprune.placement import host64, local_copy, replicate_like, to_host, to_solve
 from jaxprune.sharding import MODEL
 from jaxprune.stats.moments import Moments
 
@@ -150,6 +151,39 @@ class _DeviceSolver:
     return replicate_like(jnp.asarray(w, jnp.float32), like)
 
 
+class _SplitSolver:
+  """`jaxprune.sharded_solve` on the mesh `placement.split_solves` names: the Gram matrix and X^T Y
+  go to the devices as row blocks over `model` (d padded to a multiple of the axis with zero
+  rows, which the ridge alone then fixes at zero without touching the others), float64 where
+  the backend has it, float32 with refinement where it has not (TPU)."""
+
+  def __init__(self, xx, xy, intercept: bool, mesh):
+    xx, xy = local_copy(xx), local_copy(xy)
+    xp = np if isinstance(xx, np.ndarray) else jnp
+    self.d, self.mesh, e = xx.shape[0] - 1, mesh, xy.shape[1]
+    pad = -self.d % mesh.shape[MODEL]
+    self.diag, self.xy = np.asarray(xp.diagonal(xx)[:self.d]), host64(xy)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # each device gets its rows only
+    self.g = put(xp.pad(xx[:self.d, :self.d], ((0, pad), (0, pad))), sharded_solve.row_spec(mesh))
+    self.c = put(xp.pad(xy[:self.d], ((0, pad), (0, 0))), sharded_solve.row_spec(mesh, e))
+    self.icpt = sharded_solve.Intercept(xp.pad(xx[self.d, :self.d], (0, pad)), xx[self.d, self.d],
+                                        xy[self.d]) if intercept else None
+    self.dtype = jnp.float32 if placement.solve_on_host() else jnp.float64  # no float64 there
+
+  def __call__(self, delta) -> np.ndarray | None:
+    sol = sharded_solve.solve(self.g, self.c, float(ridge_lam(self.diag, delta)), self.mesh, self.dtype, self.icpt)
+    if sol is None:
+      return None
+    w = to_host(sol.w).astype(np.float64)[:self.d]
+    w = w if sol.bias is None else np.concatenate([w, to_host(sol.bias).astype(np.float64)[None]])
+    return w if np.all(np.isfinite(w)) else None
+
+  def residual(self, yy, w, delta) -> float:
+    return _own_residual_host(self.diag, self.xy, float(host64(yy)), w, float(delta))
+
+  weights = _HostSolver.weights
+
+
 def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
                 yy=None) -> tuple[jax.Array, SolveInfo]:
   """Solves for W given Moments of X and X^T Y (augmented rows, (d+1, e)).
@@ -159,9 +193,10 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   Where the solves run on a CPU (LAPACK), statistics held as numpy arrays give a
   numpy W; otherwise W is a JAX array placed like `m.xx`.
   """
-  host = placement.lapack_solves()
-  with contextlib.nullcontext() if host else placement.float64_solves():
-    solver = (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept)
+  host, split = placement.lapack_solves(), placement.split_solve_mesh()
+  with contextlib.nullcontext() if host or split is not None else placement.float64_solves():
+    solver = _SplitSolver(m.xx, xy, intercept, split) if split is not None else (
+        (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept))
     for retry in range(MAX_RETRIES + 1):
       w = solver(delta)
       if w is not None:
