@@ -294,7 +294,8 @@ def test_split_solves_keep_the_default_paths_units(tiny_dir, monkeypatch):
   assert [m["kept"] for m in split.report["modules"]] == [m["kept"] for m in default.report["modules"]]
   a = perplexity(default.model.spec, default.model.params, calib).mean_nll
   b = perplexity(split.model.spec, split.model.params, calib).mean_nll
-  assert_reordering(b, a, _reordered(load, calib, cfg, a), "split solves nll")
+  if b != a:  # equal NLLs hold within any bound; the reordering draws (4 more prunes) only when they differ
+    assert_reordering(b, a, _reordered(load, calib, cfg, a), "split solves nll")
 
 
 def test_float32_intercept_is_least_squares():
