@@ -24,6 +24,7 @@ import pytest
 
 import jaxprune
 from jaxprune import sharding
+from jaxprune.errors import UsageError
 from jaxprune.prune import prune
 from tests import tiny
 from tests.numerics import assert_within, reordering_bound
@@ -215,6 +216,8 @@ def test_multi_process_detection():
   assert "2 workers" in mod.multi_process_env({"TPU_WORKER_HOSTNAMES": "t1,t2"})
   with pytest.raises(SystemExit, match="go together"):
     mod.init_distributed(mod.parse_args(["m", "--out", "o", "--coordinator", "h:1"]))
+  with pytest.raises(UsageError, match="--calib selfgen is not offered by prune_distributed.py; pass a text file"):
+    mod.parse_args(["m", "--out", "o", "--calib", "selfgen"])
 
 
 def test_script_takes_every_prune_config_option_and_the_presets(tmp_path):

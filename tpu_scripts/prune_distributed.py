@@ -19,7 +19,8 @@ every host. `jax.distributed.initialize()` is called when
 Every process streams the model (safetensors, GGUF and Orbax checkpoints: the
 blocks stay on disk until the run reaches them, so a host holds one block at a
 time; PyTorch pickles are read whole) and reads the same calibration text; the
-windows are drawn with the same seed, so they agree. The parameters are placed
+windows are drawn with the same seed, so they agree (each after BOS where the
+tokenizer adds one, as `jaxprune prune` draws them). The parameters are placed
 on the mesh by logical axis names (`jaxprune.sharding.param_shardings`: heads,
 KV heads, MLP channels and the vocabulary over `model`), a block when the run
 reaches it; the calibration streams are sharded over `data`, and
@@ -99,7 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "collective; needs no shared storage, but every host receives and stores every block)")
   args = p.parse_args(argv)
   if args.calib == "selfgen":  # `jaxprune prune`'s self-generation would run the whole model on every host
-    p.error("--calib selfgen is not offered here; pass a text file or 'random'")
+    from jaxprune.errors import UsageError
+    raise UsageError("--calib selfgen is not offered by prune_distributed.py; pass a text file or 'random' "
+                     "(or generate with `jaxprune prune --calib selfgen`)")
   return args
 
 
