@@ -120,7 +120,7 @@ def test_gemma3_plan_counts_what_prune_feeds_and_keeps(tiny_dir, capsys, tmp_pat
   opts = ["--preset", "recommended-uniform", "--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "16",
           "--batch-size", "8"]
   est, out = plan(capsys, tmp_path, model, *opts, "--backend", "cpu")
-  assert "16 x 16 calibration tokens (fed after BOS: 17 a window)" in out
+  assert "16 x 16 calibration tokens, each window fed after BOS (17 tokens)" in out
   assert main(["prune", model, *opts, "--calib", str(calib), "--out", str(tmp_path / "pruned"), "--no-progress"]) == 0
   report = json.loads((tmp_path / "pruned" / "report.json").read_text())
   fed = report["calibration"]

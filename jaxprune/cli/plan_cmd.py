@@ -72,7 +72,7 @@ def run(args) -> int:
                            max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped)
   print(f"{args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, preset {preset} "
         f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens"
-        + (f" (fed after BOS: {window} a window)" if window != args.seq_len else ""))
+        + (f", each window fed after BOS ({window} tokens)" if window != args.seq_len else ""))
   print(footprint.table(est))
   if tokenizer is None:
     print("note: no tokenizer found next to the config; the run's (tens to hundreds of MB) is not counted")
