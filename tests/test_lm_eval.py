@@ -181,13 +181,15 @@ def test_left_truncation_to_max_length(model):
     scoring.continuation_logprobs(model.spec, model.params, [(ctx, ctx[:25])], max_length=20)
 
 
-def test_same_requests_as_hf_backend(model_dir):
-  """Per-request loglikelihoods (with empty contexts and multi-window rolling documents) agree with lm-eval's hf."""
+def hf_backend(model_dir, **kw):
   from lm_eval.models.huggingface import HFLM
 
-  ours = jl.JaxpruneLM(model_dir, batch_size=4, max_length=32)
-  theirs = HFLM(pretrained=model_dir, dtype="float32", device="cpu", batch_size=4, max_length=32)
-  rng = np.random.default_rng(3)
+  return HFLM(pretrained=model_dir, dtype="float32", device="cpu", batch_size=4, max_length=32, **kw)
+
+
+def assert_same_loglikelihoods(ours, theirs, rng, rolling_theirs=None):
+  """Per-request loglikelihoods (with an empty context, a truncated one and multi-window rolling
+  documents) of `ours` agree with lm-eval's hf backend `theirs` (`rolling_theirs` for the documents)."""
   pairs = [(words(rng, int(rng.integers(1, 30))), " " + words(rng, int(rng.integers(1, 4)))) for _ in range(10)]
   pairs += [("", words(rng, 3)), (words(rng, 40), " " + words(rng, 2))]  # empty context; truncated
   reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
@@ -195,12 +197,50 @@ def test_same_requests_as_hf_backend(model_dir):
   for (la, ga), (lb, gb) in zip(a, b, strict=True):
     assert la == pytest.approx(lb, **TINY_TOL) and ga == gb
   docs = [Instance("loglikelihood_rolling", {}, (words(rng, n),), i) for i, n in enumerate((10, 70, 33))]
-  ra, rb = ours.loglikelihood_rolling(docs), theirs.loglikelihood_rolling(docs)
+  ra, rb = ours.loglikelihood_rolling(docs), (rolling_theirs or theirs).loglikelihood_rolling(docs)
   assert ra == pytest.approx(rb, **TINY_TOL)  # 70 words at max_length 32: three windows
 
 
-@pytest.mark.parametrize("kind", ["llama_mha", "mistral"])  # mistral: a sliding window of 8 inside the KV cache
+def test_same_requests_as_hf_backend(model_dir):
+  ours = jl.JaxpruneLM(model_dir, batch_size=4, max_length=32)
+  assert_same_loglikelihoods(ours, hf_backend(model_dir), np.random.default_rng(3))
+
+
+def test_gemma3_with_bos_same_requests_as_hf_backend(tiny_dir, tmp_path):
+  """A tiny Gemma 3 (sliding window 8 < max_length 32, one KV head, post-norms, attention and
+  final soft-caps) whose tokenizer adds BOS: loglikelihood and generate_until agree with lm-eval's
+  hf backend, which also puts BOS before every context and prompt. Rolling documents agree with
+  hf told add_bos_token=False: hf would encode the document with its BOS and score that BOS
+  after the prefix BOS (the one deliberate difference, in jaxprune.eval.lm_eval's docstring);
+  without it both feed [BOS] + the text's tokens, as the perplexity windows are fed.
+
+  TINY_TOL's bound holds here too: Gemma's widest reduction is the output projection's over
+  4 heads x 32 = 128 values, and the soft-caps (tanh) shrink, not amplify, a logit error.
+  """
+  from tests.test_windows_bos import save_tokenizer
+
+  path = str(tmp_path / "gemma3")
+  shutil.copytree(tiny_dir("gemma3"), path)
+  save_tokenizer(path, "template")
+  ours = jl.JaxpruneLM(path, batch_size=4, max_length=32)
+  assert ours.add_bos_token and ours.prefix_token_id == 0
+  theirs = hf_backend(path)
+  rng = np.random.default_rng(6)
+  assert_same_loglikelihoods(ours, theirs, rng, rolling_theirs=hf_backend(path, add_bos_token=False))
+  # BOS, 4 to 17 words and up to 12 new tokens: every row decodes past the window of 8.
+  stops = [[], ["w7"], ["w12 w40"]]
+  reqs = [Instance("generate_until", {}, (words(rng, n), {"until": stops[i % 3], "max_gen_toks": 12,
+                                                         "do_sample": False}), i)
+          for i, n in enumerate((4, 17, 9, 13, 6))]
+  got = ours.generate_until(reqs)
+  assert got == theirs.generate_until(reqs)
+  assert sum(len(g.split()) for g in got) > 20  # real continuations were compared, not empty strings
+
+
+@pytest.mark.parametrize("kind", ["llama_mha", "mistral", "gemma3", "qwen3"])
 def test_greedy_generate_matches_full_forward(kind, tiny_dir):
+  """mistral and gemma3: a sliding window of 8 inside the KV cache (gemma3: on every other layer,
+  with one KV head, soft-caps and post-norms); qwen3: RMS norms on queries and keys."""
   m = jaxprune.load(tiny_dir(kind))
   rng = np.random.default_rng(4)
   prompts = [list(rng.integers(2, 128, n)) for n in (3, 11, 6)]

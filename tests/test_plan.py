@@ -3,9 +3,11 @@
 import json
 import os
 
+import jax
 import pytest
 from transformers import LlamaConfig
 
+import jaxprune
 from jaxprune.cli import main
 from jaxprune.prune import PruneConfig
 
@@ -99,3 +101,39 @@ def test_bad_mesh_is_refused(configs, capsys):
 def test_nonpositive_window_count_is_refused(configs, capsys):
   assert main(["plan", configs["7b"], "--calib-samples", "0"]) == 2
   assert "--calib-samples must be positive, got 0" in capsys.readouterr().err
+
+
+def test_gemma3_plan_counts_what_prune_feeds_and_keeps(tiny_dir, capsys, tmp_path):
+  """A tiny Gemma 3 whose tokenizer adds BOS: the plan counts the windows `jaxprune prune` then
+  feeds ([BOS] + seq_len tokens each), its activation streams are those windows' hidden states,
+  and its block term (dense + pruned, both taken at the dense size) holds the blocks prune keeps."""
+  import shutil
+
+  import numpy as np
+
+  from tests.test_windows_bos import WORDS, save_tokenizer
+
+  model = str(tmp_path / "gemma3")
+  save_tokenizer(shutil.copytree(tiny_dir("gemma3"), model), "template")
+  calib = tmp_path / "words.txt"
+  calib.write_text(" ".join(np.random.default_rng(0).choice(WORDS, size=600)))
+  opts = ["--preset", "recommended-uniform", "--sparsity", "0.3", "--calib-samples", "16", "--seq-len", "16",
+          "--batch-size", "8"]
+  est, out = plan(capsys, tmp_path, model, *opts, "--backend", "cpu")
+  assert "16 x 16 calibration tokens, each window fed after BOS (17 tokens)" in out
+  assert main(["prune", model, *opts, "--calib", str(calib), "--out", str(tmp_path / "pruned"), "--no-progress"]) == 0
+  report = json.loads((tmp_path / "pruned" / "report.json").read_text())
+  fed = report["calibration"]
+  assert (est["calib_samples"], est["window_tokens"]) == (fed["windows"], fed["seq_len"]) == (16, 17)
+  terms, D = est["device"]["terms"], 64
+  streams = 3 if report["streams"]["dense"] else 1  # pruned, dense and the dense module output
+  assert terms["activation streams"] == streams * fed["windows"] * fed["seq_len"] * D * 4
+  # The two layers have one dense shape, so the term is twice one dense block in float32; what
+  # prune kept of each layer (its pruned block beside its dense one) fits in it.
+  dense_block = report["params"]["pruned_blocks_before"] // 2
+  assert terms["block (dense + pruned, float32)"] == 2 * 4 * dense_block
+  pruned = jaxprune.load(str(tmp_path / "pruned"))
+  kept = [sum(np.size(x) for x in jax.tree.leaves((blk["attn"], blk["mlp"]))) for blk in pruned.params["layers"]]
+  assert sum(kept) == report["params"]["pruned_blocks_after"]
+  assert all(4 * (dense_block + k) <= terms["block (dense + pruned, float32)"] for k in kept)
+  assert max(kept) < dense_block  # each layer lost units

@@ -24,6 +24,7 @@ import pytest
 
 import jaxprune
 from jaxprune import sharding
+from jaxprune.errors import UsageError
 from jaxprune.prune import prune
 from tests import tiny
 from tests.numerics import assert_within, reordering_bound
@@ -44,12 +45,8 @@ def _script():
   return mod
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  """A tiny GQA model with a word tokenizer, a text to calibrate on, and the one-device reference."""
-  root = tmp_path_factory.mktemp("tpu_scripts")
-  model_dir = tiny.add_word_tokenizer(tiny.save("llama_gqa", str(root / "model")))
-  text = tiny.write_words(str(root / "words.txt"), 4000)
+def _reference(root, model_dir, text):
+  """(root, model_dir, text, the one-device prune, tokens, their logits, the reordering bound)."""
   mod = _script()
   args = mod.parse_args([model_dir, "--out", str(root / "unused"), "--calib", text, *ARGS])
   model = jaxprune.load(model_dir)
@@ -65,6 +62,29 @@ def setup(tmp_path_factory):
     spreads.append(np.asarray(jaxprune.logits(again.model.spec, again.model.params, tokens)) - ref_logits)
   bound = reordering_bound(ref_logits, spreads)
   return root, model_dir, text, ref, tokens, ref_logits, bound
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tiny GQA model with a word tokenizer, a text to calibrate on, and the one-device reference."""
+  root = tmp_path_factory.mktemp("tpu_scripts")
+  model_dir = tiny.add_word_tokenizer(tiny.save("llama_gqa", str(root / "model")))
+  return _reference(root, model_dir, tiny.write_words(str(root / "words.txt"), 4000))
+
+
+@pytest.fixture(scope="module")
+def gemma_setup(tmp_path_factory):
+  """A tiny Gemma 3 (one KV head: query heads go inside the group; sliding windows, soft-caps)
+  whose tokenizer adds BOS, so every calibration window is [BOS] + window."""
+  from tests.test_windows_bos import WORDS, save_tokenizer
+
+  root = tmp_path_factory.mktemp("tpu_scripts_gemma")
+  model_dir = save_tokenizer(tiny.save("gemma3", str(root / "model")), "template")
+  text = root / "words.txt"
+  text.write_text(" ".join(np.random.default_rng(0).choice(WORDS, size=4000)))
+  out = _reference(root, model_dir, str(text))
+  assert (out[4][:, 0] == 0).all()  # the windows start with the tokenizer's BOS
+  return out
 
 
 def _env(devices: int) -> dict:
@@ -93,7 +113,9 @@ def _check_output(out, setup, processes: int, data: int = 4, model: int = 2):
   return report
 
 
-def test_single_process_4x2_mesh_matches_one_device(setup):
+@pytest.mark.parametrize("which", ["setup", "gemma_setup"], ids=["llama_gqa", "gemma3"])
+def test_single_process_4x2_mesh_matches_one_device(which, request):
+  setup = request.getfixturevalue(which)
   root, model_dir, text, *_ = setup
   out = root / "mesh4x2"
   proc = subprocess.run([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS,
@@ -131,15 +153,18 @@ def _two_processes(setup, local, data, model, out, extra=lambda i: []):
   return procs, logs
 
 
-@pytest.mark.parametrize("local,data,model", [(4, 4, 2), (2, 1, 4)], ids=["model-axis-within", "model-axis-across"])
-def test_two_processes_share_a_mesh(setup, local, data, model):
+@pytest.mark.parametrize("which,local,data,model", [("setup", 4, 4, 2), ("setup", 2, 1, 4), ("gemma_setup", 2, 1, 4)],
+                         ids=["model-axis-within", "model-axis-across", "gemma3-model-axis-across"])
+def test_two_processes_share_a_mesh(which, local, data, model, request):
   """jax.distributed.initialize with --coordinator: 2 processes of CPU devices, gloo collectives.
 
   4x2 on 2 x 4 devices: each process holds whole `model` rows; the finished blocks are
   gathered to both (--gather-blocks). 1x4 on 2 x 2 devices: the `model` axis spans both
   processes, so each holds half of every split weight and of the Gram statistics' rows
-  (gathered across them for the solves), and writes its own shards of the finished blocks.
+  (gathered across them for the solves), and writes its own shards of the finished blocks;
+  the tiny Gemma 3 runs that way too (its one KV head replicated, its query heads split).
   """
+  setup = request.getfixturevalue(which)
   root, model_dir, *_ = setup
   out = root / f"mesh{data}x{model}_2proc"
   gather = model == 2
@@ -191,6 +216,8 @@ def test_multi_process_detection():
   assert "2 workers" in mod.multi_process_env({"TPU_WORKER_HOSTNAMES": "t1,t2"})
   with pytest.raises(SystemExit, match="go together"):
     mod.init_distributed(mod.parse_args(["m", "--out", "o", "--coordinator", "h:1"]))
+  with pytest.raises(UsageError, match="--calib selfgen is not offered by prune_distributed.py; pass a text file"):
+    mod.parse_args(["m", "--out", "o", "--calib", "selfgen"])
 
 
 def test_script_takes_every_prune_config_option_and_the_presets(tmp_path):

@@ -19,7 +19,8 @@ every host. `jax.distributed.initialize()` is called when
 Every process streams the model (safetensors, GGUF and Orbax checkpoints: the
 blocks stay on disk until the run reaches them, so a host holds one block at a
 time; PyTorch pickles are read whole) and reads the same calibration text; the
-windows are drawn with the same seed, so they agree. The parameters are placed
+windows are drawn with the same seed, so they agree (each after BOS where the
+tokenizer adds one, as `jaxprune prune` draws them). The parameters are placed
 on the mesh by logical axis names (`jaxprune.sharding.param_shardings`: heads,
 KV heads, MLP channels and the vocabulary over `model`), a block when the run
 reaches it; the calibration streams are sharded over `data`, and
@@ -97,7 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   dist.add_argument("--gather-blocks", action="store_true",
                     help="with several processes: gather each finished block to every process instead (a "
                     "collective; needs no shared storage, but every host receives and stores every block)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.calib == "selfgen":  # `jaxprune prune`'s self-generation would run the whole model on every host
+    from jaxprune.errors import UsageError
+    raise UsageError("--calib selfgen is not offered by prune_distributed.py; pass a text file or 'random' "
+                     "(or generate with `jaxprune prune --calib selfgen`)")
+  return args
 
 
 # ---------------------------------------------------------------------------
@@ -162,21 +168,13 @@ def build_config(args, data: int):
   return config
 
 
-def _seed(args) -> int:
-  """The run's seed (the preset's unless --seed or the --config file sets it)."""
-  return build_config(args, 1).seed
-
-
 def calibration(args, model, tokenizer):
-  """[calib_samples, seq_len] int32 windows, identical on every process (same file, same seed)."""
-  from jaxprune.data import read_text, sample_windows, tokenize
-  from jaxprune.data.selfgen import random_tokens
+  """[calib_samples, P + seq_len] int32 windows drawn as `jaxprune prune` draws them, after BOS
+  (P = 1) where the tokenizer adds one (issue 29: Gemma is fed [BOS] + window everywhere);
+  identical on every process (same file, same seed, same tokenizer)."""
+  from jaxprune.cli.prune_inputs import calibration as draw
 
-  if args.calib == "random":
-    return random_tokens(model.spec.vocab_size, args.calib_samples, args.seq_len, seed=_seed(args))
-  stream = tokenize(tokenizer, read_text(args.calib))
-  windows, _ = sample_windows(stream, args.seq_len, args.calib_samples, seed=_seed(args), source=args.calib)
-  return windows
+  return draw(args, model, tokenizer, build_config(args, 1), args.calib_samples)
 
 
 def _host_device():
@@ -293,7 +291,8 @@ def main(argv=None) -> int:
   # reaches them, so a host holds a block at a time, not the model (jaxprune.io.lazy).
   with jax.default_device(_host_device()):
     model = jaxprune.load(args.model, dtype=args.dtype or "float32", lazy=True)
-  tokenizer = jaxprune.load_tokenizer(args.model) if args.calib != "random" or pid == 0 else None
+  # Every process: the windows of a BOS-adding tokenizer start with BOS, random ones too.
+  tokenizer = jaxprune.load_tokenizer(args.model)
   config = build_config(args, data).check(model.spec)
   calib = calibration(args, model, tokenizer)
   # Host arrays -> the mesh: each process puts its own devices' shards from its (identical)

@@ -42,7 +42,7 @@ def add_parser(sub):
 
 def run(args) -> int:
   from jaxprune import footprint, sharding
-  from jaxprune.data import check_seq_len
+  from jaxprune.data import bos_prefix, check_seq_len
   from jaxprune.io.atomic import write_json
   from jaxprune.io.export import parse_size
   from jaxprune.io.resolve import read_spec
@@ -65,17 +65,21 @@ def run(args) -> int:
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
   args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)
   check_seq_len(args.seq_len, spec)  # as `jaxprune prune` checks it
-  est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=args.seq_len, data=data, model=model,
+  # The run feeds every window after the tokenizer's BOS where it adds one (Gemma): one more token each.
+  window = args.seq_len + (len(bos_prefix(tokenizer)) if tokenizer is not None else 0)
+  est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=window, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
                            max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped)
   print(f"{args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, preset {preset} "
-        f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens")
+        f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens"
+        + (f", each window fed after BOS ({window} tokens)" if window != args.seq_len else ""))
   print(footprint.table(est))
   if tokenizer is None:
     print("note: no tokenizer found next to the config; the run's (tens to hundreds of MB) is not counted")
   if args.json:
     write_json(args.json, {"model": args.model, "preset": preset, "config": dataclasses.asdict(config),
-                           "calib_samples": args.calib_samples, "seq_len": args.seq_len, **est.to_json()}, force=True)
+                           "calib_samples": args.calib_samples, "seq_len": args.seq_len, "window_tokens": window,
+                           **est.to_json()}, force=True)
   return 0
 
 
