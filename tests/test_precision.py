@@ -77,6 +77,21 @@ def test_the_precision_is_part_of_the_compiled_kernel(model):
   assert len(default) == len(highest) and not any("HIGHEST" in p for p in default)
 
 
+def test_a_kernel_compiled_under_one_precision_is_not_reused_under_another():
+  traces = []
+
+  @jax.jit
+  def f(a):
+    traces.append(jax.config.jax_default_matmul_precision)
+    return a @ a
+
+  a = np.ones((4, 4), np.float32)
+  for p in ("default", "highest", "default", "highest"):
+    with jax.default_matmul_precision(p):
+      f(a)
+  assert traces == ["default", "highest"]  # one trace per precision, then each from the cache
+
+
 class _Stop(Exception):
   pass
 
