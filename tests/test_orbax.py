@@ -60,7 +60,8 @@ def _shardings(params, rule):
 
 
 def test_sharded_save_and_restore(tiny_dir, tmp_path):
-  assert len(jax.devices()) == 8
+  if len(jax.devices()) < 8:
+    pytest.skip(f"needs 8 devices (tests/conftest.py forces 8 on CPU); {jax.default_backend()} has {len(jax.devices())}")
   model = jaxprune.load(tiny_dir("llama_mha"))  # 4 query and KV heads: the head axis divides a 4-way axis
   mesh = _mesh((2, 4), ("data", "model"))
 

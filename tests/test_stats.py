@@ -79,7 +79,8 @@ def test_moments_match_numpy():
 def test_statistics_equal_on_1_and_8_devices(tiny_dir, kind, data, model):
   """On a `model` axis the block is split over it and so are the Gram sums' rows
   (`sharding.gram_rows`), joined on the host for the solves (`passes.gather_hidden`)."""
-  assert len(jax.devices()) == 8
+  if len(jax.devices()) < 8:
+    pytest.skip(f"needs 8 devices (tests/conftest.py forces 8 on CPU); {jax.default_backend()} has {len(jax.devices())}")
   model_ = jaxprune.load(tiny_dir(kind))
   tokens = np.random.default_rng(0).integers(0, 128, size=(16, 12)).astype(np.int32)
   cfg = L.block_config(model_.spec, 0)

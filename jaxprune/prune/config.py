@@ -44,6 +44,17 @@ class Rounding(enum.StrEnum):
   CARRY = "carry"  # each layer's rounding carried to the next
 
 
+class MatmulPrecision(enum.StrEnum):
+  """The precision of the float32 matmuls of the passes that feed statistics, targets and solves
+  (`jax.default_matmul_precision`). CPUs compute float32 dots in float32 whatever is asked; GPUs
+  would otherwise use TF32 and TPUs bfloat16 passes, so the statistics would not be the ones
+  validated on CPU."""
+
+  HIGHEST = "highest"  # float32 products on every backend (TPU: six bfloat16 passes)
+  HIGH = "high"  # TPU: three bfloat16 passes; GPU: TF32
+  DEFAULT = "default"  # the backend's fastest: TPU one bfloat16 pass, GPU TF32
+
+
 DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -125,6 +136,10 @@ class PruneConfig:
                                       "before sampling (above 1: more varied text)")
   batch_size: int = _field(16, "calibration windows per chunk (a multiple of the data-parallel devices)")
   seed: int = _field(0, "seed for random choices (calibration windows, the random criterion, random-token windows)")
+  matmul_precision: MatmulPrecision = _field(MatmulPrecision.HIGHEST, "precision of the float32 matmuls of the "
+                                             "passes that feed statistics, targets and solves: highest (float32 on "
+                                             "every backend), high or default (GPU: TF32; TPU: bfloat16 passes). "
+                                             "CPUs give the same bits for all three")
 
   def __post_init__(self):
     # Callers, YAML files and older code give modes as strings; stored as members, they are typed

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any, Callable, NamedTuple
 
+import jax
 import numpy as np
 
 from jaxprune import allocate, criteria, sharding
@@ -68,6 +69,9 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
     PruneResult(model, report): the pruned Model (the input is untouched) and a JSON-able report.
   """
   with contextlib.ExitStack() as stack:  # owns the temporary store of dense outputs, if any
+    # Every kernel the run traces (statistics, targets, solves, the criterion's preparation) takes
+    # the stated precision; jit keys its cache on it, so no kernel compiled under another leaks in.
+    stack.enter_context(jax.default_matmul_precision(str(config.matmul_precision)))
     return _prune(model, calib, config, _Run(score_windows, mesh, progress or (lambda event: None), checkpoint,
                                              blocks_dir), stack)
 
