@@ -24,7 +24,7 @@ class BlockConfig:
 
   norm: str
   eps: float
-  act: str
+  act: str | None
   gated: bool
   rope: RopeSpec | None
   sliding_window: int | None
@@ -57,6 +57,28 @@ def block_config(spec: ModelSpec, layer: int) -> BlockConfig:
   )
 
 
+# What each part of a block reads of its config. A kernel of one part is jitted on that part's
+# view (`part_config`), so layers that differ only elsewhere share its compile: Gemma 3's sliding
+# and full-attention layers (window, RoPE base) share every MLP kernel, and a block's MLP
+# compiles nothing new when its attention was cut to uneven KV groups (`kv_map`).
+_NORM_FIELDS = ("norm", "eps", "norm_offset")
+PART_FIELDS = {
+    "norm": _NORM_FIELDS,
+    "mlp": _NORM_FIELDS + ("act", "gated"),
+    "attn": _NORM_FIELDS + ("rope", "sliding_window", "kv_map", "qk_norm", "query_scale", "attn_softcap"),
+}
+# The values a view gives the fields its part does not read: what a block without them has.
+_UNREAD = dict(act=None, gated=False, rope=None, sliding_window=None, kv_map=None, qk_norm=False, post_norms=False,
+               query_scale=None, attn_softcap=None, final_softcap=None)
+
+
+def part_config(cfg: BlockConfig, part: str) -> BlockConfig:
+  """`cfg` as seen by `part` ("norm", "mlp" or "attn", a module's name): the fields that part
+  does not read set to `_UNREAD`'s values. Its kernels then compute exactly what they did on
+  `cfg` (they never read the others) and compile once per distinct view."""
+  return dataclasses.replace(cfg, **{k: v for k, v in _UNREAD.items() if k not in PART_FIELDS[part]})
+
+
 def softcap(cap: float | None, x):
   """cap * tanh(x / cap) (Gemma 2's soft capping), or x when there is no cap."""
   return x if cap is None else jnp.tanh(x / cap) * cap
@@ -83,7 +105,10 @@ def activation(name: str, x):
     return jax.nn.silu(x)
   if name == "gelu_tanh":
     return jax.nn.gelu(x, approximate=True)
-  return jax.nn.gelu(x, approximate=False)
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)
+  # Also what a view without the MLP's fields (`part_config`) gets, were it ever to read them.
+  raise ValueError(f"activation {name!r} is not one of silu, gelu_tanh, gelu")
 
 
 def rope_tables(rope: RopeSpec, head_dim: int, positions):

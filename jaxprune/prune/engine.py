@@ -242,7 +242,7 @@ def _loop(ctx: StepContext, model: Model, state: RunState, plan, first, groups, 
 def _module(ctx: StepContext, spec, b0, state: RunState, kind, i, groups, xs, plan, progress):
   """Block i's module `kind` pruned (`step.step`): (the new state, the next streams)."""
   layer = state.layer_specs[i]
-  cfg = L.block_config(spec.with_layers(state.layer_specs), i)
+  cfg = L.part_config(L.block_config(spec.with_layers(state.layer_specs), i), kind.name)
   shape, carry = budget_lib.keep_shape(b0, state.carry, spec, kind, i, layer, ctx.bias_after,
                                        state.blocks[i] if kind is A.MLP else None, plan.layers.get(i))
   # Blocks live on the mesh, sharded over its `model` axis (dense ones as they are read, pruned

@@ -142,8 +142,9 @@ def _module(inp: PlanInputs, meter: Meter, kind, i, blk, cfg, x, pos, want_js, w
   if want_scores and c.score_data != "identity":
     st = needs_lib.criterion_stats(inp.crit.needs, kind, c.skip_positions)
   with meter.phase("statistics"):
-    h = jax.block_until_ready(passes.hidden_pass(kind, cfg, blk[kind.norm_key], p, x, None, pos,
-                                                 dataclasses.replace(st, cross=False, js=js_here), mesh=mesh))
+    h = jax.block_until_ready(passes.hidden_pass(kind, L.part_config(cfg, kind.name), blk[kind.norm_key], p, x,
+                                                 None, pos, dataclasses.replace(st, cross=False, js=js_here),
+                                                 mesh=mesh))
     h = passes.gather_hidden(h, mesh)
   w2, b2 = A.second_level(kind, p)
   if js_here:

@@ -34,7 +34,7 @@ class ModuleInput(NamedTuple):
   Attributes:
     kind, i: the module (attention or MLP) of block i.
     block, layer: the block's parameters and sizes entering the step.
-    cfg: the block's config.
+    cfg: the block's config as the module sees it (`L.part_config`).
     groups, xs: the calibration groups' streams and the random-token scoring stream (or None).
     shape: (units to keep, KV heads to keep or None), from the budget (`allocate.Budget`).
     tau: the similarity threshold of heads="similarity", or None.

@@ -4,8 +4,9 @@ A stream is an array [C, B, T, D] of C chunks of B calibration windows, with
 the batch axis sharded over the mesh's `data` axis. Each pass scans the chunks
 with `lax.scan`, so only one chunk's intermediates (e.g. attention maps) are
 alive at a time, and returns f32 sums. Every kernel is jitted with the module
-kind, the block config and what to accumulate static: one compile per distinct
-module shape and set of needs.
+kind, the module's view of the block config (`layers.part_config`: an MLP's has no
+attention settings) and what to accumulate static: one compile per distinct
+module shape, view and set of needs.
 
 A module is visited by at most three passes, each doing only its share of the
 work (see `jaxprune.stats.needs`):
@@ -229,7 +230,7 @@ def _joined(cfg, post_p, y):
 def post_kw(kind: A.ModuleKind, cfg: L.BlockConfig, block) -> dict:
   """`second_apply`'s and `add`'s keywords for a module of `block`: its post-norm, if it has one."""
   post_p = kind.post_norm(block)
-  return {} if post_p is None else {"cfg": cfg, "post_p": post_p}
+  return {} if post_p is None else {"cfg": L.part_config(cfg, "norm"), "post_p": post_p}
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "cfg"))
