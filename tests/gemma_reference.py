@@ -1,8 +1,9 @@
 """transformers' own Gemma-3-270M, dequantized from the built-in GGUF: the parity reference.
 
-transformers takes minutes on two cores to dequantize the GGUF, so its float32
-weights are kept once under ~/.cache/jaxprune (written to a temporary directory
-and renamed), keyed by the GGUF's checksum; later loads read that copy in seconds.
+transformers takes minutes on two cores to load the GGUF (most of it parsing the
+262k-token vocabulary; tests/gguf_reference.py), so its float32 weights are kept once
+under ~/.cache/jaxprune (written to a temporary directory and renamed), keyed by the
+GGUF's checksum; later loads read that copy in seconds.
 """
 
 from __future__ import annotations
