@@ -12,7 +12,7 @@ BOS) and all 128 window tokens are scored. Both engines see the same token array
 NLL is summed per batch of windows, so no more than one batch's logits (4 x 129 x 262144
 floats) are alive at a time. The figure is the relative difference of the perplexities.
 
-With --pruned DIR (a `jaxprune prune gemma3-270m --out DIR` output), the two sides are
+With --pruned DIR (a Hugging Face directory: `jaxprune export` of a pruned Gemma), the two sides are
 jaxprune's load of DIR and stock transformers' `AutoModelForCausalLM.from_pretrained(DIR,
 trust_remote_code=True)` (the per-layer modeling file the export ships; float32, eager
 attention): the check that the pruned export computes in transformers what jaxprune computed.
