@@ -310,6 +310,24 @@ def test_plan_costs_from_the_stream_on_uncorrelated_blocks_are_the_exact_sweeps(
   np.testing.assert_array_equal(_ranks(got), _ranks(refit_aware(A.MLP, p, stats)))
 
 
+def test_blocked_sweep_stopped_at_n_remove_removes_what_the_full_one_removes():
+  """Each block's sweep stops at n_remove: the n_remove lowest merged scores are the same units,
+  in the same order, as with every block swept to the end."""
+  from jaxprune.criteria.output_approx import refit_aware
+  rng = np.random.default_rng(11)
+  U, T = 24, 400
+  x = rng.normal(size=(T, U)) @ rng.normal(size=(U, U)) * 0.3 + rng.normal(size=(T, U)) * rng.uniform(0.2, 2, U)
+  y = x @ rng.normal(size=(U, 3)) + 0.1 * rng.normal(size=(T, 3))
+  m = moments.update(moments.init(U, 3), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  p = _mlp(rng, F=U)
+  full = np.asarray(refit_aware(A.MLP, p, ModuleStats(hidden=m, damping=1e-6, intercept=True), block=8))
+  for n_remove in (3, 10, 17):
+    part = np.asarray(refit_aware(A.MLP, p, ModuleStats(hidden=m, damping=1e-6, intercept=True, n_remove=n_remove),
+                                  block=8))
+    np.testing.assert_array_equal(np.argsort(part, kind="stable")[:n_remove],
+                                  np.argsort(full, kind="stable")[:n_remove])
+
+
 def test_fully_shrunk_refit_aware_order_is_flaps_fluctuation():
   """With the covariance shrunk to its diagonal the greedy OBS cost of a channel is
   var_j ||w_j||^2 (FLAP's fluctuation, its own weights W2), so the order is FLAP's."""

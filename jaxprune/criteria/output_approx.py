@@ -32,10 +32,13 @@ of the Gram matrix (channels of different blocks taken as uncorrelated), where t
 refit error is a sum over blocks, and the blocks' removals are merged by the cost
 each unit had when it went (made non-decreasing within a block). That is about
 3 U2 b^2 flops and 8 b^2 bytes for blocks of b channels: linear in the width.
+(With fewer tokens N than channels, G is its diagonal plus a rank-N term and Woodbury
+gives G^-1 through an N x N system, but the sweep still updates W and reads G^-1's
+columns for every unit that goes: N U2^2 in all, quadratic in the width.)
 
 The adaptive plan scores the dense model, where the target is the module's own
-output. There `refit_aware_stream` forms only the diagonal blocks of X2's Gram
-matrix, from X2 itself (2 N U2 b flops over N tokens, not the 2 N U2^2 of the whole
+output. There `refit_aware_stream` forms only the diagonal blocks (of PLAN_BLOCK
+channels) of X2's Gram matrix, from X2 itself (2 N U2 b flops over N tokens, not the 2 N U2^2 of the whole
 matrix), and each block's share of the target is its own output X2_b W_b, so the
 plan's sweep and its statistics both grow linearly with the width
 (benchmarks/preset_cost.py; the quality of each block size on SmolLM2:
@@ -61,6 +64,9 @@ from jaxprune.stats import moments
 
 MAX_STEPS = 128
 OBS_BLOCK = 4096  # channels; modules with more units' channels use the blocked sweep
+# Channels per block of the adaptive plan's sweep on the dense model (`refit_aware_stream`):
+# the plan only sizes the modules, each module's own ranking is the layer loop's sweep.
+PLAN_BLOCK = 512
 
 
 @jax.jit
@@ -267,10 +273,11 @@ def refit_aware_stream(kind: A.ModuleKind, p: Params, stats: ModuleStats, x2, w2
   each block's share of it is X2_b W_b: the cross moment of a block is its shrunk
   Gram times [W_b; 0] (the bias is the ones column's, which every block refits), so
   every block's sweep starts from the dense weights, as the exact sweep does.
-  `w2a` is [W2; b2] ((U2+1, D)); `skip`: each window's first positions left out.
+  `w2a` is [W2; b2] ((U2+1, D)); `skip`: each window's first positions left out;
+  `block`: channels per block (default PLAN_BLOCK).
   """
   width = A.unit_width(kind, p)
-  block = OBS_BLOCK if block is None else block
+  block = PLAN_BLOCK if block is None else block
   d = x2.shape[-1]
   n = d // width
   blocks = _blocks(n, width, block)
@@ -312,9 +319,10 @@ def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: Module
     # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
     scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
     ginv = _ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
-    # One block is the exact sweep, which may stop where the caller stops.
+    # Every block stops where the caller stops: the units that go are the n_remove lowest scores,
+    # at most n_remove from one block, so all from the prefix its sweep ranks as the full sweep does.
     order, paid = _removal_order(ginv, to_solve(sub_xy), width, stats.intercept, -(-len(units) // MAX_STEPS),
-                                 stats.n_remove if len(blocks) == 1 else None)
+                                 stats.n_remove)
     # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
     return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
 
