@@ -85,9 +85,22 @@ def gram(n, d, e=0):
   return g + 2 * n * (d + 1) * e
 
 
-def obs_sweep(U2, D, width, n_remove):
+def obs_blocks(U2, width, block=None):
+  """Channels of each block of the goa-obs sweep (default: the loop's OBS_BLOCK; [U2] where it is exact)."""
+  from jaxprune.criteria.output_approx import OBS_BLOCK, _blocks
+
+  block = OBS_BLOCK if block is None else block
+  return [U2] if U2 <= block else [len(b) * width for b in _blocks(U2 // width, width, block)]
+
+
+def obs_sweep(U2, D, width, n_remove, block=None):
   """The goa-obs sweep: the inverse of the (U2+1)^2 system, W = G^-1 X^T Y, and the rank-k
-  updates of G^-1 and W until n_remove units are gone (k channels a step)."""
+  updates of G^-1 and W until n_remove units are gone (k channels a step); a wide module's
+  blocks each stop there too."""
+  return sum(_obs_sweep(b, D, width, min(n_remove, b // width - 1)) for b in obs_blocks(U2, width, block))
+
+
+def _obs_sweep(U2, D, width, n_remove):
   from jaxprune.criteria.output_approx import MAX_STEPS
 
   d = U2 + 1
@@ -151,8 +164,10 @@ def prune_flops(spec, config, crit_needs, report, n, T) -> dict:
     out["dense_stream"] *= ran / (read + ran)
   if config.allocation == "adaptive":
     # The plan scores the dense model first: one pass per module up to X2, the statistics
-    # its criterion reads (for goa-obs: X2's Gram, the cross moment from it, the sweep up to
-    # min_keep), and the second level.
+    # its criterion reads (for goa-obs: X2's Gram, or an MLP's diagonal blocks of it, the
+    # cross moment from it, the sweep up to min_keep), and the second level.
+    from jaxprune.criteria.output_approx import PLAN_BLOCK
+
     out["plan"] = 0.0
     st_attn, st_mlp = (needs_lib.criterion_stats(crit_needs, k) for k in (A.ATTN, A.MLP))
     for l in spec.layers:
@@ -160,10 +175,14 @@ def prune_flops(spec, config, crit_needs, report, n, T) -> dict:
       out["plan"] += attn_flops(n, T, D, N, K, H) + mlp_flops(n, D, F, gated)
       for st, U2, width, n_remove in ((st_attn, N * H, H, N - 1),
                                       (st_mlp, F, 1, F - max(1, math.ceil(config.min_keep * F)))):
-        if st.hidden == "gram":
+        from_stream = width == 1 and "hidden_cross" in (crit_needs or ())
+        if st.hidden == "gram" and from_stream:
+          # goa-obs plans an MLP from X2 itself: the diagonal blocks of its Gram matrix.
+          out["plan"] += sum(gram(n, b) + 2 * (b + 1) ** 2 * D for b in obs_blocks(U2, width, PLAN_BLOCK))
+        elif st.hidden == "gram":
           out["plan"] += gram(n, U2) + (2 * (U2 + 1) ** 2 * D if st.cross else 0)
         if "hidden_cross" in (crit_needs or ()):
-          out["plan"] += obs_sweep(U2, D, width, n_remove)
+          out["plan"] += obs_sweep(U2, D, width, n_remove, PLAN_BLOCK if from_stream else None)
   out["total"] = sum(out.values())
   return out
 

@@ -269,6 +269,65 @@ def test_blocked_obs_sweep_equals_the_exact_one_on_uncorrelated_blocks():
   np.testing.assert_array_equal(_ranks(refit_aware(A.MLP, p, stats, block=4)), exact)
 
 
+def _dense_sweep_stats(x2, w2a, shrink, intercept, skip=0):
+  """The plan's statistics of a dense module from its full Gram matrix: X2's moments with
+  the cross moment of its own output X2 W + b, shrunk."""
+  m = moments.sums(jnp.asarray(x2[:, :, skip:], jnp.float32))
+  m = moments.shrink(moments.Moments(m.xx, m.xx @ jnp.asarray(w2a)), shrink, w2a)
+  return ModuleStats(hidden=m, damping=1e-5, intercept=intercept)
+
+
+def test_plan_costs_from_the_stream_equal_the_gram_sweep_in_one_block():
+  """With one block the plan's costs formed from X2 itself are the exact sweep's on the
+  shrunk full Gram matrix with the dense cross moment (first positions skipped)."""
+  from jaxprune.criteria.output_approx import refit_aware, refit_aware_stream
+  rng = np.random.default_rng(9)
+  U, D = 10, 4
+  x2 = (rng.normal(size=(2, 3, 20, U)) * rng.uniform(0.2, 2, size=U) + 0.3 * rng.normal(size=U)).astype(np.float32)
+  p = _mlp(rng, D=D, F=U)
+  w2a = np.concatenate([np.asarray(p["down"]["kernel"]), rng.normal(size=(1, D))]).astype(np.float32)
+  stats = _dense_sweep_stats(x2, w2a, 0.25, True, skip=2)
+  want = refit_aware(A.MLP, p, stats)
+  got = refit_aware_stream(A.MLP, p, stats, jnp.asarray(x2), w2a, 0.25, skip=2, block=U)
+  np.testing.assert_array_equal(_ranks(got), _ranks(want))
+
+
+def test_plan_costs_from_the_stream_on_uncorrelated_blocks_are_the_exact_sweeps():
+  """Channels of different blocks never fire on the same token: the Gram matrix is
+  block-diagonal, so the blocks formed from X2 lose nothing and the exact sweep's order
+  (on the whole Gram matrix) is the blocked one's."""
+  from jaxprune.criteria.output_approx import refit_aware, refit_aware_stream
+  rng = np.random.default_rng(8)
+  U, T = 8, 300
+  x2 = np.zeros((1, 2, T, U), np.float32)
+  x2[:, 0, :, :4] = rng.normal(size=(T, 4)) * rng.uniform(0.2, 2.0, size=4)
+  x2[:, 1, :, 4:] = rng.normal(size=(T, 4)) * rng.uniform(0.2, 2.0, size=4)
+  x2[..., 1] += 0.3 * x2[..., 2]  # some correlation inside a block
+  p = _mlp(rng, D=3, F=U)
+  w2a = np.concatenate([np.asarray(p["down"]["kernel"]), np.zeros((1, 3))]).astype(np.float32)
+  stats = _dense_sweep_stats(x2, w2a, 0.0, False)
+  got = refit_aware_stream(A.MLP, p, stats, jnp.asarray(x2), w2a, 0.0, block=4)
+  np.testing.assert_array_equal(_ranks(got), _ranks(refit_aware(A.MLP, p, stats)))
+
+
+def test_blocked_sweep_stopped_at_n_remove_removes_what_the_full_one_removes():
+  """Each block's sweep stops at n_remove: the n_remove lowest merged scores are the same units,
+  in the same order, as with every block swept to the end."""
+  from jaxprune.criteria.output_approx import refit_aware
+  rng = np.random.default_rng(11)
+  U, T = 24, 400
+  x = rng.normal(size=(T, U)) @ rng.normal(size=(U, U)) * 0.3 + rng.normal(size=(T, U)) * rng.uniform(0.2, 2, U)
+  y = x @ rng.normal(size=(U, 3)) + 0.1 * rng.normal(size=(T, 3))
+  m = moments.update(moments.init(U, 3), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  p = _mlp(rng, F=U)
+  full = np.asarray(refit_aware(A.MLP, p, ModuleStats(hidden=m, damping=1e-6, intercept=True), block=8))
+  for n_remove in (3, 10, 17):
+    part = np.asarray(refit_aware(A.MLP, p, ModuleStats(hidden=m, damping=1e-6, intercept=True, n_remove=n_remove),
+                                  block=8))
+    np.testing.assert_array_equal(np.argsort(part, kind="stable")[:n_remove],
+                                  np.argsort(full, kind="stable")[:n_remove])
+
+
 def test_fully_shrunk_refit_aware_order_is_flaps_fluctuation():
   """With the covariance shrunk to its diagonal the greedy OBS cost of a channel is
   var_j ||w_j||^2 (FLAP's fluctuation, its own weights W2), so the order is FLAP's."""

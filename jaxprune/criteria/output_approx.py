@@ -25,19 +25,24 @@ many channels go; the adaptive plan, how many min_keep allows), the sweep stops
 there: the removed units, their order and costs are the full sweep's.
 
 Cost, for U2 channels: the inverse (U2^3 flops in float64 by Cholesky) and up to
-MAX_STEPS updates of it (2 U2^3 in all), so about 3 U2^3 and 8 U2^2 bytes. At
-SmolLM2's MLP (U2 = 1536) that is 11 GFLOP, an eighth of the module's forward over
-128 x 128 calibration tokens (87 GFLOP), but each step streams the inverse
-through memory (4.6 ms a step here: 0.44 s for the 96 steps of the plan at
-min_keep 0.25, 0.12 s for the inverse). At LLaMA-70B's (U2 = 28672) it would
-be 9.4e13 flops and a 6.6 GB inverse per module, four times the module's
-forward over 16k tokens (2.3e13), so modules wider than OBS_BLOCK channels use
-the blocked form: the sweep runs on diagonal blocks of the Gram matrix
-(channels of different blocks taken as uncorrelated), where the refit error is
-a sum over blocks, and the blocks' removals are merged by the cost each unit
-had when it went (made non-decreasing within a block). That is 4 U2 b^2 flops
-for blocks of b channels: 1.9e12 at 70B with b = 4096, under a tenth of the
-module's forward, and b^2 memory.
+MAX_STEPS updates of it (2 U2^3 in all), so about 3 U2^3 and 8 U2^2 bytes: a cube of
+the width, where the module's forward grows with the width alone. Modules wider than
+OBS_BLOCK channels therefore run the blocked form: the sweep runs on diagonal blocks
+of the Gram matrix (channels of different blocks taken as uncorrelated), where the
+refit error is a sum over blocks, and the blocks' removals are merged by the cost
+each unit had when it went (made non-decreasing within a block). That is about
+3 U2 b^2 flops and 8 b^2 bytes for blocks of b channels: linear in the width.
+(With fewer tokens N than channels, G is its diagonal plus a rank-N term and Woodbury
+gives G^-1 through an N x N system, but the sweep still updates W and reads G^-1's
+columns for every unit that goes: N U2^2 in all, quadratic in the width.)
+
+The adaptive plan scores the dense model, where the target is the module's own
+output. There `refit_aware_stream` forms only the diagonal blocks (of PLAN_BLOCK
+channels) of X2's Gram matrix, from X2 itself (2 N U2 b flops over N tokens, not the 2 N U2^2 of the whole
+matrix), and each block's share of the target is its own output X2_b W_b, so the
+plan's sweep and its statistics both grow linearly with the width
+(benchmarks/preset_cost.py; the quality of each block size on SmolLM2:
+benchmarks/obs_options.py).
 """
 
 from __future__ import annotations
@@ -51,13 +56,17 @@ import numpy as np
 from jaxprune import placement
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
-from jaxprune.placement import float64_solves, host64, to_solve
+from jaxprune.placement import float64_solves, host64, local_copy, to_solve
 from jaxprune.reconstruct import ridge_system
 from jaxprune.spec import Params
+from jaxprune.stats import moments
 
 
 MAX_STEPS = 128
 OBS_BLOCK = 4096  # channels; modules with more units' channels use the blocked sweep
+# Channels per block of the adaptive plan's sweep on the dense model (`refit_aware_stream`):
+# the plan only sizes the modules, each module's own ranking is the layer loop's sweep.
+PLAN_BLOCK = 512
 
 
 @jax.jit
@@ -233,34 +242,93 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   d = stats.hidden.xx.shape[0] - 1
   n = d // width
   with float64_solves():
-    # The Gram matrix goes straight to where its inverse is taken (the host, for LAPACK).
-    xx = host64(stats.hidden.xx) if placement.lapack_solves() else to_solve(stats.hidden.xx)
-    xy = to_solve(stats.hidden.xy)
     if d <= block:
+      # The Gram matrix goes straight to where its inverse is taken (the host, for LAPACK).
+      xx = host64(stats.hidden.xx) if placement.lapack_solves() else to_solve(stats.hidden.xx)
       # With `stats.n_remove` the sweep stops there: the units it removes, their order and
       # costs are those of the full sweep, and every other unit scores above them.
       ginv = _ridge_inverse(xx, stats.damping, stats.intercept)
-      order, paid = _removal_order(ginv, xy, width, stats.intercept, -(-n // MAX_STEPS), stats.n_remove)
+      order, paid = _removal_order(ginv, to_solve(stats.hidden.xy), width, stats.intercept, -(-n // MAX_STEPS),
+                                   stats.n_remove)
       return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
-    diag = np.diagonal(np.asarray(xx))[:d]
-    blocks = _blocks(n, width, block)
+    # float32 on the host: each block is taken to float64 alone, never the whole Gram matrix.
+    xx, xy = np.asarray(local_copy(stats.hidden.xx)), np.asarray(local_copy(stats.hidden.xy))
 
-    def sweep(units, device=None):
-      ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
+    def system(units, ch):
       idx = np.concatenate([ch, [d]])  # the block's channels and the ones column
-      sub_xx, sub_xy = xx[idx][:, idx], xy[idx]
-      if device is not None:
-        sub_xx, sub_xy = jax.device_put(sub_xx, device), jax.device_put(sub_xy, device)
-      # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
-      scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
-      ginv = _ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
-      order, paid = _removal_order(ginv, sub_xy, width, stats.intercept, -(-len(units) // MAX_STEPS))
-      # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
-      return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
+      return xx[idx][:, idx], xy[idx]
 
-    scores = np.zeros(n, np.float64)
-    for units, s in zip(blocks, _sweep_blocks(sweep, blocks)):
-      scores[units] = s
+    return _blocked(n, width, _blocks(n, width, block), np.diagonal(xx)[:d], system, stats)
+
+
+def refit_aware_stream(kind: A.ModuleKind, p: Params, stats: ModuleStats, x2, w2a, shrink: float, skip: int = 0,
+                       block: int | None = None):
+  """`refit_aware`'s blocked sweep on the dense model, from the module's second-level input
+  stream `x2` [C, B, T, U2] instead of its full Gram matrix (the adaptive plan's costs).
+
+  Only the diagonal blocks of the Gram matrix are formed (2 N U2 b flops for N tokens
+  and blocks of b channels, against 2 N U2^2 for the whole matrix), each shrunk toward
+  its diagonal by `shrink` as `moments.shrink` does the whole one. On the dense model the
+  target is the module's own output X2 W + b, and with the blocks taken as uncorrelated
+  each block's share of it is X2_b W_b: the cross moment of a block is its shrunk
+  Gram times [W_b; 0] (the bias is the ones column's, which every block refits), so
+  every block's sweep starts from the dense weights, as the exact sweep does.
+  `w2a` is [W2; b2] ((U2+1, D)); `skip`: each window's first positions left out;
+  `block`: channels per block (default PLAN_BLOCK).
+  """
+  width = A.unit_width(kind, p)
+  block = PLAN_BLOCK if block is None else block
+  d = x2.shape[-1]
+  n = d // width
+  blocks = _blocks(n, width, block)
+  x2 = x2[:, :, skip:] if skip else x2
+  grams = {}
+  for units in blocks:
+    lo, size = int(units[0]) * width, len(units) * width
+    grams[lo] = np.asarray(local_copy(_augmented_gram(x2, jnp.int32(lo), size)))
+  diag = np.concatenate([np.diagonal(grams[lo])[:-1] for lo in sorted(grams)])
+  w2a = np.asarray(local_copy(w2a), np.float32)
+
+  def system(units, ch):
+    g = grams[int(ch[0])]
+    wa = np.concatenate([w2a[ch], np.zeros((1, w2a.shape[1]), np.float32)])
+    m = moments.shrink(moments.Moments(g, g @ wa), shrink, wa)
+    return m.xx, m.xy
+
+  with float64_solves():
+    return _blocked(n, width, blocks, diag, system, stats)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _augmented_gram(x2, lo, size: int):
+  """[X 1]^T [X 1] of the channels lo..lo+size-1 of `x2` [..., U2] over all its tokens."""
+  x = jax.lax.dynamic_slice_in_dim(x2, lo, size, axis=x2.ndim - 1).reshape(-1, size).astype(jnp.float32)
+  return moments.gram(jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1))
+
+
+def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: ModuleStats) -> np.ndarray:
+  """The blocked sweep's scores ([n], float64): each block's exact sweep on `system(units,
+  channels)` = (its augmented Gram, its cross moment), merged by the cost each unit had when
+  it went. `diag`: the diagonal of the module's whole Gram matrix (its ridge)."""
+
+  def sweep(units, device=None):
+    ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
+    sub_xx, sub_xy = (np.asarray(a, np.float64) for a in system(units, ch))
+    if not placement.lapack_solves():
+      sub_xx, sub_xy = jax.device_put(sub_xx, device), jax.device_put(sub_xy, device)
+    # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
+    scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
+    ginv = _ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
+    # Every block stops where the caller stops: the units that go are the n_remove lowest scores,
+    # at most n_remove from one block, so all from the prefix its sweep ranks as the full sweep does.
+    order, paid = _removal_order(ginv, to_solve(sub_xy), width, stats.intercept, -(-len(units) // MAX_STEPS),
+                                 stats.n_remove)
+    # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
+    return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
+
+  scores = np.zeros(n, np.float64)
+  for units, s in zip(blocks, _sweep_blocks(sweep, blocks)):
+    scores[units] = s
   # Ties between blocks: the lower index goes first.
   return _increasing_along(np.argsort(np.argsort(scores, kind="stable"), kind="stable"), scores)
 

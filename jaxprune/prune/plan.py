@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import allocate, criteria, placement
+from jaxprune.criteria import output_approx
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
 from jaxprune.models import layers as L
@@ -141,6 +142,10 @@ def _module(inp: PlanInputs, meter: Meter, kind, i, blk, cfg, x, pos, want_js, w
   st = needs_lib.StreamNeeds()
   if want_scores and c.score_data != "identity":
     st = needs_lib.criterion_stats(inp.crit.needs, kind, c.skip_positions)
+  # goa-obs plans an MLP from its blocked sweep on X2 itself: no Gram matrix of all its channels.
+  from_stream = want_scores and kind is A.MLP and inp.crit.stream_costs and st.hidden == "gram"
+  if from_stream:
+    st = dataclasses.replace(st, hidden="none", cross=False)
   with meter.phase("statistics"):
     h = jax.block_until_ready(passes.hidden_pass(kind, L.part_config(cfg, kind.name), blk[kind.norm_key], p, x,
                                                  None, pos, dataclasses.replace(st, cross=False, js=js_here),
@@ -151,8 +156,8 @@ def _module(inp: PlanInputs, meter: Meter, kind, i, blk, cfg, x, pos, want_js, w
     out.js[i] = placement.to_host(h.js / h.rows).astype(np.float64)
   if want_scores:
     hidden = h.hidden
+    w2a = jnp.concatenate([w2, b2[None]], axis=0)
     if st.cross:
-      w2a = jnp.concatenate([w2, b2[None]], axis=0)
       hidden = moments.shrink(moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a)), c.shrink, w2a)
     kw = dict(stats_kw(c, inp.extra, kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
     if kind is A.MLP and not plan_standardizes(inp.crit):
@@ -164,7 +169,10 @@ def _module(inp: PlanInputs, meter: Meter, kind, i, blk, cfg, x, pos, want_js, w
     else:
       stats = ModuleStats(inputs=h.inputs, hidden=hidden, first=h.first, **kw)
     with meter.phase("scoring"):
-      s = placement.to_host(inp.crit.score(kind, p, stats)).astype(np.float64)
+      if from_stream:
+        s = output_approx.refit_aware_stream(kind, p, stats, h.x2, w2a, c.shrink, c.skip_positions)
+      else:
+        s = placement.to_host(inp.crit.score(kind, p, stats)).astype(np.float64)
       if inp.crit.stream_costs:  # errors relative to the residual stream they are added to
         s = s / max(float(passes.energy(x)), 1e-30)
     (out.heads if kind is A.ATTN else out.channels)[i] = s
