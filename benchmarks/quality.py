@@ -35,6 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from jaxprune.prune import presets  # noqa: E402
 DATA = os.path.join(ROOT, "..", "shared", "data", "wikitext-2")
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 MODEL = "smollm2-135m"  # the model of rows without a "model" field, and the default of --model
@@ -60,6 +62,9 @@ AT_REF = dict(sparsity={0.2: 0.15, 0.5: 0.4583}, attn_sparsity={0.2: 0.0, 0.5: 0
 # reference structure's 6 of 9 heads are kept.
 RECIPE = dict(method="goa-obs", attn_sparsity={0.2: 0.0, 0.5: 0.25}, reconstruct=True, refit=True, intercept=True,
               damping=1e-5)
+
+# How the data-free preset draws its text, for baselines calibrated on that same text.
+SELFGEN_TEXT = {k: v for k, v in presets.RECOMMENDED_DATAFREE.items() if k.startswith("selfgen_")}
 
 # The runs: (name, preset, PruneConfig keyword arguments over the preset,
 # calibration source). Presets are jaxprune.prune.presets': "paper" holds
@@ -87,6 +92,9 @@ RUNS = [
     ("flap-uniform", "baseline", dict(method="flap"), "valid"),
     ("flap-uniform@ref", "baseline", dict(method="flap", **AT_REF), "valid"),
     ("flap-adaptive", "baseline", dict(method="flap", allocation="adaptive"), "valid"),
+    # FLAP on the data-free preset's self-generated windows (the same text, drawn the same way).
+    ("flap-uniform, data-free", "baseline", dict(method="flap", **SELFGEN_TEXT), "selfgen"),
+    ("flap-adaptive, data-free", "baseline", dict(method="flap", allocation="adaptive", **SELFGEN_TEXT), "selfgen"),
     ("wanda-sp", "baseline", dict(method="wanda-sp"), "valid"),
     ("wanda-sp@ref", "baseline", dict(method="wanda-sp", **AT_REF), "valid"),
     ("taylor-element1", "baseline", dict(method="taylor-element1"), "valid"),
