@@ -166,6 +166,8 @@ def _build(cfg: dict, attn_implementation):
   from transformers import CONFIG_MAPPING, AutoModelForCausalLM
   from transformers.initialization import no_init_weights
 
+  from jaxprune.io.modeling_per_layer import add_mlp_biases
+
   fam = families.for_model_type(cfg["model_type"])
   overrides = {int(k): dict(v) for k, v in (cfg.get("per_layer_config") or {}).items()}
   base = {k: v for k, v in cfg.items() if k not in ("per_layer_config", "allow_global_per_layer_attribute_access")}
@@ -186,6 +188,7 @@ def _build(cfg: dict, attn_implementation):
         layer = type(model.model.layers[i])(lc, i)
         model.model.layers[i] = layer
       _adopt_config(layer, lc, config)
+    add_mlp_biases(model, config)
   model.tie_weights()  # no_init_weights also skips tying the embedding to the LM head
   return model
 

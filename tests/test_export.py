@@ -261,6 +261,28 @@ def test_biases_from_reconstruction(models, kind, groups, model_type, padded, tm
   assert_same_model(jaxprune.load(out), model)  # padded zeros are dropped again
 
 
+@pytest.mark.parametrize("layout", ["uniform", "per_layer"])
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
+def test_mlp_biases_the_family_cannot_hold_go_through_the_modeling_file(models, kind, layout, tmp_path):
+  """Gemma 3's and Qwen3's configs have no MLP bias, and no other family computes their block: the
+  export keeps the family, writes `mlp_bias: true` and ships the modeling file that adds them."""
+  model = add_biases(prune_plan(models(kind), layout), ("o", "mlp"))
+  out = str(tmp_path / "b")
+  info = save_hf(model, out)
+  cfg = json.load(open(os.path.join(out, "config.json")))
+  assert info.model_type == families.get(kind).model_type and cfg["mlp_bias"] is True
+  assert not info.stock and "auto_map" in cfg and os.path.exists(os.path.join(out, "modeling_jaxprune.py"))
+  padded = ("qkv",)  # the config's attention_bias covers q, k, v and o
+  assert info.padded_params == bias_size(model.spec, padded)
+  for tm in (remote_load(out), load_pruned(out, dtype=torch.float32)):
+    assert tm.model.layers[0].mlp.down_proj.bias is not None
+    assert_torch_parity(tm, model)
+    assert count_parameters(tm) == info.exported_params == model.num_params + info.padded_params
+  assert_same_model(jaxprune.load(out), model)
+  # Stock transformers without the modeling file would drop the biases: it is not offered as the loader.
+  assert "trust_remote_code=True" in info.loader
+
+
 def test_mistral_without_window_and_with_bias_becomes_llama(models, tmp_path):
   base = models("mistral")
   model = add_biases(Model(dataclasses.replace(base.spec, sliding_window=None), base.params, base.source), ("o",))

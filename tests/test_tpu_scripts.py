@@ -118,12 +118,14 @@ def _check_output(out, setup, processes: int, data: int = 4, model: int = 2):
 def test_single_process_4x2_mesh_matches_one_device(setup):
   root, model_dir, text, *_ = setup
   out = root / "mesh4x2"
+  cache = root / "xla"
   proc = subprocess.run([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS,
-                         "--mesh-data", "4", "--mesh-model", "2"], env=_env(8), cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
+                         "--mesh-data", "4", "--mesh-model", "2", "--compile-cache", str(cache)], env=_env(8), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "process 0 of 1 (single process)" in proc.stderr
   _check_output(out, setup, processes=1)
+  assert any(cache.iterdir())  # the run's kernels went to the persistent cache, for a restarted run
 
 
 def _free_port() -> int:
@@ -237,3 +239,5 @@ def test_script_takes_every_prune_config_option_and_the_presets(tmp_path):
   assert c.method == PruneConfig.preset("paper").method and c.batch_size == 16
   for name, flag in flags.items():
     assert hasattr(args, name), f"{flag} missing from prune_distributed.py"
+  assert mod.parse_args(["m", "--out", "o", "--no-compile-cache"]).compile_cache is None
+  assert mod.parse_args(["m", "--out", "o", "--compile-cache", "d"]).compile_cache == "d"

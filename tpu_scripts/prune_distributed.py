@@ -58,8 +58,9 @@ if os.path.join(HERE, "..") not in sys.path:  # run from a checkout without `pip
 def parse_args(argv=None) -> argparse.Namespace:
   # Building the options imports jaxprune (and JAX) but initialises no backend, so
   # jax.distributed.initialize() can still come after.
-  from jaxprune.prune import presets
+  from jaxprune.cli import add_compile_cache_options
   from jaxprune.cli.prune_options import add_config_options
+  from jaxprune.prune import presets
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See tpu_scripts/README.md.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="YAML file of PruneConfig fields; overrides the preset, and options here override it")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="parameter dtype for pruning (default float32; statistics are float32 either way)")
+  # Every host compiles the same kernels; with a cache on each (or on a shared path) a restarted
+  # run does not compile them again.
+  add_compile_cache_options(p)
   # Every PruneConfig field, as `jaxprune prune` has them (--batch-size unset: 16 rounded up
   # to a multiple of the data axis).
   add_config_options(p)
@@ -248,6 +252,7 @@ def main(argv=None) -> int:
   from jax.experimental import multihost_utils
 
   import jaxprune
+  from jaxprune.cli import enable_compile_cache
   from jaxprune import placement, sharding
   from jaxprune.errors import UsageError
   from jaxprune.io.atomic import atomic_dir, check_target
@@ -255,6 +260,8 @@ def main(argv=None) -> int:
   from jaxprune.io.lazy import is_lazy
   from jaxprune.prune import prune
 
+  if args.compile_cache:
+    enable_compile_cache(args.compile_cache)
   pid, nproc = jax.process_index(), jax.process_count()
   # Several processes write the finished blocks' shards to one shared directory (none gathers them).
   blocks_dir = None

@@ -67,15 +67,20 @@ def return_freed_memory() -> None:
   mallopt(M_ARENA_MAX, 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jaxprune", description=__doc__.splitlines()[0])
-  parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-  parser.add_argument("--debug", action="store_true", help="print the full traceback of an error instead of one line")
+def add_compile_cache_options(parser: argparse.ArgumentParser) -> None:
+  """--compile-cache DIR / --no-compile-cache (args.compile_cache: the directory, or None)."""
   parser.add_argument("--compile-cache", default=os.environ.get("JAXPRUNE_COMPILE_CACHE", DEFAULT_CACHE),
                       metavar="DIR", help="JAX's persistent compilation cache, so a second run (or a resumed one) "
                       "does not compile its kernels again (default: %(default)s; env JAXPRUNE_COMPILE_CACHE)")
   parser.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=None,
                       help="do not read or write the persistent compilation cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jaxprune", description=__doc__.splitlines()[0])
+  parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+  parser.add_argument("--debug", action="store_true", help="print the full traceback of an error instead of one line")
+  add_compile_cache_options(parser)
   sub = parser.add_subparsers(dest="command", required=True)
   for name in SUBCOMMANDS:
     try:

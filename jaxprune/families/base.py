@@ -79,6 +79,8 @@ class Family:
     native_biases: the export rule: bias flags the family's own config writes for a spec, or None when
       the config cannot hold the spec's biases (it is then written as `fallback`).
     fallback: the family a spec with biases its own config cannot hold is written as.
+    remote_mlp_bias: a spec with MLP biases the family's config cannot hold is written as the family
+      itself with `mlp_bias: true`, which the shipped modeling file (io/modeling_per_layer.py) builds.
     config_extra: family-specific keys of the exported config, from (spec, bias flags).
     table: Hugging Face tensor names <-> jaxprune leaves.
     gguf_arch: llama.cpp's architecture for uniform models, or None when there is no GGUF export.
@@ -123,6 +125,7 @@ class Family:
   attention_bias_groups: tuple[str, ...] = ()
   fixed_biases: tuple[str, ...] = ()
   fallback: str | None = None
+  remote_mlp_bias: bool = False
   gguf_arch: str | None = None
   gguf_top: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)
   gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _EMPTY)

@@ -43,7 +43,8 @@ SPEC_KEYS = MappingProxyType({"query_pre_attn_scalar": "query_pre_attn_scalar",
 
 def native_biases(spec):
   """Gemma3TextConfig's `attention_bias` covers q, k, v and o; it has no MLP bias, and no other family
-  computes Gemma's block, so a spec with MLP biases has no transformers form."""
+  computes Gemma's block, so a spec with MLP biases has no stock transformers form (`remote_mlp_bias`:
+  the shipped modeling file adds them)."""
   if spec.mlp_bias:
     return None
   attn = spec.qkv_bias or spec.o_bias
@@ -125,7 +126,7 @@ GEMMA3 = dataclasses.replace(
     remote_class="JaxpruneGemma3ForCausalLM", act_key="hidden_activation",
     native_biases=native_biases, config_extra=config_extra,
     table=dataclasses.replace(TABLE, block=BLOCK), tie_default=True, sliding=Sliding.LAYER_TYPES,
-    attention_bias_groups=("qkv", "o"), gguf_arch="gemma3", gguf_block=GGUF_BLOCK, gguf_rope_permuted=False,
+    attention_bias_groups=("qkv", "o"), remote_mlp_bias=True, gguf_arch="gemma3", gguf_block=GGUF_BLOCK, gguf_rope_permuted=False,
     gguf_deci=False, gguf_checks=gguf_checks, gguf_meta=gguf_meta, decilm=False,
     norm_offset=1.0, qk_norm=True, post_norms=True, embed_scale=True, spec_keys=SPEC_KEYS,
     fixed_keys=MappingProxyType({"use_bidirectional_attention": False}),

@@ -18,7 +18,8 @@ GGUF_QK_NORMS = {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.w
 
 def native_biases(spec):
   """Qwen3Config's `attention_bias` covers q, k, v and o; it has no MLP bias, and no other family computes the
-  q/k norms, so a spec with MLP biases has no transformers form."""
+  q/k norms, so a spec with MLP biases has no stock transformers form (`remote_mlp_bias`: the shipped
+  modeling file adds them)."""
   if spec.mlp_bias:
     return None
   attn = spec.qkv_bias or spec.o_bias
@@ -48,6 +49,6 @@ QWEN3 = dataclasses.replace(
     remote_class="JaxpruneQwen3ForCausalLM", native_biases=native_biases, config_extra=config_extra,
     table=dataclasses.replace(TABLE, block=TABLE.block + QK_NORMS), strict_heads=False, sliding=Sliding.REFUSE,
     gguf_arch="qwen3", gguf_block={**GGUF_BLOCK, **GGUF_QK_NORMS}, gguf_rope_permuted=False, gguf_deci=False,
-    gguf_checks=output_bias_checks("qwen3"), decilm=False,
+    gguf_checks=output_bias_checks("qwen3"), decilm=False, remote_mlp_bias=True,
     qk_norm=True,
 )

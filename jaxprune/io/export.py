@@ -270,9 +270,9 @@ def save_hf(model: Model, out: str, *, dtype=None, force: bool = False, tokenize
     files.append(SPEC_FILE)
     if target is not None:
       cfg = {**target.config, "dtype": dtype_name, "transformers_version": transformers.__version__}
-      if target.per_layer:
-        # Per-layer sizes that transformers' modeling code does not apply: ship the classes
-        # that do, so `from_pretrained(..., trust_remote_code=True)` builds every layer at its size.
+      if target.remote_code:
+        # Per-layer sizes (or MLP biases) that transformers' modeling code does not apply: ship the
+        # classes that do, so `from_pretrained(..., trust_remote_code=True)` builds every layer as written.
         shutil.copyfile(os.path.join(os.path.dirname(__file__), "modeling_per_layer.py"),
                         os.path.join(tmp, REMOTE_CODE + ".py"))
         files.append(REMOTE_CODE + ".py")

@@ -27,6 +27,8 @@ class HFTarget:
     config: the config.json dict.
     per_layer: the config carries `per_layer_config`.
     stock: stock `AutoModelForCausalLM.from_pretrained` (transformers 5.x) builds it.
+    remote_code: the export ships modeling_per_layer.py (per-layer sizes, or MLP biases the
+      family's modeling code has no place for).
   """
 
   model_type: str
@@ -35,6 +37,7 @@ class HFTarget:
   config: dict
   per_layer: bool
   stock: bool
+  remote_code: bool
 
 
 def _mode(values):
@@ -51,12 +54,17 @@ def _has_biases(spec: ModelSpec) -> dict[str, bool]:
   return {"qkv": spec.qkv_bias, "o": spec.o_bias, "mlp": spec.mlp_bias}
 
 
-def _bias_plan(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
-  """The model type to write and the bias flags it implies for each group."""
+def _bias_plan(spec: ModelSpec) -> tuple[str, dict[str, bool], bool]:
+  """The model type to write, the bias flags it implies for each group, and whether its MLP
+  biases need the shipped modeling file."""
   fam = families.get(spec.family)
   flags = fam.native_biases(spec)
   if flags is not None:
-    return fam.model_type, flags
+    return fam.model_type, flags, False
+  if spec.mlp_bias and fam.remote_mlp_bias:
+    flags = fam.native_biases(dataclasses.replace(spec, mlp_bias=False))
+    if flags is not None:
+      return fam.model_type, dict(flags, mlp=True), True
   if fam.fallback is None and fam.sliding != Sliding.IGNORE:  # Qwen3, Gemma 3: nothing else computes their block
     raise ConfigError(f"this {fam.name} model has MLP biases, which transformers' {fam.name} code cannot hold "
                       "(prune without an intercept to keep it exportable)")
@@ -71,7 +79,7 @@ def _bias_plan(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
     raise ConfigError(f"a {fam.name} model with sliding_window={spec.sliding_window} has no transformers config; "
                       f"only {', '.join(windowed)} configs (without biases) express a sliding window")
   target = families.get(fam.fallback)
-  return target.model_type, target.native_biases(spec)
+  return target.model_type, target.native_biases(spec), False
 
 
 def hf_problems(spec: ModelSpec) -> list[str]:
@@ -191,12 +199,16 @@ def hf_target(spec: ModelSpec) -> HFTarget:
     raise ConfigError(
         "this model cannot be written as a Hugging Face checkpoint: " + "; ".join(problems) +
         ". Export it for JAX only with jax_only=True (CLI: --format jaxprune or --format orbax)")
-  model_type, flags = _bias_plan(spec)
+  model_type, flags, remote_mlp_bias = _bias_plan(spec)
   padded = tuple(g for g, have in _has_biases(spec).items() if flags[g] and not have)
   hf_spec = dataclasses.replace(spec, qkv_bias=flags["qkv"], o_bias=flags["o"], mlp_bias=flags["mlp"])
   fam = families.for_model_type(model_type)
   cfg, stock = _CONFIG_WRITERS[fam.config_layout](hf_spec, fam, flags)
-  return HFTarget(model_type, hf_spec, padded, cfg, "per_layer_config" in cfg, stock)
+  if remote_mlp_bias:
+    cfg["mlp_bias"] = True  # read by modeling_per_layer.add_mlp_biases (and by jaxprune's reader)
+  per_layer = "per_layer_config" in cfg
+  return HFTarget(model_type, hf_spec, padded, cfg, per_layer, stock and not remote_mlp_bias,
+                  per_layer or remote_mlp_bias)
 
 
 __all__ = ["HFTarget", "hf_problems", "hf_target"]

@@ -13,10 +13,16 @@ the global sizes it rebuilds every layer named in `per_layer_config` from a
 copy of the config carrying that layer's sizes (GPT-2's attention, whose head
 split transformers derives from n_embd, keeps the global head_dim and gets
 projections of the layer's width). No modeling code is forked, and this file
-needs nothing but transformers and PyTorch (jaxprune never imports it; `save_hf`
-copies it as modeling_jaxprune.py).
+needs nothing but transformers and PyTorch (`save_hf` copies it as
+modeling_jaxprune.py; `jaxprune.pytorch` imports `add_mlp_biases` from it).
+
+A config with `mlp_bias: true` for a family whose MLP has no biases (Gemma 3,
+Qwen3: reconstruction with an intercept adds them) gets them too: the projections
+are rebuilt with a bias, which is all the computation needs (each MLP projection
+is a plain `nn.Linear` there).
 """
 
+from torch import nn
 from transformers import (Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
                           Qwen3ForCausalLM)
 
@@ -41,6 +47,19 @@ def _adopt(layer, layer_cfg, config) -> None:
       module.config = config
 
 
+def add_mlp_biases(model, config) -> None:
+  """Gives every decoder layer's MLP projections a bias when `config.mlp_bias` asks for one
+  and the family's modeling code made them without (LLaMA's reads the flag itself)."""
+  if not getattr(config, "mlp_bias", False):
+    return
+  for layer in model.model.layers:
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      old = getattr(layer.mlp, name)
+      if old.bias is None:
+        setattr(layer.mlp, name, nn.Linear(old.in_features, old.out_features, bias=True, device=old.weight.device,
+                                           dtype=old.weight.dtype))
+
+
 def _resize_decoder_layers(model, config, layer_cfgs) -> None:
   layers = model.model.layers
   for i, layer_cfg in enumerate(layer_cfgs):
@@ -50,12 +69,13 @@ def _resize_decoder_layers(model, config, layer_cfgs) -> None:
 
 
 class _PerLayerDecoder:
-  """Builds the family's model, then every layer at its own sizes."""
+  """Builds the family's model, then every layer at its own sizes, with MLP biases where asked."""
 
   def __init__(self, config):
     layer_cfgs = _layer_configs(config)
     super().__init__(config)
     _resize_decoder_layers(self, config, layer_cfgs)
+    add_mlp_biases(self, config)
     self.post_init()
 
 
