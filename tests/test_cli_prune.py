@@ -94,6 +94,33 @@ def test_selfgen_window_count_comes_from_the_preset_unless_calib_samples_says(ca
     assert report["calibration"]["windows"] == want and report["config"]["selfgen_samples"] == 8
 
 
+def test_calibration_mixes_sources(capsys, model_dir, texts, tmp_path):
+  """--calib TEXT selfgen: the text's --calib-samples windows then --selfgen-samples self-generated
+  ones, each drawn as that source alone draws it, under the text's preset (not the data-free one)."""
+  import argparse
+
+  from jaxprune.cli.prune_inputs import calibration
+  from jaxprune.prune import PruneConfig
+
+  out = tmp_path / "mix"
+  code, _, err = run(capsys, "prune", model_dir, "--sparsity", "0.3", "--seq-len", "16", "--batch-size", "8",
+                     "--calib", texts["calib"], "selfgen", "--calib-samples", "8", "--selfgen-samples", "8",
+                     "--out", out)
+  assert code == 0, err
+  report = json.loads((out / "report.json").read_text())
+  assert report["calibration"]["windows"] == 16 and report["preset"] == "recommended"
+  assert report["calibration"]["sources"] == [texts["calib"], "selfgen"]
+  assert report["calibration"]["source"] == f"{texts['calib']} + selfgen"
+
+  model, tok, config = jaxprune.load(model_dir), jaxprune.load_tokenizer(model_dir), PruneConfig(seed=0)
+  draw = lambda calib, counts: calibration(argparse.Namespace(calib=calib, seq_len=16, show_progress=False), model,
+                                           tok, config, counts)
+  np.testing.assert_array_equal(draw([texts["calib"], "selfgen"], [8, 8]),
+                                np.concatenate([draw(texts["calib"], [8]), draw("selfgen", [8])]))
+  code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", "selfgen", "selfgen", "--out", tmp_path / "twice")
+  assert code == 2 and "a source twice" in err and not os.path.exists(tmp_path / "twice")
+
+
 def test_existing_output_is_kept_without_force(capsys, model_dir, texts, tmp_path):
   out = tmp_path / "out"
   out.mkdir()

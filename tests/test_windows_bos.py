@@ -177,7 +177,7 @@ def _calibration(path, calib, n=4):
 
   args = argparse.Namespace(calib=calib, seq_len=SEQ, show_progress=False)
   config = PruneConfig(seed=3, selfgen_top_k=1)
-  return calibration(args, jaxprune.load(path), jaxprune.load_tokenizer(path), config, n)
+  return calibration(args, jaxprune.load(path), jaxprune.load_tokenizer(path), config, [n])
 
 
 @pytest.mark.parametrize("source", ["text", "random", "selfgen"])

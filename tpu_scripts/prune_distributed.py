@@ -178,7 +178,7 @@ def calibration(args, model, tokenizer):
   identical on every process (same file, same seed, same tokenizer)."""
   from jaxprune.cli.prune_inputs import calibration as draw
 
-  return draw(args, model, tokenizer, build_config(args, 1), args.calib_samples)
+  return draw(args, model, tokenizer, build_config(args, 1), [args.calib_samples])
 
 
 def _host_device():

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import os
 
-from jaxprune.cli.prune_inputs import window_count
+from jaxprune.cli.prune_inputs import window_counts
 from jaxprune.cli.prune_options import add_config_options, resolve_config
 from jaxprune.prune import presets
 
@@ -63,7 +63,8 @@ def run(args) -> int:
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
-  args.calib_samples = window_count(args.calib_samples, config, preset in presets.DATAFREE)
+  args.calib_samples = sum(window_counts(args.calib_samples, config,
+                                         "selfgen" if preset in presets.DATAFREE else "text"))
   check_seq_len(args.seq_len, spec)  # as `jaxprune prune` checks it
   # The run feeds every window after the tokenizer's BOS where it adds one (Gemma): one more token each.
   window = args.seq_len + (len(bos_prefix(tokenizer)) if tokenizer is not None else 0)

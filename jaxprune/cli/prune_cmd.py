@@ -30,7 +30,7 @@ import sys
 import time
 
 from jaxprune.cli import prune_output
-from jaxprune.cli.prune_inputs import calibration, check_inputs, check_model_inputs
+from jaxprune.cli.prune_inputs import calibration, check_inputs, check_model_inputs, sources
 from jaxprune.cli.prune_options import add_config_options, resolve_config
 from jaxprune.errors import JaxpruneError, UsageError
 from jaxprune.prune import presets
@@ -45,10 +45,12 @@ def add_parser(sub):
   p.add_argument("--config", default=None, metavar="FILE.yaml",
                  help="YAML file of PruneConfig fields (e.g. 'sparsity: 0.2'); overrides the preset, and "
                  "options on the command line override it")
-  p.add_argument("--calib", default="selfgen",
-                 help="calibration text file, 'selfgen' (text the model generates; default) or 'random' tokens")
+  p.add_argument("--calib", default="selfgen", nargs="+", metavar="SOURCE",
+                 help="calibration text file, 'selfgen' (text the model generates; default) or 'random' tokens; "
+                 "several (e.g. valid.txt selfgen) are drawn in turn into one calibration set")
   p.add_argument("--calib-samples", type=int, default=None,
-                 help="calibration windows (default 128; with --calib selfgen, --selfgen-samples: the preset's)")
+                 help="windows of a text or random tokens (default 128); of self-generated text alone too "
+                 "(default --selfgen-samples: the preset's)")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
   p.add_argument("--eval-text", default=None, help="text file for perplexity before and after")
   p.add_argument("--eval-windows", type=int, default=256, help="windows of --eval-text to use (default 256)")
@@ -160,25 +162,25 @@ def run(args) -> int:
   from jaxprune.prune import prune
 
   model_path = local_path(args.model)
-  check_output(args.out, args.force, [model_path, args.calib, args.eval_text, args.config],
+  check_output(args.out, args.force, [model_path, *sources(args.calib), args.eval_text, args.config],
                need_bytes=size_on_disk(model_path))  # writable, with room, before any work
   parse_size(args.max_shard_size)  # bad input stops before any work
   mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
-  n_calib = check_inputs(args, config, mesh)
+  counts = check_inputs(args, config, mesh)
   ckpt = _prepare_checkpoint(args)
   t0 = time.perf_counter()
   # Blocks stay in the checkpoint until the run reaches them (safetensors and GGUF; jaxprune.io.lazy).
   model = jaxprune.load(args.model, lazy=True)
   config.check(model.spec)
-  check_model_inputs(args, model.spec, n_calib)
+  check_model_inputs(args, model.spec, sum(counts))
   # A streamed checkpoint keeps its embeddings in the dtype it was saved in: the output's default.
   source_dtype = str(model.params["embed"]["embedding"].dtype) if is_lazy(model.params) else None
   tokenizer = jaxprune.load_tokenizer(args.model)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  calib = calibration(args, model, tokenizer, config, n_calib)
+  calib = calibration(args, model, tokenizer, config, counts)
   calib_s = time.perf_counter() - t0
 
   evaluation = {}

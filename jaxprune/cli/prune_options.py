@@ -93,5 +93,7 @@ def resolve_config(args) -> tuple[PruneConfig, str]:
   if "sparsity" not in given:
     raise UsageError("no sparsity given; pass --sparsity R (the fraction of block parameters to remove, e.g. 0.2) "
                      "or set 'sparsity' in the --config file")
-  name = args.preset or presets.default_preset(given.get("method"), args.calib)
+  # Self-generated text alone is the data-free preset's; mixed with a text, the text's.
+  calib = args.calib if args.calib is None or isinstance(args.calib, str) else "+".join(args.calib)
+  name = args.preset or presets.default_preset(given.get("method"), calib)
   return PruneConfig.preset(name, **given), name

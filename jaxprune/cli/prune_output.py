@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from jaxprune.cli.prune_inputs import describe, sources
+
 
 def report(result, args, preset: str, *, calib_s: float, load_s: float, evaluation: dict,
            eval_windows: int) -> dict[str, Any]:
@@ -14,7 +16,10 @@ def report(result, args, preset: str, *, calib_s: float, load_s: float, evaluati
   out = dict(result.report)
   out["model"] = args.model
   out["preset"] = preset
-  out["calibration"] = {**out["calibration"], "source": args.calib, "seconds": calib_s}
+  srcs = sources(args.calib)
+  out["calibration"] = {**out["calibration"], "source": describe(srcs), "seconds": calib_s}
+  if len(srcs) > 1:
+    out["calibration"]["sources"] = srcs
   out["seconds"] = {**out["seconds"], "load": load_s}
   if evaluation:
     out["perplexity"] = {"text": args.eval_text, "windows": eval_windows, "seq_len": args.seq_len, **evaluation}

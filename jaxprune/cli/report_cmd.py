@@ -104,6 +104,10 @@ def head_similarity_of(report: dict, args):
       raise UsageError(f"--js-windows must be positive, got {args.js_windows}")
     model_arg = _source_path(args.model or report.get("model", ""), "--model", "source model")
     model = jaxprune.load(model_arg)
+    mixed = report.get("calibration", {}).get("sources")
+    if args.calib is None and mixed:
+      raise UsageError(f"the run calibrated on several sources ({' + '.join(mixed)}); pass --calib with the one "
+                       "to rebuild its windows from")
     calib = _source_path(args.calib or report.get("calibration", {}).get("source", ""), "--calib",
                          "calibration source")
     windows = _calibration_windows(report, calib, model, model_arg, args.js_windows)
