@@ -71,7 +71,8 @@ SELFGEN_TEXT = {k: v for k, v in presets.RECOMMENDED_DATAFREE.items() if k.start
 # PruneConfig's defaults from before the presets, so rows over it are the rows
 # they always were; "baseline" runs a published tool as that tool does.
 # Calibration: "valid" (WikiText-2 valid windows), "random" (uniform random
-# token ids) or "selfgen" (text the model generates itself). `sparsity` is the
+# token ids), "selfgen" (text the model generates itself) or "valid+selfgen"
+# (both in one set, the text's windows first). `sparsity` is the
 # --ratios entry unless given; a keyword given as {ratio: value} takes the
 # value for that ratio, and the row is skipped at ratios it does not list.
 # "@ref" rows have the parameter counts of the published reference runs.
@@ -252,8 +253,14 @@ class Data:
             samples: int = 128):
     """The calibration windows (and the seconds they took); self-generated ones are sampled
     as the run's config says (how many, windows cut from each text, top-k, temperature)."""
+    import numpy as np
+
     from jaxprune.data import read_text, sample_windows, tokenize
     from jaxprune.data.selfgen import random_tokens, self_generated
+    if source == "valid+selfgen":  # one set: the text's windows, then the self-generated ones
+      (v, tv), (g, tg) = self.calib("valid", seed), self.calib("selfgen", seed, windows_per_text, top_k, temperature,
+                                                                 samples)
+      return np.concatenate([v, g]), tv + tg
     n = samples if source == "selfgen" else self.args.calib_samples
     k = (source, seed) + ((n, windows_per_text, top_k, temperature) if source == "selfgen" else ())
     if k not in self._calib:
@@ -269,7 +276,7 @@ class Data:
                            windows_per_text=windows_per_text, top_k=top_k, temperature=temperature,
                            prefix=self.prefix)
       else:
-        raise ValueError(f"unknown calibration source {source!r}; use valid, random or selfgen")
+        raise ValueError(f"unknown calibration source {source!r}; use valid, random, selfgen or valid+selfgen")
       self._calib[k] = (w, time.perf_counter() - t0)
     return self._calib[k]
 

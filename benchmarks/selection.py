@@ -6,6 +6,11 @@ scored on:
 
   heldout      --heldout-windows other windows of WikiText-2 valid, disjoint
                from the calibration windows: what a choice is made on;
+  heldout_selfgen
+               as many windows of text the dense model generates itself
+               (drawn as the data-free preset draws its text, seed + 1000, so
+               never a calibration window): the model's own distribution, the
+               stand-in for every text but WikiText that a choice is also made on;
   shakespeare  the first --check-windows windows of tinyshakespeare/input.txt:
                a text of another domain, never calibrated or chosen on, that a
                choice must also hold on before it becomes a default.
@@ -64,6 +69,15 @@ CANDIDATES = [
     ("random, data-free (self-generated)", "baseline", dict(method="random", attn_sparsity=0.0), "selfgen"),
     ("data-free: adaptive, shrink 0.25, no reconstruct, min_keep 0.25", "paper",
      dict(ADAPTIVE, shrink=0.25, min_keep=0.25), "selfgen"),
+    # Calibration that covers the model's whole distribution: WikiText-2 valid and self-generated
+    # text (drawn as the data-free preset draws it) in one set, each weighing by its windows.
+    ("default preset", "recommended", {}, "valid"),
+    ("default preset, valid + 128 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=128),
+     "valid+selfgen"),
+    ("default preset, valid + 256 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=256),
+     "valid+selfgen"),
+    ("default preset, valid + 512 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=512),
+     "valid+selfgen"),
 ]
 
 
@@ -85,8 +99,8 @@ def main(argv=None) -> int:
   p.add_argument("--set", nargs="+", action="append", default=[], metavar="NAME key=value",
                  help="an extra candidate over the recommended preset (repeatable)")
   p.add_argument("--preset", default="recommended", help="preset of --set candidates")
-  p.add_argument("--set-calib", default="valid", choices=("valid", "selfgen"),
-                 help="calibration of --set candidates: WikiText-2 valid or self-generated text")
+  p.add_argument("--set-calib", default="valid", choices=("valid", "selfgen", "valid+selfgen"),
+                 help="calibration of --set candidates: WikiText-2 valid, self-generated text, or both in one set")
   p.add_argument("--selfgen-samples", type=int, default=None,
                  help="self-generated windows of calib=selfgen rows (default: the candidate's selfgen_samples, "
                  "1024 in recommended-datafree; the held-out windows stay those of --calib-samples)")
@@ -129,6 +143,8 @@ def main(argv=None) -> int:
       "calibration": f"{args.calib_samples} x {quality.SEQ_LEN} tokens of WikiText-2 valid, seed {args.seed} "
                      "(calib=selfgen rows: as many self-generated tokens, sampled with that seed)",
       "heldout": f"{args.heldout_windows} other windows of WikiText-2 valid (disjoint from the calibration)",
+      "heldout_selfgen": f"{args.heldout_windows} windows of text the dense model generates (the data-free "
+                         f"preset's sampling, seed {args.seed + 1000})",
       "check": f"first {args.check_windows} windows of tinyshakespeare/input.txt (never chosen on)",
   }
 
@@ -151,25 +167,38 @@ def main(argv=None) -> int:
   def calibration(source, config):
     if source == "valid":
       return calib
+    if source == "valid+selfgen":
+      return np.concatenate([calib, calibration("selfgen", config)])
     how = (n_selfgen(config), config.selfgen_windows_per_text, config.selfgen_top_k, config.selfgen_temperature)
-    if how not in selfgen:  # once per process and sampling: generating is slower than most prunes
+    return generated(how, args.seed, args.selfgen_first)
+
+  def generated(how, seed, first_token):
+    """Self-generated windows: (count, windows a text, top-k, temperature), from `seed`."""
+    key = how + (seed,)
+    if key not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
       cached = None
       if args.selfgen_cache:
-        first = "bos" if args.selfgen_first is None else "-".join(map(str, args.selfgen_first))
+        first = "bos" if first_token is None else "-".join(map(str, first_token))
         cached = os.path.join(args.selfgen_cache, f"selfgen_n{how[0]}_w{how[1]}_k{how[2]}_t{how[3]:g}_"
-                              f"s{args.seed}_f{first}_l{quality.SEQ_LEN}.npy")
+                              f"s{seed}_f{first}_l{quality.SEQ_LEN}.npy")
       if cached and os.path.exists(cached):
-        selfgen[how] = np.load(cached)
+        selfgen[key] = np.load(cached)
       else:
-        selfgen[how] = self_generated(model.spec, model.params, how[0], quality.SEQ_LEN, seed=args.seed,
-                                      first_token=args.selfgen_first, windows_per_text=how[1], top_k=how[2],
+        selfgen[key] = self_generated(model.spec, model.params, how[0], quality.SEQ_LEN, seed=seed,
+                                      first_token=first_token, windows_per_text=how[1], top_k=how[2],
                                       temperature=how[3])
         if cached:
           os.makedirs(args.selfgen_cache, exist_ok=True)
-          np.save(cached + ".tmp.npy", selfgen[how])
+          np.save(cached + ".tmp.npy", selfgen[key])
           os.replace(cached + ".tmp.npy", cached)
-    return selfgen[how]
+    return selfgen[key]
+
+  def heldout_selfgen():
+    """The dense model's own text, sampled as the data-free preset samples, never calibrated on."""
+    d = PruneConfig.preset("recommended-datafree")
+    return generated((args.heldout_windows, d.selfgen_windows_per_text, d.selfgen_top_k, d.selfgen_temperature),
+                     args.seed + 1000, None)
 
   for name, preset, kw, source in cands:
     ratio = None if kw is None else args.ratio
@@ -186,20 +215,24 @@ def main(argv=None) -> int:
       spec, params, rep = res.model.spec, res.model.params, res.report
     prune_s = time.perf_counter() - t0
     h, s = perplexity(spec, params, heldout), perplexity(spec, params, check)
+    g = perplexity(spec, params, heldout_selfgen())
+    n_calib = {"valid": args.calib_samples, "selfgen": n_selfgen(config) if kw is not None else 0,
+               "valid+selfgen": args.calib_samples + (n_selfgen(config) if kw is not None else 0)}[source]
     row = {"key": k, "name": name, "preset": preset, "settings": kw or {}, "calibration": source, "ratio": ratio,
-           "seed": args.seed, "calib_samples": n_selfgen(config) if source == "selfgen" else args.calib_samples,
+           "seed": args.seed, "calib_samples": n_calib,
            "params_after": int(sum(np.size(x) for x in __import__("jax").tree.leaves(params))),
-           "heldout_perplexity": h.perplexity, "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
+           "heldout_perplexity": h.perplexity, "heldout_selfgen_perplexity": g.perplexity,
+           "shakespeare_perplexity": s.perplexity, "prune_seconds": prune_s,
            "channels_kept": None if rep is None else [l["ffn_dim"] for l in rep["layers"]],
            "heads_kept": None if rep is None else [l["num_heads"] for l in rep["layers"]], **state}
-    if source == "selfgen":  # what the self-generated windows start from (None: the model's BOS)
+    if source.endswith("selfgen"):  # what the self-generated windows start from (None: the model's BOS)
       first = args.selfgen_first
       row["selfgen_first"] = first[0] if first is not None and len(first) == 1 else first
       row["selfgen_windows_per_text"] = config.selfgen_windows_per_text
       row["selfgen_top_k"] = config.selfgen_top_k
       row["selfgen_temperature"] = config.selfgen_temperature
-    print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} Shakespeare {s.perplexity:.2f} "
-          f"({prune_s:.0f}s)", flush=True)
+    print(f"{name}: {row['params_after'] / 1e6:.2f}M held-out {h.perplexity:.2f} held-out self-generated "
+          f"{g.perplexity:.2f} Shakespeare {s.perplexity:.2f} ({prune_s:.0f}s)", flush=True)
     result["runs"].append(row)
     done.add(k)
     write_json(args.out, result, force=True)
@@ -212,29 +245,38 @@ def _cell(text: str) -> str:
   return text.replace("|", "\\|")
 
 
+def _maybe(x) -> str:
+  """A perplexity, or blank for rows made before it was measured."""
+  return "" if x is None else f"{x:.2f}"
+
+
 def markdown(result: dict) -> str:
   lines = ["# Recipe selection on SmolLM2-135M", "",
            "Produced by `python benchmarks/selection.py`. "
            f"Calibration: {result['protocol']['calibration']}. Chosen on: {result['protocol']['heldout']}. "
-           f"Checked on: {result['protocol']['check']}.", "",
-           "| candidate | preset | settings | ratio | parameters | held-out valid | Shakespeare | prune s | commit |",
-           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+           f"Checked on: {result['protocol']['check']}."
+           + (f" Also chosen on: {result['protocol']['heldout_selfgen']}." if "heldout_selfgen" in result["protocol"]
+              else ""), "",
+           "| candidate | preset | settings | ratio | parameters | held-out valid | held-out self-generated | "
+           "Shakespeare | prune s | commit |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
   for r in result["runs"]:
     calib = r.get("calibration", "valid")
-    if calib == "selfgen" and r.get("selfgen_first") is not None:
+    if calib.endswith("selfgen") and r.get("selfgen_first") is not None:
       first = r["selfgen_first"]
       calib += f" from token {first}" if isinstance(first, int) else f" from tokens {'/'.join(map(str, first))}"
-    if calib.startswith("selfgen") and r.get("selfgen_windows_per_text", 1) > 1:
+    if "selfgen" in calib and r.get("selfgen_windows_per_text", 1) > 1:
       calib += f", {r['selfgen_windows_per_text']} windows a text"
-    if calib.startswith("selfgen") and r.get("selfgen_top_k", 50) != 50:
+    if "selfgen" in calib and r.get("selfgen_top_k", 50) != 50:
       calib += f", top-k {r['selfgen_top_k'] or 'off'}"
-    if calib.startswith("selfgen") and r.get("selfgen_temperature", 1.0) != 1.0:
+    if "selfgen" in calib and r.get("selfgen_temperature", 1.0) != 1.0:
       calib += f", temperature {r['selfgen_temperature']:g}"
     if r.get("calib_samples", 128) != 128:
       calib += f", {r['calib_samples']} windows"
     s = ", ".join([f"{k}={v}" for k, v in r["settings"].items()] + [f"calib={calib}"])
     lines.append(f"| {_cell(r['name'])} | {r['preset'] or ''} | {s} | {r['ratio'] or ''} | {r['params_after'] / 1e6:.2f}M | "
-                 f"{r['heldout_perplexity']:.2f} | {r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
+                 f"{r['heldout_perplexity']:.2f} | {_maybe(r.get('heldout_selfgen_perplexity'))} | "
+                 f"{r['shakespeare_perplexity']:.2f} | {r['prune_seconds']:.0f} | "
                  f"{(r.get('commit') or '?')[:8]}{'+dirty' if r.get('dirty') else ''} |")
   notes = [(r["name"], r["note"]) for r in result["runs"] if r.get("note")]
   if notes:

@@ -176,7 +176,7 @@ def test_every_benchmark_row_is_a_valid_config():
     sys.path.remove(bench)
   quality, selection = mods
   for name, preset, kwargs, source in quality.RUNS + selection.CANDIDATES:
-    assert source in ("valid", "random", "selfgen"), name
+    assert source in ("valid", "random", "selfgen", "valid+selfgen"), name
     if kwargs is None:
       continue
     for ratio in (0.2, 0.5):
