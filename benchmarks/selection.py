@@ -72,11 +72,12 @@ CANDIDATES = [
     # Calibration that covers the model's whole distribution: WikiText-2 valid and self-generated
     # text (drawn as the data-free preset draws it) in one set, each weighing by its windows.
     ("default preset", "recommended", {}, "valid"),
-    ("default preset, valid + 128 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=128),
+    # The largest first: the smaller draws are its first windows.
+    ("default preset, valid + 512 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=512),
      "valid+selfgen"),
     ("default preset, valid + 256 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=256),
      "valid+selfgen"),
-    ("default preset, valid + 512 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=512),
+    ("default preset, valid + 128 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=128),
      "valid+selfgen"),
 ]
 
@@ -175,6 +176,10 @@ def main(argv=None) -> int:
   def generated(how, seed, first_token):
     """Self-generated windows: (count, windows a text, top-k, temperature), from `seed`."""
     key = how + (seed,)
+    # The first windows of a larger draw are those of a smaller one (self_generated): slice it.
+    larger = [k for k in selfgen if k[1:] == key[1:] and k[0] > how[0] and first_token == args.selfgen_first]
+    if key not in selfgen and larger:
+      selfgen[key] = selfgen[max(larger)][:how[0]]
     if key not in selfgen:  # once per process and sampling: generating is slower than most prunes
       from jaxprune.data.selfgen import self_generated
       cached = None
