@@ -1,7 +1,7 @@
 """`jaxprune prune MODEL --sparsity R --out DIR`: the main job.
 
 Loads the model, builds calibration windows (a text file, the model's own
-generated text, or random tokens), runs the greedy pipeline with a progress bar
+generated text, or random tokens; several of them as one set), runs the greedy pipeline with a progress bar
 per block, and writes the pruned model (safetensors + config + jaxprune.json +
 tokenizer), `report.json` and a per-module `progress.jsonl` to DIR. Everything
 is written to a temporary directory first and renamed into place at the end,
