@@ -106,7 +106,7 @@ def decilm_target(spec: ModelSpec) -> HFTarget:
   if cfg is None:
     raise ConfigError("this model cannot be written as a DeciLM (nemotron-nas) config: " +
                       "; ".join(decilm_problems(spec)) + ". Use --format hf or --format gguf instead")
-  return HFTarget(MODEL_TYPE, spec, (), cfg, per_layer=False, stock=False)
+  return HFTarget(MODEL_TYPE, spec, (), cfg, per_layer=False, stock=False, remote_code=False)
 
 
 def ship_config_code(out_dir: str) -> str:
