@@ -175,9 +175,9 @@ def main(argv=None) -> int:
 
   def generated(how, seed, first_token):
     """Self-generated windows: (count, windows a text, top-k, temperature), from `seed`."""
-    key = how + (seed,)
+    key = how + (seed, None if first_token is None else tuple(first_token))
     # The first windows of a larger draw are those of a smaller one (self_generated): slice it.
-    larger = [k for k in selfgen if k[1:] == key[1:] and k[0] > how[0] and first_token == args.selfgen_first]
+    larger = [k for k in selfgen if k[1:] == key[1:] and k[0] > how[0]]
     if key not in selfgen and larger:
       selfgen[key] = selfgen[max(larger)][:how[0]]
     if key not in selfgen:  # once per process and sampling: generating is slower than most prunes
