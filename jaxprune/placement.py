@@ -16,6 +16,12 @@ The rule, in one place:
   result goes back where the statistics live (`replicate_like`).
 - Arrays the host holds (numpy, or JAX arrays on CPU devices of this process, `on_host`) are
   cut and gathered with numpy, which compiles nothing per shape.
+- Small host BLAS work (fewer than `SERIAL_BLAS_BELOW` rows: the adaptive plan's 513-channel
+  sweep blocks) runs on one BLAS thread (`serial_blas`). Alone, a 513-row inverse is faster on
+  OpenBLAS's pool, but the pool's threads keep spinning after each call and take the cores
+  from XLA's threads, which run the sweep's steps in between: the plan's sweep of a
+  4096-channel MLP ran 1.4x faster on one BLAS thread on a quiet machine and 2.3x on a busy
+  one (`benchmarks/results/blas_threads.json`).
 - Opt-in (`split_solves`): the ridge solves run on the devices of a mesh, split by rows over its
   `model` axis (`jaxprune.sharded_solve`): float64 where the backend has it, else float32 with
   iterative refinement. Off by default, so the default results do not move.
@@ -25,12 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+
+SERIAL_BLAS_BELOW = 1024  # rows; the loop's wider systems keep the threaded BLAS
 
 _SPLIT_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("split_solves", default=None)
 
@@ -53,6 +62,26 @@ def split_solve_mesh() -> Mesh | None:
 def lapack_solves() -> bool:
   """Solves run with SciPy's LAPACK on the host: the CPU backend, and the host of a TPU."""
   return jax.default_backend() in ("cpu", "tpu")
+
+
+@functools.cache
+def _blas_pools():
+  import scipy.linalg  # noqa: F401  (SciPy's own OpenBLAS must be loaded to be seen)
+  from threadpoolctl import ThreadpoolController
+
+  return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def serial_blas(rows: int):
+  """Within: NumPy's and SciPy's BLAS on one thread when the work is on matrices of fewer
+  than `SERIAL_BLAS_BELOW` rows (as it was otherwise). The limit is process-wide, so it is
+  for host-side work that runs one system at a time."""
+  if rows >= SERIAL_BLAS_BELOW:
+    yield
+    return
+  with _blas_pools().limit(limits=1, user_api="blas"):
+    yield
 
 
 def solve_on_host() -> bool:

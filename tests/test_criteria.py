@@ -310,6 +310,40 @@ def test_plan_costs_from_the_stream_on_uncorrelated_blocks_are_the_exact_sweeps(
   np.testing.assert_array_equal(_ranks(got), _ranks(refit_aware(A.MLP, p, stats)))
 
 
+def test_host_sweep_blocks_hold_blas_to_one_thread_and_give_it_back(monkeypatch):
+  """The plan's small host blocks run on one BLAS thread (placement.serial_blas) and leave
+  the pools as they found them; systems of SERIAL_BLAS_BELOW rows or more keep the pools."""
+  from threadpoolctl import threadpool_info, threadpool_limits
+  from jaxprune import placement
+  from jaxprune.criteria import output_approx
+
+  def pools():
+    return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+  seen = []
+  real = output_approx._ridge_inverse
+
+  def spy(xx, delta, intercept):
+    seen.append(pools())
+    return real(xx, delta, intercept)
+
+  monkeypatch.setattr(output_approx, "_ridge_inverse", spy)
+  rng = np.random.default_rng(8)
+  x2 = rng.normal(size=(1, 2, 50, 8)).astype(np.float32)
+  p = _mlp(rng, D=3, F=8)
+  w2a = np.concatenate([np.asarray(p["down"]["kernel"]), np.zeros((1, 3))]).astype(np.float32)
+  stats = _dense_sweep_stats(x2, w2a, 0.0, True)
+  with threadpool_limits(2, user_api="blas"):  # a pool of two, whatever the machine's default
+    before = pools()
+    assert before and set(before.values()) == {2}
+    output_approx.refit_aware_stream(A.MLP, p, stats, jnp.asarray(x2), w2a, 0.0, block=4)
+    assert len(seen) == 2 and all(set(s.values()) == {1} for s in seen)
+    assert pools() == before
+    monkeypatch.setattr(placement, "SERIAL_BLAS_BELOW", 5)  # the blocks' 5-row systems count as large
+    output_approx.refit_aware_stream(A.MLP, p, stats, jnp.asarray(x2), w2a, 0.0, block=4)
+    assert seen[2:] == [before, before]
+
+
 def test_blocked_sweep_stopped_at_n_remove_removes_what_the_full_one_removes():
   """Each block's sweep stops at n_remove: the n_remove lowest merged scores are the same units,
   in the same order, as with every block swept to the end."""

@@ -47,6 +47,7 @@ benchmarks/obs_options.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -313,6 +314,11 @@ def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: Module
 
   def sweep(units, device=None):
     ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
+    # Host blocks run one after another (`_sweep_blocks`), so the process-wide BLAS limit is theirs.
+    with placement.serial_blas(len(ch) + 1) if device is None else contextlib.nullcontext():
+      return _sweep(units, ch, device)
+
+  def _sweep(units, ch, device):
     sub_xx, sub_xy = (np.asarray(a, np.float64) for a in system(units, ch))
     if not placement.lapack_solves():
       sub_xx, sub_xy = jax.device_put(sub_xx, device), jax.device_put(sub_xy, device)
