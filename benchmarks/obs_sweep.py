@@ -1,11 +1,14 @@
-"""The `goa-obs` sweep at SmolLM2's MLP width, with and without cutting removed units out.
+"""The `goa-obs` sweep as the engine runs it (G^-1 factored) against the textbook sweep.
 
-A Gram matrix of 1536 random channels (plus the ones column) over 16384 tokens, with a
-576-wide cross moment, is scored by `refit_aware` as the adaptive plan scores it (the
-sweep stops at min_keep 0.25: 1152 channels removed, 96 steps of 12), warm, median of
---repeats calls, cut and uncut interleaved: as the engine runs it (removed units cut out
-from COMPACT_MIN channels on) and uncut. The removal orders of both are compared. The module's forward over
-the same tokens is timed beside it (SmolLM2's gated MLP: gate and up 576 -> 1536, down).
+A Gram matrix of F random channels (plus the ones column) over 16384 tokens, with a
+D-wide cross moment, is swept from its inverse as the layer loop sweeps it
+(`output_approx._removal_order`: G^-1 kept as its first inverse less U U^T, a step reading
+only the rows it removes) and by the textbook sweep, which rewrites G^-1 and W at every
+step (the engine's form before issue 33). Both stop where the adaptive plan lets a module
+stop (min_keep 0.25: three quarters of the units removed) and where the layer loop stops
+at 20% (a quarter removed); warm, median of --repeats calls, interleaved. The removal
+orders are compared. Rows: SmolLM2's MLP (1536 -> 576) and the 0.83B synthetic model's
+(4096 -> 1024). The module's forward over the same tokens is timed beside each.
 
     python benchmarks/obs_sweep.py                       # -> results/obs_sweep.json
 """
@@ -13,6 +16,7 @@ the same tokens is timed beside it (SmolLM2's gated MLP: gate and up 576 -> 1536
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -22,11 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from machine import cpu_name  # noqa: E402
 
+SHAPES = ((1536, 576), (4096, 1024))  # (channels, outputs)
+TOKENS = 16384
 
-def median_seconds(f, repeats: int = 5) -> float:
+
+def median_seconds(f, repeats: int) -> float:
   f()
   ts = []
   for _ in range(repeats):
@@ -36,39 +44,56 @@ def median_seconds(f, repeats: int = 5) -> float:
   return float(np.median(ts))
 
 
-def main() -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", default=os.path.join(HERE, "results", "obs_sweep.json"))
-  ap.add_argument("--repeats", type=int, default=9)
-  args = ap.parse_args()
+@functools.partial(jax.jit, static_argnames=("per_step", "steps"))
+def textbook(ginv, w, per_step: int, steps: int):
+  """Width-1 units, the ones column last: each step removes the per_step cheapest live
+  units and rewrites G^-1 and W by their joint update. Returns the removal order."""
+  n = ginv.shape[0] - 1
+
+  def step(t, state):
+    ginv, w, alive, order = state
+    c = jnp.where(alive, jnp.sum(jnp.square(w[:n]), -1) / jnp.diagonal(ginv)[:n], jnp.inf)
+    _, s = jax.lax.top_k(-c, per_step)
+    rows = ginv[s]
+    m = jnp.linalg.inv(rows[:, s])
+    return (ginv - rows.T @ (m @ rows), w - rows.T @ (m @ w[s]), alive.at[s].set(False),
+            order.at[s].set(t * per_step + jnp.arange(per_step, dtype=jnp.int32)))
+
+  state = (ginv, ginv @ w, jnp.ones((n,), bool), jnp.full((n,), n, jnp.int32))
+  return jax.lax.fori_loop(0, steps, step, state)[3]
+
+
+def row(F: int, D: int, repeats: int, rng) -> dict:
   from jaxprune.criteria import output_approx as O
-  from jaxprune.criteria.stats import ModuleStats
-  from jaxprune.io.atomic import write_json
-  from jaxprune.models import adapter as A
+  from jaxprune.placement import float64_solves
   from jaxprune.stats import moments
 
-  F, D, T = 1536, 576, 16384
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((T, F)).astype(np.float32) * np.linspace(0.1, 2, F).astype(np.float32)
-  m = moments.update(moments.init(F, D), jnp.asarray(x), jnp.asarray(rng.standard_normal((T, D)).astype(np.float32)))
-  p = {"down": {"kernel": jnp.zeros((F, D))}, "up": {"kernel": jnp.zeros((D, F))}, "gate": {"kernel": jnp.zeros((D, F))}}
-  stats = ModuleStats(hidden=m, damping=1e-5, intercept=True, n_remove=F - F // 4)
-  out, orders = {"cut": [], "uncut": []}, {}
-  saved = O.COMPACT_MIN
-  settings = (("cut", saved), ("uncut", 10 ** 9))
-  try:
-    for name, compact_min in settings:  # warm-up: compiles, and the orders to compare
-      O.COMPACT_MIN = compact_min
-      orders[name] = np.argsort(O.refit_aware(A.MLP, p, stats), kind="stable")[:stats.n_remove]
-    for _ in range(args.repeats):  # interleaved, so that the machine's load hits both alike
-      for name, compact_min in settings:
-        O.COMPACT_MIN = compact_min
-        t = time.perf_counter()
-        O.refit_aware(A.MLP, p, stats)
-        out[name].append(time.perf_counter() - t)
-  finally:
-    O.COMPACT_MIN = saved
-  out = {k: float(np.median(v)) for k, v in out.items()}
+  x = rng.standard_normal((TOKENS, F)).astype(np.float32) * np.linspace(0.1, 2, F).astype(np.float32)
+  m = moments.update(moments.init(F, D), jnp.asarray(x), jnp.asarray(rng.standard_normal((TOKENS, D)).astype(np.float32)))
+  per_step = -(-F // O.MAX_STEPS)
+  out = {"channels": F, "outputs": D, "tokens": TOKENS, "per_step": per_step}
+  with float64_solves():
+    ginv = O._ridge_inverse(m.xx, 1e-5, True)
+    xy = jnp.asarray(m.xy, jnp.float64)
+    for name, removed in (("plan", F - F // 4), ("loop_20pct", F // 4)):
+      steps = -(-removed // per_step)
+      removed = steps * per_step  # whole steps, as the textbook form takes them
+      fact = lambda: O._removal_order(ginv, xy, 1, True, per_step, removed)[0]
+      book = lambda: np.asarray(textbook(ginv, xy, per_step, steps))
+      step_of = lambda order: np.where(order < removed, order // per_step, -1)  # -1: kept
+      same = bool(np.array_equal(step_of(np.asarray(fact())), step_of(book())))
+      times = {"factored": [], "textbook": []}
+      fact(), book()
+      for _ in range(repeats):  # interleaved, so that the machine's load hits both alike
+        for k, f in (("factored", fact), ("textbook", book)):
+          t = time.perf_counter()
+          f()
+          times[k].append(time.perf_counter() - t)
+      med = {k: float(np.median(v)) for k, v in times.items()}
+      out[name] = {"removed": removed, "factored_seconds": med["factored"], "textbook_seconds": med["textbook"],
+                   "textbook_over_factored": med["textbook"] / med["factored"], "same_steps": same}
+    out["inverse_seconds"] = median_seconds(lambda: jax.block_until_ready(O._ridge_inverse(m.xx, 1e-5, True)),
+                                            repeats)
 
   w = {k: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.02) for k, s in
        (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
@@ -78,14 +103,27 @@ def main() -> int:
   def mlp_chunk(h):
     return (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
 
-  forward = median_seconds(lambda: [mlp_chunk(h).block_until_ready() for _ in range(T // (16 * 128))])
-  row = {"benchmark": "obs_sweep", "machine": cpu_name(), "channels": F, "tokens": T, "removed": stats.n_remove,
-         "sweep_seconds_cut": out["cut"], "sweep_seconds_uncut": out["uncut"],
-         "same_removal_order": bool(np.array_equal(orders["cut"], orders["uncut"])),
-         "module_forward_seconds": forward, "compact_min": O.COMPACT_MIN, "compact_at": O.COMPACT_AT}
-  write_json(args.out, row, force=True)
-  print(f"sweep {out['cut']:.3f} s cut, {out['uncut']:.3f} s uncut (same order: {row['same_removal_order']}); "
-        f"module forward {forward:.3f} s")
+  out["module_forward_seconds"] = median_seconds(
+      lambda: [mlp_chunk(h).block_until_ready() for _ in range(TOKENS // (16 * 128))], repeats)
+  return out
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "obs_sweep.json"))
+  ap.add_argument("--repeats", type=int, default=5)
+  args = ap.parse_args()
+  from jaxprune.io.atomic import write_json
+
+  rng = np.random.default_rng(0)
+  rows = []
+  for F, D in SHAPES:
+    rows.append(row(F, D, args.repeats, rng))
+    r = rows[-1]
+    print(f"F={F}: plan sweep {r['plan']['factored_seconds']:.3f} s factored / {r['plan']['textbook_seconds']:.3f} s "
+          f"textbook; loop {r['loop_20pct']['factored_seconds']:.3f} / {r['loop_20pct']['textbook_seconds']:.3f} s; "
+          f"inverse {r['inverse_seconds']:.3f} s; module forward {r['module_forward_seconds']:.3f} s", flush=True)
+  write_json(args.out, {"benchmark": "obs_sweep", "machine": cpu_name(), "rows": rows}, force=True)
   return 0
 
 

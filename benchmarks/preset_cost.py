@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -61,6 +62,7 @@ def run_preset(model: str, preset: str, out: str, calib_samples: int) -> dict:
 
 
 def row(name: str, model: str, work: str, calib_samples: int, layers: int | None) -> dict:
+  load_start = os.getloadavg()
   runs = {p: run_preset(model, p, os.path.join(work, f"{name}-{p}"), calib_samples) for p in PRESETS}
   params = runs["paper"]["params_before"]
   fp32 = 4 * params
@@ -74,7 +76,16 @@ def row(name: str, model: str, work: str, calib_samples: int, layers: int | None
   print(f"{name}: paper {runs['paper']['seconds']:.1f} s, recommended {runs['recommended']['seconds']:.1f} s "
         f"({ratio:.2f}x), peak RSS {runs['recommended']['peak_rss_over_float32']:.2f} of float32", flush=True)
   return {"model": name, "params": params, "float32_bytes": fp32, "layers": layers, "runs": runs,
-          "recommended_over_paper_seconds": ratio}
+          "recommended_over_paper_seconds": ratio, "machine": cpu_name(), "commit": _commit(),
+          "load_average_start": load_start, "load_average_end": os.getloadavg()}
+
+
+def _commit() -> str | None:
+  try:
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
 
 
 ROWS = ("f4096-l8", "f8192-l8", "f4096-l48", "smollm2")
@@ -92,7 +103,10 @@ def main() -> int:
 
   # Rows already in --out are kept (a later call adds or replaces rows by model).
   result = json.load(open(args.out)) if os.path.exists(args.out) else {"rows": []}
-  result.update(benchmark="preset_cost", machine=cpu_name(), sparsity=0.2, calib_windows=args.calib_samples,
+  for r in result["rows"]:  # rows from before rows named their machine ran on the file's
+    r.setdefault("machine", result.get("machine"))
+  result.pop("machine", None)
+  result.update(benchmark="preset_cost", sparsity=0.2, calib_windows=args.calib_samples,
                 seq_len=128, seed=0)
   with tempfile.TemporaryDirectory(dir=args.work) as work:
     for name in args.rows:

@@ -15,17 +15,19 @@ the criterion keeps the one signature `score(kind, params, stats)`. It needs
 the full Gram matrix of X2 and its cross moment with the dense output, which
 the pipeline accumulates anyway.
 
-Each step rewrites the whole inverse, so with thousands of channels the sweep
-is bound by memory traffic; it therefore removes the `ceil(n / MAX_STEPS)`
-cheapest units per step (one at a time for up to MAX_STEPS units, as for
-attention heads), with the exact joint update for the removed group.
+The sweep removes the `ceil(n / MAX_STEPS)` cheapest units per step (one at a
+time for up to MAX_STEPS units, as for attention heads), with the exact joint
+update for the removed group. It never rewrites G^-1: after r removals it is the
+first inverse less a rank-r product U U^T, and a step reads only the rows of the
+units it removes, so its memory traffic is U's and W's, not the d^2 of G^-1
+(`_sweep`).
 
 When the caller removes only `stats.n_remove` units (the layer loop knows how
 many channels go; the adaptive plan, how many min_keep allows), the sweep stops
 there: the removed units, their order and costs are the full sweep's.
 
-Cost, for U2 channels: the inverse (U2^3 flops in float64 by Cholesky) and up to
-MAX_STEPS updates of it (2 U2^3 in all), so about 3 U2^3 and 8 U2^2 bytes: a cube of
+Cost, for U2 channels of which r go: the inverse (U2^3 / 3 flops in float64 by
+Cholesky, 8 U2^2 bytes) and about U2 r^2 + 2 U2 r D for the sweep (D outputs): a cube of
 the width, where the module's forward grows with the width alone. Modules wider than
 OBS_BLOCK channels therefore run the blocked form: the sweep runs on diagonal blocks
 of the Gram matrix (channels of different blocks taken as uncorrelated), where the
@@ -58,7 +60,7 @@ from jaxprune import placement
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
 from jaxprune.placement import float64_solves, host64, local_copy, to_solve
-from jaxprune.reconstruct import ridge_system
+from jaxprune.reconstruct import ridge_lam, ridge_system
 from jaxprune.spec import Params
 from jaxprune.stats import moments
 
@@ -79,27 +81,43 @@ def _inverse_xla(g):
 def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
   """G^-1 (float64, symmetric) of the ridge system. Where solves run on a CPU it is LAPACK's
   Cholesky inverse (potrf + potri: a third of the time of XLA's CPU LU inverse at
-  SmolLM2's 1537 channels); elsewhere XLA's."""
+  SmolLM2's 1537 channels), on one float64 copy of the statistics, factored, inverted and
+  mirrored in place (each further copy of a 4097-wide system is 134 MB, and on a fresh
+  machine its first touch alone took 0.3 s); elsewhere XLA's."""
   if not placement.lapack_solves():
     return _inverse_xla(ridge_system(jnp.asarray(xx, jnp.float64), delta, intercept))
   import scipy.linalg  # SciPy's import is paid only where LAPACK solves
 
-  g = ridge_system(host64(xx), float(delta), intercept)
-  chol, info = scipy.linalg.lapack.dpotrf(g, lower=1, clean=1)
+  xx = np.asarray(local_copy(xx))
+  d = xx.shape[0] - 1
+  k = d + 1 if intercept else d
+  g = np.array(xx[:k, :k], np.float64, order="F")  # LAPACK's own order: factored where it lies
+  g[np.arange(d), np.arange(d)] += ridge_lam(np.diagonal(g)[:d], float(delta))
+  chol, info = scipy.linalg.lapack.dpotrf(g, lower=1, clean=1, overwrite_a=1)
   if info == 0:
-    ginv, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+    ginv, info = scipy.linalg.lapack.dpotri(chol, lower=1, overwrite_c=1)
   if info != 0:  # not positive definite in floating point: the LU inverse, as XLA's
-    return jax.device_put(np.linalg.inv(g))
-  return jax.device_put(np.tril(ginv) + np.tril(ginv, -1).T)
+    return jax.device_put(np.linalg.inv(ridge_system(host64(xx), float(delta), intercept)))
+  _mirror_lower(ginv)
+  return jax.device_put(ginv.T)  # symmetric: its transpose is the same matrix in C order
 
 
-def _unit_cost(ginv, w, width: int, n: int):
-  """What removing each unit would add to the refit error now ([n])."""
+def _mirror_lower(a: np.ndarray, rows: int = 512) -> None:
+  """Copies the lower triangle of square `a` onto its upper one, in place, a band of rows at a time."""
+  n = a.shape[0]
+  for lo in range(0, n, rows):
+    hi = min(n, lo + rows)
+    a[lo:hi, hi:] = a[hi:, lo:hi].T
+    band = a[lo:hi, lo:hi]
+    band[np.triu_indices(hi - lo, 1)] = band.T[np.triu_indices(hi - lo, 1)]
+
+
+def _unit_cost(blocks, w, width: int, n: int):
+  """What removing each unit would add to the refit error now ([n]), from the current
+  G^-1's diagonal blocks [n, width, width] and solution W."""
   if width == 1:  # scalar blocks: ||w_j||^2 / G^-1_jj
-    return jnp.sum(jnp.square(w[:n * width]), axis=-1) / jnp.diagonal(ginv)[:n]
-  idx = jnp.arange(n)[:, None] * width + jnp.arange(width)[None]  # channels of each unit
-  blocks = ginv[idx[:, :, None], idx[:, None, :]]  # [n, width, width]
-  ws = w[idx]  # [n, width, D]
+    return jnp.sum(jnp.square(w[:n]), axis=-1) / blocks[:, 0, 0]
+  ws = w[:n * width].reshape(n, width, -1)  # [n, width, D]
   return jnp.einsum("nwd,nwd->n", ws, jnp.linalg.solve(blocks, ws))
 
 
@@ -108,57 +126,70 @@ def _first_solution(ginv, xy):
   return ginv @ xy[:ginv.shape[0]]
 
 
-@functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step"))
-def _sweep_steps(state, t0, t1, n_remove, width: int, intercept: bool, per_step: int):
-  """Steps t0..t1-1 of the greedy OBS sweep on `state` = (G^-1, W, alive, order, paid)
-  of the units still in the matrices; step t removes the `per_step` cheapest live units
-  (fewer at the last step, so that `n_remove` go in all) at positions t * per_step + j."""
-  d = state[0].shape[0] - (1 if intercept else 0)  # channels (the ones column is last)
+SWEEP_CHUNK = 256  # columns of the sweep's low-rank factor taken into one product
+
+
+@functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step", "u_columns"))
+def _sweep(ginv, w, n_remove, width: int, intercept: bool, per_step: int, u_columns: int):
+  """The greedy OBS sweep from G^-1 = `ginv` and W = `w`: step t removes the `per_step`
+  cheapest live units (fewer at the last step, so that `n_remove` go in all) at positions
+  t * per_step + j; returns each unit's position and cost (`_removal_order`).
+
+  G^-1 itself is never rewritten. After the steps so far it is G^-1 - U U^T, U's columns
+  appended by each step (`u_columns` of them, at least as many as the steps take, a
+  multiple of SWEEP_CHUNK), so a step reads the k rows it removes (k x d' from U, a chunk at a time)
+  and updates W (d' x k x D) and the diagonal blocks the costs need: no d' x d' array is
+  formed or written after the first. With G^-1_SS = L L^T the update
+  G^-1_{:,S} (G^-1_SS)^-1 G^-1_{S,:} is C C^T, C = G^-1_{:,S} L^-T, and W's is C L^-1 W_S.
+  Products run over whole chunks of U, so a step's arithmetic is the same whatever the
+  sweep's length: stopping early changes nothing about the units removed before.
+  """
+  d = ginv.shape[0] - (1 if intercept else 0)  # channels (the ones column is last)
   n = d // width
+  kw = per_step * width
+  chunk = SWEEP_CHUNK
+  idx = jnp.arange(n)[:, None] * width + jnp.arange(width)[None]  # channels of each unit
+  blocks = ginv[idx[:, :, None], idx[:, None, :]]  # [n, width, width]
+  steps = (n_remove + per_step - 1) // per_step
+  u = jnp.zeros((ginv.shape[0], u_columns), ginv.dtype)
 
   def step(t, state):
-    ginv, w, alive, order, paid = state
+    u, blocks, w, alive, order, paid = state
     t = t.astype(jnp.int32)
-    c = jnp.where(alive, _unit_cost(ginv, w, width, n), jnp.inf)
-    # The per_step cheapest live units (never the last survivor).
+    c = jnp.where(alive, _unit_cost(blocks, w, width, n), jnp.inf)
     take = jnp.minimum(per_step, n_remove - t * per_step)
-    _, s = jax.lax.top_k(-c, per_step)
+    _, s = jax.lax.top_k(-c, per_step)  # the per_step cheapest live units (never the last survivor)
     valid = jnp.arange(per_step, dtype=jnp.int32) < take
     cols = (s[:, None] * width + jnp.arange(width, dtype=jnp.int32)[None]).reshape(-1)
     colmask = jnp.repeat(valid, width).astype(ginv.dtype)
-    # G^-1 is symmetric, so its rows S (contiguous) stand for its columns S (strided).
-    rows = ginv[cols] * colmask[:, None]  # G^-1_{S,:}, [k*width, d']
+
+    def less(j, r):  # r - U_j[S] U_j^T for chunk j of U's columns
+      uj = jax.lax.dynamic_slice_in_dim(u, j * chunk, chunk, axis=1)
+      return r - uj[cols] @ uj.T
+
+    # G^-1_{S,:} now (its rows stand for its columns: symmetric), [k*width, d'].
+    rows = jax.lax.fori_loop(0, (t * kw + chunk - 1) // chunk, less, ginv[cols]) * colmask[:, None]
     gss = rows[:, cols] * colmask[None, :] + jnp.diag(1.0 - colmask)  # padding rows solve to zero
-    m = jnp.linalg.inv(gss)  # (G^-1_SS)^-1: small, and one product serves G^-1 and W
-    ginv = ginv - rows.T @ (m @ rows)
-    w = w - rows.T @ (m @ (w[cols] * colmask[:, None]))
+    low = jnp.linalg.cholesky(gss)
+    ct = jax.scipy.linalg.solve_triangular(low, rows, lower=True)  # C^T, [k*width, d']
+    z = jax.scipy.linalg.solve_triangular(low, w[cols] * colmask[:, None], lower=True)
+    u = jax.lax.dynamic_update_slice_in_dim(u, ct.T, t * kw, axis=1)
+    cu = ct[:, :n * width].T.reshape(n, width, kw)
+    blocks = blocks - jnp.einsum("nwk,nvk->nwv", cu, cu)
+    w = w - ct.T @ z
     pos = t * per_step + jnp.arange(per_step, dtype=jnp.int32)
     alive = alive.at[s].set(jnp.where(valid, False, alive[s]))
     order = order.at[s].set(jnp.where(valid, pos, order[s]))
     paid = paid.at[s].set(jnp.where(valid, c[s], paid[s]))
-    return ginv, w, alive, order, paid
+    return u, blocks, w, alive, order, paid
 
-  return jax.lax.fori_loop(t0, t1, step, state)
-
-
-@functools.partial(jax.jit, static_argnames=("width", "intercept"))
-def _rank_survivors(state, n_remove, width: int, intercept: bool):
-  """Units the sweep left follow the removed ones in the order of what removing each would
-  cost now, and carry that cost."""
-  ginv, w, alive, order, paid = state
-  n = (ginv.shape[0] - (1 if intercept else 0)) // width
-  now = jnp.where(alive, _unit_cost(ginv, w, width, n), jnp.inf)
+  state = (u, blocks, w, jnp.ones((n,), bool), jnp.full((n,), n - 1, jnp.int32), jnp.full((n,), jnp.inf, ginv.dtype))
+  _, blocks, w, alive, order, paid = jax.lax.fori_loop(0, steps, step, state)
+  # Units the sweep left follow the removed ones in the order of what removing each would cost
+  # now, and carry that cost.
+  now = jnp.where(alive, _unit_cost(blocks, w, width, n), jnp.inf)
   rank = jnp.argsort(jnp.argsort(now, stable=True), stable=True).astype(jnp.int32)
   return jnp.where(alive, n_remove + rank, order), jnp.where(alive, now, paid)
-
-
-@jax.jit
-def _compact(ginv, w, idx):
-  return ginv[idx][:, idx], w[idx]
-
-
-COMPACT_MIN = 1024  # channels from which the sweep drops removed units from its matrices
-COMPACT_AT = 0.8  # ... each time the live units fall to this fraction of the matrices' units
 
 
 def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_remove: int | None = None):
@@ -169,45 +200,16 @@ def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_r
   The sweep stops once `n_remove` units are gone (default: all but one); the units
   still there are ordered after them by what removing each would cost then, and
   carry that cost. Stopping early changes nothing about the units removed before.
-
-  Every step rewrites G^-1 and W, so a wide module's sweep is bound by memory
-  traffic: from COMPACT_MIN channels on, each time a quarter of the units in the
-  matrices are gone the removed ones are cut out of G^-1 and W (their rows and columns
-  are no longer read), which makes later steps cheaper by the square of what is left.
-  Each entry is still updated by the same products, so the order and costs are those
-  of the uncut sweep.
+  U's columns come in powers of two of SWEEP_CHUNK, so that stopping points share compiles.
   """
   d = ginv.shape[0] - (1 if intercept else 0)
   n = d // width
   n_remove = int(np.clip(n - 1 if n_remove is None else n_remove, 0, n - 1))
-  steps = -(-n_remove // per_step)
-  n_rm = jnp.asarray(n_remove, jnp.int32)  # traced: one compile for every stopping point
-  state = (ginv, _first_solution(ginv, xy), jnp.ones((n,), bool), jnp.full((n,), n - 1, jnp.int32),
-           jnp.full((n,), jnp.inf, ginv.dtype))
-  units = np.arange(n)  # the units in the matrices, in their original order
-  order, paid = np.full(n, n - 1, np.int32), np.full(n, np.inf)
-  t = 0
-  while True:
-    m = len(units)
-    phase = steps - t
-    if m * width >= COMPACT_MIN:
-      phase = min(phase, max(1, int(m * (1 - COMPACT_AT)) // per_step))
-    state = _sweep_steps(state, jnp.int32(t), jnp.int32(t + phase), n_rm, width, intercept, per_step)
-    t += phase
-    if t >= steps:
-      break
-    alive = np.asarray(state[2])
-    gone = ~alive
-    order[units[gone]], paid[units[gone]] = np.asarray(state[3])[gone], np.asarray(state[4])[gone]
-    units = units[alive]
-    ch = (np.flatnonzero(alive)[:, None] * width + np.arange(width)[None]).reshape(-1)
-    idx = jnp.asarray(np.concatenate([ch, [d]]) if intercept else ch, jnp.int32)
-    g, w = _compact(state[0], state[1], idx)
-    k = len(units)
-    state = (g, w, jnp.ones((k,), bool), jnp.full((k,), n - 1, jnp.int32), jnp.full((k,), jnp.inf, ginv.dtype))
-  o, p = _rank_survivors(state, n_rm, width, intercept)
-  order[units], paid[units] = np.asarray(o), np.asarray(p)
-  return order, paid
+  columns = -(-n_remove // per_step) * per_step * width
+  chunks = 1 << max(0, -(-columns // SWEEP_CHUNK) - 1).bit_length()
+  order, paid = _sweep(ginv, _first_solution(ginv, xy), jnp.asarray(n_remove, jnp.int32), width, intercept,
+                       per_step, chunks * SWEEP_CHUNK)
+  return np.asarray(order), np.asarray(paid)
 
 
 def _blocks(n_units: int, width: int, block: int) -> list[np.ndarray]:

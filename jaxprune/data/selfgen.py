@@ -20,10 +20,6 @@ from jaxprune.models import decode
 from jaxprune.spec import ModelSpec, Params
 
 
-# The decoder lives in models/decode.py (shared with `jaxprune generate`); the old name stays importable.
-_decode_step = decode.decode_step
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "length", "top_k"))
 def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperature, top_k: int):
   """Texts [B, length], row b from token `first[b]` drawn with its own key `keys[b]` (so a text
@@ -34,7 +30,7 @@ def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperatu
 
   def body(pos, state):
     out, caches = state
-    logits, caches = _decode_step(spec, params, caches, out[:, pos], pos)
+    logits, caches = decode.decode_step(spec, params, caches, out[:, pos], pos)
     logits = logits / temperature
     if top_k:
       kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.data.selfgen import _decode_step  # the KV-cache step of self-generated calibration
+from jaxprune.models import decode
 from jaxprune.errors import UsageError
 from jaxprune.models import layers as L
 from jaxprune.models.forward import head, head_params, hidden_states
@@ -111,7 +111,7 @@ def _greedy_range(spec: ModelSpec, params: Params, caches, buf, lens, start, sto
   """Runs positions [start, stop): reads buf[:, p], writes buf[:, p+1] (the prompt's token while p+1 < lens, else the argmax)."""
   def body(pos, state):
     buf, caches = state
-    logits, caches = _decode_step(spec, params, caches, buf[:, pos], pos)
+    logits, caches = decode.decode_step(spec, params, caches, buf[:, pos], pos)
     nxt = jnp.where(pos + 1 < lens, buf[:, pos + 1], jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return buf.at[:, pos + 1].set(nxt), caches
 
@@ -149,9 +149,7 @@ def greedy_generate(spec: ModelSpec, params: Params, prompts: Sequence[Sequence[
     p = prompts[r] if r < n else prompts[0]
     buf[r, :len(p)] = p
     row_lens[r] = len(p)
-  dtype = params["embed"]["embedding"].dtype
-  caches = tuple((jnp.zeros((R, S, l.num_kv_heads, l.head_dim), dtype),
-                  jnp.zeros((R, S, l.num_kv_heads, l.head_dim), dtype)) for l in spec.layers)
+  caches = decode.init_cache(spec, R, S, params["embed"]["embedding"].dtype)
   buf, lens_d = jnp.asarray(buf), jnp.asarray(row_lens)
   end = Lmax - 1 + max_new_tokens  # the last row's last new token is written from position end - 1
   gen: list[list[int]] = [[] for _ in range(n)]

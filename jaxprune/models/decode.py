@@ -1,8 +1,8 @@
 """Cached decoding: the forward pass over new tokens only, with a per-layer KV cache.
 
-The cache of layer l is a pair (k, v) of [B,L,K_l,H_l] arrays (K_l, H_l from the
+The cache of layer l is a pair (k, v) of [B,K_l,L,H_l] arrays (K_l, H_l from the
 layer's own spec, so pruned layers of different widths each keep their own
-shape). `extend` runs T new tokens at positions start..start+T-1: it writes
+shape), laid out as attention's matmuls read them (`layers.attend_cached`). `extend` runs T new tokens at positions start..start+T-1: it writes
 their keys and values into the cache and attends over all L cache slots under
 the causal (and sliding-window) mask, so slots not yet written are never seen.
 A prompt is one `extend` (prefill) and each sampled token one more (T = 1).
@@ -22,13 +22,13 @@ from jaxprune.models import layers as L
 from jaxprune.models.forward import embed_scale, head, head_params, token_embeddings
 from jaxprune.spec import ModelSpec, Params
 
-Cache = tuple  # tuple over layers of (k [B,L,K,H], v [B,L,K,H])
+Cache = tuple  # tuple over layers of (k [B,K,L,H], v [B,K,L,H])
 
 
 def init_cache(spec: ModelSpec, batch: int, length: int, dtype) -> Cache:
   """Zeroed caches for `batch` rows of up to `length` tokens."""
-  return tuple((jnp.zeros((batch, length, l.num_kv_heads, l.head_dim), dtype),
-                jnp.zeros((batch, length, l.num_kv_heads, l.head_dim), dtype)) for l in spec.layers)
+  return tuple((jnp.zeros((batch, l.num_kv_heads, length, l.head_dim), dtype),
+                jnp.zeros((batch, l.num_kv_heads, length, l.head_dim), dtype)) for l in spec.layers)
 
 
 def extend(spec: ModelSpec, params: Params, caches: Cache, tokens, start):
@@ -43,10 +43,10 @@ def extend(spec: ModelSpec, params: Params, caches: Cache, tokens, start):
     cfg = L.block_config(spec, i)
     h = L.norm(cfg, blk["attn_norm"], x)
     q, k, v = L.project_qkv(cfg, blk["attn"], h, q_pos)
-    kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), start, axis=1)
-    vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), start, axis=1)
-    k_pos = jnp.arange(kc.shape[1], dtype=jnp.int32)[None]
-    heads, _ = L.attend(cfg, q, kc, vc, q_pos, k_pos)
+    kc = jax.lax.dynamic_update_slice_in_dim(kc, k.transpose(0, 2, 1, 3).astype(kc.dtype), start, axis=2)
+    vc = jax.lax.dynamic_update_slice_in_dim(vc, v.transpose(0, 2, 1, 3).astype(vc.dtype), start, axis=2)
+    k_pos = jnp.arange(kc.shape[2], dtype=jnp.int32)[None]
+    heads, _ = L.attend_cached(cfg, q, kc, vc, q_pos, k_pos)
     x = x + L.post_norm(cfg, blk, "attn", L.dense(blk["attn"]["o"], heads, "btnh,nhd->btd"))
     x = x + L.post_norm(cfg, blk, "mlp", L.mlp(cfg, blk["mlp"], L.norm(cfg, blk["mlp_norm"], x))[0])
     new.append((kc, vc))

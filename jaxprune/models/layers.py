@@ -189,23 +189,34 @@ def attend(cfg: BlockConfig, q, k, v, q_pos, k_pos):
     heads [B,T,N,H] (each head's A_i V_i, the input of the output projection)
     and probs [B,N,T,S] in f32.
   """
+  return _attend(cfg, q, k, v, q_pos, k_pos, "bskh")
+
+
+def attend_cached(cfg: BlockConfig, q, k, v, q_pos, k_pos):
+  """`attend` on k, v laid out [B,K,S,H], the KV cache's layout (`models.decode`): the matmuls
+  take each (batch, KV head) pair's keys as they lie, where [B,S,K,H] made XLA transpose the
+  whole cache again at every decoded token."""
+  return _attend(cfg, q, k, v, q_pos, k_pos, "bksh")
+
+
+def _attend(cfg: BlockConfig, q, k, v, q_pos, k_pos, kv: str):
   B, T, N, H = q.shape
   if cfg.kv_map is not None:
     # Uneven groups: give every query head its own copy of its KV head.
     idx = jnp.asarray(cfg.kv_map)
-    k, v = jnp.take(k, idx, axis=2), jnp.take(v, idx, axis=2)
-  K, S = k.shape[2], k.shape[1]
+    k, v = jnp.take(k, idx, axis=kv.index("k")), jnp.take(v, idx, axis=kv.index("k"))
+  K, S = k.shape[kv.index("k")], k.shape[kv.index("s")]
   G = N // K
   # The G query heads of a KV head are stacked along the query axis, [B,K,G*T,H], so each
   # (batch, KV head) pair is one larger matmul: about twice as fast on CPU as a [B,K,G] batch.
   qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
   scale = H**-0.5 if cfg.query_scale is None else cfg.query_scale
-  scores = softcap(cfg.attn_softcap, jnp.einsum("bkqh,bskh->bkqs", qg, k, preferred_element_type=F32) * scale)
+  scores = softcap(cfg.attn_softcap, jnp.einsum(f"bkqh,{kv}->bkqs", qg, k, preferred_element_type=F32) * scale)
   scores = scores.reshape(B, K, G, T, S)
   mask = attention_mask(cfg, q_pos, k_pos)[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(F32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  heads = jnp.einsum("bkqs,bskh->bkqh", probs.reshape(B, K, G * T, S).astype(v.dtype), v,
+  heads = jnp.einsum(f"bkqs,{kv}->bkqh", probs.reshape(B, K, G * T, S).astype(v.dtype), v,
                      preferred_element_type=F32)
   heads = heads.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
   return heads.astype(q.dtype), probs.reshape(B, N, T, S)
