@@ -91,7 +91,8 @@ def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
   xx = np.asarray(local_copy(xx))
   d = xx.shape[0] - 1
   k = d + 1 if intercept else d
-  g = np.array(xx[:k, :k], np.float64, order="F")  # LAPACK's own order: factored where it lies
+  g = _aligned64(k)  # in LAPACK's own order: factored where it lies
+  g[...] = xx[:k, :k]
   g[np.arange(d), np.arange(d)] += ridge_lam(np.diagonal(g)[:d], float(delta))
   chol, info = scipy.linalg.lapack.dpotrf(g, lower=1, clean=1, overwrite_a=1)
   if info == 0:
@@ -99,7 +100,16 @@ def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
   if info != 0:  # not positive definite in floating point: the LU inverse, as XLA's
     return jax.device_put(np.linalg.inv(ridge_system(host64(xx), float(delta), intercept)))
   _mirror_lower(ginv)
-  return jax.device_put(ginv.T)  # symmetric: its transpose is the same matrix in C order
+  # Symmetric: its transpose is the same matrix in C order, which a CPU device takes as it is.
+  return jax.device_put(ginv.T, may_alias=True)
+
+
+def _aligned64(k: int) -> np.ndarray:
+  """An uninitialised k x k float64 array in Fortran order on a 64-byte boundary, where
+  XLA's CPU client can take its transpose without a copy."""
+  buf = np.empty(8 * k * k + 64, np.uint8)
+  start = -buf.ctypes.data % 64
+  return buf[start:start + 8 * k * k].view(np.float64).reshape((k, k), order="F")
 
 
 def _mirror_lower(a: np.ndarray, rows: int = 512) -> None:
@@ -247,7 +257,7 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   with float64_solves():
     if d <= block:
       # The Gram matrix goes straight to where its inverse is taken (the host, for LAPACK).
-      xx = host64(stats.hidden.xx) if placement.lapack_solves() else to_solve(stats.hidden.xx)
+      xx = stats.hidden.xx if placement.lapack_solves() else to_solve(stats.hidden.xx)
       # With `stats.n_remove` the sweep stops there: the units it removes, their order and
       # costs are those of the full sweep, and every other unit scores above them.
       ginv = _ridge_inverse(xx, stats.damping, stats.intercept)
