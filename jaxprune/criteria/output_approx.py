@@ -131,17 +131,12 @@ def _unit_cost(blocks, w, width: int, n: int):
   return jnp.einsum("nwd,nwd->n", ws, jnp.linalg.solve(blocks, ws))
 
 
-@jax.jit
-def _first_solution(ginv, xy):
-  return ginv @ xy[:ginv.shape[0]]
-
-
 SWEEP_CHUNK = 256  # columns of the sweep's low-rank factor taken into one product
 
 
 @functools.partial(jax.jit, static_argnames=("width", "intercept", "per_step", "u_columns"))
-def _sweep(ginv, w, n_remove, width: int, intercept: bool, per_step: int, u_columns: int):
-  """The greedy OBS sweep from G^-1 = `ginv` and W = `w`: step t removes the `per_step`
+def _sweep(ginv, xy, n_remove, width: int, intercept: bool, per_step: int, u_columns: int):
+  """The greedy OBS sweep from G^-1 = `ginv` and the cross moment `xy` (W = G^-1 xy): step t removes the `per_step`
   cheapest live units (fewer at the last step, so that `n_remove` go in all) at positions
   t * per_step + j; returns each unit's position and cost (`_removal_order`).
 
@@ -162,6 +157,7 @@ def _sweep(ginv, w, n_remove, width: int, intercept: bool, per_step: int, u_colu
   blocks = ginv[idx[:, :, None], idx[:, None, :]]  # [n, width, width]
   steps = (n_remove + per_step - 1) // per_step
   u = jnp.zeros((ginv.shape[0], u_columns), ginv.dtype)
+  w = ginv @ xy[:ginv.shape[0]]
 
   def step(t, state):
     u, blocks, w, alive, order, paid = state
@@ -217,8 +213,8 @@ def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_r
   n_remove = int(np.clip(n - 1 if n_remove is None else n_remove, 0, n - 1))
   columns = -(-n_remove // per_step) * per_step * width
   chunks = 1 << max(0, -(-columns // SWEEP_CHUNK) - 1).bit_length()
-  order, paid = _sweep(ginv, _first_solution(ginv, xy), jnp.asarray(n_remove, jnp.int32), width, intercept,
-                       per_step, chunks * SWEEP_CHUNK)
+  order, paid = _sweep(ginv, xy, jnp.asarray(n_remove, jnp.int32), width, intercept, per_step,
+                       chunks * SWEEP_CHUNK)
   return np.asarray(order), np.asarray(paid)
 
 
@@ -328,9 +324,9 @@ def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: Module
     ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
     # Host blocks run one after another (`_sweep_blocks`), so the process-wide BLAS limit is theirs.
     with placement.serial_blas(len(ch) + 1) if device is None else contextlib.nullcontext():
-      return _sweep(units, ch, device)
+      return one_block(units, ch, device)
 
-  def _sweep(units, ch, device):
+  def one_block(units, ch, device):
     sub_xx, sub_xy = (np.asarray(a, np.float64) for a in system(units, ch))
     if not placement.lapack_solves():
       sub_xx, sub_xy = jax.device_put(sub_xx, device), jax.device_put(sub_xy, device)
