@@ -20,8 +20,8 @@ The rule, in one place:
   sweep blocks) runs on one BLAS thread (`serial_blas`). Alone, a 513-row inverse is faster on
   OpenBLAS's pool, but the pool's threads keep spinning after each call and take the cores
   from XLA's threads, which run the sweep's steps in between: the plan's sweep of a
-  4096-channel MLP ran 1.4x faster on one BLAS thread on a quiet machine and 2.3x on a busy
-  one (`benchmarks/results/blas_threads.json`).
+  4096-channel MLP ran 1.9x faster on one BLAS thread on a quiet machine and 3.9x beside two
+  spinning processes (`benchmarks/results/blas_threads.json`).
 - Opt-in (`split_solves`): the ridge solves run on the devices of a mesh, split by rows over its
   `model` axis (`jaxprune.sharded_solve`): float64 where the backend has it, else float32 with
   iterative refinement. Off by default, so the default results do not move.
