@@ -95,3 +95,17 @@ def collectives(text: str, num_partitions: int) -> list[Collective]:
 def spans_axis(groups: list[list[int]], coordinate) -> bool:
   """Whether some group holds partitions at different `coordinate(partition id)`s."""
   return any(len({coordinate(i) for i in g}) > 1 for g in groups)
+
+
+def loop_ops(text: str, ops: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
+  """(op, result shape) of every instruction `op` in a while loop's body or called from one
+  (fusions included), of the compiled module `text`."""
+  comps = _computations(text)
+  loops = _reached(comps, re.findall(r"body=%?([\w.\-]+)", text))
+  out = []
+  for name in loops:
+    for line in comps[name].splitlines():
+      m = re.search(r"= \w+\[([\d,]*)\]\{[^}]*\} (" + "|".join(map(re.escape, ops)) + r")\(", line)
+      if m:
+        out.append((m.group(2), tuple(int(v) for v in m.group(1).split(",") if v)))
+  return out

@@ -190,6 +190,24 @@ def test_self_generated_text_is_the_models_own_top_k_choice(tiny_dir):
   assert (picked >= lg[:, :-1].max(-1) - ATOL).all()
 
 
+def test_self_generation_never_copies_the_kv_cache_per_token(tiny_dir):
+  """The caches lie as attention's matmuls read them ([B,K,L,H]), so the compiled sampling
+  loop neither transposes nor copies an array the size of a layer's cache at each token
+  (with [B,L,K,H] it did both, for every layer's keys and values)."""
+  from jaxprune.data import selfgen
+  from tests import hlo
+
+  m = _model(tiny_dir, "llama_gqa")
+  B, L = 4, 64
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(B))
+  text = selfgen._sample.lower(m.spec, m.params, keys, jnp.zeros((B,), jnp.int32), L, jnp.float32(1.0),
+                               0).compile().as_text()
+  layer = m.spec.layers[0]
+  cache = B * layer.num_kv_heads * L * layer.head_dim
+  assert "while" in text
+  assert [(op, shape) for op, shape in hlo.loop_ops(text, ("copy", "transpose")) if np.prod(shape) >= cache] == []
+
+
 def test_self_generated_windows_do_not_depend_on_the_batch(tiny_dir):
   """Text i is drawn with its own key: the same windows whatever the batch size, the first
   windows of a larger n are those of a smaller one, and another seed gives other text."""
