@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -30,6 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 from machine import cpu_name  # noqa: E402
+from quality import git_state  # noqa: E402
 from streaming_memory import DATA, SHAPE, child  # noqa: E402
 
 PRESETS = ("paper", "recommended")
@@ -76,16 +76,8 @@ def row(name: str, model: str, work: str, calib_samples: int, layers: int | None
   print(f"{name}: paper {runs['paper']['seconds']:.1f} s, recommended {runs['recommended']['seconds']:.1f} s "
         f"({ratio:.2f}x), peak RSS {runs['recommended']['peak_rss_over_float32']:.2f} of float32", flush=True)
   return {"model": name, "params": params, "float32_bytes": fp32, "layers": layers, "runs": runs,
-          "recommended_over_paper_seconds": ratio, "machine": cpu_name(), "commit": _commit(),
+          "recommended_over_paper_seconds": ratio, "machine": cpu_name(),
           "load_average_start": load_start, "load_average_end": os.getloadavg()}
-
-
-def _commit() -> str | None:
-  try:
-    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
 
 
 ROWS = ("f4096-l8", "f8192-l8", "f4096-l48", "smollm2")
@@ -115,6 +107,7 @@ def main() -> int:
       else:
         ffn, layers = (int(v) for v in name[1:].split("-l"))
         r = row(f"llama-h1024-f{ffn}-l{layers}", synthetic(work, ffn, layers), work, args.calib_samples, layers)
+      r.update(git_state(ROOT, exclude=(args.out,)))  # the commit, and whether the tree differed from it
       result["rows"] = [x for x in result["rows"] if x["model"] != r["model"]] + [r]
       _growth(result)
       write_json(args.out, result, force=True)  # each finished row is kept

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.models import decode
 from jaxprune.errors import UsageError
+from jaxprune.models import decode
 from jaxprune.models import layers as L
 from jaxprune.models.forward import head, head_params, hidden_states
 from jaxprune.spec import ModelSpec, Params

@@ -2,9 +2,10 @@
 
 The cache of layer l is a pair (k, v) of [B,K_l,L,H_l] arrays (K_l, H_l from the
 layer's own spec, so pruned layers of different widths each keep their own
-shape), laid out as attention's matmuls read them (`layers.attend_cached`). `extend` runs T new tokens at positions start..start+T-1: it writes
-their keys and values into the cache and attends over all L cache slots under
-the causal (and sliding-window) mask, so slots not yet written are never seen.
+shape), laid out as attention's matmuls read them (`layers.attend_cached`).
+`extend` runs T new tokens at positions start..start+T-1: it writes their keys
+and values into the cache and attends over all L cache slots under the causal
+(and sliding-window) mask, so slots not yet written are never seen.
 A prompt is one `extend` (prefill) and each sampled token one more (T = 1).
 The block code is the full forward's (`layers.project_qkv`, `layers.attend`,
 `layers.mlp`), so the cached logits equal `forward.logits` up to float
