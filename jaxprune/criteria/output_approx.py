@@ -82,8 +82,8 @@ def _ridge_inverse(xx, delta: float, intercept: bool) -> jax.Array:
   """G^-1 (float64, symmetric) of the ridge system. Where solves run on a CPU it is LAPACK's
   Cholesky inverse (potrf + potri: a third of the time of XLA's CPU LU inverse at
   SmolLM2's 1537 channels), on one float64 copy of the statistics, factored, inverted and
-  mirrored in place (each further copy of a 4097-wide system is 134 MB, and on a fresh
-  machine its first touch alone took 0.3 s); elsewhere XLA's."""
+  mirrored in place (each further copy of a 4097-wide system is 134 MB of the run's peak);
+  elsewhere XLA's."""
   if not placement.lapack_solves():
     return _inverse_xla(ridge_system(jnp.asarray(xx, jnp.float64), delta, intercept))
   import scipy.linalg  # SciPy's import is paid only where LAPACK solves
