@@ -139,12 +139,13 @@ def host64(x) -> np.ndarray:
   return np.asarray(local_copy(x), np.float64)
 
 
-def to_solve(x) -> jax.Array:
-  """`x` as a float64 array where the solves run (inside `float64_solves`)."""
+def to_solve(x, keep_dtype: bool = False) -> jax.Array:
+  """`x` as a float64 array where the solves run (inside `float64_solves`); with
+  `keep_dtype`, in its own dtype (for a kernel that widens it where it reads it)."""
   x = local_copy(x)
   if solve_on_host():
     x = np.asarray(x)
-  return jnp.asarray(x, jnp.float64)
+  return jnp.asarray(x, None if keep_dtype else jnp.float64)
 
 
 def on_host(v) -> bool:

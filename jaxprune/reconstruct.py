@@ -229,6 +229,21 @@ def _residual(g, c, yy, w):
   return jnp.maximum(jnp.sum(w * (g @ w)) - 2 * jnp.sum(w * c) + yy, 0.0)
 
 
+RESIDUAL_ROWS = 512  # rows of G taken to float64 at a time by `_residual_host`
+
+
+def _residual_host(xx: np.ndarray, c: np.ndarray, yy: float, w: np.ndarray) -> float:
+  """tr(W^T G W) - 2 tr(W^T C) + yy in float64 with G = xx[:k, :k] (k = W's rows), a band of
+  RESIDUAL_ROWS rows of `xx` (as stored, float32) taken to float64 at a time: no float64 copy
+  of G, which at a 4096-wide module would be 134 MB of a streamed run's peak."""
+  k = w.shape[0]
+  quad = 0.0
+  for lo in range(0, k, RESIDUAL_ROWS):
+    hi = min(k, lo + RESIDUAL_ROWS)
+    quad += float(np.sum(w[lo:hi] * (np.asarray(xx[lo:hi, :k], np.float64) @ w)))
+  return max(quad - 2 * float(np.sum(w * c)) + yy, 0.0)
+
+
 def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Array:
   """||[X 1] W - Y||^2 from sums: tr(W^T G W) - 2 tr(W^T X^T Y) + ||Y||^2.
 
@@ -237,8 +252,7 @@ def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Arra
   """
   k = w.shape[0]
   if placement.lapack_solves():
-    g, c, w64 = host64(m.xx)[:k, :k], host64(xy)[:k], host64(w)
-    return np.float32(max(float(np.sum(w64 * (g @ w64)) - 2 * np.sum(w64 * c) + float(host64(yy))), 0.0))
+    return np.float32(_residual_host(np.asarray(local_copy(m.xx)), host64(xy)[:k], float(host64(yy)), host64(w)))
   with placement.float64_solves():
     r = _residual(to_solve(m.xx)[:k, :k], to_solve(xy)[:k], to_solve(yy), to_solve(w))
     return jnp.asarray(r, jnp.float32)

@@ -382,6 +382,40 @@ def test_blocked_sweep_stopped_at_n_remove_removes_what_the_full_one_removes():
                                   np.argsort(full, kind="stable")[:n_remove])
 
 
+def test_blocked_sweep_goes_further_only_in_blocks_the_removals_reach(monkeypatch):
+  """A block's sweep first stops a little past its share of the removals; a block holding
+  most of the cheap channels is swept again, further. The units that go, their order and
+  their scores are those of every block swept to n_remove."""
+  from jaxprune.criteria import output_approx as O
+  rng = np.random.default_rng(12)
+  U, T = 32, 500
+  x = rng.normal(size=(T, U)) @ (np.eye(U) + 0.2 * rng.normal(size=(U, U)))
+  w = rng.normal(size=(U, 3))
+  w[:8] *= 0.01  # the first block's channels add almost nothing to the output
+  y = x @ w + 0.1 * rng.normal(size=(T, 3))
+  m = moments.update(moments.init(U, 3), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  p = _mlp(rng, F=U)
+  depths = []
+  real = O._removal_order
+  monkeypatch.setattr(O, "_removal_order", lambda *a: depths.append(a[-1]) or real(*a))
+
+  def scores(margin, stats):
+    monkeypatch.setattr(O, "BLOCK_DEPTH_MARGIN", margin)
+    depths.clear()
+    return np.asarray(O.refit_aware(A.MLP, p, stats, block=8)), list(depths)
+
+  for n_remove in (6, 12):
+    stats = ModuleStats(hidden=m, damping=1e-6, intercept=True, n_remove=n_remove)
+    want, deep = scores(10**6, stats)  # every block swept to n_remove at once
+    assert deep == [min(7, n_remove)] * 4
+    got, steps = scores(1, stats)
+    assert len(steps) > 4 and steps[0] < deep[0], steps  # stopped short at first, then the first block again
+    go = np.argsort(want, kind="stable")[:n_remove]
+    np.testing.assert_array_equal(np.argsort(got, kind="stable")[:n_remove], go)
+    np.testing.assert_array_equal(got[go], want[go])
+    assert np.all(np.delete(got, go) > got[go].max())
+
+
 def test_fully_shrunk_refit_aware_order_is_flaps_fluctuation():
   """With the covariance shrunk to its diagonal the greedy OBS cost of a channel is
   var_j ||w_j||^2 (FLAP's fluctuation, its own weights W2), so the order is FLAP's."""

@@ -357,3 +357,33 @@ def test_host_and_device_solvers_agree_and_retry_alike(intercept, monkeypatch):
   assert np.all(np.abs(w_host - w_dev) <= np.spacing(np.abs(w_host)))
   assert info_host.retries == info_dev.retries == 0
   assert (bad_host.retries, bad_host.delta) == (bad_dev.retries, bad_dev.delta) == (4, 10.0)
+
+
+@pytest.mark.parametrize("rows", [512, 5])
+@pytest.mark.parametrize("intercept", [False, True])
+def test_residual_of_given_weights_is_the_data_residual(monkeypatch, rows, intercept):
+  """`reconstruct.residual` (on the host a band of G's rows at a time in float64, no float64
+  copy of G) is ||[X 1] W - Y||^2 of the data, within what storing the sums in float32 moves
+  it, and the XLA path's float64 value of the same float32 sums."""
+  monkeypatch.setattr(reconstruct, "RESIDUAL_ROWS", rows)
+  rng = np.random.default_rng(5)
+  n, d, e = 400, 13, 3
+  xa = np.concatenate([rng.normal(size=(n, d)) + 0.5, np.ones((n, 1))], axis=1)
+  y = xa[:, :d] @ rng.normal(size=(d, e)) + 1.0 + 0.3 * rng.normal(size=(n, e))
+  g32, c32 = (xa.T @ xa).astype(np.float32), (xa.T @ y).astype(np.float32)
+  yy = np.float32(np.sum(y ** 2))
+  k = d + 1 if intercept else d
+  w = rng.normal(size=(k, e)).astype(np.float32)
+  w64 = w.astype(np.float64)
+  want = np.sum((xa[:, :k] @ w64 - y) ** 2)
+  # Each float32 sum is within 2^-24 of itself: the quadratic form moves by at most that share of
+  # |W|^T |G| |W|, the cross term of 2 |W| |C|, and ||Y||^2 of its own rounding.
+  bound = U32 * (np.sum(np.abs(w64) * (np.abs(g32[:k, :k].astype(np.float64)) @ np.abs(w64)))
+                        + 2 * np.sum(np.abs(w64) * np.abs(c32[:k].astype(np.float64))) + float(yy))
+  m = moments.Moments(jnp.asarray(g32), None)
+  got = float(reconstruct.residual(m, jnp.asarray(c32), jnp.asarray(yy), jnp.asarray(w)))
+  assert placement.lapack_solves()
+  assert_within(got, want, bound + 2 * U32 * want, "residual")  # returned in float32: one more rounding
+  monkeypatch.setattr(placement, "lapack_solves", lambda: False)
+  xla = float(reconstruct.residual(m, jnp.asarray(c32), jnp.asarray(yy), jnp.asarray(w)))
+  assert_within(got, xla, 2 * U32 * want, "residual (XLA)")  # each rounded once to float32

@@ -67,6 +67,12 @@ from jaxprune.stats import moments
 
 MAX_STEPS = 128
 OBS_BLOCK = 4096  # channels; modules with more units' channels use the blocked sweep
+# Steps a block's first sweep goes past its share of the removals. FFN channels are
+# exchangeable between blocks, so the shares hold to a few percent (within 2.6% on the
+# synthetic FFN-8192 model of benchmarks/preset_cost.py: 16 of a 4096-channel block's 32
+# channels a step); every step of margin costs sweep time, and a block swept again pays for
+# its first sweep in vain.
+BLOCK_DEPTH_MARGIN = 1
 # Channels per block of the adaptive plan's sweep on the dense model (`refit_aware_stream`):
 # the plan only sizes the modules, each module's own ranking is the layer loop's sweep.
 PLAN_BLOCK = 512
@@ -157,7 +163,7 @@ def _sweep(ginv, xy, n_remove, width: int, intercept: bool, per_step: int, u_col
   blocks = ginv[idx[:, :, None], idx[:, None, :]]  # [n, width, width]
   steps = (n_remove + per_step - 1) // per_step
   u = jnp.zeros((ginv.shape[0], u_columns), ginv.dtype)
-  w = ginv @ xy[:ginv.shape[0]]
+  w = ginv @ xy[:ginv.shape[0]].astype(ginv.dtype)  # xy as stored: no float64 copy beside G^-1
 
   def step(t, state):
     u, blocks, w, alive, order, paid = state
@@ -206,16 +212,23 @@ def _removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_r
   The sweep stops once `n_remove` units are gone (default: all but one); the units
   still there are ordered after them by what removing each would cost then, and
   carry that cost. Stopping early changes nothing about the units removed before.
-  U's columns come in powers of two of SWEEP_CHUNK, so that stopping points share compiles.
+  U's columns come in chunks of SWEEP_CHUNK, 2^k or 3 * 2^(k-1) of them (`_chunks`), so that
+  stopping points share compiles and U is at most a third wider than the steps need.
   """
   d = ginv.shape[0] - (1 if intercept else 0)
   n = d // width
   n_remove = int(np.clip(n - 1 if n_remove is None else n_remove, 0, n - 1))
   columns = -(-n_remove // per_step) * per_step * width
-  chunks = 1 << max(0, -(-columns // SWEEP_CHUNK) - 1).bit_length()
+  chunks = _chunks(max(1, -(-columns // SWEEP_CHUNK)))
   order, paid = _sweep(ginv, xy, jnp.asarray(n_remove, jnp.int32), width, intercept, per_step,
                        chunks * SWEEP_CHUNK)
   return np.asarray(order), np.asarray(paid)
+
+
+def _chunks(c: int) -> int:
+  """The least 2^k or 3 * 2^(k-1) at or above `c` (> 0)."""
+  p = 1 << (c - 1).bit_length()
+  return 3 * p // 4 if p >= 4 and 3 * p // 4 >= c else p
 
 
 def _blocks(n_units: int, width: int, block: int) -> list[np.ndarray]:
@@ -257,17 +270,34 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
       # With `stats.n_remove` the sweep stops there: the units it removes, their order and
       # costs are those of the full sweep, and every other unit scores above them.
       ginv = _ridge_inverse(xx, stats.damping, stats.intercept)
-      order, paid = _removal_order(ginv, to_solve(stats.hidden.xy), width, stats.intercept, -(-n // MAX_STEPS),
+      order, paid = _removal_order(ginv, to_solve(stats.hidden.xy, keep_dtype=True), width, stats.intercept, _per_step(n),
                                    stats.n_remove)
       return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
     # float32 on the host: each block is taken to float64 alone, never the whole Gram matrix.
     xx, xy = np.asarray(local_copy(stats.hidden.xx)), np.asarray(local_copy(stats.hidden.xy))
 
     def system(units, ch):
-      idx = np.concatenate([ch, [d]])  # the block's channels and the ones column
-      return xx[idx][:, idx], xy[idx]
+      return _augmented_block(xx, ch), xy[np.append(ch, d)]  # the block's channels and the ones column
 
     return _blocked(n, width, _blocks(n, width, block), np.diagonal(xx)[:d], system, stats)
+
+
+def _augmented_block(xx: np.ndarray, ch: np.ndarray) -> np.ndarray:
+  """The rows and columns `ch` of the augmented Gram matrix `xx` and its ones column (the last),
+  by slices where `ch` is one run of channels (as `_blocks` makes them): a 4097-wide block of an
+  8193-wide matrix in a tenth of the time of indexing it by `ch` twice."""
+  d = xx.shape[0] - 1
+  lo, hi = int(ch[0]), int(ch[-1]) + 1
+  if hi - lo != len(ch):
+    idx = np.append(ch, d)
+    return xx[np.ix_(idx, idx)]
+  k = hi - lo
+  g = np.empty((k + 1, k + 1), xx.dtype)
+  g[:k, :k] = xx[lo:hi, lo:hi]
+  g[:k, k] = xx[lo:hi, d]
+  g[k, :k] = xx[d, lo:hi]
+  g[k, k] = xx[d, d]
+  return g
 
 
 def refit_aware_stream(kind: A.ModuleKind, p: Params, stats: ModuleStats, x2, w2a, shrink: float, skip: int = 0,
@@ -318,48 +348,90 @@ def _augmented_gram(x2, lo, size: int):
 def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: ModuleStats) -> np.ndarray:
   """The blocked sweep's scores ([n], float64): each block's exact sweep on `system(units,
   channels)` = (its augmented Gram, its cross moment), merged by the cost each unit had when
-  it went. `diag`: the diagonal of the module's whole Gram matrix (its ridge)."""
+  it went. `diag`: the diagonal of the module's whole Gram matrix (its ridge).
 
-  def sweep(units, device=None):
+  With `stats.n_remove` a block's sweep first stops a little past its share of the removals
+  (`_first_depth`) instead of at n_remove: a block whose last swept cost is still at or below
+  the n_remove-th lowest merged score could have given more, so it is swept again, a quarter
+  further (`_further`), until none could. The n_remove lowest scores then belong to the same
+  units, with the same scores, as with every block swept to n_remove (stopping early changes
+  nothing before it), and the blocks' sweeps add up to about the module's removals, not
+  n_remove each.
+  """
+
+  def sweep(job, device=None):
+    units, depth = job
     ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
     # Host blocks run one after another (`_sweep_blocks`), so the process-wide BLAS limit is theirs.
     with placement.serial_blas(len(ch) + 1) if device is None else contextlib.nullcontext():
-      return one_block(units, ch, device)
+      return one_block(units, ch, device, depth)
 
-  def one_block(units, ch, device):
-    sub_xx, sub_xy = (np.asarray(a, np.float64) for a in system(units, ch))
+  def one_block(units, ch, device, depth):
+    sub_xx, sub_xy = system(units, ch)  # float32: LAPACK's inverse takes its one float64 copy itself
     if not placement.lapack_solves():
-      sub_xx, sub_xy = jax.device_put(sub_xx, device), jax.device_put(sub_xy, device)
+      sub_xx, sub_xy = (jax.device_put(np.asarray(a, np.float64), device) for a in (sub_xx, sub_xy))
     # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
     scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
     ginv = _ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
-    # Every block stops where the caller stops: the units that go are the n_remove lowest scores,
-    # at most n_remove from one block, so all from the prefix its sweep ranks as the full sweep does.
-    order, paid = _removal_order(ginv, to_solve(sub_xy), width, stats.intercept, -(-len(units) // MAX_STEPS),
-                                 stats.n_remove)
+    order, paid = _removal_order(ginv, to_solve(sub_xy, keep_dtype=True), width, stats.intercept, _per_step(len(units)), depth)
     # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
-    return _increasing_along(np.asarray(order), np.asarray(paid, np.float64))
+    return _increasing_along(np.asarray(order), np.asarray(paid, np.float64)), np.asarray(order)
 
-  scores = np.zeros(n, np.float64)
-  for units, s in zip(blocks, _sweep_blocks(sweep, blocks)):
-    scores[units] = s
+  n_remove = stats.n_remove
+  deepest = [len(u) - 1 if n_remove is None else min(len(u) - 1, n_remove) for u in blocks]
+  depth = [d if n_remove is None else min(d, _first_depth(len(u), n, n_remove)) for u, d in zip(blocks, deepest)]
+  swept = _sweep_blocks(sweep, list(zip(blocks, depth)))
+  while True:
+    scores = np.zeros(n, np.float64)
+    for units, (s, _) in zip(blocks, swept):
+      scores[units] = s
+    if not n_remove:
+      break
+    tau = np.partition(scores, n_remove - 1)[n_remove - 1]
+    short = [b for b, (s, order) in enumerate(swept) if depth[b] < deepest[b] and s[order == depth[b] - 1][0] <= tau]
+    if not short:
+      break
+    for b in short:
+      depth[b] = min(deepest[b], _further(len(blocks[b]), depth[b]))
+    for b, out in zip(short, _sweep_blocks(sweep, [(blocks[b], depth[b]) for b in short])):
+      swept[b] = out
   # Ties between blocks: the lower index goes first.
   return _increasing_along(np.argsort(np.argsort(scores, kind="stable"), kind="stable"), scores)
 
 
-def _sweep_blocks(sweep, blocks):
-  """`sweep(units[, device])` of every block, in order. The blocks' sweeps are independent:
-  where they run on the devices (GPUs) they go one a device, each from its own thread, so a
-  wide module's sweeps run side by side instead of on one chip while the others wait. With
-  LAPACK (CPU and TPU hosts) they run here, one after another, on the threaded BLAS."""
+def _per_step(n_units: int) -> int:
+  """Units a sweep over `n_units` removes per step (MAX_STEPS steps for all of them)."""
+  return -(-n_units // MAX_STEPS)
+
+
+def _further(n_block: int, depth: int) -> int:
+  """Where a block's sweep that stopped at `depth` stops when it is run again: a quarter
+  further, in whole steps."""
+  step = _per_step(n_block)
+  return -(-(depth + max(depth // 4, 1)) // step) * step
+
+
+def _first_depth(n_block: int, n: int, n_remove: int) -> int:
+  """Where the sweep of a block of `n_block` of the module's `n` units first stops: its share of
+  the `n_remove` removals in whole steps, and BLOCK_DEPTH_MARGIN steps more."""
+  step = _per_step(n_block)
+  return (-(-(n_remove * n_block) // (n * step)) + BLOCK_DEPTH_MARGIN) * step
+
+
+def _sweep_blocks(sweep, jobs):
+  """`sweep(job[, device])` of every job (a block's units and how far to sweep them), in order.
+  The blocks' sweeps are independent: where they run on the devices (GPUs) they go one a
+  device, each from its own thread, so a wide module's sweeps run side by side instead of on
+  one chip while the others wait. With LAPACK (CPU and TPU hosts) they run here, one after
+  another, on the threaded BLAS."""
   devices = jax.local_devices()
-  if placement.lapack_solves() or len(devices) == 1 or len(blocks) == 1:
-    return [sweep(units) for units in blocks]
+  if placement.lapack_solves() or len(devices) == 1 or len(jobs) == 1:
+    return [sweep(job) for job in jobs]
   import concurrent.futures
 
   def run(k):
     with float64_solves():  # JAX's x64 switch is per thread
-      return sweep(blocks[k], devices[k % len(devices)])
+      return sweep(jobs[k], devices[k % len(devices)])
 
-  with concurrent.futures.ThreadPoolExecutor(min(len(blocks), len(devices))) as pool:
-    return list(pool.map(run, range(len(blocks))))
+  with concurrent.futures.ThreadPoolExecutor(min(len(jobs), len(devices))) as pool:
+    return list(pool.map(run, range(len(jobs))))

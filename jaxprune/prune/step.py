@@ -105,7 +105,11 @@ def step(ctx: StepContext, m: ModuleInput) -> StepResult:
     keep, selection, score_seconds = _score_select(ctx, m, p2, st, nd, n_units, meter)
   blk2, layer2, idx = _cut(c, m, p2, keep, st.m2, meter)
   if c.refit:
-    blk2, solves["refit"] = _refit(ctx, m, blk2, idx, st, grid, meter)
+    subs, on_host = _kept_sums(m, idx, st)
+    # The kept channels' sums are all the refit needs of the statistics: the whole Gram
+    # matrices (67 MB each at a 4096-wide MLP) go before its solve; the X2 streams stay to advance.
+    st = _without_sums(st)
+    blk2, solves["refit"] = _refit(ctx, m, blk2, subs, on_host, grid, meter)
   with meter.phase("surgery"):
     blk2 = ctx.fill_biases(blk2)
     w2f, b2f = solve.full_width_second(m.kind, blk2[m.kind.key], idx, st.hids[0].x2.shape[-1])
@@ -223,16 +227,29 @@ def _cut(c, m: ModuleInput, p2, keep, m2, meter: Meter):
   return blk2, layer2, idx
 
 
-def _refit(ctx: StepContext, m: ModuleInput, blk2, idx, st: measure.Stats, grid, meter: Meter):
-  """(the block with the kept units' second level refit to the targets, the solve's entry)."""
-  c, kind = ctx.config, m.kind
+def _kept_sums(m: ModuleInput, idx, st: measure.Stats):
+  """(the least-squares sums of the kept channels `idx` per group, whether they are on the host)."""
   # The kept channels' sums are cut on the host where the solves run there (one
   # shape per kept width: no gather compiled for each).
   on_host = placement.lapack_solves() and all(placement.on_host(h.hidden.xx) for h in st.hids)
   host = placement.to_host
   cut = (lambda mm: moments.subset(moments.Moments(host(mm.xx), host(mm.xy)), idx)) if on_host else (
       lambda mm: moments.subset(mm, idx))
-  subs = [solve.Part(sub, sub.xy, yy) for sub, yy in ((cut(h.hidden), yy) for h, yy in zip(st.hids, st.target_yy))]
+  subs = [cut(h.hidden) for h in st.hids]
+  return [solve.Part(sub, sub.xy, yy) for sub, yy in zip(subs, st.target_yy)], on_host
+
+
+def _without_sums(st: measure.Stats) -> measure.Stats:
+  """`st` with only what advancing the streams reads: the X2 streams."""
+  def bare(h):
+    return None if h is None else h._replace(hidden=None, first=None, inputs=None)
+
+  return st._replace(hids=[bare(h) for h in st.hids], hs=bare(st.hs), m2=None)
+
+
+def _refit(ctx: StepContext, m: ModuleInput, blk2, subs, on_host: bool, grid, meter: Meter):
+  """(the block with the kept units' second level refit to the targets, the solve's entry)."""
+  c, kind, host = ctx.config, m.kind, placement.to_host
   icpt = ctx.second_intercept(kind, blk2[kind.key])
   w2, b2 = A.second_level(kind, blk2[kind.key])
   w2a = np.concatenate([host(w2), host(b2)[None]], axis=0).astype(np.float32) if on_host else (
