@@ -33,7 +33,8 @@ OBS_BLOCK channels therefore run the blocked form: the sweep runs on diagonal bl
 of the Gram matrix (channels of different blocks taken as uncorrelated), where the
 refit error is a sum over blocks, and the blocks' removals are merged by the cost
 each unit had when it went (made non-decreasing within a block). That is about
-3 U2 b^2 flops and 8 b^2 bytes for blocks of b channels: linear in the width.
+3 U2 b^2 flops and 8 b^2 bytes for blocks of b channels: linear in the width. With
+`n_remove`, each block sweeps about its share of the removals (`_blocked`), not n_remove.
 (With fewer tokens N than channels, G is its diagonal plus a rank-N term and Woodbury
 gives G^-1 through an N x N system, but the sweep still updates W and reads G^-1's
 columns for every unit that goes: N U2^2 in all, quadratic in the width.)

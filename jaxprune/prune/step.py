@@ -105,7 +105,7 @@ def step(ctx: StepContext, m: ModuleInput) -> StepResult:
     keep, selection, score_seconds = _score_select(ctx, m, p2, st, nd, n_units, meter)
   blk2, layer2, idx = _cut(c, m, p2, keep, st.m2, meter)
   if c.refit:
-    subs, on_host = _kept_sums(m, idx, st)
+    subs, on_host = _kept_sums(idx, st)
     # The kept channels' sums are all the refit needs of the statistics: the whole Gram
     # matrices (67 MB each at a 4096-wide MLP) go before its solve; the X2 streams stay to advance.
     st = _without_sums(st)
@@ -227,7 +227,7 @@ def _cut(c, m: ModuleInput, p2, keep, m2, meter: Meter):
   return blk2, layer2, idx
 
 
-def _kept_sums(m: ModuleInput, idx, st: measure.Stats):
+def _kept_sums(idx, st: measure.Stats):
   """(the least-squares sums of the kept channels `idx` per group, whether they are on the host)."""
   # The kept channels' sums are cut on the host where the solves run there (one
   # shape per kept width: no gather compiled for each).
