@@ -3,7 +3,7 @@
 `jaxprune.placement.serial_blas` runs host LAPACK work on matrices of fewer than
 `SERIAL_BLAS_BELOW` rows on one thread. This measures why, on this machine, in one run:
 
-* the Cholesky inverse (dpotrf + dpotri, as `output_approx._ridge_inverse`) of a ridge
+* the Cholesky inverse (dpotrf + dpotri, as `obs_sweep.ridge_inverse`) of a ridge
   system per size, with BLAS threaded (its default) and on one thread, interleaved
   round by round (medians, and the minima);
 * the same with `--busy` other processes spinning (a machine shared with other work);

@@ -2,7 +2,7 @@
 
 A Gram matrix of F random channels (plus the ones column) over 16384 tokens, with a
 D-wide cross moment, is swept from its inverse as the layer loop sweeps it
-(`output_approx._removal_order`: G^-1 kept as its first inverse less U U^T, a step reading
+(`obs_sweep.removal_order`: G^-1 kept as its first inverse less U U^T, a step reading
 only the rows it removes) and by the textbook sweep, which rewrites G^-1 and W at every
 step (the engine's form before issue 33). Both stop where the adaptive plan lets a module
 stop (min_keep 0.25: three quarters of the units removed) and where the layer loop stops
@@ -64,21 +64,21 @@ def textbook(ginv, w, per_step: int, steps: int):
 
 
 def row(F: int, D: int, repeats: int, rng) -> dict:
-  from jaxprune.criteria import output_approx as O
+  from jaxprune.criteria import obs_sweep as O
   from jaxprune.placement import float64_solves
   from jaxprune.stats import moments
 
   x = rng.standard_normal((TOKENS, F)).astype(np.float32) * np.linspace(0.1, 2, F).astype(np.float32)
   m = moments.update(moments.init(F, D), jnp.asarray(x), jnp.asarray(rng.standard_normal((TOKENS, D)).astype(np.float32)))
-  per_step = -(-F // O.MAX_STEPS)
+  per_step = O.step_size(F)
   out = {"channels": F, "outputs": D, "tokens": TOKENS, "per_step": per_step}
   with float64_solves():
-    ginv = O._ridge_inverse(m.xx, 1e-5, True)
+    ginv = O.ridge_inverse(m.xx, 1e-5, True)
     xy = jnp.asarray(m.xy, jnp.float64)
     for name, removed in (("plan", F - F // 4), ("loop_20pct", F // 4)):
       steps = -(-removed // per_step)
       removed = steps * per_step  # whole steps, as the textbook form takes them
-      fact = lambda: O._removal_order(ginv, xy, 1, True, per_step, removed)[0]
+      fact = lambda: O.removal_order(ginv, xy, 1, True, per_step, removed)[0]
       book = lambda: np.asarray(textbook(ginv, xy, per_step, steps))
       step_of = lambda order: np.where(order < removed, order // per_step, -1)  # -1: kept
       same = bool(np.array_equal(step_of(np.asarray(fact())), step_of(book())))
@@ -92,7 +92,7 @@ def row(F: int, D: int, repeats: int, rng) -> dict:
       med = {k: float(np.median(v)) for k, v in times.items()}
       out[name] = {"removed": removed, "factored_seconds": med["factored"], "textbook_seconds": med["textbook"],
                    "textbook_over_factored": med["textbook"] / med["factored"], "same_steps": same}
-    out["inverse_seconds"] = median_seconds(lambda: jax.block_until_ready(O._ridge_inverse(m.xx, 1e-5, True)),
+    out["inverse_seconds"] = median_seconds(lambda: jax.block_until_ready(O.ridge_inverse(m.xx, 1e-5, True)),
                                             repeats)
 
   w = {k: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.02) for k, s in

@@ -96,12 +96,20 @@ def obs_blocks(U2, width, block=None):
 def obs_sweep(U2, D, width, n_remove, block=None):
   """The goa-obs sweep: the inverse of the (U2+1)^2 system, W = G^-1 X^T Y, and the rank-k
   updates of G^-1 and W until n_remove units are gone (k channels a step); a wide module's
-  blocks each stop there too."""
-  return sum(_obs_sweep(b, D, width, min(n_remove, b // width - 1)) for b in obs_blocks(U2, width, block))
+  blocks each stop one step past their share of them (`output_approx._first_depth`; a block
+  swept again is not modelled)."""
+  from jaxprune.criteria.output_approx import _first_depth
+
+  blocks = obs_blocks(U2, width, block)
+  if len(blocks) == 1:
+    return _obs_sweep(U2, D, width, min(n_remove, U2 // width - 1))
+  n = U2 // width
+  return sum(_obs_sweep(b, D, width, min(n_remove, b // width - 1, _first_depth(b // width, n, n_remove)))
+             for b in blocks)
 
 
 def _obs_sweep(U2, D, width, n_remove):
-  from jaxprune.criteria.output_approx import MAX_STEPS
+  from jaxprune.criteria.obs_sweep import MAX_STEPS
 
   d = U2 + 1
   units = U2 // width

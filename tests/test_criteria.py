@@ -203,7 +203,7 @@ def test_refit_aware_stopped_at_n_remove_keeps_the_full_sweeps_prefix(per_step_u
   """With n_remove the sweep stops there: the units it removes, their order and their costs
   are the full sweep's (to the bit), every other unit scores above them, so keeping the top
   n - n_remove selects the same channels."""
-  from jaxprune.criteria import output_approx
+  from jaxprune.criteria import obs_sweep
   rng = np.random.default_rng(11)
   F, T = per_step_units, 2000
   x = rng.normal(size=(T, F)) @ (np.eye(F) + 0.3 * rng.normal(size=(F, F)))
@@ -211,7 +211,7 @@ def test_refit_aware_stopped_at_n_remove_keeps_the_full_sweeps_prefix(per_step_u
   m = moments.update(moments.init(F, 4), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   p = _mlp(rng, F=F)
   full = criteria.get("goa-obs").score(A.MLP, p, ModuleStats(hidden=m, damping=1e-5, intercept=True))
-  per_step = -(-F // output_approx.MAX_STEPS)
+  per_step = obs_sweep.step_size(F)
   for n_remove in (1, per_step + 1, F // 3, F - 1):
     part = criteria.get("goa-obs").score(A.MLP, p, ModuleStats(hidden=m, damping=1e-5, intercept=True,
                                                                    n_remove=n_remove))
@@ -250,18 +250,18 @@ def test_factored_obs_sweep_is_the_textbook_sweep(width, n_units):
   in the same order (ties within a step aside: a step's units go together), at the same
   costs to float64 rounding (G is well conditioned here, cond ~ 10: errors near
   d cond eps ~ 1e-12, bounded at 1e-9)."""
-  from jaxprune.criteria import output_approx as O
+  from jaxprune.criteria import obs_sweep as O
   rng = np.random.default_rng(3)
   U, T = n_units * width, 3000
   x = rng.normal(size=(T, U)) @ (np.eye(U) + 0.05 * rng.normal(size=(U, U)))
   y = x @ rng.normal(size=(U, 8)) + 0.5 * rng.normal(size=(T, 8))
   m = moments.update(moments.init(U, 8), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
-  per_step = -(-n_units // O.MAX_STEPS)
+  per_step = O.step_size(n_units)
   with jax.enable_x64(True):
-    ginv = O._ridge_inverse(m.xx, 1e-5, True)
+    ginv = O.ridge_inverse(m.xx, 1e-5, True)
     xy = jnp.asarray(m.xy, jnp.float64)
     for n_remove in (n_units - 1, n_units // 2):
-      order, paid = O._removal_order(ginv, xy, width, True, per_step, n_remove)
+      order, paid = O.removal_order(ginv, xy, width, True, per_step, n_remove)
       gone, cost = _eager_sweep(np.asarray(ginv), np.asarray(ginv @ xy), width, per_step, n_remove)
       steps = lambda units: np.asarray(units) // per_step
       np.testing.assert_array_equal(steps(order[gone]), steps(np.arange(n_remove)))  # each unit in its step
@@ -335,19 +335,19 @@ def test_host_sweep_blocks_hold_blas_to_one_thread_and_give_it_back(monkeypatch)
   the pools as they found them; systems of SERIAL_BLAS_BELOW rows or more keep the pools."""
   from threadpoolctl import threadpool_info, threadpool_limits
   from jaxprune import placement
-  from jaxprune.criteria import output_approx
+  from jaxprune.criteria import obs_sweep, output_approx
 
   def pools():
     return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
 
   seen = []
-  real = output_approx._ridge_inverse
+  real = obs_sweep.ridge_inverse
 
   def spy(xx, delta, intercept):
     seen.append(pools())
     return real(xx, delta, intercept)
 
-  monkeypatch.setattr(output_approx, "_ridge_inverse", spy)
+  monkeypatch.setattr(obs_sweep, "ridge_inverse", spy)
   rng = np.random.default_rng(8)
   x2 = rng.normal(size=(1, 2, 50, 8)).astype(np.float32)
   p = _mlp(rng, D=3, F=8)
@@ -386,6 +386,7 @@ def test_blocked_sweep_goes_further_only_in_blocks_the_removals_reach(monkeypatc
   """A block's sweep first stops a little past its share of the removals; a block holding
   most of the cheap channels is swept again, further. The units that go, their order and
   their scores are those of every block swept to n_remove."""
+  from jaxprune.criteria import obs_sweep
   from jaxprune.criteria import output_approx as O
   rng = np.random.default_rng(12)
   U, T = 32, 500
@@ -396,8 +397,8 @@ def test_blocked_sweep_goes_further_only_in_blocks_the_removals_reach(monkeypatc
   m = moments.update(moments.init(U, 3), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   p = _mlp(rng, F=U)
   depths = []
-  real = O._removal_order
-  monkeypatch.setattr(O, "_removal_order", lambda *a: depths.append(a[-1]) or real(*a))
+  real = obs_sweep.removal_order
+  monkeypatch.setattr(obs_sweep, "removal_order", lambda *a: depths.append(a[-1]) or real(*a))
 
   def scores(margin, stats):
     monkeypatch.setattr(O, "BLOCK_DEPTH_MARGIN", margin)
@@ -437,6 +438,7 @@ def test_blocked_obs_sweeps_run_side_by_side_on_the_devices(monkeypatch):
   """Where the solves run on the devices (GPUs: here forced on 8 host CPU devices), the
   blocks of a wide module's sweep go one a device, each from its own thread; the scores are
   those of the same sweeps run one after another on one device, bit for bit."""
+  from jaxprune.criteria import obs_sweep
   from jaxprune.criteria import output_approx as O
 
   assert len(jax.local_devices()) == 8
@@ -448,8 +450,8 @@ def test_blocked_obs_sweeps_run_side_by_side_on_the_devices(monkeypatch):
   m = moments.update(moments.init(U, 4), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
   p, stats = _mlp(rng, F=U), ModuleStats(hidden=m, damping=1e-5, intercept=True)
   where = []
-  order = O._removal_order
-  monkeypatch.setattr(O, "_removal_order", lambda ginv, *a: where.append(ginv.devices()) or order(ginv, *a))
+  order = obs_sweep.removal_order
+  monkeypatch.setattr(obs_sweep, "removal_order", lambda ginv, *a: where.append(ginv.devices()) or order(ginv, *a))
   side_by_side = np.asarray(O.refit_aware(A.MLP, p, stats, block=8))  # 6 blocks
   assert len(where) == 6 and len({d for s in where for d in s}) == 6, where
   one = jax.local_devices()[:1]
