@@ -163,7 +163,8 @@ def removal_order(ginv, xy, width: int, intercept: bool, per_step: int = 1, n_re
   still there are ordered after them by what removing each would cost then, and
   carry that cost. Stopping early changes nothing about the units removed before.
   U's columns come in chunks of SWEEP_CHUNK, 2^k or 3 * 2^(k-1) of them (`_chunks`), so that
-  stopping points share compiles and U is at most a third wider than the steps need.
+  stopping points share compiles and U is under half as wide again as the steps need (powers
+  of two alone: up to twice).
   """
   d = ginv.shape[0] - (1 if intercept else 0)
   n = d // width
