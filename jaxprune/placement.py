@@ -84,6 +84,19 @@ def serial_blas(rows: int):
     yield
 
 
+BUCKET = 128  # the kept widths of device solves are padded to a multiple of this (x the `model` axis)
+
+
+def bucket_width(kept: int, full: int, mesh: Mesh | None = None) -> int:
+  """The width a system of `kept` of a module's `full` features is padded to on the devices:
+  the next multiple of BUCKET x the mesh's `model` axis, at most `full`. Adaptive allocation
+  gives nearly every layer its own kept width, and each width would compile its own cut,
+  solve and residuals: with buckets the compiles are bounded by the module's width, not by
+  the model's depth."""
+  q = BUCKET * (mesh.shape.get("model", 1) if mesh is not None else 1)
+  return min(full, -(-kept // q) * q)
+
+
 def solve_on_host() -> bool:
   """Platforms without float64 arithmetic (TPU) run their float64 JAX work on the host CPU."""
   return jax.default_backend() == "tpu"

@@ -46,35 +46,38 @@ class SolveInfo:
   residual: float | None = None
 
 
-def ridge_lam(diag, delta):
+def ridge_lam(diag, delta, rows=None):
   """The ridge delta * mean(diag(X^T X)) over the d data rows (not the ones column), in
   float64 (numpy for a numpy `diag`, else jax.numpy, traced or not); an all-zero input still
-  gets a positive ridge."""
+  gets a positive ridge. With `rows`, `diag` is a padded system's (`moments.subset_padded`):
+  its first `rows` entries are the data's, the rest zero, and the mean is over the data's."""
   xp = np if isinstance(diag, np.ndarray) else jnp
-  lam = delta * xp.mean(xp.asarray(diag, xp.float64))
+  d64 = xp.asarray(diag, xp.float64)
+  lam = delta * (xp.mean(d64) if rows is None else xp.sum(d64) / xp.asarray(rows, xp.float64))
   return xp.where(lam > 0, lam, delta)
 
 
-def ridge_system(xx, delta, intercept: bool):
+def ridge_system(xx, delta, intercept: bool, rows=None):
   """G = [X 1]^T [X 1] + lam I from augmented sums xx (d+1, d+1): the ones column undamped,
-  and dropped without an intercept."""
+  and dropped without an intercept (`rows`: as in `ridge_lam`; the padding's rows then hold
+  lam alone, so their weights solve to zero)."""
   xp = np if isinstance(xx, np.ndarray) else jnp
   d = xx.shape[0] - 1
   if not intercept:
     xx = xx[:d, :d]
-  lam = ridge_lam(xp.diagonal(xx)[:d], delta)
+  lam = ridge_lam(xp.diagonal(xx)[:d], delta, rows)
   return xx + xp.diag(xp.concatenate([xp.full((d,), lam), xp.zeros((xx.shape[0] - d,))]).astype(xx.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("intercept",))
-def _solve(xx, xy, delta, intercept: bool):
+def _solve(xx, xy, delta, intercept: bool, rows=None):
   """W (d[+1], e) for augmented sums xx (d+1, d+1), xy (d+1, e)."""
   k = xx.shape[0] if intercept else xx.shape[0] - 1
-  c = jax.scipy.linalg.cho_factor(ridge_system(xx, delta, intercept), lower=True)
+  c = jax.scipy.linalg.cho_factor(ridge_system(xx, delta, intercept, rows), lower=True)
   return jax.scipy.linalg.cho_solve(c, xy[:k])
 
 
-def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool) -> np.ndarray | None:
+def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool, rows=None) -> np.ndarray | None:
   """`_solve` with SciPy in float64; None when the factorisation fails.
 
   `xx` may be the float32 statistics: the one float64 copy made of it gets the ridge on its
@@ -86,7 +89,7 @@ def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool)
   d = xx.shape[0] - 1
   k = d + 1 if intercept else d
   a = np.array(xx[:k, :k], np.float64, order="F")
-  a[np.arange(d), np.arange(d)] += ridge_lam(np.diagonal(xx)[:d], delta)
+  a[np.arange(d), np.arange(d)] += ridge_lam(np.diagonal(xx)[:d], delta, rows)
   try:
     return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False),
                                   xy[:k], check_finite=False)
@@ -95,21 +98,22 @@ def _solve_lapack(xx: np.ndarray, xy: np.ndarray, delta: float, intercept: bool)
 
 
 @functools.partial(jax.jit, static_argnames=("intercept",))
-def _own_residual(xx, xy, yy, w, delta, intercept: bool):
+def _own_residual(xx, xy, yy, w, delta, intercept: bool, rows=None):
   """`_own_residual_host` on the device."""
   d = xx.shape[0] - 1
-  lam = ridge_lam(jnp.diagonal(xx)[:d], delta)
+  lam = ridge_lam(jnp.diagonal(xx)[:d], delta, rows)
   k = w.shape[0]
   r = yy - jnp.sum(w * xy[:k]) - lam * jnp.sum(jnp.square(w[:d]))
   return jnp.maximum(r, 0.0)
 
 
-def _own_residual_host(diag: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarray, delta: float) -> float:
+def _own_residual_host(diag: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarray, delta: float,
+                       rows=None) -> float:
   """||[X 1] W - Y||^2 of the ridge solution W, from the Gram matrix's diagonal over the data
   rows: with (G + L) W = X^T Y (L the ridge, zero for the ones column) tr(W^T G W) =
   tr(W^T X^T Y) - tr(W^T L W), so the residual yy - 2 tr(W^T X^T Y) + tr(W^T G W) needs no
   product with G. numpy float64 (the LAPACK path: no compile per system size)."""
-  lam = ridge_lam(diag, delta)
+  lam = ridge_lam(diag, delta, rows)
   k = w.shape[0]
   return max(float(yy - np.sum(w * xy[:k]) - lam * np.sum(np.square(w[:len(diag)]))), 0.0)
 
@@ -117,16 +121,17 @@ def _own_residual_host(diag: np.ndarray, xy: np.ndarray, yy: float, w: np.ndarra
 class _HostSolver:
   """SciPy's LAPACK in float64 on numpy arrays (where `placement.lapack_solves`)."""
 
-  def __init__(self, xx, xy, intercept: bool):
+  def __init__(self, xx, xy, intercept: bool, rows=None):
     self.xx, self.xy, self.intercept = np.asarray(local_copy(xx)), host64(xy), intercept  # xx as stored
+    self.rows = rows
 
   def __call__(self, delta) -> np.ndarray | None:
-    w = _solve_lapack(self.xx, self.xy, float(delta), self.intercept)
+    w = _solve_lapack(self.xx, self.xy, float(delta), self.intercept, self.rows)
     return w if w is not None and np.all(np.isfinite(w)) else None
 
   def residual(self, yy, w, delta) -> float:
     return _own_residual_host(np.diagonal(self.xx)[:self.xx.shape[0] - 1], self.xy, float(host64(yy)), w,
-                              float(delta))
+                              float(delta), self.rows)
 
   def weights(self, w, like):
     """Numpy statistics give a numpy W, so a solve per kept width compiles nothing."""
@@ -137,15 +142,16 @@ class _HostSolver:
 class _DeviceSolver:
   """XLA's Cholesky in float64 on the device (inside `placement.float64_solves`)."""
 
-  def __init__(self, xx, xy, intercept: bool):
+  def __init__(self, xx, xy, intercept: bool, rows=None):
     (self.xx, self.xy), self.intercept = _by_columns(xx, xy), intercept
+    self.rows = None if rows is None else np.int32(rows)  # an argument, not a constant: one compile per width
 
   def __call__(self, delta):
-    w = _solve(self.xx, self.xy, jnp.asarray(delta, jnp.float64), self.intercept)
+    w = _solve(self.xx, self.xy, jnp.asarray(delta, jnp.float64), self.intercept, self.rows)
     return w if bool(jnp.all(jnp.isfinite(w))) else None
 
   def residual(self, yy, w, delta) -> float:
-    return float(_own_residual(self.xx, self.xy, host64(yy), w, np.float64(delta), self.intercept))
+    return float(_own_residual(self.xx, self.xy, host64(yy), w, np.float64(delta), self.intercept, self.rows))
 
   def weights(self, w, like):
     return replicate_like(jnp.asarray(w, jnp.float32), like)
@@ -157,8 +163,8 @@ class _SplitSolver:
   rows, which the ridge alone then fixes at zero without touching the others), float64 where
   the backend has it, float32 with refinement where it has not (TPU)."""
 
-  def __init__(self, xx, xy, intercept: bool, mesh):
-    xx, xy = local_copy(xx), local_copy(xy)
+  def __init__(self, xx, xy, intercept: bool, mesh, rows=None):
+    xx, xy, self.rows = local_copy(xx), local_copy(xy), rows
     xp = np if isinstance(xx, np.ndarray) else jnp
     self.d, self.mesh, e = xx.shape[0] - 1, mesh, xy.shape[1]
     pad = -self.d % mesh.shape[MODEL]
@@ -171,7 +177,8 @@ class _SplitSolver:
     self.dtype = jnp.float32 if placement.solve_on_host() else jnp.float64  # no float64 there
 
   def __call__(self, delta) -> np.ndarray | None:
-    sol = sharded_solve.solve(self.g, self.c, float(ridge_lam(self.diag, delta)), self.mesh, self.dtype, self.icpt)
+    sol = sharded_solve.solve(self.g, self.c, float(ridge_lam(self.diag, delta, self.rows)), self.mesh, self.dtype,
+                              self.icpt)
     if sol is None:
       return None
     w = to_host(sol.w).astype(np.float64)[:self.d]
@@ -179,14 +186,17 @@ class _SplitSolver:
     return w if np.all(np.isfinite(w)) else None
 
   def residual(self, yy, w, delta) -> float:
-    return _own_residual_host(self.diag, self.xy, float(host64(yy)), w, float(delta))
+    return _own_residual_host(self.diag, self.xy, float(host64(yy)), w, float(delta), self.rows)
 
   weights = _HostSolver.weights
 
 
 def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
-                yy=None) -> tuple[jax.Array, SolveInfo]:
+                yy=None, rows: int | None = None) -> tuple[jax.Array, SolveInfo]:
   """Solves for W given Moments of X and X^T Y (augmented rows, (d+1, e)).
+
+  With `rows`, the sums are a padded system's (`moments.subset_padded`): W's padding rows come
+  back zero and the ridge is the unpadded system's.
 
   Returns W with d rows (no intercept) or d+1 rows (the last row is the bias),
   in float32, and a SolveInfo (with the fit's residual when `yy` = ||Y||^2 is given).
@@ -195,8 +205,8 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   """
   host, split = placement.lapack_solves(), placement.split_solve_mesh()
   with contextlib.nullcontext() if host or split is not None else placement.float64_solves():
-    solver = _SplitSolver(m.xx, xy, intercept, split) if split is not None else (
-        (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept))
+    solver = _SplitSolver(m.xx, xy, intercept, split, rows) if split is not None else (
+        (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept, rows))
     for retry in range(MAX_RETRIES + 1):
       w = solver(delta)
       if w is not None:

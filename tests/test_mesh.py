@@ -156,9 +156,9 @@ def test_device_solves_split_their_columns_over_model(tiny_dir, monkeypatch):
   seen = []
   solve = reconstruct._solve
 
-  def spy(xx, xy, delta, intercept):
+  def spy(xx, xy, delta, intercept, rows=None):
     seen.append((xx.is_fully_replicated, len(xx.sharding.device_set), tuple(getattr(xy.sharding, "spec", ()))))
-    return solve(xx, xy, delta, intercept)
+    return solve(xx, xy, delta, intercept, rows)
 
   monkeypatch.setattr(reconstruct, "_solve", spy)
   cfg = PruneConfig.preset("recommended", sparsity=0.3, batch_size=8)

@@ -259,6 +259,41 @@ def test_adaptive_allocation_compiles_per_module_kind_not_per_width(tiny_dir):
   assert compiles[1] == compiles[0], compiles
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_emulated_accelerator_paths_compile_nothing_per_block(tiny_dir, monkeypatch, backend):
+  """Issue 31's compile bound on the emulated accelerator paths (`jax.default_backend` says gpu:
+  float64 solves on the device; tpu: solves on the host, the float64 JAX work on the host CPU):
+  a 12-block model whose layers end with different widths compiles at most one new kernel per
+  block once every pruned module kind has been pruned on two streams (device solves pad each
+  kept width to its bucket, `placement.bucket_width`), and keeps the CPU path's units."""
+  from jaxprune.prune.metrics import Compiles
+  from tests import tiny
+
+  path = tiny.save("llama_gqa", str(tiny_dir("llama_gqa")) + "-12", layers=12)
+  m, cfg = jaxprune.load(path), PruneConfig(sparsity=0.4, batch_size=8)
+  ref = prune(m, _calib(), cfg)
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  jax.clear_caches()
+  after_block, kinds_pruned = {}, {}
+
+  def progress(event):
+    if event["event"] == "module" and len(event["kept"]) < event["units_before"]:
+      kinds_pruned.setdefault(event["module"], event["layer"])
+    if event["event"] == "block":
+      after_block[event["layer"]] = Compiles.count
+
+  Compiles.start()
+  r = prune(m, _calib(), cfg, progress=progress)
+  assert len({l.ffn_dim for l in r.model.spec.layers}) > 2  # the widths do differ
+  # The adaptive plan may keep every head (then MLPs only). The first pruned block sees one
+  # stream (dense and pruned still equal); the next compiles the two-stream variants once.
+  first = max(kinds_pruned.values()) + 1
+  assert "mlp" in kinds_pruned and first < 6, kinds_pruned
+  new = after_block[11] - after_block[first]
+  assert new <= 11 - first, (backend, new, after_block)
+  assert [mod["kept"] for mod in r.report["modules"]] == [mod["kept"] for mod in ref.report["modules"]]
+
+
 def test_modules_before_the_first_change_are_left_as_they_are(tiny_dir):
   """A module that keeps all its units while its input is still the dense model's is not refit:
   its least-squares refit would only return its own weights up to the ridge."""

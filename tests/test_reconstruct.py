@@ -387,3 +387,50 @@ def test_residual_of_given_weights_is_the_data_residual(monkeypatch, rows, inter
   monkeypatch.setattr(placement, "lapack_solves", lambda: False)
   xla = float(reconstruct.residual(m, jnp.asarray(c32), jnp.asarray(yy), jnp.asarray(w)))
   assert_within(got, xla, 2 * U32 * want, "residual (XLA)")  # each rounded once to float32
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("intercept", [False, True])
+def test_a_padded_system_solves_the_kept_features_system(monkeypatch, backend, intercept):
+  """`moments.subset_padded` with `rows`: the real features' block and cross moment as the
+  exact cut has them, the padding zero; the solve gives the exact cut's solution on the real
+  rows (both are float64 Cholesky solves of one system, the padding uncoupled from it), exact
+  zeros on the padding, and the same residual; on the host (LAPACK) and on the device (gpu)."""
+  import jax
+
+  rng = np.random.default_rng(7)
+  n, d, e, k, width = 300, 40, 3, 23, 32
+  x = (rng.normal(size=(n, d)) * rng.uniform(0.2, 2, size=d) + 0.3).astype(np.float32)
+  y = (x @ rng.normal(size=(d, e)) + rng.normal(size=(n, e)) + 1).astype(np.float32)
+  m, yy = _moments(x, y)
+  idx = np.sort(rng.choice(d, k, replace=False))
+  exact = moments.subset(moments.Moments(np.asarray(m.xx), np.asarray(m.xy)), idx)
+  padded = moments.subset_padded(m, idx, width)
+  real = np.r_[np.arange(k), width]
+  px, py = np.asarray(padded.xx), np.asarray(padded.xy)
+  np.testing.assert_array_equal(px[np.ix_(real, real)], exact.xx)
+  np.testing.assert_array_equal(py[real], exact.xy)
+  assert not px[k:width].any() and not px[:, k:width].any() and not py[k:width].any()
+
+  delta = 1e-3
+  want, info = reconstruct.ridge_solve(exact, exact.xy, delta, intercept, yy=yy)
+  if backend != "cpu":
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  got, info_pad = reconstruct.ridge_solve(padded, padded.xy, delta, intercept, yy=yy, rows=k)
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == (width + intercept, e)
+  assert not got[k:width].any()
+  got = got[real[:k + intercept]]
+  # Both solve A w = b in float64 (Higham Thm 10.4: backward error gamma(3k+1) |L||L^T|, so a
+  # forward error within cond(A) times that), then round to float32.
+  a = reconstruct.ridge_system(np.asarray(exact.xx, np.float64), delta, intercept)
+  u64 = 2.0 ** -53
+  fwd = np.linalg.cond(a) * (3 * (k + 1) + 1) * u64 / (1 - (3 * (k + 1) + 1) * u64) * np.max(np.abs(want))
+  assert_within(got, want, 2 * fwd + 2 * U32 * np.abs(want), "padded solve")
+  # The residuals: yy - tr(W^T X^T Y) - lam ||W||^2 in float64 from solutions that agree as above.
+  c = np.abs(np.asarray(exact.xy, np.float64))[:len(want)]
+  lam = float(reconstruct.ridge_lam(np.diagonal(np.asarray(exact.xx, np.float64))[:k], delta))
+  bound = np.sum(c) * 2 * fwd + 2 * lam * np.sum(np.abs(want)) * 2 * fwd + 4 * (k + 2) * u64 * (yy + np.sum(c * np.abs(want)))
+  assert_within(info_pad.residual, info.residual, bound, "padded solve's residual")
+  assert info_pad.delta == info.delta and info_pad.retries == info.retries == 0
+

@@ -17,14 +17,16 @@ from jaxprune.stats import moments
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-  """Least-squares sums of one group of windows: Moments of X, X^T Y and ||Y||^2."""
+  """Least-squares sums of one group of windows: Moments of X, X^T Y and ||Y||^2; `kept`: the
+  sums are a padded system's (`moments.subset_padded`) whose first `kept` features are real."""
 
   m: moments.Moments
   xty: jax.Array
   yy: jax.Array
+  kept: int | None = None
 
   def __add__(self, other: "Part") -> "Part":
-    return Part(self.m + other.m, self.xty + other.xty, self.yy + other.yy)
+    return Part(self.m + other.m, self.xty + other.xty, self.yy + other.yy, self.kept)
 
 
 def total(parts):
@@ -72,12 +74,12 @@ def solve_level(parts: list[Part], w_orig_aug, delta, grid, intercept, what):
     fit, held = total(parts[:-1]), parts[-1]
     errs = []
     for d in grid:
-      w, _ = reconstruct.ridge_solve(fit.m, fit.xty, d, intercept, what)
+      w, _ = reconstruct.ridge_solve(fit.m, fit.xty, d, intercept, what, rows=fit.kept)
       errs.append(float(reconstruct.residual(held.m, held.xty, held.yy, w)))
     delta = float(grid[int(np.argmin(errs))])
     rep["heldout_residuals"] = {f"{d:g}": e / max(float(held.yy), 1e-30) for d, e in zip(grid, errs)}
   t = total(parts)
-  w, info = reconstruct.ridge_solve(t.m, t.xty, delta, intercept, what, yy=t.yy)
+  w, info = reconstruct.ridge_solve(t.m, t.xty, delta, intercept, what, yy=t.yy, rows=t.kept)
   d = t.m.dim
   before = float(reconstruct.residual(t.m, t.xty, t.yy, w_orig_aug if intercept else w_orig_aug[:d]))
   after = info.residual
@@ -92,10 +94,10 @@ def solve_level(parts: list[Part], w_orig_aug, delta, grid, intercept, what):
   # statistics); the fitted weights go where the weights they replace live, so a module's
   # kernels see one placement (no retrace) and a model held on one device does not gain a
   # copy per device. They are cut on the host: slicing on the device compiles per width.
-  if isinstance(w, np.ndarray) or len(w.sharding.device_set) == 1 or (
+  if isinstance(w, np.ndarray) or len(w.sharding.device_set) == 1 or t.kept is not None or (
       isinstance(w_orig_aug, jax.Array) and len(w_orig_aug.sharding.device_set) == 1):
-    w = np.asarray(w)  # numpy: `A.with_*_level` shapes it on the host and puts it on the device uncommitted
-  return (w[:d], w[d] if intercept else None), rep
+    w = placement.to_host(w)  # numpy: `A.with_*_level` shapes it on the host and puts it on the device uncommitted
+  return (w[:d if t.kept is None else t.kept], w[d] if intercept else None), rep
 
 
 def x2_index(kind, p, units: np.ndarray) -> np.ndarray:

@@ -105,7 +105,7 @@ def step(ctx: StepContext, m: ModuleInput) -> StepResult:
     keep, selection, score_seconds = _score_select(ctx, m, p2, st, nd, n_units, meter)
   blk2, layer2, idx = _cut(c, m, p2, keep, st.m2, meter)
   if c.refit:
-    subs, on_host = _kept_sums(idx, st)
+    subs, on_host = _kept_sums(idx, st, ctx.mesh)
     # The kept channels' sums are all the refit needs of the statistics: the whole Gram
     # matrices (67 MB each at a 4096-wide MLP) go before its solve; the X2 streams stay to advance.
     st = _without_sums(st)
@@ -227,16 +227,21 @@ def _cut(c, m: ModuleInput, p2, keep, m2, meter: Meter):
   return blk2, layer2, idx
 
 
-def _kept_sums(idx, st: measure.Stats):
-  """(the least-squares sums of the kept channels `idx` per group, whether they are on the host)."""
-  # The kept channels' sums are cut on the host where the solves run there (one
-  # shape per kept width: no gather compiled for each).
+def _kept_sums(idx, st: measure.Stats, mesh):
+  """(the least-squares sums of the kept channels `idx` per group, whether they are on the host).
+
+  Each kept width would compile its own cut and solve on a device: where the solves run on the
+  host the sums are cut there with numpy, and on the devices they are padded to the kept width's
+  bucket (`placement.bucket_width`), which every width up to it shares.
+  """
   on_host = placement.lapack_solves() and all(placement.on_host(h.hidden.xx) for h in st.hids)
-  host = placement.to_host
-  cut = (lambda mm: moments.subset(moments.Moments(host(mm.xx), host(mm.xy)), idx)) if on_host else (
-      lambda mm: moments.subset(mm, idx))
-  subs = [cut(h.hidden) for h in st.hids]
-  return [solve.Part(sub, sub.xy, yy) for sub, yy in zip(subs, st.target_yy)], on_host
+  if on_host:
+    host = placement.to_host
+    subs = [moments.subset(moments.Moments(host(h.hidden.xx), host(h.hidden.xy)), idx) for h in st.hids]
+    return [solve.Part(sub, sub.xy, yy) for sub, yy in zip(subs, st.target_yy)], on_host
+  width = placement.bucket_width(len(idx), st.hids[0].hidden.dim, mesh)
+  subs = [moments.subset_padded(h.hidden, idx, width) for h in st.hids]
+  return [solve.Part(sub, sub.xy, yy, len(idx)) for sub, yy in zip(subs, st.target_yy)], on_host
 
 
 def _without_sums(st: measure.Stats) -> measure.Stats:
@@ -252,8 +257,12 @@ def _refit(ctx: StepContext, m: ModuleInput, blk2, subs, on_host: bool, grid, me
   c, kind, host = ctx.config, m.kind, placement.to_host
   icpt = ctx.second_intercept(kind, blk2[kind.key])
   w2, b2 = A.second_level(kind, blk2[kind.key])
-  w2a = np.concatenate([host(w2), host(b2)[None]], axis=0).astype(np.float32) if on_host else (
-      jnp.concatenate([w2, b2[None]], axis=0).astype(jnp.float32))
+  if on_host:
+    w2a = np.concatenate([host(w2), host(b2)[None]], axis=0).astype(np.float32)
+  else:  # padded like the sums, on the host (on the device each kept width would compile a concatenate)
+    width = subs[0].m.dim
+    w2a = np.zeros((width + 1, w2.shape[1]), np.float32)
+    w2a[:w2.shape[0]], w2a[width] = host(w2), host(b2)
   sol, entry = _timed_solve(meter, subs, w2a, c.damping, grid, icpt, f"layer {m.i} {kind.name} refit")
   if sol is not None:
     blk2 = {**blk2, kind.key: A.with_second_level(kind, blk2[kind.key], *sol)}

@@ -194,6 +194,32 @@ def subset(m: Moments, idx) -> Moments:
   return Moments(xx, None if m.xy is None else m.xy[idx])
 
 
+def subset_padded(m: Moments, idx, width: int) -> Moments:
+  """Moments of the features `idx` as a system `width` features wide: the features, then
+  width - len(idx) padding features whose rows and columns are zero, then the ones column.
+
+  For statistics on the devices, where a cut to each kept count compiles its own gather and
+  every solve after it compiles again: all the counts up to `width` share one compile. A
+  ridge solve told `rows=len(idx)` (`reconstruct.ridge_solve`) takes its ridge from the real
+  features and gives the padding zero weight, so it solves the unpadded system.
+  """
+  k = len(idx)
+  if not 0 < k <= width:
+    raise ValueError(f"{k} features do not fit a padded system of {width}")
+  full = np.full(width + 1, m.dim, np.int32)  # the padding reads the ones column, then is zeroed
+  full[:k] = np.asarray(idx)
+  xx, xy = _padded(m.xx, m.xy, full, np.int32(k))
+  return Moments(xx, xy)
+
+
+@jax.jit
+def _padded(xx, xy, full, k):
+  n = full.shape[0]
+  real = (jnp.arange(n) < k) | (jnp.arange(n) == n - 1)
+  g = jnp.where(real[:, None] & real[None, :], xx[full][:, full], 0)
+  return g, None if xy is None else jnp.where(real[:, None], xy[full], 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Diag:
   """Per-feature sums over tokens: s1 = sum x_j, s2 = sum x_j^2, and the token count.
