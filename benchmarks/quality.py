@@ -84,6 +84,10 @@ RUNS = [
     # The default preset as it stood at 501cdeb / 3c17690, before `absorb`.
     ("default preset before absorb", "recommended", dict(absorb=0.0), "valid"),
     ("default preset, data-free", "recommended-datafree", {}, "selfgen"),
+    # Issue 32's candidate: the calibration text and 64 windows the model generates itself (drawn
+    # as the data-free preset draws its text), in one set (benchmarks/results/selection_mixture.md).
+    ("default preset, valid + 64 self-generated", "recommended", dict(SELFGEN_TEXT, selfgen_samples=64),
+     "valid+selfgen"),
     # The data-free preset as it stood at 4e8431a (1024 windows, shrinkage 0.5, before `absorb`).
     ("data-free preset before, no absorb", "recommended-datafree", dict(absorb=0.0), "selfgen"),
     # The data-free preset as it stood at b9e31b0 (512 windows, shrinkage 0.25).

@@ -27,6 +27,7 @@ JSON are skipped unless --force) and refuses rows of several commits unless
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -187,8 +188,12 @@ def main(argv=None) -> int:
         first = "bos" if first_token is None else "-".join(map(str, first_token))
         cached = os.path.join(args.selfgen_cache, f"selfgen_n{how[0]}_w{how[1]}_k{how[2]}_t{how[3]:g}_"
                               f"s{seed}_f{first}_l{quality.SEQ_LEN}.npy")
-      if cached and os.path.exists(cached):
-        selfgen[key] = np.load(cached)
+      # A larger cached draw of the same sampling holds this one as its first windows.
+      bigger = sorted((int(os.path.basename(f).split("_")[1][1:]), f) for f in glob.glob(
+          cached.replace(f"selfgen_n{how[0]}_", "selfgen_n*_"))) if cached else []
+      bigger = [f for n, f in bigger if n >= how[0]]
+      if bigger:
+        selfgen[key] = np.load(bigger[0])[:how[0]]
       else:
         selfgen[key] = self_generated(model.spec, model.params, how[0], quality.SEQ_LEN, seed=seed,
                                       first_token=first_token, windows_per_text=how[1], top_k=how[2],
