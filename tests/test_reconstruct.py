@@ -434,3 +434,13 @@ def test_a_padded_system_solves_the_kept_features_system(monkeypatch, backend, i
   assert_within(info_pad.residual, info.residual, bound, "padded solve's residual")
   assert info_pad.delta == info.delta and info_pad.retries == info.retries == 0
 
+
+
+@pytest.mark.parametrize("kept,full,model,want", [(1, 1536, 1, 128), (128, 1536, 1, 128), (129, 1536, 1, 256),
+                                                  (1500, 1536, 1, 1536), (100, 1536, 4, 512), (513, 1536, 4, 1024),
+                                                  (60, 96, 1, 96)])
+def test_bucket_width_is_the_next_multiple_of_the_bucket_at_most_the_module(kept, full, model, want):
+  class Mesh:  # only its axis sizes are read
+    shape = {"data": 1, "model": model}
+
+  assert placement.bucket_width(kept, full, Mesh()) == want
