@@ -188,9 +188,9 @@ def git_state(root: str = ROOT, exclude=()) -> dict:
   """
   import subprocess
 
-  def git(*argv):
+  def git(*argv):  # not stripped: a porcelain line starts with its status columns, blank or not
     return subprocess.run(["git", "-C", root, "--no-optional-locks", *argv], capture_output=True, text=True,
-                          check=True).stdout.strip()
+                          check=True).stdout.rstrip("\n")
 
   try:
     commit = git("rev-parse", "HEAD")
