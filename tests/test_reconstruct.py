@@ -430,10 +430,9 @@ def test_a_padded_system_solves_the_kept_features_system(monkeypatch, backend, i
   # The residuals: yy - tr(W^T X^T Y) - lam ||W||^2 in float64 from solutions that agree as above.
   c = np.abs(np.asarray(exact.xy, np.float64))[:len(want)]
   lam = float(reconstruct.ridge_lam(np.diagonal(np.asarray(exact.xx, np.float64))[:k], delta))
-  bound = np.sum(c) * 2 * fwd + 2 * lam * np.sum(np.abs(want)) * 2 * fwd + 4 * (k + 2) * u64 * (yy + np.sum(c * np.abs(want)))
+  bound = (np.sum(c) + 2 * lam * np.sum(np.abs(want))) * 2 * fwd + 4 * (k + 2) * u64 * (yy + np.sum(c * np.abs(want)))
   assert_within(info_pad.residual, info.residual, bound, "padded solve's residual")
   assert info_pad.delta == info.delta and info_pad.retries == info.retries == 0
-
 
 
 @pytest.mark.parametrize("kept,full,model,want", [(1, 1536, 1, 128), (128, 1536, 1, 128), (129, 1536, 1, 256),
