@@ -236,8 +236,7 @@ def _kept_sums(idx, st: measure.Stats, mesh):
   """
   on_host = placement.lapack_solves() and all(placement.on_host(h.hidden.xx) for h in st.hids)
   if on_host:
-    host = placement.to_host
-    subs = [moments.subset(moments.Moments(host(h.hidden.xx), host(h.hidden.xy)), idx) for h in st.hids]
+    subs = [moments.subset(h.hidden, idx) for h in st.hids]
     return [solve.Part(sub, sub.xy, yy) for sub, yy in zip(subs, st.target_yy)], on_host
   width = placement.bucket_width(len(idx), st.hids[0].hidden.dim, mesh)
   subs = [moments.subset_padded(h.hidden, idx, width) for h in st.hids]

@@ -181,17 +181,11 @@ def compensated_add(total, comp, term):
 
 
 def subset(m: Moments, idx) -> Moments:
-  """Moments of the features `idx` only (the ones column is kept).
-
-  Moments held as numpy arrays are cut with numpy (a refit on every kept width
-  would otherwise compile a gather per width).
-  """
-  if isinstance(m.xx, np.ndarray):
-    idx = np.append(np.asarray(idx, np.int64), m.dim)
-    return Moments(m.xx[np.ix_(idx, idx)], None if m.xy is None else m.xy[idx])
-  idx = jnp.concatenate([jnp.asarray(idx, jnp.int32), jnp.asarray([m.dim], jnp.int32)])
-  xx = m.xx[idx][:, idx]
-  return Moments(xx, None if m.xy is None else m.xy[idx])
+  """Moments of the features `idx` only (the ones column is kept), cut on the host with numpy:
+  on a device each kept count would compile its own gather (`subset_padded` is the device form)."""
+  idx = np.append(np.asarray(idx, np.int64), m.dim)
+  xx = to_host(m.xx)
+  return Moments(xx[np.ix_(idx, idx)], None if m.xy is None else to_host(m.xy)[idx])
 
 
 def subset_padded(m: Moments, idx, width: int) -> Moments:
