@@ -36,7 +36,6 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from jaxprune.prune import presets  # noqa: E402
 DATA = os.path.join(ROOT, "..", "shared", "data", "wikitext-2")
 SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
 MODEL = "smollm2-135m"  # the model of rows without a "model" field, and the default of --model
@@ -63,8 +62,9 @@ AT_REF = dict(sparsity={0.2: 0.15, 0.5: 0.4583}, attn_sparsity={0.2: 0.0, 0.5: 0
 RECIPE = dict(method="goa-obs", attn_sparsity={0.2: 0.0, 0.5: 0.25}, reconstruct=True, refit=True, intercept=True,
               damping=1e-5)
 
-# How the data-free preset draws its text, for baselines calibrated on that same text.
-SELFGEN_TEXT = {k: v for k, v in presets.RECOMMENDED_DATAFREE.items() if k.startswith("selfgen_")}
+# How the data-free preset draws its text, for baselines calibrated on that same text (spelled
+# out, so that these rows stay what they were when the defaults change).
+SELFGEN_TEXT = dict(selfgen_top_k=0, selfgen_windows_per_text=4, selfgen_samples=1024)
 
 # The runs: (name, preset, PruneConfig keyword arguments over the preset,
 # calibration source). Presets are jaxprune.prune.presets': "paper" holds
@@ -78,14 +78,18 @@ SELFGEN_TEXT = {k: v for k, v in presets.RECOMMENDED_DATAFREE.items() if k.start
 # "@ref" rows have the parameter counts of the published reference runs.
 RUNS = [
     ("dense", None, None, "valid"),
-    # What `jaxprune prune` does without recipe options.
+    # What `jaxprune prune --calib valid.txt` does without recipe options: the text's windows
+    # joined by the preset's self-generated share of them (selfgen_share).
     ("default preset", "recommended", {}, "valid"),
     ("default preset, uniform shape", "recommended-uniform", {}, "valid"),
+    # The default preset as it stood at 1b8115c, calibrated on the text alone.
+    ("default preset before the self-generated share", "recommended", dict(selfgen_share=0.0), "valid"),
     # The default preset as it stood at 501cdeb / 3c17690, before `absorb`.
-    ("default preset before absorb", "recommended", dict(absorb=0.0), "valid"),
+    ("default preset before absorb", "recommended", dict(absorb=0.0, selfgen_share=0.0), "valid"),
     ("default preset, data-free", "recommended-datafree", {}, "selfgen"),
-    # Issue 32's candidate: the calibration text and 64 windows the model generates itself (drawn
-    # as the data-free preset draws its text), in one set (benchmarks/results/selection_mixture.md).
+    # Issue 32's candidate, before it became the default: the calibration text and 64 windows the
+    # model generates itself, drawn as the data-free preset draws its text, in one set
+    # (benchmarks/results/selection_mixture.md); the same windows as the default's share.
     ("default preset, valid + 64 self-generated", "recommended", dict(SELFGEN_TEXT, selfgen_samples=64),
      "valid+selfgen"),
     # The data-free preset as it stood at 4e8431a (1024 windows, shrinkage 0.5, before `absorb`).
@@ -287,6 +291,9 @@ class Data:
 
 def run_one(data: Data, name: str, preset: str | None, kwargs: dict, source: str, ratio: float | None,
             seed: int) -> dict:
+  import numpy as np
+
+  from jaxprune.data.selfgen import own_text_count
   from jaxprune.eval import perplexity
   from jaxprune.prune import PruneConfig, prune
 
@@ -302,6 +309,12 @@ def run_one(data: Data, name: str, preset: str | None, kwargs: dict, source: str
     config = PruneConfig.preset(preset, **kwargs, seed=seed)
     calib, calib_s = data.calib(source, seed, config.selfgen_windows_per_text, config.selfgen_top_k,
                                 config.selfgen_temperature, config.selfgen_samples)
+    own = own_text_count(len(calib), config) if source == "valid" else 0
+    if own:  # the text's windows joined by the model's own, as `jaxprune prune --calib FILE` draws them
+      (g, tg) = data.calib("selfgen", seed, config.selfgen_windows_per_text, config.selfgen_top_k,
+                           config.selfgen_temperature, own)
+      calib, calib_s = np.concatenate([calib, g]), calib_s + tg
+      row["selfgen_windows"] = own
     result = prune(model, calib, config)
     spec, params, n_params = result.model.spec, result.model.params, result.model.num_params
     rep = result.report

@@ -113,10 +113,9 @@ def test_calibration_mixes_sources(capsys, model_dir, texts, tmp_path):
   assert report["calibration"]["source"] == f"{texts['calib']} + selfgen"
 
   model, tok, config = jaxprune.load(model_dir), jaxprune.load_tokenizer(model_dir), PruneConfig(seed=0)
-  draw = lambda calib, counts: calibration(argparse.Namespace(calib=calib, seq_len=16, show_progress=False), model,
-                                           tok, config, counts)
-  np.testing.assert_array_equal(draw([texts["calib"], "selfgen"], [8, 8]),
-                                np.concatenate([draw(texts["calib"], [8]), draw("selfgen", [8])]))
+  draw = lambda draws: calibration(argparse.Namespace(seq_len=16, show_progress=False), model, tok, config, draws)
+  np.testing.assert_array_equal(draw([(texts["calib"], 8), ("selfgen", 8)]),
+                                np.concatenate([draw([(texts["calib"], 8)]), draw([("selfgen", 8)])]))
   code, _, err = run(capsys, "prune", model_dir, *BASE, "--calib", "selfgen", "selfgen", "--out", tmp_path / "twice")
   assert code == 2 and "a source twice" in err and not os.path.exists(tmp_path / "twice")
 

@@ -16,7 +16,8 @@ from jaxprune.prune import presets
 from jaxprune.prune.config import Allocation, HeadMode, PruneConfig, Rounding, ScoreData
 from tests.badinput import assert_intact, assert_one_line_error, run_cli, snapshot
 
-# Every field's value from `PruneConfig.preset(...)` at 0f155af, before the refactor, in the order of COLUMNS.
+# Every field's value from `PruneConfig.preset(...)` at 0f155af, before the refactor, in the order of COLUMNS;
+# since issue 32, the recommended recipe's self-generated share and the sampling it draws that text with.
 COLUMNS = [("recommended", {}), ("recommended-uniform", {}), ("recommended-datafree", {}), ("paper", {}),
            ("paper-datafree", {}), ("baseline", {"method": "flap"}), ("baseline", {"method": "wanda-sp"})]
 TODAY = {
@@ -42,9 +43,10 @@ TODAY = {
     "round_to": (1, 1, 1, 1, 1, 1, 1),
     "inherited_error": (False, False, False, False, False, False, False),
     "skip_positions": (0, 0, 0, 0, 0, 0, 0),
-    "selfgen_windows_per_text": (1, 1, 4, 1, 1, 1, 1),
+    "selfgen_share": (0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0),
+    "selfgen_windows_per_text": (4, 4, 4, 1, 1, 4, 4),
     "selfgen_samples": (128, 128, 1024, 128, 128, 128, 128),
-    "selfgen_top_k": (50, 50, 0, 50, 50, 50, 50),
+    "selfgen_top_k": (0, 0, 0, 50, 50, 0, 0),
     "selfgen_temperature": (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
     "batch_size": (16, 16, 16, 16, 16, 16, 16),
     "seed": (0, 0, 0, 0, 0, 0, 0),

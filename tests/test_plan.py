@@ -51,8 +51,9 @@ def test_70b_on_a_v5e_slice_fits_16gb_per_chip(configs, capsys, tmp_path):
   # Joined once for the solves, on the host (a TPU has no float64).
   host = est["host"]["terms"]
   assert host.get("Gram joined (float32)", 4 * ((F + 1) ** 2 + (F + 1) * D)) == 4 * ((F + 1) ** 2 + (F + 1) * D)
-  # X2 of the 128 x 128 calibration tokens: windows split over `data`, channels over `model`.
-  assert dev["terms"]["X2"] == 128 * 128 * F * 4 // (8 * 32)
+  # X2 of the 128 x 128 calibration tokens and the 64 windows of the model's own text that join
+  # them (selfgen_share 0.5): windows split over `data`, channels over `model`.
+  assert dev["terms"]["X2"] == (128 + 64) * 128 * F * 4 // (8 * 32)
 
 
 def test_sharding_divides_what_it_shards(configs, capsys, tmp_path):
@@ -79,13 +80,14 @@ def test_data_free_preset_plans_its_self_generated_windows(configs, capsys, tmp_
   rec, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu")
   free, out = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree")
   n = PruneConfig.preset("recommended-datafree").selfgen_samples
-  assert n > 128 and (rec["calib_samples"], free["calib_samples"]) == (128, n)
+  # The recipe's: 128 windows of a text and the 64 of its own text that join them.
+  assert n > 192 and (rec["calib_samples"], free["calib_samples"]) == (192, n)
   assert f"{n} x 128 calibration tokens" in out
   # The activation streams hold every calibration window: the recipe given as many windows
   # (and the preset's absorb, whose target is one more stream) plans the same streams, and
   # more than with its own 128.
-  same, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--calib-samples", str(n), "--absorb",
-                 str(PruneConfig.preset("recommended-datafree").absorb))
+  same, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--calib-samples", str(n), "--selfgen-share",
+                 "0", "--absorb", str(PruneConfig.preset("recommended-datafree").absorb))
   streams = [p["device"]["terms"]["activation streams"] for p in (rec, free, same)]
   assert streams[1] == streams[2] > streams[0]
   mine, _ = plan(capsys, tmp_path, configs["7b"], "--backend", "gpu", "--preset", "recommended-datafree",

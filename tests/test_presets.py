@@ -20,7 +20,9 @@ FIELDS = [f.name for f in dataclasses.fields(PruneConfig)]
 # benchmarks/quality.py made with them must stay reproducible through `paper`.
 OLD_DEFAULTS = dict(method="goa", heads="second-moment", tau=None, reconstruct=True, refit=False, intercept=False,
                     damping=1e-3, auto_damping=False, allocation="uniform", attn_sparsity=None, score_data="calib",
-                    free_groups=False, compensate=False, batch_size=16, seed=0, shrink=0.0, min_keep=0.0, absorb=0.0)
+                    free_groups=False, compensate=False, batch_size=16, seed=0, shrink=0.0, min_keep=0.0, absorb=0.0,
+                    # No text was joined by the model's own then; Self-Gen sampled a text per window, top-50.
+                    selfgen_share=0.0, selfgen_windows_per_text=1, selfgen_top_k=50)
 
 
 def _args(*argv):
@@ -33,6 +35,8 @@ def test_defaults_are_the_recommended_preset():
   # The recipe the README's results table calls recommended.
   assert (rec.method, rec.refit, rec.intercept, rec.damping, rec.attn_sparsity, rec.absorb) == (
       "goa-obs", True, True, 1e-5, 0.0, 0.5)
+  # A text is joined by half as many windows of the model's own text, drawn as the data-free preset draws.
+  assert (rec.selfgen_share, rec.selfgen_windows_per_text, rec.selfgen_top_k) == (0.5, 4, 0)
   assert PruneConfig.preset("recommended-uniform").absorb == 0.0
 
 

@@ -175,9 +175,9 @@ def _calibration(path, calib, n=4):
   from jaxprune.cli.prune_inputs import calibration
   from jaxprune.prune import PruneConfig
 
-  args = argparse.Namespace(calib=calib, seq_len=SEQ, show_progress=False)
-  config = PruneConfig(seed=3, selfgen_top_k=1)
-  return calibration(args, jaxprune.load(path), jaxprune.load_tokenizer(path), config, [n])
+  args = argparse.Namespace(seq_len=SEQ, show_progress=False)
+  config = PruneConfig(seed=3, selfgen_top_k=1, selfgen_windows_per_text=1)
+  return calibration(args, jaxprune.load(path), jaxprune.load_tokenizer(path), config, [(calib, n)])
 
 
 @pytest.mark.parametrize("source", ["text", "random", "selfgen"])

@@ -26,7 +26,8 @@ def add_parser(sub):
   p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                  help="the run's device mesh (default: data=1,model=1)")
   p.add_argument("--calib-samples", type=int, default=None,
-                 help="calibration windows (default 128; a data-free preset's selfgen_samples)")
+                 help="calibration windows of a text (default 128, joined by the preset's self-generated "
+                 "share of them); a data-free preset's: its selfgen_samples")
   p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
   p.add_argument("--preset", default=None, choices=presets.names(), help="as for jaxprune prune (default: recommended)")
   p.add_argument("--config", default=None, metavar="FILE.yaml", help="as for jaxprune prune")
@@ -63,8 +64,8 @@ def run(args) -> int:
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
-  args.calib_samples = sum(window_counts(args.calib_samples, config,
-                                         "selfgen" if preset in presets.DATAFREE else "text"))
+  args.calib_samples = sum(n for _, n in window_counts(args.calib_samples, config, "selfgen" if preset in
+                                                      presets.DATAFREE else "text", data))
   check_seq_len(args.seq_len, spec)  # as `jaxprune prune` checks it
   # The run feeds every window after the tokenizer's BOS where it adds one (Gemma): one more token each.
   window = args.seq_len + (len(bos_prefix(tokenizer)) if tokenizer is not None else 0)

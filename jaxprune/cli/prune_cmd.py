@@ -47,7 +47,8 @@ def add_parser(sub):
                  "options on the command line override it")
   p.add_argument("--calib", default="selfgen", nargs="+", metavar="SOURCE",
                  help="calibration text file, 'selfgen' (text the model generates; default) or 'random' tokens; "
-                 "several (e.g. valid.txt selfgen) are drawn in turn into one calibration set")
+                 "several (e.g. valid.txt selfgen) are drawn in turn into one calibration set. Text files alone "
+                 "are joined by --selfgen-share windows of the model's own text per text window (the preset's)")
   p.add_argument("--calib-samples", type=int, default=None,
                  help="windows of a text or random tokens (default 128); of self-generated text alone too "
                  "(default --selfgen-samples: the preset's)")
@@ -167,20 +168,20 @@ def run(args) -> int:
   parse_size(args.max_shard_size)  # bad input stops before any work
   mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
-  counts = check_inputs(args, config, mesh)
+  draws = check_inputs(args, config, mesh)
   ckpt = _prepare_checkpoint(args)
   t0 = time.perf_counter()
   # Blocks stay in the checkpoint until the run reaches them (safetensors and GGUF; jaxprune.io.lazy).
   model = jaxprune.load(args.model, lazy=True)
   config.check(model.spec)
-  check_model_inputs(args, model.spec, sum(counts))
+  check_model_inputs(args, model, draws)
   # A streamed checkpoint keeps its embeddings in the dtype it was saved in: the output's default.
   source_dtype = str(model.params["embed"]["embedding"].dtype) if is_lazy(model.params) else None
   tokenizer = jaxprune.load_tokenizer(args.model)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  calib = calibration(args, model, tokenizer, config, counts)
+  calib = calibration(args, model, tokenizer, config, draws)
   calib_s = time.perf_counter() - t0
 
   evaluation = {}
@@ -253,7 +254,7 @@ def run(args) -> int:
       print("warning: the pruned model's perplexity is not finite (NaN or inf logits); it is written all the same, "
             "see report.json", file=sys.stderr)
 
-  report = prune_output.report(result, args, preset, calib_s=calib_s, load_s=load_s, evaluation=evaluation,
+  report = prune_output.report(result, args, preset, draws, calib_s=calib_s, load_s=load_s, evaluation=evaluation,
                                eval_windows=len(test) if test is not None else 0)
   prune_output.write(args, result.model, tokenizer, report, events, dtype=args.dtype or source_dtype)
   if ckpt and os.path.exists(ckpt):  # a run with nothing to prune (--sparsity 0) made none

@@ -22,44 +22,61 @@ def describe(calib) -> str:
   return " + ".join(sources(calib))
 
 
-def window_counts(given: int | None, config, calib) -> list[int]:
-  """Calibration windows a run draws from each --calib source: self-generated text, the
-  config's selfgen_samples (--selfgen-samples); a text or random tokens, --calib-samples
-  when given, else CALIB_SAMPLES. Alone, self-generated text also takes --calib-samples."""
+def window_counts(given: int | None, config, calib, n_data: int = 1) -> list[tuple[str, int]]:
+  """(source, windows) of every source a run draws from, in order. Self-generated text, the
+  config's selfgen_samples (--selfgen-samples); a text or random tokens, --calib-samples when
+  given, else CALIB_SAMPLES. Alone, self-generated text also takes --calib-samples. Text files
+  alone are joined by the model's own text, `selfgen_share` windows per text window
+  (`data.selfgen.own_text_count`, so that they still split into batches over `n_data` devices)."""
+  from jaxprune.data.selfgen import own_text_count
+
   if given is not None and given < 1:
     raise UsageError(f"--calib-samples must be positive, got {given}")
   srcs = sources(calib)
   if given is not None and len(srcs) == 1:
-    return [given]
-  return [config.selfgen_samples if s == "selfgen" else given or CALIB_SAMPLES for s in srcs]
+    counts = [given]
+  else:
+    counts = [config.selfgen_samples if s == "selfgen" else given or CALIB_SAMPLES for s in srcs]
+  draws = list(zip(srcs, counts))
+  if not any(s in CALIB_SPECIAL for s in srcs):
+    own = own_text_count(sum(counts), config, n_data)
+    if own:
+      draws.append(("selfgen", own))
+  return draws
 
 
-def calibration(args, model, tokenizer, config, counts: list[int]):
-  """The calibration windows of every --calib source in turn, `counts[i]` of source i: a text file,
-  the model's own text, or random tokens, each after the tokenizer's prefix (BOS where it adds one:
+def calibration(args, model, tokenizer, config, draws: list[tuple[str, int]]):
+  """The calibration windows of every (source, count) of `draws` in turn: a text file, the
+  model's own text, or random tokens, each after the tokenizer's prefix (BOS where it adds one:
   [n, 1 + seq_len]; `data.bos_prefix`). Several sources are one set of windows, so each weighs in
   the statistics by its share of them."""
   import numpy as np
 
-  parts = [_windows(source, args, model, tokenizer, config, n) for source, n in zip(sources(args.calib), counts)]
+  text = any(s not in CALIB_SPECIAL for s, _ in draws)
+  parts = [_windows(source, args, model, tokenizer, config, n, text) for source, n in draws]
   return parts[0] if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
 
 
-def _windows(source: str, args, model, tokenizer, config, n: int):
+def _windows(source: str, args, model, tokenizer, config, n: int, with_text: bool):
   from jaxprune.cli.progress import phase
   from jaxprune.data import bos_prefix, calibration_stream, sample_windows
-  from jaxprune.data.selfgen import random_tokens, self_generated
+  from jaxprune.data.selfgen import per_text_that_fits, random_tokens, self_generated
 
   prefix = bos_prefix(tokenizer)
   if source == "selfgen":
     from jaxprune.io.lazy import materialize
 
     model = materialize(model)  # generation runs the whole model for every token
+    per_text = config.selfgen_windows_per_text
+    hint = "--calib FILE reads a text instead"
+    if with_text:  # joining a text, its texts are cut to what the model's positions hold
+      per_text = per_text_that_fits(model.spec, args.seq_len, per_text, prefix)
+      hint = "--selfgen-share 0 calibrates on the text alone"
     # Minutes to an hour on a CPU: say so before the first batch compiles and runs.
-    with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself (--calib FILE "
-               "reads a text instead)", n, "self-generation", "win", args.show_progress) as update:
+    with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself ({hint})", n,
+               "self-generation", "win", args.show_progress) as update:
       return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
-                            windows_per_text=config.selfgen_windows_per_text, top_k=config.selfgen_top_k,
+                            windows_per_text=per_text, top_k=config.selfgen_top_k,
                             temperature=config.selfgen_temperature, prefix=prefix, progress=update)
   if source == "random":
     return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed, prefix=prefix)
@@ -69,7 +86,8 @@ def _windows(source: str, args, model, tokenizer, config, n: int):
 
 
 def check_inputs(args, config, mesh):
-  """The text files, window length and calibration size: checked before the model loads."""
+  """The text files, window length and calibration size, checked before the model loads; the
+  (source, windows) the run draws (`window_counts`)."""
   from jaxprune.data import check_seq_len
   from jaxprune.data.stream import check_file
   from jaxprune.prune import check_batches
@@ -86,16 +104,27 @@ def check_inputs(args, config, mesh):
     check_file(args.eval_text, "--eval-text file")
     if args.eval_windows < 1:
       raise UsageError(f"--eval-windows must be positive, got {args.eval_windows}")
-  counts = window_counts(args.calib_samples, config, args.calib)
-  check_batches(sum(counts), config.batch_size, mesh)
-  return counts
+  from jaxprune import sharding
+
+  draws = window_counts(args.calib_samples, config, args.calib, mesh.shape[sharding.DATA])
+  check_batches(sum(n for _, n in draws), config.batch_size, mesh)
+  return draws
 
 
-def check_model_inputs(args, spec, n: int) -> None:
+def check_model_inputs(args, model, draws: list[tuple[str, int]]) -> None:
   """What the model's sizes decide: the window length against its positions, the calibration
-  streams against the memory there is (refused before they are allocated)."""
-  from jaxprune.data import check_seq_len
-  from jaxprune.data.budget import check_calibration_size
+  streams and the generation of its own text against the memory there is (refused before they
+  are allocated)."""
+  import numpy as np
 
-  check_seq_len(args.seq_len, spec)
-  check_calibration_size(n, args.seq_len, spec.hidden_size)
+  from jaxprune.data import check_seq_len
+  from jaxprune.data.budget import check_calibration_size, check_generation_size
+  from jaxprune.io.lazy import is_lazy
+
+  check_seq_len(args.seq_len, model.spec)
+  check_calibration_size(sum(n for _, n in draws), args.seq_len, model.spec.hidden_size)
+  srcs = [s for s, _ in draws]
+  if "selfgen" in srcs and is_lazy(model.params):  # generation reads every block in at once
+    fix = ("pass --selfgen-share 0 to calibrate on the text alone" if any(s not in CALIB_SPECIAL for s in srcs)
+           else "calibrate on a text instead (--calib FILE)")
+    check_generation_size(model.num_params, np.dtype(model.params["layers"].dtype).itemsize, fix)

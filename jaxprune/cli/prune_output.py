@@ -6,20 +6,21 @@ import json
 import os
 from typing import Any
 
-from jaxprune.cli.prune_inputs import describe, sources
+from jaxprune.cli.prune_inputs import describe
 
 
-def report(result, args, preset: str, *, calib_s: float, load_s: float, evaluation: dict,
-           eval_windows: int) -> dict[str, Any]:
+def report(result, args, preset: str, draws: list[tuple[str, int]], *, calib_s: float, load_s: float,
+           evaluation: dict, eval_windows: int) -> dict[str, Any]:
   """The pipeline's report with what only the command knows: the model, the preset, the
-  calibration source, the load time and the perplexities before and after."""
+  calibration sources and their windows, the load time and the perplexities before and after."""
   out = dict(result.report)
   out["model"] = args.model
   out["preset"] = preset
-  srcs = sources(args.calib)
+  srcs = [s for s, _ in draws]
   out["calibration"] = {**out["calibration"], "source": describe(srcs), "seconds": calib_s}
   if len(srcs) > 1:
     out["calibration"]["sources"] = srcs
+    out["calibration"]["source_windows"] = [n for _, n in draws]
   out["seconds"] = {**out["seconds"], "load": load_s}
   if evaluation:
     out["perplexity"] = {"text": args.eval_text, "windows": eval_windows, "seq_len": args.seq_len, **evaluation}

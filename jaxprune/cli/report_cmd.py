@@ -61,24 +61,24 @@ def _source_path(value: str, flag: str, what: str) -> str:
                    f"directory the run was made in, or pass {flag}")
 
 
-def _calibration_windows(report: dict, calib: str, model, model_arg: str, n: int):
-  """The first `n` of the run's calibration windows, rebuilt as `jaxprune prune` drew them."""
+def _calibration_windows(report: dict, calib: str, model, model_arg: str, n: int, total: int | None = None):
+  """The first `n` of the run's calibration windows (of `total` drawn from `calib`: all the run's
+  unless given), rebuilt as `jaxprune prune` drew them."""
   import jaxprune
   from jaxprune.data import bos_prefix, read_text, sample_windows, tokenize
   from jaxprune.data.selfgen import random_tokens, self_generated
 
   cal, cfg = report.get("calibration", {}), report.get("config", {})
-  seq_len, total, seed = int(cal.get("seq_len", 128)), int(cal.get("windows", n)), int(cfg.get("seed", 0))
+  seq_len, seed = int(cal.get("seq_len", 128)), int(cfg.get("seed", 0))
+  total = int(cal.get("windows", n)) if total is None else total
   tokenizer = jaxprune.load_tokenizer(model_arg)
   prefix = bos_prefix(tokenizer)  # as `jaxprune prune` fed them: after BOS where the tokenizer adds it
   if calib == "selfgen":
-    from jaxprune.prune import PruneConfig  # reports from before these fields sampled as the defaults do
-
-    per_text = int(cfg.get("selfgen_windows_per_text", PruneConfig.selfgen_windows_per_text))
-    return self_generated(model.spec, model.params, n, seq_len, seed=seed, windows_per_text=per_text,
-                          top_k=int(cfg.get("selfgen_top_k", PruneConfig.selfgen_top_k)),
-                          temperature=float(cfg.get("selfgen_temperature", PruneConfig.selfgen_temperature)),
-                          prefix=prefix)
+    # Reports from before these fields sampled as they then defaulted: a text per window, top-50.
+    return self_generated(model.spec, model.params, n, seq_len, seed=seed,
+                          windows_per_text=int(cfg.get("selfgen_windows_per_text", 1)),
+                          top_k=int(cfg.get("selfgen_top_k", 50)),
+                          temperature=float(cfg.get("selfgen_temperature", 1.0)), prefix=prefix)
   if calib == "random":
     return random_tokens(model.spec.vocab_size, total, seq_len, seed=seed, prefix=prefix)[:n]
   stream = tokenize(tokenizer, read_text(calib))
@@ -104,13 +104,20 @@ def head_similarity_of(report: dict, args):
       raise UsageError(f"--js-windows must be positive, got {args.js_windows}")
     model_arg = _source_path(args.model or report.get("model", ""), "--model", "source model")
     model = jaxprune.load(model_arg)
-    mixed = report.get("calibration", {}).get("sources")
-    if args.calib is None and mixed:
+    cal = report.get("calibration", {})
+    mixed, counts, total = cal.get("sources"), cal.get("source_windows"), None
+    # The first source's windows come first: enough of them stand for the run's.
+    if args.calib is None and mixed and counts and args.js_windows <= counts[0]:
+      calib, total = mixed[0], counts[0]
+    elif args.calib is None and mixed:
       raise UsageError(f"the run calibrated on several sources ({' + '.join(mixed)}); pass --calib with the one "
                        "to rebuild its windows from")
-    calib = _source_path(args.calib or report.get("calibration", {}).get("source", ""), "--calib",
-                         "calibration source")
-    windows = _calibration_windows(report, calib, model, model_arg, args.js_windows)
+    else:
+      calib = args.calib or cal.get("source", "")
+      if mixed and counts and calib in mixed:  # as many windows as the run drew from it
+        total = counts[mixed.index(calib)]
+    calib = _source_path(calib, "--calib", "calibration source")
+    windows = _calibration_windows(report, calib, model, model_arg, args.js_windows, total)
     D, tau, from_run, spec = data.layer_js(model.spec, model.params, windows, layer), None, False, model.spec
   if args.tau is not None:
     tau, how = args.tau, "given with --tau"

@@ -39,3 +39,16 @@ def check_calibration_size(samples: int, seq_len: int, hidden: int, available: i
   raise UsageError(f"--calib-samples {samples} x --seq-len {seq_len} tokens need at least {human(need)} "
                    f"({STREAMS} float32 streams of width {hidden}), more than the {human(available)} of memory "
                    f"available; use at most --calib-samples {most} (or a shorter --seq-len)")
+
+
+def check_generation_size(n_params: int, itemsize: int, fix: str, available: int | None = None) -> None:
+  """Self-generated calibration text is sampled by the whole model at once: refused where its
+  weights (`n_params` of `itemsize` bytes) would not fit in the memory available."""
+  from jaxprune.footprint import human
+
+  available = available_bytes() if available is None else available
+  need = n_params * itemsize
+  if available is None or need <= available:
+    return
+  raise UsageError(f"generating calibration text holds the whole model in memory ({human(need)}), more than the "
+                   f"{human(available)} available; {fix}")

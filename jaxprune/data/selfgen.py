@@ -104,3 +104,41 @@ def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int = 0, prefix: 
   """Uniformly random token windows [n, seq_len] (data-free statistics, docs/method.md 2(b)), each after
   `prefix` ([n, len(prefix) + seq_len]: the random tokens stand for text, which such a model sees after BOS)."""
   return prefixed(np.random.default_rng(seed).integers(0, vocab_size, size=(n, seq_len), dtype=np.int32), prefix)
+
+
+def own_text_count(n_text: int, config, n_data: int = 1) -> int:
+  """How many windows of the model's own text join `n_text` windows of a calibration text:
+  `config.selfgen_share` of them, fewer where that many would not split into the run's batches
+  (`config.batch_size` windows, a multiple of the `n_data` data-parallel devices); 0 for none."""
+  share = config.selfgen_share
+  if not 0 < share < float("inf"):  # 0, or a value PruneConfig.check refuses
+    return 0
+  for m in range(int(share * n_text), 0, -1):
+    batch = min(config.batch_size, n_text + m)
+    if batch % n_data == 0 and (n_text + m) % batch == 0:
+      return m
+  return 0
+
+
+def per_text_that_fits(spec: ModelSpec, seq_len: int, per_text: int, prefix: tuple[int, ...] = ()) -> int:
+  """`per_text` windows a self-generated text, or as many as the model's positions hold (at least
+  one): the share that joins a calibration text is drawn however long its windows are."""
+  return max(1, min(per_text, (spec.max_positions - len(prefix)) // seq_len))
+
+
+def with_own_text(spec: ModelSpec, params: Params, windows, config, *, prefix: tuple[int, ...] = (), n_data: int = 1,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+  """`windows` of a calibration text [n, len(prefix) + seq_len], then `own_text_count` windows of
+  the model's own text, sampled as `config`'s selfgen_* fields say from `config.seed` (in texts
+  the model's positions hold): the set `jaxprune prune --calib FILE` calibrates on (`prune`
+  itself calibrates on the windows it is given)."""
+  windows = np.asarray(windows)
+  m = own_text_count(len(windows), config, n_data)
+  if not m:
+    return windows
+  seq_len = windows.shape[1] - len(prefix)
+  own = self_generated(spec, params, m, seq_len, seed=config.seed,
+                       windows_per_text=per_text_that_fits(spec, seq_len, config.selfgen_windows_per_text, prefix),
+                       top_k=config.selfgen_top_k, temperature=config.selfgen_temperature, prefix=prefix,
+                       progress=progress)
+  return np.concatenate([windows, own.astype(windows.dtype)])

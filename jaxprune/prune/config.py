@@ -124,13 +124,18 @@ class PruneConfig:
   skip_positions: int = _field(0, "leave each calibration window's first N positions out of the statistics that "
                                "rank units and fit weights (attention-sink tokens carry much of early modules' "
                                "output energy and steer the fits)")
-  selfgen_windows_per_text: int = _field(1, "with self-generated calibration (--calib selfgen): consecutive windows"
-                                         " cut from each generated text (1: every window a text of its own, all "
-                                         "starting at BOS, the paper's Self-Gen; more: longer texts, so most "
-                                         "windows start mid-text as a corpus's windows do)")
+  selfgen_share: float = _field(0.5, "with a calibration text (--calib FILE): windows of the model's own text "
+                                "(sampled as the selfgen_* fields say) added per window of the text, rounded down "
+                                "to whole batches, so the statistics also cover what the model serves beyond that "
+                                "text (0: the text alone). Read where the calibration set is built: `jaxprune "
+                                "prune` and `jaxprune.data.selfgen.with_own_text`")
+  selfgen_windows_per_text: int = _field(4, "with self-generated calibration (--calib selfgen, or a text's "
+                                         "selfgen_share): consecutive windows cut from each generated text (1: every "
+                                         "window a text of its own, all starting at BOS, the paper's Self-Gen; more: "
+                                         "longer texts, so most windows start mid-text as a corpus's windows do)")
   selfgen_samples: int = _field(128, "with self-generated calibration: how many windows to generate (the CLI's "
                                 "--calib-samples, when given, sets the count of any calibration)")
-  selfgen_top_k: int = _field(50, "with self-generated calibration: sample each token from the K most likely (0: "
+  selfgen_top_k: int = _field(0, "with self-generated calibration: sample each token from the K most likely (0: "
                               "from the model's whole distribution)")
   selfgen_temperature: float = _field(1.0, "with self-generated calibration: divide the model's logits by this "
                                       "before sampling (above 1: more varied text)")
@@ -191,6 +196,9 @@ class PruneConfig:
     if not self.selfgen_temperature > 0:
       raise UsageError(f"selfgen_temperature must be positive, got {self.selfgen_temperature}; 1 samples the "
                        "model's own distribution")
+    if not 0 <= self.selfgen_share < float("inf"):
+      raise UsageError(f"selfgen_share must be 0 (the calibration text alone) or a positive number of self-generated "
+                       f"windows per text window, got {self.selfgen_share}; e.g. 0.5")
     if self.selfgen_samples < 1:
       raise UsageError(f"selfgen_samples must be a positive number of windows, got {self.selfgen_samples}")
     if self.selfgen_top_k < 0:

@@ -21,10 +21,16 @@ those defaults. This module holds plain data and imports no config, so that
                         Each refit also fits half the error the residual
                         stream carries into its module (absorb 0.5), so
                         modules take back what earlier ones lost instead of
-                        passing it on.
+                        passing it on. A calibration text is joined by half
+                        as many windows of the model's own text (sampled from
+                        its whole distribution in texts of 4 windows;
+                        selfgen_share 0.5), so the statistics cover what the
+                        model serves beyond that text
+                        (benchmarks/results/selection_mixture.md).
   recommended-uniform   the same criterion with one shape in every layer (MLP
                         channels only; shrink 0.5, held-out best for uniform;
-                        no absorb, which lost on Shakespeare here):
+                        no absorb, which lost on Shakespeare here; the text
+                        alone, its self-generated share not measured here):
                         an export that stock `from_pretrained` loads, at some
                         cost off the calibration domain.
   recommended-datafree  the recipe on self-generated text, with the statistics
@@ -64,30 +70,32 @@ from jaxprune.errors import UsageError
 RECOMMENDED: dict[str, Any] = {}
 # One shape in every pruned layer (a stock Hugging Face config); held-out best shrink for it.
 # No absorb: it gained on held-out valid but lost on Shakespeare with this structure.
-RECOMMENDED_UNIFORM = dict(allocation="uniform", min_keep=0.0, shrink=0.5, absorb=0.0)
-# Statistics from the self-generated text itself, not from random tokens; that text drawn
-# from the model's whole distribution, four windows a text, 1024 windows (data costs nothing
-# here but generation; 2048 gained no more); every module keeps half its units; the refits
-# take back all of the stream's inherited error (absorb 0.25-1 gained 3-5.6 on held-out
-# WikiText-2 valid, 1 the most, and about 1.3 on Shakespeare).
-RECOMMENDED_DATAFREE = dict(selfgen_top_k=0, selfgen_windows_per_text=4, selfgen_samples=1024, shrink=0.5,
-                            min_keep=0.5, absorb=1.0)
+# Calibrated on the text alone: the self-generated share was chosen with the adaptive recipe only.
+RECOMMENDED_UNIFORM = dict(allocation="uniform", min_keep=0.0, shrink=0.5, absorb=0.0, selfgen_share=0.0)
+# Statistics from the self-generated text itself, not from random tokens; that text drawn as
+# the recipe draws its share (the whole distribution, four windows a text), 1024 windows (data
+# costs nothing here but generation; 2048 gained no more); every module keeps half its units;
+# the refits take back all of the stream's inherited error (absorb 0.25-1 gained 3-5.6 on
+# held-out WikiText-2 valid, 1 the most, and about 1.3 on Shakespeare).
+RECOMMENDED_DATAFREE = dict(selfgen_samples=1024, shrink=0.5, min_keep=0.5, absorb=1.0)
 
 # The paper's method (docs/method.md sections 2-6); also what PruneConfig's defaults
 # were before the presets, so results made with those defaults are this preset.
+# Its text alone; its Self-Gen samples each window as a text of its own from BOS, top-50.
 PAPER = dict(method="goa", allocation="uniform", attn_sparsity=None, reconstruct=True, refit=False, intercept=False,
-             damping=1e-3, shrink=0.0, min_keep=0.0, absorb=0.0)
+             damping=1e-3, shrink=0.0, min_keep=0.0, absorb=0.0, selfgen_share=0.0, selfgen_windows_per_text=1,
+             selfgen_top_k=50)
 
 # Published tools run without any of jaxprune's least-squares steps (the method is the caller's).
 BASELINE = dict(allocation="uniform", attn_sparsity=None, refit=False, intercept=False, damping=1e-3, shrink=0.0,
-                min_keep=0.0, absorb=0.0)
+                min_keep=0.0, absorb=0.0, selfgen_share=0.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "recommended": RECOMMENDED,
     "recommended-uniform": RECOMMENDED_UNIFORM,
     "recommended-datafree": RECOMMENDED_DATAFREE,
     "paper": PAPER,
-    # The paper's Self-Gen: statistics from random tokens (each window a text from BOS, top-50: the defaults).
+    # The paper's Self-Gen: statistics from random tokens (each window a text from BOS, top-50: the paper's).
     "paper-datafree": dict(PAPER, score_data="random"),
     "baseline": BASELINE,
 }
