@@ -72,7 +72,8 @@ CANDIDATES = [
      dict(ADAPTIVE, shrink=0.25, min_keep=0.25), "selfgen"),
     # Calibration that covers the model's whole distribution: WikiText-2 valid and self-generated
     # text (drawn as the data-free preset draws it) in one set, each weighing by its windows.
-    ("default preset", "recommended", {}, "valid"),
+    # The recipe on the text alone: the default preset before its self-generated share.
+    ("default preset, valid only", "recommended", dict(selfgen_share=0.0), "valid"),
     # The largest first: the smaller draws are its first windows.
     ("default preset, valid + 512 self-generated", "recommended", dict(quality.SELFGEN_TEXT, selfgen_samples=512),
      "valid+selfgen"),

@@ -169,7 +169,9 @@ def build_config(args, data: int):
   config, _ = resolve_config(args)
   if args.batch_size is None:
     config = dataclasses.replace(config, batch_size=-(-16 // data) * data)
-  return config
+  # The text alone: the recipe's share of self-generated text would run the whole model on every
+  # host (calibrate on a file that already holds text the model wrote, to have both).
+  return dataclasses.replace(config, selfgen_share=0.0)
 
 
 def calibration(args, model, tokenizer):
@@ -178,7 +180,7 @@ def calibration(args, model, tokenizer):
   identical on every process (same file, same seed, same tokenizer)."""
   from jaxprune.cli.prune_inputs import calibration as draw
 
-  return draw(args, model, tokenizer, build_config(args, 1), [args.calib_samples])
+  return draw(args, model, tokenizer, build_config(args, 1), [(args.calib, args.calib_samples)])
 
 
 def _host_device():
