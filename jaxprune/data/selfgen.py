@@ -111,7 +111,7 @@ def own_text_count(n_text: int, config, n_data: int = 1) -> int:
   `config.selfgen_share` of them, fewer where that many would not split into the run's batches
   (`config.batch_size` windows, a multiple of the `n_data` data-parallel devices); 0 for none."""
   share = config.selfgen_share
-  if not 0 < share < float("inf"):  # 0, or a value PruneConfig.check refuses
+  if not 0 < share < float("inf") or config.batch_size < 1:  # none, or values that are refused later
     return 0
   for m in range(int(share * n_text), 0, -1):
     batch = min(config.batch_size, n_text + m)
