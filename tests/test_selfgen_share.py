@@ -59,6 +59,7 @@ def test_the_share_is_the_most_windows_that_still_split_into_batches(share, batc
     assert not any(splits(k) for k in range(m + 1, int(share * n) + 1))  # none larger does
   # The recipe's calibration set: 128 windows of a text and 64 of the model's own.
   assert own_text_count(128, PruneConfig()) == 64 and own_text_count(128, PruneConfig(selfgen_share=0)) == 0
+  assert own_text_count(128, PruneConfig(batch_size=0)) == 0  # refused by check_batches, in one line
 
 
 def test_a_bad_share_is_refused_before_any_work(model_dir):
