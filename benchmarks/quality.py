@@ -343,7 +343,8 @@ def _fmt_settings(row: dict) -> str:
     parts.insert(0, f"sparsity={s['sparsity']}")
   if row.get("preset"):
     parts.insert(0, f"preset {row['preset']}")
-  parts.append(f"calib={calib}")
+  parts.append(f"calib={calib}" + (f" + {row['selfgen_windows']} self-generated (its share)"
+                                   if row.get("selfgen_windows") else ""))
   return ", ".join(parts)
 
 
