@@ -3,13 +3,11 @@ text (issue 32), drawn the same way by `jaxprune prune --calib FILE` and `data.s
 
 import argparse
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 import jaxprune
-from jaxprune.cli import main
 from jaxprune.cli.prune_inputs import calibration, window_counts
 from jaxprune.data import bos_prefix, sample_windows, tokenize
 from jaxprune.data import budget
@@ -18,28 +16,10 @@ from jaxprune.errors import UsageError
 from jaxprune.prune import PruneConfig
 from jaxprune.prune.streams import check_batches
 from jaxprune.sharding import make_mesh
-from tests import tiny
+# The tiny LLaMA with a word tokenizer, its texts and the in-process command of test_cli_prune.
+from tests.test_cli_prune import model_dir, run, texts  # noqa: F401
 
 SEQ = 16
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_dir, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("share") / "model")
-  shutil.copytree(tiny_dir("llama_gqa"), path)
-  return tiny.add_word_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-  return tiny.write_words(str(tmp_path_factory.mktemp("share_text") / "calib.txt"), 900, seed=1)
-
-
-def run(capsys, *argv):
-  capsys.readouterr()
-  code = main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.mark.parametrize("n_data", [1, 2, 8])
@@ -78,7 +58,8 @@ def test_texts_of_the_share_fit_the_model_positions(model_dir):
   assert per_text_that_fits(spec, 60, 4, (0,)) == 1 and per_text_that_fits(spec, 8, 2) == 2
 
 
-def test_the_command_calibrates_on_the_text_and_its_share(capsys, model_dir, text, tmp_path):
+def test_the_command_calibrates_on_the_text_and_its_share(capsys, model_dir, texts, tmp_path):
+  text = texts["calib"]
   """`jaxprune prune --calib FILE` with the recipe: the text's windows, then the share of the
   model's own text, which is what `with_own_text` gives; the report names both; share 0: the text."""
   out = tmp_path / "mixed"
@@ -115,8 +96,9 @@ def test_the_command_calibrates_on_the_text_and_its_share(capsys, model_dir, tex
   assert window_counts(16, config, "random") == [("random", 16)]
 
 
-def test_a_model_too_large_to_generate_from_is_refused_before_any_work(capsys, model_dir, text, tmp_path,
+def test_a_model_too_large_to_generate_from_is_refused_before_any_work(capsys, model_dir, texts, tmp_path,
                                                                         monkeypatch):
+  text = texts["calib"]
   model = jaxprune.load(model_dir)
   need = model.num_params * 4
   with pytest.raises(UsageError, match="--selfgen-share 0"):
