@@ -69,6 +69,10 @@ def test_the_command_calibrates_on_the_text_and_its_share(capsys, model_dir, tex
   cal = json.loads((out / "report.json").read_text())["calibration"]
   assert cal["sources"] == [text, "selfgen"] and cal["source_windows"] == [16, 8] and cal["windows"] == 24
   assert cal["source"] == f"{text} + selfgen"
+  # `jaxprune report` rebuilds the run's first windows from the text, as the run drew them.
+  code, _, err = run(capsys, "report", out, "--js-windows", "4")
+  assert code == 0, err
+  assert (out / "head_similarity.png").exists()
 
   model, tok = jaxprune.load(model_dir), jaxprune.load_tokenizer(model_dir)
   config = PruneConfig(batch_size=8)
