@@ -88,6 +88,7 @@ def _windows(source: str, args, model, tokenizer, config, n: int, with_text: boo
 def check_inputs(args, config, mesh):
   """The text files, window length and calibration size, checked before the model loads; the
   (source, windows) the run draws (`window_counts`)."""
+  from jaxprune import sharding
   from jaxprune.data import check_seq_len
   from jaxprune.data.stream import check_file
   from jaxprune.prune import check_batches
@@ -104,8 +105,6 @@ def check_inputs(args, config, mesh):
     check_file(args.eval_text, "--eval-text file")
     if args.eval_windows < 1:
       raise UsageError(f"--eval-windows must be positive, got {args.eval_windows}")
-  from jaxprune import sharding
-
   draws = window_counts(args.calib_samples, config, args.calib, mesh.shape[sharding.DATA])
   check_batches(sum(n for _, n in draws), config.batch_size, mesh)
   return draws
