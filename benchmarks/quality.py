@@ -82,6 +82,8 @@ RUNS = [
     # joined by the preset's self-generated share of them (selfgen_share).
     ("default preset", "recommended", {}, "valid"),
     ("default preset, uniform shape", "recommended-uniform", {}, "valid"),
+    # Its share with all of the stream's error taken back: held-out best at 50% (selection_mixture.md).
+    ("default preset, absorb 1", "recommended", dict(absorb=1.0), "valid"),
     # The default preset as it stood at 1b8115c, calibrated on the text alone.
     ("default preset before the self-generated share", "recommended", dict(selfgen_share=0.0), "valid"),
     # The default preset as it stood at 501cdeb / 3c17690, before `absorb`.
