@@ -60,24 +60,20 @@ def calibration(args, model, tokenizer, config, draws: list[tuple[str, int]]):
 def _windows(source: str, args, model, tokenizer, config, n: int, with_text: bool):
   from jaxprune.cli.progress import phase
   from jaxprune.data import bos_prefix, calibration_stream, sample_windows
-  from jaxprune.data.selfgen import per_text_that_fits, random_tokens, self_generated
+  from jaxprune.data.selfgen import own_windows, random_tokens
 
   prefix = bos_prefix(tokenizer)
   if source == "selfgen":
     from jaxprune.io.lazy import materialize
 
     model = materialize(model)  # generation runs the whole model for every token
-    per_text = config.selfgen_windows_per_text
-    hint = "--calib FILE reads a text instead"
-    if with_text:  # joining a text, its texts are cut to what the model's positions hold
-      per_text = per_text_that_fits(model.spec, args.seq_len, per_text, prefix)
-      hint = "--selfgen-share 0 calibrates on the text alone"
+    hint = "--selfgen-share 0 calibrates on the text alone" if with_text else "--calib FILE reads a text instead"
     # Minutes to an hour on a CPU: say so before the first batch compiles and runs.
     with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself ({hint})", n,
                "self-generation", "win", args.show_progress) as update:
-      return self_generated(model.spec, model.params, n, args.seq_len, seed=config.seed,
-                            windows_per_text=per_text, top_k=config.selfgen_top_k,
-                            temperature=config.selfgen_temperature, prefix=prefix, progress=update)
+      # Joining a text, its texts are cut to what the model's positions hold.
+      return own_windows(model.spec, model.params, n, args.seq_len, config, prefix=prefix, fit=with_text,
+                         progress=update)
   if source == "random":
     return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed, prefix=prefix)
   windows, _ = sample_windows(calibration_stream(source, tokenizer), args.seq_len, n, seed=config.seed,

@@ -126,6 +126,18 @@ def per_text_that_fits(spec: ModelSpec, seq_len: int, per_text: int, prefix: tup
   return max(1, min(per_text, (spec.max_positions - len(prefix)) // seq_len))
 
 
+def own_windows(spec: ModelSpec, params: Params, n: int, seq_len: int, config, *, prefix: tuple[int, ...] = (),
+                fit: bool = False, progress: Callable[[int], None] | None = None) -> np.ndarray:
+  """`n` self-generated windows sampled as `config`'s selfgen_* fields say, from `config.seed`;
+  with `fit`, in texts cut to what the model's positions hold (`per_text_that_fits`)."""
+  per_text = config.selfgen_windows_per_text
+  if fit:
+    per_text = per_text_that_fits(spec, seq_len, per_text, prefix)
+  return self_generated(spec, params, n, seq_len, seed=config.seed, windows_per_text=per_text,
+                        top_k=config.selfgen_top_k, temperature=config.selfgen_temperature, prefix=prefix,
+                        progress=progress)
+
+
 def with_own_text(spec: ModelSpec, params: Params, windows, config, *, prefix: tuple[int, ...] = (), n_data: int = 1,
                   progress: Callable[[int], None] | None = None) -> np.ndarray:
   """`windows` of a calibration text [n, len(prefix) + seq_len], then `own_text_count` windows of
@@ -136,9 +148,6 @@ def with_own_text(spec: ModelSpec, params: Params, windows, config, *, prefix: t
   m = own_text_count(len(windows), config, n_data)
   if not m:
     return windows
-  seq_len = windows.shape[1] - len(prefix)
-  own = self_generated(spec, params, m, seq_len, seed=config.seed,
-                       windows_per_text=per_text_that_fits(spec, seq_len, config.selfgen_windows_per_text, prefix),
-                       top_k=config.selfgen_top_k, temperature=config.selfgen_temperature, prefix=prefix,
-                       progress=progress)
+  own = own_windows(spec, params, m, windows.shape[1] - len(prefix), config, prefix=prefix, fit=True,
+                    progress=progress)
   return np.concatenate([windows, own.astype(windows.dtype)])
