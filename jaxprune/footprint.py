@@ -27,6 +27,11 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
                being written at the end; on a CPU backend every local device's
                memory is also host memory.
 
+A run that calibrates on the model's own text (`--calib selfgen`, or the share that
+joins a text) first samples it with the whole model at once on one device
+(`data.selfgen`): the blocks in the checkpoint's dtype, the rest in float32, the KV cache
+of a batch of texts and its logits. That is a phase of its own, before the first block.
+
 The peak is taken over the phases of a module's step (statistics, solves,
 advance), each the sum of what is alive in it, and the largest term at the
 peak is named. Compiled executables and allocator slack are not modelled.
@@ -74,11 +79,16 @@ class Estimate:
   backend: str
   local_devices: int
   notes: tuple[str, ...]
+  # (device, host) while the model samples its own calibration text, before the first block;
+  # None for a run that generates none. `device` and `host` are the pruning's peaks.
+  generation: tuple[Peak, Peak] | None = None
 
   def to_json(self) -> dict:
     side = lambda p: {"bytes": p.bytes, "phase": p.phase, "dominant": p.dominant, "terms": p.terms}
+    gen = None if self.generation is None else {"device": side(self.generation[0]), "host": side(self.generation[1])}
     return {"device": side(self.device), "host": side(self.host), "mesh": {"data": self.mesh[0], "model": self.mesh[1]},
-            "backend": self.backend, "local_devices": self.local_devices, "notes": list(self.notes)}
+            "backend": self.backend, "local_devices": self.local_devices, "notes": list(self.notes),
+            "generation": gen}
 
 
 def process_floor() -> int:
@@ -101,7 +111,8 @@ def _shard(nbytes: float, ways: int) -> int:
 
 def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int = 1, model: int = 1,
              checkpoint_bytes: int = 4, backend: str | None = None, local_devices: int | None = None,
-             floor: int | None = None, max_shard_bytes: int = 200 * 10 ** 6, mapped_bytes: int = 0) -> Estimate:
+             floor: int | None = None, max_shard_bytes: int = 200 * 10 ** 6, mapped_bytes: int = 0,
+             generated: int = 0, prefix: int = 0, fit: bool = True) -> Estimate:
   """The peak per-device and per-host memory of pruning `spec` with `config` (a PruneConfig).
 
   Args:
@@ -115,6 +126,9 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       run's tokenizer first to count it).
     mapped_bytes: checkpoint file pages the reader keeps mapped (a GGUF file, read whole
       over the run).
+    generated: how many of the `samples` windows the model generates itself (0: none); `prefix`,
+      the tokens each window is fed after (BOS), so `seq_len - prefix` are sampled per window;
+      `fit`, texts cut to what the model's positions hold (the share that joins a text).
   """
   backend = backend or jax.default_backend()
   if local_devices is None:
@@ -132,6 +146,17 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
   if B % data:
     notes.append(f"batch size {B} is not a multiple of the data axis {data}; the run would refuse it")
 
+  generation = None
+  if generated:
+    gen = generation_terms(spec, config, generated, seq_len - prefix, prefix, fit, checkpoint_bytes)
+    host = {"process (measured)": floor, **({"checkpoint file (memory-mapped)": mapped_bytes} if mapped_bytes else {})}
+    if backend == "cpu":
+      host.update(gen)
+    else:  # read a block at a time, each upcast and put on the device that generates
+      host["block as read + float32 copy"] = max(layer_param_count(spec, l) for l in spec.layers) * (
+          checkpoint_bytes + F32)
+    where = f"self-generation of {generated} windows, on one device"
+    generation = (Peak(sum(gen.values()), where, gen), Peak(sum(host.values()), where, host))
   best_dev = best_host = None
   start, stop = config.block_range(spec)
   shapes = block_shapes(spec)
@@ -231,7 +256,33 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
   if backend != "cpu":
     notes.append("device figures are accelerator memory; host figures exclude it")
   notes.append("not modelled: compiled executables, allocator slack, the tokenized text")
-  return Estimate(best_dev, best_host, (data, model), backend, local_devices, tuple(notes))
+  return Estimate(best_dev, best_host, (data, model), backend, local_devices, tuple(notes), generation)
+
+
+def generation_terms(spec: ModelSpec, config, windows: int, seq_len: int, prefix: int = 0, fit: bool = True,
+                     checkpoint_bytes: int = 4) -> dict[str, int]:
+  """What sampling `windows` windows of `seq_len` tokens (after `prefix` tokens) holds on its one
+  device, as `data.selfgen.own_windows` samples them: the whole model (`generation_model_bytes`),
+  one batch of texts' KV cache and logits (the logits and their scaled, masked copy)."""
+  from jaxprune.data.selfgen import batches, per_text_that_fits
+
+  per_text = per_text_that_fits(spec, seq_len, config.selfgen_windows_per_text, (0,) * prefix) if fit else (
+      config.selfgen_windows_per_text)
+  length = prefix + per_text * seq_len
+  batch = batches(-(-windows // per_text))[1]
+  kv = sum(2 * batch * l.num_kv_heads * length * l.head_dim for l in spec.layers)
+  return {"whole model (generating)": generation_model_bytes(spec, checkpoint_bytes),
+          "KV cache (generating)": kv * F32, "logits (generating)": 2 * batch * spec.vocab_size * F32}
+
+
+def generation_model_bytes(spec: ModelSpec, checkpoint_bytes: int = 4) -> int:
+  """The model as a streamed run samples from it (`io.lazy.materialize(model, upcast=False)`):
+  its blocks in the checkpoint's dtype, the embeddings, head and final norm in float32."""
+  shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+  count = lambda tree: sum(math.prod(s) for s in jax.tree.leaves(tree, is_leaf=shape))
+  tree = param_shapes(spec)
+  blocks = count(tree.pop("layers"))
+  return blocks * checkpoint_bytes + count(tree) * F32
 
 
 def _top_bytes(spec: ModelSpec, checkpoint_bytes: int) -> int:
@@ -250,7 +301,10 @@ def human(n: float) -> str:
 def table(e: Estimate) -> str:
   """The estimate as the lines `jaxprune plan` prints."""
   lines = [f"mesh data={e.mesh[0]},model={e.mesh[1]} on {e.backend} ({e.local_devices} devices per host)"]
-  for title, p in (("per device", e.device), ("per host", e.host)):
+  sides = [("per device", e.device), ("per host", e.host)]
+  if e.generation is not None:
+    sides = [("generating, on its device", e.generation[0]), ("generating, per host", e.generation[1]), *sides]
+  for title, p in sides:
     lines.append(f"{title}: peak {human(p.bytes)} during {p.phase}; dominated by {p.dominant} "
                  f"({100 * p.terms[p.dominant] / max(p.bytes, 1):.0f}%)")
     for k, v in sorted(p.terms.items(), key=lambda kv: -kv[1]):
@@ -259,4 +313,5 @@ def table(e: Estimate) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["Estimate", "Peak", "estimate", "human", "process_floor", "table"]
+__all__ = ["Estimate", "Peak", "estimate", "generation_model_bytes", "generation_terms", "human",
+           "process_floor", "table"]

@@ -103,12 +103,21 @@ def test_the_command_calibrates_on_the_text_and_its_share(capsys, model_dir, tex
 def test_a_model_too_large_to_generate_from_is_refused_before_any_work(capsys, model_dir, texts, tmp_path,
                                                                         monkeypatch):
   text = texts["calib"]
+  from jaxprune.footprint import generation_model_bytes
+
   model = jaxprune.load(model_dir)
-  need = model.num_params * 4
+  need = generation_model_bytes(model.spec, 4)
+  assert need == model.num_params * 4  # a float32 checkpoint: every parameter at four bytes
   with pytest.raises(UsageError, match="--selfgen-share 0"):
-    budget.check_generation_size(model.num_params, 4, "pass --selfgen-share 0 to calibrate on the text alone",
+    budget.check_generation_size(need, "pass --selfgen-share 0 to calibrate on the text alone",
                                  available=need - 1)
-  budget.check_generation_size(model.num_params, 4, "unused", available=need)
+  budget.check_generation_size(need, "unused", available=need)
+  # On an accelerator the model is sampled from its first device: that device's memory decides,
+  # whatever the host has.
+  with pytest.raises(UsageError, match="of the device that samples it; pass --selfgen-share 0"):
+    budget.check_generation_size(need, "pass --selfgen-share 0", available=10 * need, device=need - 1)
+  budget.check_generation_size(need, "unused", available=1, device=need)
+  assert budget.device_bytes() is None  # a CPU's memory is the host's
   # The command: enough memory for the calibration streams, not for the whole model at once.
   streams = budget.calibration_bytes(24, SEQ, model.spec.hidden_size)
   assert streams < need - 1

@@ -64,18 +64,25 @@ def run(args) -> int:
   data, model = sharding.parse_mesh(args.mesh) if args.mesh else (1, 1)
   data = 1 if data is None else data
   # As `jaxprune prune` would draw them (a data-free preset generates its calibration).
-  args.calib_samples = sum(n for _, n in window_counts(args.calib_samples, config, "selfgen" if preset in
-                                                      presets.DATAFREE else "text", data))
+  draws = window_counts(args.calib_samples, config, "selfgen" if preset in presets.DATAFREE else "text", data)
+  args.calib_samples = sum(n for _, n in draws)
+  generated = sum(n for source, n in draws if source == "selfgen")
   check_seq_len(args.seq_len, spec)  # as `jaxprune prune` checks it
   # The run feeds every window after the tokenizer's BOS where it adds one (Gemma): one more token each.
   window = args.seq_len + (len(bos_prefix(tokenizer)) if tokenizer is not None else 0)
   est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=window, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
-                           max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped)
+                           max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped,
+                           generated=generated, prefix=window - args.seq_len, fit=len(draws) > 1)
   print(f"{args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, preset {preset} "
         f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens"
         + (f", each window fed after BOS ({window} tokens)" if window != args.seq_len else ""))
   print(footprint.table(est))
+  if est.generation is not None and est.generation[0].bytes > est.device.bytes:
+    fix = ("--selfgen-share 0 calibrates on the text alone" if len(draws) > 1
+           else "--calib FILE calibrates on a text instead")
+    print(f"note: the run's peak is its {generated} self-generated windows, sampled by the whole model on one device; "
+          f"{fix}")
   if tokenizer is None:
     print("note: no tokenizer found next to the config; the run's (tens to hundreds of MB) is not counted")
   if args.json:

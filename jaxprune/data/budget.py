@@ -41,14 +41,30 @@ def check_calibration_size(samples: int, seq_len: int, hidden: int, available: i
                    f"available; use at most --calib-samples {most} (or a shorter --seq-len)")
 
 
-def check_generation_size(n_params: int, itemsize: int, fix: str, available: int | None = None) -> None:
-  """Self-generated calibration text is sampled by the whole model at once: refused where its
-  weights (`n_params` of `itemsize` bytes) would not fit in the memory available."""
+def device_bytes() -> int | None:
+  """The memory of the first local device, where self-generated text is sampled: its allocator's
+  limit on an accelerator; None on a CPU, whose memory is the host's."""
+  import jax
+
+  dev = jax.local_devices()[0]
+  if dev.platform == "cpu":
+    return None
+  try:
+    return (dev.memory_stats() or {}).get("bytes_limit")
+  except (NotImplementedError, RuntimeError):  # a backend without memory statistics: nothing to check against
+    return None
+
+
+def check_generation_size(need: int, fix: str, available: int | None = None, device: int | None = None) -> None:
+  """Self-generated calibration text is sampled by the whole model at once, on one device: refused
+  where its weights (`need` bytes) would not fit in that device's memory (`device`, default
+  `device_bytes()`) or, on a CPU, in the host memory available."""
   from jaxprune.footprint import human
 
-  available = available_bytes() if available is None else available
-  need = n_params * itemsize
-  if available is None or need <= available:
-    return
-  raise UsageError(f"generating calibration text holds the whole model in memory ({human(need)}), more than the "
-                   f"{human(available)} available; {fix}")
+  device = device_bytes() if device is None else device
+  # On an accelerator the blocks are read one at a time into its memory; on a CPU, the host's.
+  room, where = (device, "of the device that samples it") if device is not None else (
+      available_bytes() if available is None else available, "available")
+  if room is not None and need > room:
+    raise UsageError(f"generating calibration text holds the whole model in memory ({human(need)}), more than "
+                     f"the {human(room)} {where}; {fix}")

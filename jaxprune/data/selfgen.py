@@ -20,6 +20,9 @@ from jaxprune.models import decode
 from jaxprune.spec import ModelSpec, Params
 
 
+BATCH = 32  # texts sampled at once by default
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "length", "top_k"))
 def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperature, top_k: int):
   """Texts [B, length], row b from token `first[b]` drawn with its own key `keys[b]` (so a text
@@ -44,7 +47,7 @@ def _sample(spec: ModelSpec, params: Params, keys, first, length: int, temperatu
 
 
 def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: int = 0, *, temperature: float = 1.0,
-                   top_k: int = 50, batch_size: int = 32, first_token: int | Sequence[int] | None = None,
+                   top_k: int = 50, batch_size: int = BATCH, first_token: int | Sequence[int] | None = None,
                    windows_per_text: int = 1, prefix: tuple[int, ...] = (),
                    progress: Callable[[int], None] | None = None) -> np.ndarray:
   """`n` windows [n, len(prefix) + seq_len] of text sampled by the model itself from BOS.
@@ -85,8 +88,7 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
   if not temperature > 0:
     raise UsageError(f"temperature must be positive, got {temperature}")
   texts = -(-n // windows_per_text)
-  n_batches = -(-texts // batch_size)
-  batch = -(-texts // n_batches)
+  batch = batches(texts, batch_size)[1]
   base = jax.random.key(seed)
   rows = []
   for start in range(0, texts, batch):
@@ -98,6 +100,13 @@ def self_generated(spec: ModelSpec, params: Params, n: int, seq_len: int, seed: 
       progress(min((start + batch) * windows_per_text, n) - min(start * windows_per_text, n))
   body = np.concatenate(rows)[:texts, len(prefix):]
   return prefixed(body.reshape(-1, seq_len)[:n], tuple(prefix))
+
+
+def batches(texts: int, batch_size: int = BATCH) -> tuple[int, int]:
+  """(batches, texts per batch) that `self_generated` samples `texts` texts in: batches of equal
+  size, at most `batch_size`, so that one compile serves them all."""
+  n = -(-texts // batch_size)
+  return n, -(-texts // n)
 
 
 def random_tokens(vocab_size: int, n: int, seq_len: int, seed: int = 0, prefix: tuple[int, ...] = ()) -> np.ndarray:
