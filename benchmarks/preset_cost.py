@@ -4,7 +4,8 @@ Each row prunes one model at 20% with 8 x 128 calibration tokens from WikiText-2
 (seed 0) in a child process (`jaxprune prune`, streamed from its safetensors), once with
 `--preset paper` and once with the default preset, and records from the run's report the
 wall seconds by phase (the plan's own split too), the XLA compiles and the child's peak RSS
-(`os.wait4`), against the model's float32 size. Both presets of a row run back to back, so
+(`os.wait4`), against the model's float32 size, and the calibration's seconds (the default
+samples its self-generated share there, before the pruning). Both presets of a row run back to back, so
 their ratio is taken under the same load of the (shared) machine.
 
 Models: the synthetic LLaMA of `streaming_memory.py` (hidden 1024, 16 heads, 4 KV heads,
@@ -58,7 +59,10 @@ def run_preset(model: str, preset: str, out: str, calib_samples: int) -> dict:
   return {"preset": preset, "wall_seconds": wall, "seconds": s["total"], "plan_seconds": s["plan"],
           "phases": s["phases"], "plan_phases": s["plan_phases"], "compiles": report["passes"].get("compiles"),
           "peak_rss_bytes": peak, "params_before": report["params"]["before"],
-          "params_after": report["params"]["after"]}
+          "params_after": report["params"]["after"],
+          # Reading the text and, for the default, sampling its own share (outside `seconds`).
+          "calibration_seconds": report["calibration"]["seconds"],
+          "calibration_windows": report["calibration"].get("source_windows", [report["calibration"]["windows"]])}
 
 
 def row(name: str, model: str, work: str, calib_samples: int, layers: int | None) -> dict:
