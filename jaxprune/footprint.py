@@ -29,8 +29,9 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
 
 A run that calibrates on the model's own text (`--calib selfgen`, or the share that
 joins a text) first samples it with the whole model at once on one device
-(`data.selfgen`): the blocks in the checkpoint's dtype, the rest in float32, the KV cache
-of a batch of texts and its logits. That is a phase of its own, before the first block.
+(`data.selfgen`): every parameter in float32 (beside the streamed model's own embeddings and
+head, in the checkpoint's dtype), the KV cache of a batch of texts and its logits. That is a
+phase of its own, before the first block.
 
 The peak is taken over the phases of a module's step (statistics, solves,
 advance), each the sum of what is alive in it, and the largest term at the
@@ -148,7 +149,9 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
 
   generation = None
   if generated:
-    gen = generation_terms(spec, config, generated, seq_len - prefix, prefix, fit, checkpoint_bytes)
+    gen = generation_terms(spec, config, generated, seq_len - prefix, prefix, fit)
+    if checkpoint_bytes != F32:  # the streamed model's own tables stay beside their float32 copies
+      gen["embedding and head (as stored)"] = _top_bytes(spec, checkpoint_bytes)
     host = {"process (measured)": floor, **({"checkpoint file (memory-mapped)": mapped_bytes} if mapped_bytes else {})}
     if backend == "cpu":
       host.update(gen)
@@ -259,11 +262,12 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
   return Estimate(best_dev, best_host, (data, model), backend, local_devices, tuple(notes), generation)
 
 
-def generation_terms(spec: ModelSpec, config, windows: int, seq_len: int, prefix: int = 0, fit: bool = True,
-                     checkpoint_bytes: int = 4) -> dict[str, int]:
+def generation_terms(spec: ModelSpec, config, windows: int, seq_len: int, prefix: int = 0,
+                     fit: bool = True) -> dict[str, int]:
   """What sampling `windows` windows of `seq_len` tokens (after `prefix` tokens) holds on its one
-  device, as `data.selfgen.own_windows` samples them: the whole model (`generation_model_bytes`),
-  one batch of texts' KV cache and logits (the logits and their scaled, masked copy)."""
+  device, as `data.selfgen.own_windows` samples them: the whole model in float32
+  (`generation_model_bytes`), one batch of texts' KV cache and logits (the logits and their
+  scaled, masked copy)."""
   from jaxprune.data.selfgen import batches, per_text_that_fits
 
   per_text = per_text_that_fits(spec, seq_len, config.selfgen_windows_per_text, (0,) * prefix) if fit else (
@@ -271,18 +275,14 @@ def generation_terms(spec: ModelSpec, config, windows: int, seq_len: int, prefix
   length = prefix + per_text * seq_len
   batch = batches(-(-windows // per_text))[1]
   kv = sum(2 * batch * l.num_kv_heads * length * l.head_dim for l in spec.layers)
-  return {"whole model (generating)": generation_model_bytes(spec, checkpoint_bytes),
+  return {"whole model (float32, generating)": generation_model_bytes(spec),
           "KV cache (generating)": kv * F32, "logits (generating)": 2 * batch * spec.vocab_size * F32}
 
 
-def generation_model_bytes(spec: ModelSpec, checkpoint_bytes: int = 4) -> int:
-  """The model as a streamed run samples from it (`io.lazy.materialize(model, upcast=False)`):
-  its blocks in the checkpoint's dtype, the embeddings, head and final norm in float32."""
+def generation_model_bytes(spec: ModelSpec) -> int:
+  """The model as a streamed run samples from it (`io.lazy.materialize`): every parameter in float32."""
   shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
-  count = lambda tree: sum(math.prod(s) for s in jax.tree.leaves(tree, is_leaf=shape))
-  tree = param_shapes(spec)
-  blocks = count(tree.pop("layers"))
-  return blocks * checkpoint_bytes + count(tree) * F32
+  return F32 * sum(math.prod(s) for s in jax.tree.leaves(param_shapes(spec), is_leaf=shape))
 
 
 def _top_bytes(spec: ModelSpec, checkpoint_bytes: int) -> int:

@@ -106,7 +106,7 @@ def test_a_model_too_large_to_generate_from_is_refused_before_any_work(capsys, m
   from jaxprune.footprint import generation_model_bytes
 
   model = jaxprune.load(model_dir)
-  need = generation_model_bytes(model.spec, 4)
+  need = generation_model_bytes(model.spec)
   assert need == model.num_params * 4  # a float32 checkpoint: every parameter at four bytes
   with pytest.raises(UsageError, match="--selfgen-share 0"):
     budget.check_generation_size(need, "pass --selfgen-share 0 to calibrate on the text alone",

@@ -66,9 +66,7 @@ def _windows(source: str, args, model, tokenizer, config, n: int, with_text: boo
   if source == "selfgen":
     from jaxprune.io.lazy import materialize
 
-    # Generation runs the whole model for every token: its blocks stay in the checkpoint's dtype,
-    # every product in float32 (the text is the upcast model's, in half a bfloat16 model's memory).
-    model = materialize(model, upcast=False)
+    model = materialize(model)  # generation runs the whole model for every token
     hint = "--selfgen-share 0 calibrates on the text alone" if with_text else "--calib FILE reads a text instead"
     # Minutes to an hour on a CPU: say so before the first batch compiles and runs.
     with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself ({hint})", n,
@@ -112,8 +110,6 @@ def check_model_inputs(args, model, draws: list[tuple[str, int]]) -> None:
   """What the model's sizes decide: the window length against its positions, the calibration
   streams and the generation of its own text against the memory there is (refused before they
   are allocated)."""
-  import numpy as np
-
   from jaxprune.data import check_seq_len
   from jaxprune.data.budget import check_calibration_size, check_generation_size
   from jaxprune.footprint import generation_model_bytes
@@ -125,6 +121,4 @@ def check_model_inputs(args, model, draws: list[tuple[str, int]]) -> None:
   if "selfgen" in srcs and is_lazy(model.params):  # generation reads every block in at once
     fix = ("pass --selfgen-share 0 to calibrate on the text alone" if any(s not in CALIB_SPECIAL for s in srcs)
            else "calibrate on a text instead (--calib FILE)")
-    # Blocks as stored (a lazy model's embedding table keeps the checkpoint's dtype), the rest float32.
-    stored = np.dtype(model.params["embed"]["embedding"].dtype).itemsize
-    check_generation_size(generation_model_bytes(model.spec, stored), fix)
+    check_generation_size(generation_model_bytes(model.spec), fix)

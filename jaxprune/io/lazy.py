@@ -80,12 +80,6 @@ class LazyBlocks(Sequence):
     # The block alone is upcast (in XLA), never the whole model.
     return self._keep(i, jax.tree.map(lambda x: jnp.asarray(x).astype(self.dtype), blk))
 
-  def stored(self, i: int) -> Params:
-    """Block i in the checkpoint's dtype, on the default device (not cached, not upcast)."""
-    blk = self._checked(i % len(self), self._read(i % len(self)))
-    self.reads += 1
-    return jax.tree.map(jnp.asarray, blk)
-
   def _checked(self, i: int, blk: Params) -> Params:
     want = traverse_util.flatten_dict(self.shapes[i], sep=".")
     have = traverse_util.flatten_dict(blk, sep=".")
@@ -150,19 +144,13 @@ def is_lazy(params: Params) -> bool:
   return isinstance(params.get("layers"), LazyBlocks)
 
 
-def materialize(model: Model, upcast: bool = True) -> Model:
-  """`model` with every block read into memory (a lazy model's blocks, once).
-
-  The embeddings, head and norms are float32. With `upcast=False` the blocks keep the
-  checkpoint's dtype (half the memory of a bfloat16 checkpoint's float32 copy): code whose
-  activations are float32 (the embeddings' rows are) then takes every product in float32 on
-  exactly upcast weights, as on the upcast model (`data.selfgen` samples its text so)."""
+def materialize(model: Model) -> Model:
+  """`model` with every block read into memory (a lazy model's blocks, once)."""
   if not is_lazy(model.params):
     return model
   layers = model.params["layers"]
   top = {k: jax.tree.map(lambda x: x.astype(layers.dtype), v) for k, v in model.params.items() if k != "layers"}
-  blocks = tuple(layers) if upcast else tuple(layers.stored(i) for i in range(len(layers)))
-  return Model(model.spec, {**top, "layers": blocks}, model.source)
+  return Model(model.spec, {**top, "layers": tuple(layers)}, model.source)
 
 
 def lazy_model(spec: ModelSpec, keys: Sequence[str], get: Callable[[str], np.ndarray], source: str,

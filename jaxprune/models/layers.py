@@ -127,17 +127,8 @@ def apply_rope(x, cos, sin):
   return (x.astype(F32) * cos + rot.astype(F32) * sin).astype(x.dtype)
 
 
-def _widened(w, x):
-  """`w` upcast to `x`'s wider float dtype (exact), else as it is: weights kept as stored
-  (bfloat16 blocks sampled from with float32 activations, `io.lazy.materialize(upcast=False)`)
-  then enter every product as their float32 copies would."""
-  if w.dtype != x.dtype and jnp.finfo(w.dtype).bits < jnp.finfo(x.dtype).bits:
-    return w.astype(x.dtype)
-  return w
-
-
 def _add_bias(p, y):
-  return y + _widened(p["bias"], y) if "bias" in p else y
+  return y + p["bias"] if "bias" in p else y
 
 
 def dense(p, x, spec: str):
@@ -148,9 +139,8 @@ def dense(p, x, spec: str):
   to its fast (AMX) matmul kernels; with bf16-output dots a SmolLM2 block ran
   2.6x slower.
   """
-  kernel = _widened(p["kernel"], x)
-  dtype = jnp.result_type(x, kernel)
-  return _add_bias(p, jnp.einsum(spec, x, kernel, preferred_element_type=F32).astype(dtype))
+  dtype = jnp.result_type(x, p["kernel"])
+  return _add_bias(p, jnp.einsum(spec, x, p["kernel"], preferred_element_type=F32).astype(dtype))
 
 
 def post_norm(cfg: BlockConfig, blk, kind: str, y):
