@@ -30,8 +30,10 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
 A run that calibrates on the model's own text (`--calib selfgen`, or the share that
 joins a text) first samples it with the whole model at once on one device
 (`data.selfgen`): every parameter in float32 (beside the streamed model's own embeddings and
-head, in the checkpoint's dtype), the KV cache of a batch of texts and its logits. That is a
-phase of its own, before the first block.
+head, in the checkpoint's dtype), the KV cache of a batch of texts and its logits; planning
+for this process's own backend, the sampler is compiled on abstract shapes and XLA's
+`memory_analysis` gives its arguments and buffers instead. That is a phase of its own, before
+the first block.
 
 The peak is taken over the phases of a module's step (statistics, solves,
 advance), each the sum of what is alive in it, and the largest term at the
@@ -149,7 +151,10 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
 
   generation = None
   if generated:
-    gen = generation_terms(spec, config, generated, seq_len - prefix, prefix, fit)
+    # Planning for this process's own backend, XLA's account of the compiled sampler; else the terms
+    # it is known to hold.
+    terms = compiled_generation_terms if backend == jax.default_backend() else generation_terms
+    gen = terms(spec, config, generated, seq_len - prefix, prefix, fit)
     if checkpoint_bytes != F32:  # the streamed model's own tables stay beside their float32 copies
       gen["embedding and head (as stored)"] = _top_bytes(spec, checkpoint_bytes)
     host = {"process (measured)": floor, **({"checkpoint file (memory-mapped)": mapped_bytes} if mapped_bytes else {})}
@@ -268,15 +273,38 @@ def generation_terms(spec: ModelSpec, config, windows: int, seq_len: int, prefix
   device, as `data.selfgen.own_windows` samples them: the whole model in float32
   (`generation_model_bytes`), one batch of texts' KV cache and logits (the logits and their
   scaled, masked copy)."""
+  batch, length = _sampler_call(spec, config, windows, seq_len, prefix, fit)
+  kv = sum(2 * batch * l.num_kv_heads * length * l.head_dim for l in spec.layers)
+  return {"whole model (float32, generating)": generation_model_bytes(spec),
+          "KV cache (generating)": kv * F32, "logits (generating)": 2 * batch * spec.vocab_size * F32}
+
+
+def compiled_generation_terms(spec: ModelSpec, config, windows: int, seq_len: int, prefix: int = 0,
+                              fit: bool = True) -> dict[str, int]:
+  """`generation_terms` as XLA accounts for it on this process's backend: the sampler
+  (`data.selfgen._sample`) compiled for the batch and length it would run at, on abstract float32
+  parameters, its arguments (the model) and its temporaries and outputs (the KV cache, logits and
+  whatever else the loop keeps) from `compile().memory_analysis()`."""
+  from jaxprune.data import selfgen
+
+  batch, length = _sampler_call(spec, config, windows, seq_len, prefix, fit)
+  shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(spec), is_leaf=shape)
+  keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.arange(batch)))
+  first = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  mem = selfgen._sample.lower(spec, params, keys, first, length, jnp.float32(config.selfgen_temperature),
+                              int(config.selfgen_top_k or 0)).compile().memory_analysis()
+  return {"whole model (float32, generating)": int(mem.argument_size_in_bytes),
+          "sampler's buffers (compiled: KV cache, logits, ...)": int(mem.temp_size_in_bytes + mem.output_size_in_bytes)}
+
+
+def _sampler_call(spec: ModelSpec, config, windows: int, seq_len: int, prefix: int, fit: bool) -> tuple[int, int]:
+  """(texts per batch, tokens per text) of the sampler's call for `windows` windows."""
   from jaxprune.data.selfgen import batches, per_text_that_fits
 
   per_text = per_text_that_fits(spec, seq_len, config.selfgen_windows_per_text, (0,) * prefix) if fit else (
       config.selfgen_windows_per_text)
-  length = prefix + per_text * seq_len
-  batch = batches(-(-windows // per_text))[1]
-  kv = sum(2 * batch * l.num_kv_heads * length * l.head_dim for l in spec.layers)
-  return {"whole model (float32, generating)": generation_model_bytes(spec),
-          "KV cache (generating)": kv * F32, "logits (generating)": 2 * batch * spec.vocab_size * F32}
+  return batches(-(-windows // per_text))[1], prefix + per_text * seq_len
 
 
 def generation_model_bytes(spec: ModelSpec) -> int:
@@ -313,5 +341,5 @@ def table(e: Estimate) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["Estimate", "Peak", "estimate", "generation_model_bytes", "generation_terms", "human",
-           "process_floor", "table"]
+__all__ = ["Estimate", "Peak", "compiled_generation_terms", "estimate", "generation_model_bytes", "generation_terms",
+           "human", "process_floor", "table"]

@@ -197,3 +197,9 @@ def test_generation_terms_are_what_the_sampler_holds(tmp_path, kind, stored, mon
   model_bytes = terms["whole model (float32, generating)"]
   assert model_bytes <= mem.argument_size_in_bytes <= model_bytes + 64 * keys.shape[0] + 64
   assert mem.temp_size_in_bytes + mem.output_size_in_bytes >= terms["KV cache (generating)"]
+  # Planned for this backend, the plan compiles that very call on abstract shapes.
+  monkeypatch.undo()
+  compiled = footprint.compiled_generation_terms(model.spec, config, n, seq, prefix=1, fit=True)
+  assert compiled == {"whole model (float32, generating)": mem.argument_size_in_bytes,
+                      "sampler's buffers (compiled: KV cache, logits, ...)": mem.temp_size_in_bytes +
+                      mem.output_size_in_bytes}
