@@ -288,8 +288,7 @@ def compiled_generation_terms(spec: ModelSpec, config, windows: int, seq_len: in
   from jaxprune.data import selfgen
 
   batch, length = _sampler_call(spec, config, windows, seq_len, prefix, fit)
-  shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
-  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(spec), is_leaf=shape)
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(spec), is_leaf=_is_shape)
   keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.arange(batch)))
   first = jax.ShapeDtypeStruct((batch,), jnp.int32)
   mem = selfgen._sample.lower(spec, params, keys, first, length, jnp.float32(config.selfgen_temperature),
@@ -300,17 +299,20 @@ def compiled_generation_terms(spec: ModelSpec, config, windows: int, seq_len: in
 
 def _sampler_call(spec: ModelSpec, config, windows: int, seq_len: int, prefix: int, fit: bool) -> tuple[int, int]:
   """(texts per batch, tokens per text) of the sampler's call for `windows` windows."""
-  from jaxprune.data.selfgen import batches, per_text_that_fits
+  from jaxprune.data.selfgen import batches, own_per_text
 
-  per_text = per_text_that_fits(spec, seq_len, config.selfgen_windows_per_text, (0,) * prefix) if fit else (
-      config.selfgen_windows_per_text)
+  per_text = own_per_text(spec, seq_len, config, (0,) * prefix, fit)
   return batches(-(-windows // per_text))[1], prefix + per_text * seq_len
 
 
 def generation_model_bytes(spec: ModelSpec) -> int:
   """The model as a streamed run samples from it (`io.lazy.materialize`): every parameter in float32."""
-  shape = lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x)
-  return F32 * sum(math.prod(s) for s in jax.tree.leaves(param_shapes(spec), is_leaf=shape))
+  return F32 * sum(math.prod(s) for s in jax.tree.leaves(param_shapes(spec), is_leaf=_is_shape))
+
+
+def _is_shape(x) -> bool:
+  """A leaf of `spec.param_shapes`' tree: a tuple of ints (the blocks are a tuple of dicts)."""
+  return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
 
 
 def _top_bytes(spec: ModelSpec, checkpoint_bytes: int) -> int:

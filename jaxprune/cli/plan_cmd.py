@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import os
 
-from jaxprune.cli.prune_inputs import window_counts
+from jaxprune.cli.prune_inputs import joins_text, window_counts, without_generation
 from jaxprune.cli.prune_options import add_config_options, resolve_config
 from jaxprune.prune import presets
 
@@ -73,16 +73,14 @@ def run(args) -> int:
   est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=window, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
                            max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped,
-                           generated=generated, prefix=window - args.seq_len, fit=len(draws) > 1)
+                           generated=generated, prefix=window - args.seq_len, fit=joins_text(draws))
   print(f"{args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, preset {preset} "
         f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens"
         + (f", each window fed after BOS ({window} tokens)" if window != args.seq_len else ""))
   print(footprint.table(est))
   if est.generation is not None and est.generation[0].bytes > est.device.bytes:
-    fix = ("--selfgen-share 0 calibrates on the text alone" if len(draws) > 1
-           else "--calib FILE calibrates on a text instead")
     print(f"note: the run's peak is its {generated} self-generated windows, sampled by the whole model on one device; "
-          f"{fix}")
+          f"{without_generation(draws)}")
   if tokenizer is None:
     print("note: no tokenizer found next to the config; the run's (tens to hundreds of MB) is not counted")
   if args.json:

@@ -45,6 +45,19 @@ def window_counts(given: int | None, config, calib, n_data: int = 1) -> list[tup
   return draws
 
 
+def joins_text(draws: list[tuple[str, int]]) -> bool:
+  """Whether the run draws from a text file (self-generated windows then join it)."""
+  return any(s not in CALIB_SPECIAL for s, _ in draws)
+
+
+def without_generation(draws: list[tuple[str, int]]) -> str:
+  """How a run that samples its own text would calibrate without sampling any: joined to a
+  text, on the text alone; else on a text."""
+  if joins_text(draws):
+    return "--selfgen-share 0 calibrates on the text alone"
+  return "--calib FILE calibrates on a text instead"
+
+
 def calibration(args, model, tokenizer, config, draws: list[tuple[str, int]]):
   """The calibration windows of every (source, count) of `draws` in turn: a text file, the
   model's own text, or random tokens, each after the tokenizer's prefix (BOS where it adds one:
@@ -52,12 +65,11 @@ def calibration(args, model, tokenizer, config, draws: list[tuple[str, int]]):
   the statistics by its share of them."""
   import numpy as np
 
-  text = any(s not in CALIB_SPECIAL for s, _ in draws)
-  parts = [_windows(source, args, model, tokenizer, config, n, text) for source, n in draws]
+  parts = [_windows(source, args, model, tokenizer, config, n, draws) for source, n in draws]
   return parts[0] if len(parts) == 1 else np.concatenate([np.asarray(p) for p in parts])
 
 
-def _windows(source: str, args, model, tokenizer, config, n: int, with_text: bool):
+def _windows(source: str, args, model, tokenizer, config, n: int, draws: list[tuple[str, int]]):
   from jaxprune.cli.progress import phase
   from jaxprune.data import bos_prefix, calibration_stream, sample_windows
   from jaxprune.data.selfgen import own_windows, random_tokens
@@ -67,12 +79,12 @@ def _windows(source: str, args, model, tokenizer, config, n: int, with_text: boo
     from jaxprune.io.lazy import materialize
 
     model = materialize(model)  # generation runs the whole model for every token
-    hint = "--selfgen-share 0 calibrates on the text alone" if with_text else "--calib FILE reads a text instead"
     # Minutes to an hour on a CPU: say so before the first batch compiles and runs.
-    with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself ({hint})", n,
+    with phase(f"generating {n} calibration windows of {args.seq_len} tokens with the model itself "
+               f"({without_generation(draws)})", n,
                "self-generation", "win", args.show_progress) as update:
       # Joining a text, its texts are cut to what the model's positions hold.
-      return own_windows(model.spec, model.params, n, args.seq_len, config, prefix=prefix, fit=with_text,
+      return own_windows(model.spec, model.params, n, args.seq_len, config, prefix=prefix, fit=joins_text(draws),
                          progress=update)
   if source == "random":
     return random_tokens(model.spec.vocab_size, n, args.seq_len, seed=config.seed, prefix=prefix)
@@ -119,6 +131,4 @@ def check_model_inputs(args, model, draws: list[tuple[str, int]]) -> None:
   check_calibration_size(sum(n for _, n in draws), args.seq_len, model.spec.hidden_size)
   srcs = [s for s, _ in draws]
   if "selfgen" in srcs and is_lazy(model.params):  # generation reads every block in at once
-    fix = ("pass --selfgen-share 0 to calibrate on the text alone" if any(s not in CALIB_SPECIAL for s in srcs)
-           else "calibrate on a text instead (--calib FILE)")
-    check_generation_size(generation_model_bytes(model.spec), fix)
+    check_generation_size(generation_model_bytes(model.spec), without_generation(draws))

@@ -135,13 +135,17 @@ def per_text_that_fits(spec: ModelSpec, seq_len: int, per_text: int, prefix: tup
   return max(1, min(per_text, (spec.max_positions - len(prefix)) // seq_len))
 
 
+def own_per_text(spec: ModelSpec, seq_len: int, config, prefix: tuple[int, ...] = (), fit: bool = False) -> int:
+  """Windows a text of `own_windows`: the config's, or with `fit` as many as the model's positions hold."""
+  per_text = config.selfgen_windows_per_text
+  return per_text_that_fits(spec, seq_len, per_text, prefix) if fit else per_text
+
+
 def own_windows(spec: ModelSpec, params: Params, n: int, seq_len: int, config, *, prefix: tuple[int, ...] = (),
                 fit: bool = False, progress: Callable[[int], None] | None = None) -> np.ndarray:
   """`n` self-generated windows sampled as `config`'s selfgen_* fields say, from `config.seed`;
   with `fit`, in texts cut to what the model's positions hold (`per_text_that_fits`)."""
-  per_text = config.selfgen_windows_per_text
-  if fit:
-    per_text = per_text_that_fits(spec, seq_len, per_text, prefix)
+  per_text = own_per_text(spec, seq_len, config, prefix, fit)
   return self_generated(spec, params, n, seq_len, seed=config.seed, windows_per_text=per_text,
                         top_k=config.selfgen_top_k, temperature=config.selfgen_temperature, prefix=prefix,
                         progress=progress)
