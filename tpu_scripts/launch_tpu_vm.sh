@@ -40,9 +40,11 @@ MESH_MODEL=${MESH_MODEL:-4}                       # devices on the `model` axis 
                                                   # `data` gets the rest; MLP widths are kept in multiples of it
 EXTRA_ARGS=${EXTRA_ARGS:-}                        # e.g. "--layers 4:28 --dtype bfloat16"
 LOCAL_OUT=${LOCAL_OUT:-./pruned-from-tpu}         # where step 4 puts the result here
-BLOCKS_DIR=${BLOCKS_DIR:-}                        # a directory every worker mounts (gcsfuse, Filestore): each
-                                                  # writes its own shards of the pruned blocks there. Empty:
-                                                  # every finished block is gathered to every worker instead
+BLOCKS_DIR=${BLOCKS_DIR:-}                        # a directory every worker mounts (gcsfuse, Filestore): the run's
+                                                  # checkpoint, each worker writing its own shards of every finished
+                                                  # block there. Empty: every finished block is gathered to every
+                                                  # worker instead, with no checkpoint
+RESUME=${RESUME:-0}                               # 1: continue the run BLOCKS_DIR holds (killed or preempted)
 # -----------------------------------------------------------------------------
 
 tpu() {  # tpu ssh|scp ARGS...: gcloud compute tpus tpu-vm with project and zone filled in
@@ -76,13 +78,19 @@ esac
 tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate \
   && pip install -q -U 'jax[tpu]==$JAX_VERSION' && pip install -q -e . $MODEL_PKG"
 
-if [ -n "$BLOCKS_DIR" ]; then BLOCKS_ARG="--blocks-dir '$BLOCKS_DIR'"; else BLOCKS_ARG="--gather-blocks"; fi
+if [ -n "$BLOCKS_DIR" ]; then BLOCKS_ARG="--checkpoint-dir '$BLOCKS_DIR'"; else BLOCKS_ARG="--gather-blocks"; fi
+if [ "$RESUME" = 1 ]; then
+  [ -n "$BLOCKS_DIR" ] || { echo "RESUME=1 continues from the checkpoint in BLOCKS_DIR; set BLOCKS_DIR" >&2; exit 2; }
+  START_ARG="--resume"
+else
+  START_ARG="--force"
+fi
 
 # 3. The same command on every worker, at the same time. `--worker=all` runs them in
 #    parallel and returns when all have finished; each worker's log stays on that worker.
 tpu ssh "$TPU_NAME" --worker=all --command="cd ~/$REMOTE_DIR && . .venv/bin/activate && \
   python tpu_scripts/prune_distributed.py '$MODEL' --calib '$CALIB_ARG' --calib-samples $CALIB_SAMPLES \
-    --seq-len $SEQ_LEN --sparsity $SPARSITY --mesh-model $MESH_MODEL --round-to $MESH_MODEL --distributed on --out '$OUT' --force \
+    --seq-len $SEQ_LEN --sparsity $SPARSITY --mesh-model $MESH_MODEL --round-to $MESH_MODEL --distributed on --out '$OUT' $START_ARG \
     $BLOCKS_ARG $EXTRA_ARGS 2>&1 | tee prune_distributed.log"
 
 # 4. The pruned model (safetensors, config.json, jaxprune.json, tokenizer, report.json) from worker 0.

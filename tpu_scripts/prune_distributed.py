@@ -27,13 +27,17 @@ reaches it; the calibration streams are sharded over `data`, and
 `jaxprune.prune.prune(..., mesh=mesh)` runs the greedy pipeline. Its
 statistics are sums, so XLA's all-reduce over `data` gives the single-device
 result up to summation order; a Gram matrix's rows are split over `model` while
-they accumulate. With several processes, each writes only its own shards of every
-finished block (an Orbax checkpoint per block in --blocks-dir, a directory
-every host sees), so no block is gathered; at the end process 0 alone reads
-them back, a block at a time, to write the Hugging Face directory (`save_hf`)
-and report.json. (--gather-blocks instead gathers each block to every process,
-for clusters without shared storage.) One process keeps its blocks in a
-temporary directory.
+they accumulate. Every finished block and the streams entering the next are
+checkpointed in OUT.checkpoint; with several processes as Orbax checkpoints of
+which each process writes only its own shards (a directory every host sees), so
+no block is gathered; at the end process 0 alone reads the blocks back, a block
+at a time, to write the Hugging Face directory (`save_hf`) and report.json. A
+killed run continues with --resume (the same command, processes and mesh),
+bit-identically; after a preemption notice (SIGTERM to any process) every
+process stops after the same finished block and exits with status 75.
+(--no-checkpoint: the blocks go to --blocks-dir instead; --gather-blocks gathers
+each block to every process, for clusters without shared storage, and keeps no
+checkpoint.)
 
 See tpu_scripts/README.md for memory considerations and the TPU VM launcher.
 """
@@ -94,11 +98,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator service")
   dist.add_argument("--num-processes", type=int, default=None)
   dist.add_argument("--process-id", type=int, default=None)
+  ckpt = p.add_argument_group("checkpoint")
+  ckpt.add_argument("--resume", action="store_true",
+                    help="continue a killed or preempted run from its last finished block (the checkpoint in "
+                    "OUT.checkpoint), with the same processes, mesh and options; bit-identical to an uninterrupted run")
+  ckpt.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                    help="where the checkpoint is kept (default OUT.checkpoint). With several processes it is Orbax, "
+                    "each process writing its own shards, so DIR must be one that every host sees (a shared file "
+                    "system or a bucket mount) even where --out is worker 0's own disk")
+  ckpt.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                    help="do not save each finished block in the checkpoint (a killed run then starts over)")
   dist.add_argument("--blocks-dir", default=None, metavar="DIR",
-                    help="with several processes: where every process writes its own shards of each finished block "
-                    "(Orbax), for process 0 to read back when it writes --out; a directory every host sees, a "
-                    "shared file system or a bucket (default: OUT.blocks beside --out; removed once --out is "
-                    "written)")
+                    help="with several processes and --no-checkpoint: where every process writes its own shards of "
+                    "each finished block (Orbax), for process 0 to read back when it writes --out; a directory every "
+                    "host sees, a shared file system or a bucket (default: OUT.blocks beside --out; removed once "
+                    "--out is written)")
   dist.add_argument("--gather-blocks", action="store_true",
                     help="with several processes: gather each finished block to every process instead (a "
                     "collective; needs no shared storage, but every host receives and stores every block)")
@@ -216,21 +230,21 @@ def sharding_summary(spec, mesh) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _check_shared(blocks_dir: str, pid: int, multihost_utils) -> None:
-  """Refuses a --blocks-dir that some process does not see as process 0 does (a local disk):
-  process 0 could not read the other processes' shards back when it writes the output."""
+def _check_shared(path: str, what: str, pid: int, multihost_utils) -> None:
+  """Refuses a directory (`what`: the option that names it) that some process does not see as
+  process 0 does (a local disk): process 0 could not read the other processes' shards back."""
   import numpy as np
 
   from jaxprune.errors import UsageError
 
-  marker = os.path.join(blocks_dir, ".written-by-process-0")
+  marker = os.path.join(path, ".written-by-process-0")
   token = np.int64(time.time_ns() if pid == 0 else 0)
   token = int(multihost_utils.broadcast_one_to_all(token))
   if pid == 0:
-    os.makedirs(blocks_dir, exist_ok=True)
+    os.makedirs(path, exist_ok=True)
     with open(marker, "w") as f:
       f.write(str(token))
-  multihost_utils.sync_global_devices("prune_distributed: blocks dir marked")
+  multihost_utils.sync_global_devices("prune_distributed: shared dir marked")
   try:
     with open(marker) as f:
       sees = f.read() == str(token)
@@ -238,13 +252,26 @@ def _check_shared(blocks_dir: str, pid: int, multihost_utils) -> None:
     sees = False
   blind = np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(sees))) == 0).tolist()
   if blind:
-    raise UsageError(f"--blocks-dir {blocks_dir} is not shared: process(es) {blind} do not see what process 0 "
-                     "wrote there. Every process writes its shards of the pruned blocks there for process 0 to "
-                     "read back; pass a directory on storage every host mounts, or --gather-blocks")
+    raise UsageError(f"{what} {path} is not shared: process(es) {blind} do not see what process 0 wrote there. "
+                     "Every process writes its shards of the pruned blocks there for process 0 to read back; "
+                     "pass a directory on storage every host mounts, or --no-checkpoint --gather-blocks")
+
+
+# The exit status of a run that stopped for a preemption notice (sysexits' EX_TEMPFAIL: run it again).
+PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """Every process reached the preemption sync point after block `block` (durable in the checkpoint)."""
+
+  def __init__(self, block: int):
+    super().__init__(block)
+    self.block = block
 
 
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax: a dozen lines for every block it saves
   args = parse_args(argv)
   t_start = time.perf_counter()
   why = init_distributed(args)
@@ -257,6 +284,7 @@ def main(argv=None) -> int:
   from jaxprune.cli import enable_compile_cache
   from jaxprune import placement, sharding
   from jaxprune.errors import UsageError
+  from jaxprune.cli.prune_cmd import checkpoint_dir, prepare_checkpoint
   from jaxprune.io.atomic import atomic_dir, check_target
   from jaxprune.io.export import hf_problems, save_hf
   from jaxprune.io.lazy import is_lazy
@@ -265,14 +293,24 @@ def main(argv=None) -> int:
   if args.compile_cache:
     enable_compile_cache(args.compile_cache)
   pid, nproc = jax.process_index(), jax.process_count()
-  # Several processes write the finished blocks' shards to one shared directory (none gathers them).
+  # Every finished block goes to the checkpoint (with several processes, each writes its own
+  # shards there); without one, several processes write them to one shared directory (none
+  # gathers them).
+  # --gather-blocks is for clusters without shared storage, where several processes cannot share a checkpoint.
+  if nproc > 1 and args.gather_blocks and args.resume:
+    raise UsageError("--resume continues from a checkpoint, which several processes write to storage every host "
+                     "sees; --gather-blocks runs without one: drop --gather-blocks")
+  ckpt = None
+  if args.checkpoint and not (nproc > 1 and args.gather_blocks):
+    ckpt = os.path.abspath(os.path.expanduser(args.checkpoint_dir)) if args.checkpoint_dir else checkpoint_dir(args.out)
   blocks_dir = None
-  if nproc > 1 and not args.gather_blocks:
+  if nproc > 1 and ckpt is None and not args.gather_blocks:
     blocks_dir = os.path.abspath(os.path.expanduser(args.blocks_dir or args.out.rstrip("/") + ".blocks"))
   refused = None
   if pid == 0:  # fail before any work
     try:
       check_target(args.out, args.force)
+      prepare_checkpoint(args, ckpt)  # --resume without a checkpoint, or a checkpoint without --resume or --force
       if blocks_dir is not None and os.path.lexists(check_target(blocks_dir, args.force)):
         shutil.rmtree(blocks_dir)  # a killed run's (with --force)
     except UsageError as e:
@@ -282,8 +320,9 @@ def main(argv=None) -> int:
     return 2
   if refused is not None:
     raise refused
-  if blocks_dir is not None:
-    _check_shared(blocks_dir, pid, multihost_utils)
+  for shared, what in ((blocks_dir, "--blocks-dir"), (ckpt if nproc > 1 else None, "the checkpoint directory")):
+    if shared is not None:
+      _check_shared(shared, what, pid, multihost_utils)
   log.info("process %d of %d (%s); %d devices in all, %d local (%s)", pid, nproc, why or "single process",
            jax.device_count(), jax.local_device_count(), jax.default_backend())
 
@@ -322,9 +361,19 @@ def main(argv=None) -> int:
       log.info("layer %d %s: %d -> %d units, error %.4f (%.1fs)", event["layer"], event["module"],
                event["units_before"], event["units_after"], event.get("error_after", float("nan")),
                event["seconds"])
+    # A block event comes once the block is in the checkpoint. Every process asks at every block,
+    # so that after a preemption notice (SIGTERM to any of them) all stop after the same block.
+    if event.get("event") == "block" and nproc > 1 and multihost_utils.reached_preemption_sync_point(event["layer"]):
+      raise Preempted(event["layer"])
 
   t0 = time.perf_counter()
-  result = prune(model, calib, config, mesh=mesh, progress=progress, blocks_dir=blocks_dir)
+  try:
+    result = prune(model, calib, config, mesh=mesh, progress=progress, blocks_dir=blocks_dir, checkpoint=ckpt)
+  except Preempted as e:
+    log.warning("process %d: preempted; every process stopped after block %d%s", pid, e.block,
+                f", which is in {ckpt}: run the same command with --resume to continue" if ckpt else
+                " (no checkpoint: --no-checkpoint was given)")
+    return PREEMPTED
   prune_s = time.perf_counter() - t0
   if "block_values_written" in result.report:
     log.info("process %d wrote %d values of the pruned blocks (its own shards) to %s", pid,
@@ -353,8 +402,9 @@ def main(argv=None) -> int:
               jax_only=bool(hf_problems(pruned.spec)))
       with open(os.path.join(tmp, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    if blocks_dir is not None and os.path.isdir(blocks_dir):
-      shutil.rmtree(blocks_dir)
+    for written in (blocks_dir, ckpt):  # the run's own: its blocks are in --out now
+      if written is not None and os.path.isdir(written):
+        shutil.rmtree(written)
     p = report["params"]
     log.info("parameters %.2fM -> %.2fM (%.1f%% of the pruned blocks); pruning %.1fs; wrote %s", p["before"] / 1e6,
              p["after"] / 1e6, 100 * p["ratio_of_pruned_blocks"], prune_s, args.out)

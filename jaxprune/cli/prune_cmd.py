@@ -81,13 +81,14 @@ def checkpoint_dir(out: str) -> str:
   return os.path.normpath(out) + ".checkpoint"
 
 
-def _prepare_checkpoint(args) -> str | None:
-  """The run's checkpoint directory: checked against --resume and --force before any work."""
+def prepare_checkpoint(args, ckpt: str | None = None) -> str | None:
+  """The run's checkpoint directory (default OUT.checkpoint): checked against --resume and
+  --force before any work."""
   import shutil
 
   from jaxprune.prune.checkpoint import STATE, read_state
 
-  ckpt = checkpoint_dir(args.out)
+  ckpt = ckpt or checkpoint_dir(args.out)
   held = os.path.exists(os.path.join(ckpt, STATE))
   if args.resume and not held:
     raise UsageError(f"--resume: there is no checkpoint in {ckpt} to continue; run without --resume")
@@ -169,7 +170,7 @@ def run(args) -> int:
   mesh = _mesh(args.mesh)
   config, preset = resolve_config(args)
   draws = check_inputs(args, config, mesh)
-  ckpt = _prepare_checkpoint(args)
+  ckpt = prepare_checkpoint(args)
   t0 = time.perf_counter()
   # Blocks stay in the checkpoint until the run reaches them (safetensors and GGUF; jaxprune.io.lazy).
   model = jaxprune.load(args.model, lazy=True)

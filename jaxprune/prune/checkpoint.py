@@ -9,6 +9,13 @@ After every finished block the engine (`jaxprune.prune.engine`) saves, in a chec
                      adaptive plan and tau, the run's fingerprint and the sha256 of
                      every block and streams file it names (`durable.DurableState`)
 
+With several processes (`several_processes`) the block and the streams are Orbax
+checkpoints instead (block_0007/, streams_0007/): every process writes only the shards
+its devices hold, so nothing is gathered, and reads back only its own shards of the
+streams; their sha256 is taken over the directory's files. The directory must be one
+that every process sees. Process 0 writes state.json once every process has written
+(Orbax commits a checkpoint only then), and no process goes on before it has.
+
 Every file is written to a temporary name and renamed into place, and state.json
 (which names the streams file) is replaced last, so a run killed at any instant
 leaves the previous consistent state. A resumed run loads the finished blocks
@@ -31,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +92,22 @@ def file_sha256(path: str, chunk: int = 1 << 24) -> str:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
+
+
+def dir_sha256(path: str) -> str:
+  """The sha256 of a directory's files: their names within it and their contents, in sorted order."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      f = os.path.join(root, name)
+      h.update(f"{os.path.relpath(f, path)}:{file_sha256(f)}\n".encode())
+  return h.hexdigest()
+
+
+def several_processes() -> bool:
+  """Whether this run's checkpoint is sharded (Orbax, each process its own shards): more than one process."""
+  return jax.process_count() > 1
 
 
 def _weight_files(source: str) -> list[str]:
@@ -163,29 +187,39 @@ def save_block(path: str, block: dict) -> str:
   return _save_npz(path, {k: to_host(v) for k, v in flat.items()})
 
 
-def _nonfinite(arrays: dict[str, np.ndarray]) -> str | None:
-  """The name of the first array holding NaN or Inf, or None."""
+def _nonfinite(arrays: dict) -> str | None:
+  """The name of the first array holding NaN or Inf, or None (arrays on devices are checked there)."""
   for k, a in arrays.items():
-    if (a.dtype.kind in "fc" or a.dtype.name == "bfloat16") and not np.isfinite(a).all():
-      return k
+    if a.dtype.kind in "fc" or a.dtype.name == "bfloat16":
+      finite = to_host(jnp.isfinite(a).all()) if isinstance(a, jax.Array) else np.isfinite(a).all()
+      if not finite:
+        return k
   return None
 
 
-def read_verified(path: str, sha256: str | None) -> dict[str, np.ndarray]:
-  """The arrays of an .npz written by this module, after checking that the file is the one
-  written (its sha256, when recorded) and that every array is finite.
+def read_verified(path: str, sha256: str | None, sharding=None) -> dict:
+  """The arrays of an .npz, or of an Orbax directory, written by this module (flat, by their
+  "/"-joined paths), after checking that the file is the one written (its sha256, when
+  recorded) and that every array is finite.
+
+  An Orbax directory's arrays of more than one dimension are read onto `sharding` (each
+  process its own shards) when it is given, else whole into host memory.
 
   Raises:
     Damaged: saying what is wrong with the file.
   """
-  if not os.path.isfile(path):
+  is_dir = os.path.isdir(path)
+  if not (is_dir or os.path.isfile(path)):
     raise Damaged(f"{os.path.basename(path)} is missing")
-  if sha256 is not None and file_sha256(path) != sha256:
+  if sha256 is not None and (dir_sha256(path) if is_dir else file_sha256(path)) != sha256:
     raise Damaged(f"{os.path.basename(path)} is not the file that was written (its sha256 differs)")
   try:
-    with np.load(path) as z:
-      arrays = {k: z[k] for k in z.files}
-  except Exception as e:  # noqa: BLE001 -- zipfile and numpy raise many types for a cut-off file
+    if is_dir:
+      arrays = traverse_util.flatten_dict(_read_tree(path, sharding), sep="/")
+    else:
+      with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+  except Exception as e:  # noqa: BLE001 -- zipfile, numpy, orbax and tensorstore raise many types for a cut-off file
     raise Damaged(f"{os.path.basename(path)} cannot be read ({type(e).__name__}: it is truncated or corrupt)") from None
   bad = _nonfinite(arrays)
   if bad is not None:
@@ -216,7 +250,7 @@ class BlockFile:
     return traverse_util.unflatten_dict(flat)
 
 
-def save_block_shards(path: str, block: dict) -> int:
+def save_block_shards(path: str, block: dict, force: bool = False) -> int:
   """Block `block` as an Orbax checkpoint at `path`, written by every process at once: each
   writes only the shards its own devices hold (one copy of each replicated shard), so
   nothing is gathered. `path` must be one directory that every process sees (a shared file
@@ -229,7 +263,7 @@ def save_block_shards(path: str, block: dict) -> int:
 
   ckptr = ocp.StandardCheckpointer()
   try:
-    ckptr.save(path, block)
+    ckptr.save(path, block, force=force)
     ckptr.wait_until_finished()
   finally:
     ckptr.close()
@@ -238,26 +272,37 @@ def save_block_shards(path: str, block: dict) -> int:
 
 
 def _load_block_shards(path: str) -> dict:
-  """A block written by `save_block_shards`, whole, as host arrays (every shard read back).
+  """A block written by `save_block_shards`, whole, as host arrays (every shard read back)."""
+  try:
+    block = _read_tree(path)
+  except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types for missing pieces
+    raise UsageError(f"the pruned block in {path} could not be read back ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); with several processes the blocks' "
+                     "directory must be one that every host sees (a shared file system or a bucket)") from None
+  return jax.tree.map(jax.numpy.asarray, block)
+
+
+def _read_tree(path: str, sharding=None) -> dict:
+  """An Orbax checkpoint's tree: arrays of more than one dimension onto `sharding` when given
+  (this process reads only its own shards), the rest whole into host memory.
 
   Read by the checkpoint handler, not a Checkpointer, whose restore is a barrier of all
   processes: here one process may read while the others wait (process 0 writing the output)."""
   import orbax.checkpoint as ocp
   from etils import epath
 
+  def restore_args(m):
+    if sharding is not None and len(m.shape) > 1:
+      return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(m.shape), dtype=m.dtype)
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype)
+
   handler = ocp.PyTreeCheckpointHandler()
   try:
     tree = handler.metadata(epath.Path(path)).tree
-    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), tree,
-                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    block = handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(restore_args=args))
-  except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types for missing pieces
-    raise UsageError(f"the pruned block in {path} could not be read back ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}); with several processes the blocks' "
-                     "directory must be one that every host sees (a shared file system or a bucket)") from None
+    args = jax.tree.map(restore_args, tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    return handler.restore(epath.Path(path), args=ocp.args.PyTreeRestore(restore_args=args))
   finally:
     handler.close()
-  return jax.tree.map(jax.numpy.asarray, block)
 
 
 def load_block(path: str) -> dict:
@@ -296,22 +341,28 @@ def read_state(directory: str) -> DurableState:
 
 
 class RunCheckpoint:
-  """The checkpoint directory of one run (see the module docstring)."""
+  """The checkpoint directory of one run (see the module docstring): sharded (Orbax, each
+  process its own shards) when `sharded`, by default where the run has several processes."""
 
-  def __init__(self, path: str, fp: dict[str, str]):
+  def __init__(self, path: str, fp: dict[str, str], sharded: bool | None = None):
     self.path = path
     self.fp = fp
+    self.sharded = several_processes() if sharded is None else sharded
     self.hashes: dict[str, str] = {}  # file name -> sha256 of the files the last `save` recorded
     os.makedirs(path, exist_ok=True)
 
+  def _name(self, kind: str, i: int) -> str:
+    return f"{kind}_{i:04d}" + ("" if self.sharded else ".npz")
+
   def block_path(self, i: int) -> str:
-    return os.path.join(self.path, f"block_{i:04d}.npz")
+    return os.path.join(self.path, self._name("block", i))
 
   def exists(self) -> bool:
     return os.path.exists(os.path.join(self.path, STATE))
 
-  def load(self) -> Resumed:
-    """The state to resume from, every file it names verified first (hash and finiteness).
+  def load(self, stream_sharding=None) -> Resumed:
+    """The state to resume from, every file it names verified first (hash and finiteness);
+    a sharded checkpoint's streams read onto `stream_sharding`.
 
     Only the streams entering the next block are kept (one streams file: disk use does
     not grow with the blocks), so a damaged block file or streams file means starting
@@ -324,6 +375,10 @@ class RunCheckpoint:
       raise UsageError(f"the checkpoint in {self.path} belongs to a run with a different {', '.join(differ)}; "
                        "resume with the same model, calibration data and options, or remove the checkpoint "
                        "(pass --force) to start over")
+    if state.streams.endswith(".npz") == self.sharded:
+      raise UsageError(f"the checkpoint in {self.path} was written by a run with "
+                       f"{'one process' if self.sharded else 'several processes'}; resume it with as many "
+                       "processes as it was started with, or pass --force to start over")
     files = state.files
     blocks, specs = {}, {}
     try:
@@ -332,7 +387,8 @@ class RunCheckpoint:
         read_verified(blocks[i].path, blocks[i].sha256)
         d = state.layer_specs[str(i)]
         specs[i] = LayerSpec(**{**d, "kv_map": None if d["kv_map"] is None else tuple(d["kv_map"])})
-      streams = read_verified(os.path.join(self.path, state.streams), files.get(state.streams, "unrecorded"))
+      streams = read_verified(os.path.join(self.path, state.streams), files.get(state.streams, "unrecorded"),
+                              stream_sharding)
     except Damaged as e:
       log.warning("checkpoint %s: %s; recomputing from the first block (only the streams entering block %d "
                   "are kept), so that no damaged block is used or published", self.path, e, state.next_block)
@@ -343,16 +399,34 @@ class RunCheckpoint:
     """Finished block i as the file written for it, with the sha256 `save` recorded."""
     return BlockFile(self.block_path(i), self.hashes[os.path.basename(self.block_path(i))])
 
-  def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict[str, np.ndarray],
-           run: RunRecord) -> None:
+  def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict, run: RunRecord) -> None:
     """Saves block i (just finished) and the state entering block i + 1.
 
     Blocks finish in order, so the finished blocks are those before i that the previous
     state lists (a run started again from an earlier block drops the later ones) and i.
+    Sharded, every process takes part: each writes its shards, process 0 the state, and
+    each returns once the state is written.
     """
-    name = f"streams_{i + 1:04d}.npz"
-    hashes = {os.path.basename(self.block_path(i)): save_block(self.block_path(i), block),
-              name: _save_npz(os.path.join(self.path, name), streams)}
+    name = self._name("streams", i + 1)
+    if not self.sharded:
+      hashes = {os.path.basename(self.block_path(i)): save_block(self.block_path(i), block),
+                name: _save_npz(os.path.join(self.path, name), streams)}
+      self.hashes = self._commit(i, name, hashes, layer_spec, run)
+      return
+    save_block_shards(self.block_path(i), block, force=True)  # a block done again replaces its file
+    save_block_shards(os.path.join(self.path, name), streams, force=True)
+    if jax.process_index() == 0:  # Orbax has committed both: every process has written its shards
+      hashes = {os.path.basename(self.block_path(i)): dir_sha256(self.block_path(i)),
+                name: dir_sha256(os.path.join(self.path, name))}
+      self._commit(i, name, hashes, layer_spec, run)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"jaxprune checkpoint: block {i}")
+    self.hashes = read_state(self.path).files
+
+  def _commit(self, i: int, name: str, hashes: dict, layer_spec: LayerSpec, run: RunRecord) -> dict:
+    """Writes state.json entering block i + 1 (its streams in `name`), then drops older streams;
+    returns the sha256s it records."""
     prev = read_state(self.path) if self.exists() else None
     finished = [b for b in (prev.finished_blocks if prev else []) if b < i] + [i]
     specs = {**{str(b): prev.layer_specs[str(b)] for b in finished[:-1]}, str(i): dataclasses.asdict(layer_spec)}
@@ -360,7 +434,7 @@ class RunCheckpoint:
     files = {**{k: v for k, v in (prev.files if prev else {}).items() if k in blocks}, **hashes}
     state = DurableState(self.fp, i + 1, tuple(finished), specs, name, files, run)
     write_json(os.path.join(self.path, STATE), state.to_json(), force=True)  # last: names the streams file
-    self.hashes = files
-    for old in glob.glob(os.path.join(self.path, "streams_*.npz")):
+    for old in glob.glob(os.path.join(self.path, "streams_*")):
       if os.path.basename(old) != name:
-        os.remove(old)
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    return files

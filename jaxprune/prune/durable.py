@@ -91,22 +91,26 @@ class DurableState:
     return cls(**{k: state[k] for k in _FILE_FIELDS}, run=run, version=version)
 
 
-def streams_arrays(groups: list[Group], xs) -> dict[str, np.ndarray]:
-  """The streams entering the next block as named host arrays (what streams_*.npz holds)."""
+def streams_arrays(groups: list[Group], xs, host: bool = True) -> dict:
+  """The streams entering the next block by name (what streams_* holds): host arrays, or
+  with `host=False` the arrays as they lie on the mesh (a sharded checkpoint writes each
+  process's shards, which a run over several processes cannot gather to one host)."""
+  keep = np.asarray if host else (lambda x: x)
   streams = {}
   for g, grp in enumerate(groups):
-    streams[f"xp_{g}"] = np.asarray(grp.xp)
+    streams[f"xp_{g}"] = keep(grp.xp)
     if grp.xd is grp.xp:  # nothing changed yet: one stream stands for both (`step._unchanged`)
       streams[f"same_{g}"] = np.asarray(True)
     elif grp.xd is not None:
-      streams[f"xd_{g}"] = np.asarray(grp.xd)
+      streams[f"xd_{g}"] = keep(grp.xd)
   if xs is not None:
-    streams["xs"] = np.asarray(xs)
+    streams["xs"] = keep(xs)
   return streams
 
 
 def streams_from(z: dict[str, np.ndarray], n_groups: int, mesh) -> tuple[list[Group], Any]:
-  """The streams `streams_arrays` wrote, put back on the mesh: (groups, scoring stream or None)."""
+  """The streams `streams_arrays` wrote, put back on the mesh (where a sharded checkpoint's
+  already are): (groups, scoring stream or None)."""
   put = functools.partial(jax.device_put, device=sharding.stream_sharding(mesh))
   groups = []
   for g in range(n_groups):

@@ -107,7 +107,7 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
   if run.checkpoint is not None:
     ckpt = run_checkpoint.RunCheckpoint(run.checkpoint, run_checkpoint.fingerprint(model, c, calib, score_windows))
     if ckpt.exists():
-      resumed = ckpt.load()
+      resumed = ckpt.load(sharding.stream_sharding(mesh))
       log.info("resuming from %s at block %d", run.checkpoint, resumed.next_block)
   spill = spill_lib.Spill(ckpt, run.blocks_dir)
 
@@ -231,7 +231,8 @@ def _loop(ctx: StepContext, model: Model, state: RunState, plan, first, groups, 
                                  {str(k): [v.heads, v.channels] for k, v in plan.layers.items()}, plan.tau,
                                  plan.seconds, state.plan_phase_seconds, ctx.dense_outputs is not None,
                                  ctx.dense_outputs.digests if ctx.dense_outputs is not None else {})
-      ckpt.save(i, state.blocks[i], state.layer_specs[i], durable.streams_arrays(groups, xs), record)
+      ckpt.save(i, state.blocks[i], state.layer_specs[i], durable.streams_arrays(groups, xs, host=not ckpt.sharded),
+                record)
       state = state.with_phase("checkpoint", time.perf_counter() - t0)
     if lazy_io.is_lazy(model.params):
       state = spill(state, i)
