@@ -77,6 +77,33 @@ def test_lazy_load_reads_nothing_until_a_block_is_used(bf16_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_block_read_ahead_is_read_in_the_background_and_equals_the_read_one(bf16_dir):
+  import threading
+
+  path = bf16_dir("llama_gqa")
+  eager, blocks = jaxprune.load(path), jaxprune.load(path, lazy=True).params["layers"]
+  read, threads = blocks._read, []
+
+  def spy(i):
+    threads.append((i, threading.current_thread().name))
+    return read(i)
+
+  blocks._read = spy
+  blocks.prefetch(1)
+  got = blocks[1]
+  assert threads == [(1, "jaxprune-prefetch_0")]  # not this thread
+  for a, b in zip(jax.tree.leaves(eager.params["layers"][1]), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  blocks.prefetch(1)  # cached: nothing to read
+  blocks.prefetch(2)
+  blocks.prefetch(0)  # block 2's read is dropped: one read runs ahead at a time
+  assert list(blocks._ahead) == [0]
+  blocks[0]
+  assert (blocks.reads, blocks.prefetched) == (2, 2)
+  blocks[2]  # read here, now
+  assert (blocks.reads, blocks.prefetched) == (3, 2) and threads[-1] == (2, threading.current_thread().name)
+
+
 @pytest.mark.parametrize("kind", ["llama_gqa", "gpt2"])
 def test_placed_blocks_read_only_their_slices_and_equal_the_read_ones(bf16_dir, kind):
   """`LazyBlocks.placed` on a model axis of 4: each leaf laid out as `sharding.place` lays out
@@ -138,6 +165,8 @@ def test_streamed_prune_is_bit_identical_to_in_memory(bf16_dir, tmp_path, kind, 
     # checkpoint's fingerprint hashes the files and reads no block.
     passes = 2 if cfg.allocation == "adaptive" else 1
     assert lazy.params["layers"].reads == 3 * passes
+    # Every read but the first ran ahead, while the block before it was worked on.
+    assert got.report["streaming"] == {"block_reads": 3 * passes, "read_ahead": 3 * passes - 1}
     assert isinstance(got.model.params["layers"], LazyBlocks)  # the pruned blocks stay in their files
     assert got.report["params"] == want.report["params"] and got.report["layers"] == want.report["layers"]
     assert perplexity(got.model.spec, got.model.params, calib).mean_nll == want_ppl

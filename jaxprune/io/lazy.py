@@ -20,6 +20,7 @@ leaf; the functions that accept lazy models (the pipeline, `perplexity`,
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 from typing import Callable, Sequence
 
@@ -61,7 +62,10 @@ class LazyBlocks(Sequence):
     self.source = source
     self._cache: collections.OrderedDict[int, Params] = collections.OrderedDict()
     self._size = cache
+    self._ahead: dict[int, concurrent.futures.Future] = {}  # `prefetch`: block -> its read under way
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self.reads = 0  # blocks read from disk so far (a test of the streaming's cost)
+    self.prefetched = 0  # of which read ahead, in the background
     self.values_read = 0  # parameter values `placed` read for this process's devices
 
   def __len__(self) -> int:
@@ -75,10 +79,25 @@ class LazyBlocks(Sequence):
     if i in self._cache:
       self._cache.move_to_end(i)
       return self._cache[i]
-    blk = self._checked(i, self._read(i))
+    ahead = self._ahead.pop(i, None)
+    blk = self._checked(i, ahead.result() if ahead is not None else self._read(i))
     self.reads += 1
+    self.prefetched += ahead is not None
     # The block alone is upcast (in XLA), never the whole model.
     return self._keep(i, jax.tree.map(lambda x: jnp.asarray(x).astype(self.dtype), blk))
+
+  def prefetch(self, i: int) -> None:
+    """Starts reading block i (as stored) in a background thread, so that its read overlaps
+    the work on the block before it; the next `self[i]` takes it. One read runs ahead at a
+    time: a block asked for earlier and not taken is dropped (so memory holds at most one
+    block beyond the cache)."""
+    if not 0 <= i < len(self) or i in self._cache or i in self._ahead:
+      return
+    for j in list(self._ahead):
+      self._ahead.pop(j).cancel()
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxprune-prefetch")
+    self._ahead[i] = self._pool.submit(self._read, i)
 
   def _checked(self, i: int, blk: Params) -> Params:
     want = traverse_util.flatten_dict(self.shapes[i], sep=".")

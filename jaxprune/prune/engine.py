@@ -219,12 +219,15 @@ def _loop(ctx: StepContext, model: Model, state: RunState, plan, first, groups, 
     if i < start:
       run = functools.partial(passes.block_pass, L.block_config(spec, i), state.blocks.placed(i, ctx.mesh),
                               positions=pos, mesh=ctx.mesh)
+      state.blocks.prefetch(i + 1, ctx.mesh)
       # Before the first pruned block both streams are the dense model's: one pass.
       groups = [streams.Group(None if g.xd is None else x, x) for g, x in ((g, run(x=g.xp)) for g in groups)]
       xs = run(x=xs) if xs is not None else None
       continue
     for kind in (A.ATTN, A.MLP):
       state, groups, xs = _module(ctx, spec, b0, state, kind, i, groups, xs, plan, progress)
+      # Dense block i has been read (by its first module): the next one is read meanwhile.
+      state.blocks.prefetch(i + 1, ctx.mesh)
     if ckpt is not None:
       t0 = time.perf_counter()
       record = durable.RunRecord(state.carry, state.modules, state.passes, state.phase_seconds,

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxprune import sharding
+from jaxprune.io.lazy import LazyBlocks
 from jaxprune.spec import count_params, layer_param_count
 
 
@@ -153,4 +154,8 @@ def report(dense, pruned, c, run, *, tau, plan_seconds, seconds, calib, mesh, wi
       "passes": dict(run.passes),
       # What this process wrote of the finished blocks to blocks_dir (its own shards).
       **({"block_values_written": values_written} if values_written is not None else {}),
+      # A streamed model: the dense blocks read from its checkpoint, and how many of those reads
+      # ran in the background while the block before was worked on.
+      **({"streaming": {"block_reads": dense.params["layers"].reads, "read_ahead": dense.params["layers"].prefetched}}
+         if isinstance(dense.params.get("layers"), LazyBlocks) else {}),
   }

@@ -125,6 +125,7 @@ def dense_scores(inp: PlanInputs, meter: Meter, tokens, want_js: bool, want_scor
   out = DenseScores({}, {}, {})
   for i in range(stop):
     blk, cfg = inp.blocks.placed(i, mesh), L.block_config(spec, i)
+    inp.blocks.prefetch(i + 1 if i + 1 < stop else start, mesh)  # after the last, the layer loop's first
     if i < start:
       x = passes.block_pass(cfg, blk, x, pos, mesh=mesh)
       continue

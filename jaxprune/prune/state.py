@@ -46,6 +46,13 @@ class Blocks:
     """This store with block i replaced (by its parameters, a BlockFile or an Orbax path)."""
     return Blocks(self.dense, {**self._new, i: block}, self._checked)
 
+  def prefetch(self, i: int, mesh) -> None:
+    """Starts reading dense block i from its checkpoint in the background, where `placed` will
+    read it whole (no `model` axis to read slices for): the read overlaps the block before."""
+    if i < len(self) and i not in self._new and isinstance(self.dense, lazy_io.LazyBlocks) and \
+        mesh.shape.get(sharding.MODEL, 1) == 1:
+      self.dense.prefetch(i)
+
   def placed(self, i: int, mesh):
     """Block i on the mesh, split over its `model` axis: a dense block still in its checkpoint
     is read slice by slice, each process only what its devices hold (`LazyBlocks.placed`)."""
