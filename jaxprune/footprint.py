@@ -232,6 +232,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
         solve_host = max(solve_host, (U2 + 1) ** 2 * F64 + 3 * b * b * F64 + 2 * b * Dm * F64)
       host_common = {"process (measured)": floor,
                      "block as read + float32 copy": layer_param_count(spec, layer) * (checkpoint_bytes + F32)}
+      if model == 1 and i + 1 < len(spec.layers):  # `LazyBlocks.prefetch`: the next block, as stored
+        host_common["next block (read ahead)"] = layer_param_count(spec, spec.layers[i + 1]) * checkpoint_bytes
       if mapped_bytes:
         host_common["checkpoint file (memory-mapped)"] = mapped_bytes
       if config.allocation == "adaptive" and nd.dense:  # written by the plan, read back by the loop
