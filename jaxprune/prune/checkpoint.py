@@ -250,11 +250,12 @@ class BlockFile:
     return traverse_util.unflatten_dict(flat)
 
 
-def save_block_shards(path: str, block: dict, force: bool = False) -> int:
-  """Block `block` as an Orbax checkpoint at `path`, written by every process at once: each
-  writes only the shards its own devices hold (one copy of each replicated shard), so
-  nothing is gathered. `path` must be one directory that every process sees (a shared file
-  system or a bucket); Orbax commits it atomically once every process has written.
+def save_shards(path: str, tree: dict, force: bool = False) -> int:
+  """`tree` (a block, or the streams) as an Orbax checkpoint at `path`, written by every
+  process at once: each writes only the shards its own devices hold (one copy of each
+  replicated shard), so nothing is gathered. `path` must be one directory that every process
+  sees (a shared file system or a bucket); Orbax commits it atomically once every process
+  has written. With `force` it replaces what is at `path` (a block done again).
 
   Returns:
     The number of values this process wrote.
@@ -263,16 +264,16 @@ def save_block_shards(path: str, block: dict, force: bool = False) -> int:
 
   ckptr = ocp.StandardCheckpointer()
   try:
-    ckptr.save(path, block, force=force)
+    ckptr.save(path, tree, force=force)
     ckptr.wait_until_finished()
   finally:
     ckptr.close()
-  return sum(s.data.size for x in jax.tree.leaves(block) if isinstance(x, jax.Array)
+  return sum(s.data.size for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
              for s in x.addressable_shards if s.replica_id == 0)
 
 
 def _load_block_shards(path: str) -> dict:
-  """A block written by `save_block_shards`, whole, as host arrays (every shard read back)."""
+  """A block written by `save_shards`, whole, as host arrays (every shard read back)."""
   try:
     block = _read_tree(path)
   except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many types for missing pieces
@@ -306,7 +307,7 @@ def _read_tree(path: str, sharding=None) -> dict:
 
 
 def load_block(path: str) -> dict:
-  """A block written by `save_block` (an .npz) or `save_block_shards` (a directory), exactly as it was."""
+  """A block written by `save_block` (an .npz) or `save_shards` (a directory), exactly as it was."""
   if os.path.isdir(path):
     return _load_block_shards(path)
   with np.load(path) as z:
@@ -413,8 +414,8 @@ class RunCheckpoint:
                 name: _save_npz(os.path.join(self.path, name), streams)}
       self.hashes = self._commit(i, name, hashes, layer_spec, run)
       return
-    save_block_shards(self.block_path(i), block, force=True)  # a block done again replaces its file
-    save_block_shards(os.path.join(self.path, name), streams, force=True)
+    save_shards(self.block_path(i), block, force=True)
+    save_shards(os.path.join(self.path, name), streams, force=True)
     if jax.process_index() == 0:  # Orbax has committed both: every process has written its shards
       hashes = {os.path.basename(self.block_path(i)): dir_sha256(self.block_path(i)),
                 name: dir_sha256(os.path.join(self.path, name))}

@@ -61,7 +61,7 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
       and gives bit-identical results to an uninterrupted run.
     blocks_dir: where a streamed run without `checkpoint` keeps its finished blocks, as
       Orbax checkpoints that every process writes its own shards of (nothing is gathered;
-      `checkpoint.save_block_shards`). With several processes it must be one directory
+      `checkpoint.save_shards`). With several processes it must be one directory
       that every process sees. Default: a temporary directory of this process, to which
       each finished block is gathered whole.
 

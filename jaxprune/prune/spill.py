@@ -46,7 +46,7 @@ class Spill:
       return state.with_block(i, self.ckpt.block_file(i))
     if self.blocks_dir is not None:
       path = os.path.join(self.blocks_dir, f"block_{i:04d}")
-      written = run_checkpoint.save_block_shards(path, state.blocks[i])
+      written = run_checkpoint.save_shards(path, state.blocks[i])
       return dataclasses.replace(state.with_block(i, path), values_written=state.values_written + written)
     if self._tmp is None:
       self._tmp = tempfile.TemporaryDirectory(prefix="jaxprune-blocks-")
