@@ -279,6 +279,12 @@ def six_blocks(tmp_path_factory):
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
   assert not (root / "whole.checkpoint").exists()  # removed once the output was written
+  # Each process wrote only its own shards of the blocks to the checkpoint (nothing was gathered):
+  # together one copy of every value, and neither all of them.
+  wrote = [int(re.search(r"process %d wrote (\d+) values of the pruned blocks" % i, log).group(1))
+           for i, log in enumerate(logs)]
+  pruned_blocks = sum(np.size(x) for x in jax.tree.leaves(jaxprune.load(str(root / "whole")).params["layers"]))
+  assert sum(wrote) == pruned_blocks and all(0 < w < pruned_blocks for w in wrote)
   return setup, _safetensors(root / "whole")
 
 

@@ -377,7 +377,7 @@ def main(argv=None) -> int:
   prune_s = time.perf_counter() - t0
   if "block_values_written" in result.report:
     log.info("process %d wrote %d values of the pruned blocks (its own shards) to %s", pid,
-             result.report["block_values_written"], blocks_dir)
+             result.report["block_values_written"], ckpt or blocks_dir)
 
   # Every process takes part in the gathers. A streamed run's pruned blocks are already in
   # files (in --blocks-dir, or each process's own, gathered as they finished); process 0's

@@ -400,8 +400,9 @@ class RunCheckpoint:
     """Finished block i as the file written for it, with the sha256 `save` recorded."""
     return BlockFile(self.block_path(i), self.hashes[os.path.basename(self.block_path(i))])
 
-  def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict, run: RunRecord) -> None:
-    """Saves block i (just finished) and the state entering block i + 1.
+  def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict, run: RunRecord) -> int | None:
+    """Saves block i (just finished) and the state entering block i + 1; returns how many of
+    the block's values this process wrote (sharded), or None.
 
     Blocks finish in order, so the finished blocks are those before i that the previous
     state lists (a run started again from an earlier block drops the later ones) and i.
@@ -413,8 +414,8 @@ class RunCheckpoint:
       hashes = {os.path.basename(self.block_path(i)): save_block(self.block_path(i), block),
                 name: _save_npz(os.path.join(self.path, name), streams)}
       self.hashes = self._commit(i, name, hashes, layer_spec, run)
-      return
-    save_shards(self.block_path(i), block, force=True)
+      return None
+    written = save_shards(self.block_path(i), block, force=True)
     save_shards(os.path.join(self.path, name), streams, force=True)
     if jax.process_index() == 0:  # Orbax has committed both: every process has written its shards
       hashes = {os.path.basename(self.block_path(i)): dir_sha256(self.block_path(i)),
@@ -424,6 +425,7 @@ class RunCheckpoint:
 
     multihost_utils.sync_global_devices(f"jaxprune checkpoint: block {i}")
     self.hashes = read_state(self.path).files
+    return written
 
   def _commit(self, i: int, name: str, hashes: dict, layer_spec: LayerSpec, run: RunRecord) -> dict:
     """Writes state.json entering block i + 1 (its streams in `name`), then drops older streams;

@@ -137,8 +137,11 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
 
 
 def _written(model: Model, run: _Run, state: RunState) -> int | None:
-  """Values this process wrote to blocks_dir, reported only where a streamed run writes there."""
-  return state.values_written if run.blocks_dir is not None and lazy_io.is_lazy(model.params) else None
+  """Values of the pruned blocks this process wrote as its own shards, reported only where it
+  writes shards: to blocks_dir (a streamed run without a checkpoint) or to a sharded checkpoint."""
+  to_blocks_dir = run.blocks_dir is not None and run.checkpoint is None and lazy_io.is_lazy(model.params)
+  return state.values_written if to_blocks_dir or (run.checkpoint is not None and
+                                                   run_checkpoint.several_processes()) else None
 
 
 def _prepare(crit, model: Model, calib, c: PruneConfig, state: RunState):
@@ -234,9 +237,11 @@ def _loop(ctx: StepContext, model: Model, state: RunState, plan, first, groups, 
                                  {str(k): [v.heads, v.channels] for k, v in plan.layers.items()}, plan.tau,
                                  plan.seconds, state.plan_phase_seconds, ctx.dense_outputs is not None,
                                  ctx.dense_outputs.digests if ctx.dense_outputs is not None else {})
-      ckpt.save(i, state.blocks[i], state.layer_specs[i], durable.streams_arrays(groups, xs, host=not ckpt.sharded),
-                record)
+      written = ckpt.save(i, state.blocks[i], state.layer_specs[i],
+                          durable.streams_arrays(groups, xs, host=not ckpt.sharded), record)
       state = state.with_phase("checkpoint", time.perf_counter() - t0)
+      if written is not None:  # this process's own shards of the block
+        state = dataclasses.replace(state, values_written=state.values_written + written)
     if lazy_io.is_lazy(model.params):
       state = spill(state, i)
     progress({"event": "block", "layer": i})

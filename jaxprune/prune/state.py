@@ -78,7 +78,8 @@ class RunState:
     passes: kernel calls by kind, summed over the modules.
     phase_seconds: wall seconds by phase of the layer loop.
     plan_phase_seconds: wall seconds by phase of the plan.
-    values_written: values this process wrote to blocks_dir (a streamed run's own shards).
+    values_written: values of the pruned blocks this process wrote as its own shards (to
+      blocks_dir, or to a checkpoint of several processes).
   """
 
   blocks: Blocks
