@@ -186,11 +186,11 @@ def test_truncated_block_is_recomputed_through_the_cli(setup, tmp_path):
 
 def test_fingerprinting_a_large_model_says_it_starts(setup, tmp_path, monkeypatch, caplog):
   """Hashing the weights (minutes for a 70B model) is announced with its estimated time."""
-  from jaxprune.prune import checkpoint
+  from jaxprune.prune import fingerprint
 
-  monkeypatch.setattr(checkpoint, "ANNOUNCE_BYTES", 0)
+  monkeypatch.setattr(fingerprint, "ANNOUNCE_BYTES", 0)
   out = str(tmp_path / "out")
-  with caplog.at_level(logging.INFO, logger=checkpoint.__name__):
+  with caplog.at_level(logging.INFO, logger=fingerprint.__name__):
     r = run_cli("prune", setup[0], *ARGS, "--calib", setup[1], "--out", out)
   assert r.rc == 0, r.stderr
   lines = [m.getMessage() for m in caplog.records if "fingerprinting" in m.getMessage()]

@@ -13,6 +13,7 @@ import pytest
 
 import jaxprune
 from jaxprune.prune import checkpoint as ckpt_lib
+from jaxprune.prune import fingerprint
 from jaxprune import reconstruct
 from jaxprune.errors import CheckpointError, UsageError
 from jaxprune.prune import PruneConfig, prune
@@ -81,7 +82,7 @@ def test_fingerprint_covers_a_middle_block(setup, tmp_path, lazy):
   """One value of block 2 of 4 moved by one ulp: another model (blocks in memory are hashed as
   they are, streamed ones as the files they come from); a byte-identical copy elsewhere is the same."""
   path, _ = setup
-  fp = lambda p: ckpt_lib.weights_digest(jaxprune.load(p, lazy=lazy).params)
+  fp = lambda p: fingerprint.weights_digest(jaxprune.load(p, lazy=lazy).params)
   changed = _changed(path, str(tmp_path / "changed"), "model.layers.2.mlp.up_proj.weight", _one_ulp)
   copy = shutil.copytree(path, str(tmp_path / "copy"))
   assert fp(changed) != fp(path)
@@ -150,7 +151,7 @@ def test_nan_in_a_checkpoint_block_is_found_even_with_its_hash_rewritten(setup, 
   block = os.path.join(d, "block_0001.npz")
   _nan_rewrite(block)
   state = ckpt_lib.read_state(d)
-  state.files["block_0001.npz"] = ckpt_lib.file_sha256(block)
+  state.files["block_0001.npz"] = fingerprint.file_sha256(block)
   ckpt_lib.write_json(os.path.join(d, ckpt_lib.STATE), state.to_json(), force=True)
   with caplog.at_level(logging.WARNING, logger="jaxprune.prune.checkpoint"):
     result = _resume(model, d)

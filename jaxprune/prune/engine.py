@@ -34,6 +34,7 @@ from jaxprune.prune import durable, plan as plan_lib, spill as spill_lib, stream
 from jaxprune.prune.config import PruneConfig, PruneResult
 from jaxprune.prune.context import StepContext, bias_after, uses_dense
 from jaxprune.prune.finite import BAD_WEIGHTS, check_finite, check_module
+from jaxprune.prune.fingerprint import fingerprint
 from jaxprune.prune.metrics import Compiles, report
 from jaxprune.prune.state import Blocks, RunState
 from jaxprune.prune.step import ModuleInput, step
@@ -105,7 +106,7 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
   tokens, s_tokens, score_windows = _windows(model, calib, c, run.score_windows, mesh)
   ckpt = resumed = None
   if run.checkpoint is not None:
-    ckpt = run_checkpoint.RunCheckpoint(run.checkpoint, run_checkpoint.fingerprint(model, c, calib, score_windows))
+    ckpt = run_checkpoint.RunCheckpoint(run.checkpoint, fingerprint(model, c, calib, score_windows))
     if ckpt.exists():
       resumed = ckpt.load(sharding.stream_sharding(mesh))
       log.info("resuming from %s at block %d", run.checkpoint, resumed.next_block)
