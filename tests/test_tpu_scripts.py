@@ -347,3 +347,26 @@ def test_two_processes_stop_together_on_a_preemption_notice(six_blocks):
   assert stopped[0] == stopped[1] < 5
   _resumed(setup, out, whole, next_block=stopped[0] + 1)
 
+
+
+@pytest.mark.parametrize("case", ["left without --resume", "--resume without one", "--resume with --no-checkpoint"])
+def test_checkpoint_options_are_checked_before_any_work(setup, tmp_path, case):
+  """The script's checkpoint options are checked as `jaxprune prune` checks them: one line,
+  exit status 2, and the checkpoint a killed run left is kept."""
+  _, model_dir, text, *_ = setup
+  out = tmp_path / "out"
+  extra = {"left without --resume": [], "--resume without one": ["--resume"],
+           "--resume with --no-checkpoint": ["--resume", "--no-checkpoint"]}[case]
+  if case == "left without --resume":
+    (tmp_path / "out.checkpoint").mkdir()
+    (tmp_path / "out.checkpoint" / "state.json").write_text("{}")
+  proc = subprocess.run([sys.executable, SCRIPT, model_dir, "--out", str(out), "--calib", text, *ARGS, *extra],
+                        env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  want = {"left without --resume": "left a checkpoint in", "--resume without one": "there is no checkpoint in",
+          "--resume with --no-checkpoint": "there is no checkpoint in"}[case]
+  assert want in proc.stderr.strip().splitlines()[-1]
+  assert not out.exists()
+  if case == "left without --resume":
+    assert (tmp_path / "out.checkpoint" / "state.json").read_text() == "{}"

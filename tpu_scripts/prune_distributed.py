@@ -310,7 +310,8 @@ def main(argv=None) -> int:
   if pid == 0:  # fail before any work
     try:
       check_target(args.out, args.force)
-      prepare_checkpoint(args, ckpt)  # --resume without a checkpoint, or a checkpoint without --resume or --force
+      if ckpt is not None or args.resume:  # --resume without a checkpoint, a checkpoint without --resume or --force
+        prepare_checkpoint(args, ckpt)
       if blocks_dir is not None and os.path.lexists(check_target(blocks_dir, args.force)):
         shutil.rmtree(blocks_dir)  # a killed run's (with --force)
     except UsageError as e:
