@@ -325,7 +325,7 @@ def test_two_processes_resume_after_sigkill(six_blocks):
 
 def test_two_processes_stop_together_on_a_preemption_notice(six_blocks):
   """SIGTERM to process 1 once block 0 is durable: JAX's preemption service tells both, and both
-  stop after the same later block (exit status 75), which the checkpoint holds."""
+  stop after the same block (exit status 75), which the checkpoint holds."""
   import signal
   import time
 
@@ -344,7 +344,9 @@ def test_two_processes_stop_together_on_a_preemption_notice(six_blocks):
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 75, f"process {i} ended with {p.returncode}:\n{log[-4000:]}"
     stopped.append(int(re.search(r"preempted; every process stopped after block (\d+)", log).group(1)))
-  assert stopped[0] == stopped[1] < 5
+  # The sync point is the block after the latest any process had reached when the notice came
+  # (the last block too, where a busy machine made the notice late: then only the output is left).
+  assert stopped[0] == stopped[1] <= 5
   _resumed(setup, out, whole, next_block=stopped[0] + 1)
 
 
