@@ -93,3 +93,14 @@ def test_a_sharded_checkpoint_resumes_only_with_several_processes(setup, sharded
   monkeypatch.setattr(ckpt_lib, "several_processes", lambda: False)
   with pytest.raises(UsageError, match="was written by a run with several processes; resume it with as many processes"):
     prune(model, CALIB, CONFIG, mesh=mesh, checkpoint=ckpt)
+
+
+def test_a_run_stopped_after_its_last_block_resumes_to_its_output(setup, sharded, tmp_path):
+  """A preemption notice that came late stops the run once every block is durable: resuming
+  only assembles the output."""
+  model, mesh, want = setup
+  ckpt = _stopped(setup, str(tmp_path / "ckpt"), after=2)
+  assert ckpt_lib.read_state(ckpt).next_block == 3
+  events = []
+  got = prune(model, CALIB, CONFIG, mesh=mesh, checkpoint=ckpt, progress=events.append)
+  assert _leaves(got.model) == want and not [e for e in events if e["event"] == "block"]
