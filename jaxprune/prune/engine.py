@@ -92,6 +92,8 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
   mesh = run.mesh or sharding.make_mesh()
   t_start = time.perf_counter()
   compiles0 = Compiles.start()
+  layers = model.params["layers"]
+  reads0 = (layers.reads, layers.prefetched) if lazy_io.is_lazy(model.params) else (0, 0)
   crit = criteria.get(c.method)
   spill_lib.check_blocks_dir(run.blocks_dir)
   state = RunState(Blocks(model.params["layers"]), tuple(model.spec.layers))
@@ -134,7 +136,8 @@ def _prune(model: Model, calib, config: PruneConfig, run: _Run, stack) -> PruneR
   state = dataclasses.replace(state, passes={**state.passes, "compiles": Compiles.count - compiles0[1]})
   return PruneResult(pruned, report(model, pruned, c, state, tau=plan.tau, plan_seconds=plan.seconds,
                                     seconds=time.perf_counter() - t_start, calib=calib, mesh=mesh,
-                                    with_dense=ctx.with_dense, values_written=_written(model, run, state)))
+                                    with_dense=ctx.with_dense, values_written=_written(model, run, state),
+                                    reads_before=reads0))
 
 
 def _written(model: Model, run: _Run, state: RunState) -> int | None:

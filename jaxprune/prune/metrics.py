@@ -107,9 +107,10 @@ class ModuleRow:
 
 
 def report(dense, pruned, c, run, *, tau, plan_seconds, seconds, calib, mesh, with_dense: bool,
-           values_written: int | None) -> dict[str, Any]:
+           values_written: int | None, reads_before: tuple[int, int] = (0, 0)) -> dict[str, Any]:
   """The run's JSON report. `run` is the loop's final `state.RunState` (its module rows,
-  pass counts and phase seconds)."""
+  pass counts and phase seconds); `reads_before`, a streamed model's block reads and reads
+  ahead before the run began (others' reads: generation, evaluation)."""
   start, stop = c.block_range(dense.spec)
   idx = range(start, stop)
   block_before = sum(layer_param_count(dense.spec, dense.spec.layers[i]) for i in idx)
@@ -154,8 +155,9 @@ def report(dense, pruned, c, run, *, tau, plan_seconds, seconds, calib, mesh, wi
       "passes": dict(run.passes),
       # What this process wrote of the finished blocks to blocks_dir (its own shards).
       **({"block_values_written": values_written} if values_written is not None else {}),
-      # A streamed model: the dense blocks read from its checkpoint, and how many of those reads
-      # ran in the background while the block before was worked on.
-      **({"streaming": {"block_reads": dense.params["layers"].reads, "read_ahead": dense.params["layers"].prefetched}}
+      # A streamed model: the dense blocks the run read from its checkpoint, and how many of those
+      # reads ran in the background while the block before was worked on.
+      **({"streaming": {"block_reads": dense.params["layers"].reads - reads_before[0],
+                        "read_ahead": dense.params["layers"].prefetched - reads_before[1]}}
          if isinstance(dense.params.get("layers"), LazyBlocks) else {}),
   }
