@@ -36,3 +36,9 @@ def install_from_env() -> None:
 
   if os.environ.get(ENV):
     jaxprune.prune.prune = wrap(jaxprune.prune.prune, int(os.environ[ENV]))
+
+
+def python_c(then: str, root: str) -> str:
+  """`python -c` code that installs the kill hook (from the checkout at `root`), then runs `then`."""
+  return ("import sys; sys.path.insert(0, %r); from tests import kill_hook; kill_hook.install_from_env(); " % root
+          + then)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from jaxprune.cli import main
-from tests import tiny
+from tests import kill_hook, tiny
 from tests.kill_hook import ENV as KILL_ENV
 
 LAYERS = 6
@@ -27,8 +27,7 @@ def setup(tmp_path_factory):
 
 def _cli(*argv, env=None):
   """`jaxprune ...` in a child process (so that it can be killed: `tests.kill_hook`)."""
-  code = ("import sys; sys.path.insert(0, %r); from tests import kill_hook; kill_hook.install_from_env(); "
-          "from jaxprune.cli import main; sys.exit(main(sys.argv[1:]))" % ROOT)
+  code = kill_hook.python_c("from jaxprune.cli import main; sys.exit(main(sys.argv[1:]))", ROOT)
   return subprocess.run([sys.executable, "-c", code, *map(str, argv)], env={**os.environ, **(env or {})},
                         capture_output=True, text=True)
 

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from tests.test_tpu_scripts import ROOT, _safetensors, _two_processes
+from tests.test_resume import _tensors
+from tests.test_tpu_scripts import ROOT, _two_processes
 
 
 @pytest.mark.smollm2
@@ -37,7 +38,7 @@ def test_smollm2_two_processes_killed_after_a_third_resume_bit_identically(tmp_p
         assert json.load(f)["next_block"] == 10
       assert (tmp_path / "killed.checkpoint" / "block_0009").is_dir()
   assert "resuming from" in logs[0] and "at block 10" in logs[0]
-  assert _safetensors(out) == _safetensors(whole)
+  assert _tensors(out) == _tensors(whole)
   with open(whole / "report.json") as f:
     report = json.load(f)
   assert report["mesh"]["processes"] == 2 and report["config"]["method"] == "goa-obs"

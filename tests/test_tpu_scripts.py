@@ -26,7 +26,8 @@ import jaxprune
 from jaxprune import sharding
 from jaxprune.errors import UsageError
 from jaxprune.prune import prune
-from tests import tiny
+from tests import kill_hook, tiny
+from tests.test_resume import _tensors
 from tests.numerics import assert_within, reordering_bound
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -136,8 +137,8 @@ def _free_port() -> int:
 
 # The script as a child process whose `jaxprune.prune.prune` SIGKILLs it after the block that
 # tests/kill_hook.py's variable names (the script imports `prune` when its main runs).
-_KILLABLE = ("import runpy, sys; sys.path.insert(0, %r); from tests import kill_hook; kill_hook.install_from_env(); "
-             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" % ROOT)
+_KILLABLE = kill_hook.python_c("import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                               ROOT)
 
 
 def _two_processes(setup, local, data, model, out, extra=lambda i: [], args=ARGS, env=None, started=None):
@@ -285,13 +286,7 @@ def six_blocks(tmp_path_factory):
            for i, log in enumerate(logs)]
   pruned_blocks = sum(np.size(x) for x in jax.tree.leaves(jaxprune.load(str(root / "whole")).params["layers"]))
   assert sum(wrote) == pruned_blocks and all(0 < w < pruned_blocks for w in wrote)
-  return setup, _safetensors(root / "whole")
-
-
-def _safetensors(out) -> dict[str, bytes]:
-  files = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
-  assert files, f"no safetensors in {out}"
-  return files
+  return setup, _tensors(root / "whole")
 
 
 def _resumed(setup, out, whole: dict[str, bytes], next_block: int) -> None:
@@ -307,17 +302,15 @@ def _resumed(setup, out, whole: dict[str, bytes], next_block: int) -> None:
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
     assert f"at block {next_block}" in log and "resuming from" in log
-  assert _safetensors(out) == whole
+  assert _tensors(out) == whole
   assert not ckpt.exists()
 
 
 def test_two_processes_resume_after_sigkill(six_blocks):
   """Both processes SIGKILLed right after block 1 of 6 became durable (a third of the blocks)."""
-  from tests.kill_hook import ENV
-
   setup, whole = six_blocks
   out = setup[0] / "killed"
-  procs, logs = _two_processes(setup, 2, 1, 4, out, env={ENV: "1"})
+  procs, logs = _two_processes(setup, 2, 1, 4, out, env={kill_hook.ENV: "1"})
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == -9, f"process {i} ended with {p.returncode}:\n{log[-4000:]}"
   _resumed(setup, out, whole, next_block=2)
