@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jaxprune import placement, sharded_solve, sharding
 from jaxprune.placement import host64, local_copy, replicate_like, to_host, to_solve
 from jaxprune.sharding import MODEL
+from jaxprune.stats import split
 from jaxprune.stats.moments import Moments
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,24 @@ class _SplitSolver:
 
   weights = _HostSolver.weights
 
+  @classmethod
+  def of_split(cls, rs, intercept: bool, rows=None) -> "_SplitSolver":
+    """The solver of statistics already split by rows (`stats.split`): nothing is gathered or
+    re-placed; padding features (beyond `rows`) are zero, which the ridge fixes at zero."""
+    self = cls.__new__(cls)
+    self.mesh, self.rows, self.rs = split.mesh_of(rs), rows, rs
+    self.d = rs.gram.shape[0]
+    self.diag = split.diagonal(rs) if rows is None else split.diagonal(rs)[:rows]
+    self.g, self.c = rs.gram, rs.xy
+    self.icpt = sharded_solve.Intercept(rs.xsum, rs.count, rs.ysum) if intercept else None
+    self.dtype = jnp.float32 if placement.solve_on_host() else jnp.float64
+    return self
+
+  def split_residual(self, yy, w, delta) -> float:
+    """`_own_residual_host` with tr(W^T X^T Y) from the split cross moment."""
+    lam = float(ridge_lam(self.diag, delta, self.rows))
+    return max(float(host64(yy)) - split.inner(self.rs, w) - lam * float(np.sum(np.square(w[:self.d]))), 0.0)
+
 
 def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: str = "",
                 yy=None, rows: int | None = None) -> tuple[jax.Array, SolveInfo]:
@@ -203,10 +222,13 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
   Where the solves run on a CPU (LAPACK), statistics held as numpy arrays give a
   numpy W; otherwise W is a JAX array placed like `m.xx`.
   """
-  host, split = placement.lapack_solves(), placement.split_solve_mesh()
-  with contextlib.nullcontext() if host or split is not None else placement.float64_solves():
-    solver = _SplitSolver(m.xx, xy, intercept, split, rows) if split is not None else (
-        (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept, rows))
+  host, mesh, held_split = placement.lapack_solves(), placement.split_solve_mesh(), split.is_split(m)
+  with contextlib.nullcontext() if host or mesh is not None or held_split else placement.float64_solves():
+    if held_split:
+      solver = _SplitSolver.of_split(m, intercept, rows)
+    else:
+      solver = _SplitSolver(m.xx, xy, intercept, mesh, rows) if mesh is not None else (
+          (_HostSolver if host else _DeviceSolver)(m.xx, xy, intercept, rows))
     for retry in range(MAX_RETRIES + 1):
       w = solver(delta)
       if w is not None:
@@ -216,8 +238,8 @@ def ridge_solve(m: Moments, xy: jax.Array, delta: float, intercept: bool, what: 
     else:
       raise FloatingPointError(f"least-squares solve for {what} failed even at damping {delta:.1e}; the calibration "
                                "statistics are not finite (check the input data and model weights)")
-    res = None if yy is None else solver.residual(yy, w, delta)
-    return solver.weights(w, m.xx), SolveInfo(delta=float(delta), retries=retry, residual=res)
+    res = None if yy is None else (solver.split_residual if held_split else solver.residual)(yy, w, delta)
+    return solver.weights(w, m.gram if held_split else m.xx), SolveInfo(delta=float(delta), retries=retry, residual=res)
 
 
 def _by_columns(xx, xy):
@@ -261,6 +283,8 @@ def residual(m: Moments, xy: jax.Array, yy: jax.Array, w: jax.Array) -> jax.Arra
   host where the solves run on a CPU (numpy: nothing compiled per system size).
   """
   k = w.shape[0]
+  if split.is_split(m):  # `xy` is m's own cross moment
+    return np.float32(split.residual(m, yy, w))
   if placement.lapack_solves():
     return np.float32(_residual_host(np.asarray(local_copy(m.xx)), host64(xy)[:k], float(host64(yy)), host64(w)))
   with placement.float64_solves():

@@ -48,15 +48,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxprune.sharding import DATA, MODEL
+from jaxprune.sharding import DATA, MODEL, shard_map as _shard_map
 
 HIGHEST = jax.lax.Precision.HIGHEST
 REFINE_STEPS = 10  # refinements at most: each at least halves omega, so 10 cover 2^10 of lost accuracy
 
-try:
-  _shard_map = jax.shard_map
-except AttributeError:  # JAX before 0.7 has it under experimental only
-  from jax.experimental.shard_map import shard_map as _shard_map  # type: ignore[no-redef]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,11 @@ from jaxprune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+try:
+  shard_map = jax.shard_map
+except AttributeError:  # JAX before 0.7 has it under experimental only
+  from jax.experimental.shard_map import shard_map  # type: ignore[no-redef]
+
 DATA = "data"
 MODEL = "model"
 

@@ -52,12 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import placement
-from jaxprune.criteria import obs_sweep
+from jaxprune.criteria import obs_split, obs_sweep
 from jaxprune.criteria.stats import ModuleStats
 from jaxprune.models import adapter as A
 from jaxprune.placement import float64_solves, local_copy, to_solve
 from jaxprune.spec import Params
-from jaxprune.stats import moments
+from jaxprune.stats import moments, split
 
 
 OBS_BLOCK = 4096  # channels; modules with more units' channels use the blocked sweep
@@ -102,6 +102,8 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
   """
   width = A.unit_width(kind, p)
   block = OBS_BLOCK if block is None else block
+  if split.is_split(stats.hidden):
+    return _refit_aware_split(stats, width, block)
   d = stats.hidden.xx.shape[0] - 1
   n = d // width
   with float64_solves():
@@ -120,7 +122,28 @@ def refit_aware(kind: A.ModuleKind, p: Params, stats: ModuleStats, block: int | 
     def system(units, ch):
       return _augmented_block(xx, ch), xy[np.append(ch, d)]  # the block's channels and the ones column
 
-    return _blocked(n, width, _blocks(n, width, block), np.diagonal(xx)[:d], system, stats)
+    return _blocked(n, width, _blocks(n, width, block), np.diagonal(xx)[:d], _system_sweep(system, width, stats),
+                    stats)
+
+
+def _refit_aware_split(stats: ModuleStats, width: int, block: int) -> np.ndarray:
+  """`refit_aware` on statistics split by rows over the mesh (`obs_split`): the exact sweep, or
+  for modules wider than `block` the blocked one, each block cut from the split statistics."""
+  rs = stats.hidden
+  d = rs.dim
+  n = d // width
+  if d <= block:
+    order, paid = obs_split.removal_order(rs, width, stats.damping, stats.intercept, obs_sweep.step_size(n),
+                                          stats.n_remove)
+    return _increasing_along(order, paid)
+  mesh = split.mesh_of(rs)
+
+  def sweep_block(units, ch, delta, depth):
+    sub = split.cut(rs, ch, split.padded_width(len(ch), mesh, width))
+    return obs_split.removal_order(sub, width, delta, stats.intercept, obs_sweep.step_size(len(units)), depth,
+                                   rows=len(ch))
+
+  return _blocked(n, width, _blocks(n, width, block), split.diagonal(rs), sweep_block, stats, devices=False)
 
 
 def _augmented_block(xx: np.ndarray, ch: np.ndarray) -> np.ndarray:
@@ -173,7 +196,7 @@ def refit_aware_stream(kind: A.ModuleKind, p: Params, stats: ModuleStats, x2, w2
     return m.xx, m.xy
 
   with float64_solves():
-    return _blocked(n, width, blocks, diag, system, stats)
+    return _blocked(n, width, blocks, diag, _system_sweep(system, width, stats), stats)
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
@@ -183,10 +206,29 @@ def _augmented_gram(x2, lo, size: int):
   return moments.gram(jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1))
 
 
-def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: ModuleStats) -> np.ndarray:
-  """The blocked sweep's scores ([n], float64): each block's exact sweep on `system(units,
-  channels)` = (its augmented Gram, its cross moment), merged by the cost each unit had when
-  it went. `diag`: the diagonal of the module's whole Gram matrix (its ridge).
+def _system_sweep(system, width: int, stats: ModuleStats):
+  """`_blocked`'s `sweep_block` for blocks given as `system(units, channels)` = (the block's
+  augmented Gram, its cross moment), float32 on the host: the inverse and sweep where the
+  solves run (LAPACK's inverse takes its one float64 copy itself), or on `device`."""
+
+  def sweep_block(units, ch, delta, depth, device=None):
+    sub_xx, sub_xy = system(units, ch)
+    if not placement.lapack_solves():
+      sub_xx, sub_xy = (jax.device_put(np.asarray(a, np.float64), device) for a in (sub_xx, sub_xy))
+    ginv = obs_sweep.ridge_inverse(sub_xx, delta, stats.intercept)
+    return obs_sweep.removal_order(ginv, to_solve(sub_xy, keep_dtype=True), width, stats.intercept,
+                                   obs_sweep.step_size(len(units)), depth)
+
+  return sweep_block
+
+
+def _blocked(n: int, width: int, blocks, diag: np.ndarray, sweep_block, stats: ModuleStats,
+             devices: bool = True) -> np.ndarray:
+  """The blocked sweep's scores ([n], float64): each block's exact sweep by `sweep_block(units,
+  channels, delta, depth[, device])` (its removal order and costs), merged by the cost each unit
+  had when it went. `diag`: the diagonal of the module's whole Gram matrix (its ridge);
+  `devices`: whether blocks may run one a device side by side (not for split blocks, which
+  take the whole mesh each).
 
   With `stats.n_remove` a block's sweep first stops a little past its share of the removals
   (`_first_depth`) instead of at n_remove: a block whose last swept cost is still at or below
@@ -200,26 +242,19 @@ def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: Module
   def sweep(job, device=None):
     units, depth = job
     ch = (units[:, None] * width + np.arange(width)[None]).reshape(-1)
+    # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
+    delta = stats.damping * float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
     # Host blocks run one after another (`_sweep_blocks`), so the process-wide BLAS limit is theirs.
     with placement.serial_blas(len(ch) + 1) if device is None else contextlib.nullcontext():
-      return one_block(units, ch, device, depth)
-
-  def one_block(units, ch, device, depth):
-    sub_xx, sub_xy = system(units, ch)  # float32: LAPACK's inverse takes its one float64 copy itself
-    if not placement.lapack_solves():
-      sub_xx, sub_xy = (jax.device_put(np.asarray(a, np.float64), device) for a in (sub_xx, sub_xy))
-    # The module's ridge lam = delta * mean(diag G) in every block, not the block's own mean.
-    scale = float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
-    ginv = obs_sweep.ridge_inverse(sub_xx, stats.damping * scale, stats.intercept)
-    order, paid = obs_sweep.removal_order(ginv, to_solve(sub_xy, keep_dtype=True), width, stats.intercept,
-                                          obs_sweep.step_size(len(units)), depth)
+      order, paid = sweep_block(units, ch, delta, depth) if device is None else sweep_block(
+          units, ch, delta, depth, device)
     # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
     return _increasing_along(np.asarray(order), np.asarray(paid, np.float64)), np.asarray(order)
 
   n_remove = stats.n_remove
   deepest = [len(u) - 1 if n_remove is None else min(len(u) - 1, n_remove) for u in blocks]
   depth = [d if n_remove is None else min(d, _first_depth(len(u), n, n_remove)) for u, d in zip(blocks, deepest)]
-  swept = _sweep_blocks(sweep, list(zip(blocks, depth)))
+  swept = _sweep_blocks(sweep, list(zip(blocks, depth)), devices)
   while True:
     scores = np.zeros(n, np.float64)
     for units, (s, _) in zip(blocks, swept):
@@ -232,7 +267,7 @@ def _blocked(n: int, width: int, blocks, diag: np.ndarray, system, stats: Module
       break
     for b in short:
       depth[b] = min(deepest[b], _further(len(blocks[b]), depth[b]))
-    for b, out in zip(short, _sweep_blocks(sweep, [(blocks[b], depth[b]) for b in short])):
+    for b, out in zip(short, _sweep_blocks(sweep, [(blocks[b], depth[b]) for b in short], devices)):
       swept[b] = out
   # Ties between blocks: the lower index goes first.
   return _increasing_along(np.argsort(np.argsort(scores, kind="stable"), kind="stable"), scores)
@@ -252,12 +287,14 @@ def _first_depth(n_block: int, n: int, n_remove: int) -> int:
   return (-(-(n_remove * n_block) // (n * step)) + BLOCK_DEPTH_MARGIN) * step
 
 
-def _sweep_blocks(sweep, jobs):
+def _sweep_blocks(sweep, jobs, devices: bool = True):
   """`sweep(job[, device])` of every job (a block's units and how far to sweep them), in order.
   The blocks' sweeps are independent: where they run on the devices (GPUs) they go one a
   device, each from its own thread, so a wide module's sweeps run side by side instead of on
   one chip while the others wait. With LAPACK (CPU and TPU hosts) they run here, one after
-  another, on the threaded BLAS."""
+  another, on the threaded BLAS (and so do split blocks, `devices` False, each on the whole mesh)."""
+  if not devices:
+    return [sweep(job) for job in jobs]
   devices = jax.local_devices()
   if placement.lapack_solves() or len(devices) == 1 or len(jobs) == 1:
     return [sweep(job) for job in jobs]

@@ -13,7 +13,7 @@ from jaxprune.prune import solve
 from jaxprune.prune.context import StepContext
 from jaxprune.prune.metrics import Meter
 from jaxprune.prune.streams import positions
-from jaxprune.stats import moments, passes
+from jaxprune.stats import moments, passes, split
 from jaxprune.stats import needs as needs_lib
 
 
@@ -77,7 +77,8 @@ def statistics(ctx: StepContext, kind, block, cfg, p1, groups: list, xs, douts, 
   if c.shrink and nd.calib.hidden == "gram":
     w2, b2 = A.second_level(kind, p1)
     w2a = jnp.concatenate([w2, b2[None]], axis=0)
-    hids = [h._replace(hidden=moments.shrink(h.hidden, c.shrink, w2a)) for h in hids]
+    shrink = split.shrink if split.is_split(hids[0].hidden) else moments.shrink
+    hids = [h._replace(hidden=shrink(h.hidden, c.shrink, w2a)) for h in hids]
   js = None
   if nd.calib.js:
     js = sum(h.js for h in hids) / max(sum(float(h.rows) for h in hids), 1.0)

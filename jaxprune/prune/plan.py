@@ -25,7 +25,7 @@ from jaxprune.prune import budget as budget_lib
 from jaxprune.prune.context import module_needs, stats_kw
 from jaxprune.prune.metrics import Meter
 from jaxprune.prune.streams import embed_stream, positions
-from jaxprune.stats import moments, passes
+from jaxprune.stats import moments, passes, split
 from jaxprune.stats import needs as needs_lib
 
 
@@ -158,7 +158,9 @@ def _module(inp: PlanInputs, meter: Meter, kind, i, blk, cfg, x, pos, want_js, w
   if want_scores:
     hidden = h.hidden
     w2a = jnp.concatenate([w2, b2[None]], axis=0)
-    if st.cross:
+    if st.cross and split.is_split(hidden):
+      hidden = split.shrink(split.with_cross(hidden, w2a), c.shrink, w2a)
+    elif st.cross:
       hidden = moments.shrink(moments.Moments(hidden.xx, passes.dense_cross(hidden.xx, w2a)), c.shrink, w2a)
     kw = dict(stats_kw(c, inp.extra, kind, i, layer, p), js=None if h.js is None else h.js / h.rows)
     if kind is A.MLP and not plan_standardizes(inp.crit):

@@ -24,7 +24,7 @@ from jaxprune.prune.context import StepContext
 from jaxprune.prune.metrics import Meter, ModuleRow
 from jaxprune.prune.select import select
 from jaxprune.prune.streams import Group, positions
-from jaxprune.stats import moments, passes
+from jaxprune.stats import moments, passes, split
 from jaxprune.stats import needs as needs_lib
 
 
@@ -234,6 +234,10 @@ def _kept_sums(idx, st: measure.Stats, mesh):
   host the sums are cut there with numpy, and on the devices they are padded to the kept width's
   bucket (`placement.bucket_width`), which every width up to it shares.
   """
+  if split.is_split(st.hids[0].hidden):  # kept split over the mesh's `model` axis to the solve
+    width = placement.bucket_width(len(idx), st.hids[0].hidden.dim, mesh)
+    return [solve.Part(s, s.xy, yy, len(idx)) for s, yy in
+            zip((split.cut(h.hidden, idx, width) for h in st.hids), st.target_yy)], False
   on_host = placement.lapack_solves() and all(placement.on_host(h.hidden.xx) for h in st.hids)
   if on_host:
     subs = [moments.subset(h.hidden, idx) for h in st.hids]

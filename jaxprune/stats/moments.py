@@ -125,6 +125,17 @@ class RowSplit:
   xy: jax.Array | None = None
   ysum: jax.Array | None = None
 
+  @property
+  def dim(self) -> int:
+    return self.gram.shape[0]
+
+  @property
+  def mean(self) -> jax.Array:
+    return self.xsum / self.count
+
+  def __add__(self, other: "RowSplit") -> "RowSplit":
+    return jax.tree.map(lambda a, b: a + b, self, other)
+
 
 jax.tree_util.register_dataclass(RowSplit, data_fields=["gram", "xsum", "count", "xy", "ysum"], meta_fields=[])
 

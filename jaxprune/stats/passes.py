@@ -213,8 +213,9 @@ def hidden_pass(kind: A.ModuleKind, cfg: L.BlockConfig, norm_p, p, xp, yd, posit
 def gather_hidden(h: HiddenOut, mesh) -> HiddenOut:
   """`h` with Gram statistics split over `model` (`moments.RowSplit`) joined where the solves
   and the `goa-obs` sweep run: on the host where they use LAPACK (CPU, and TPU hosts: no
-  device then holds a whole Gram matrix), else replicated over the mesh."""
-  if not isinstance(h.hidden, moments.RowSplit):
+  device then holds a whole Gram matrix), else replicated over the mesh. Where the solves
+  run split over this mesh (`placement.split_solves`), they stay split (`jaxprune.stats.split`)."""
+  if not isinstance(h.hidden, moments.RowSplit) or (mesh is not None and placement.split_solve_mesh() == mesh):
     return h
   if placement.lapack_solves():
     return h._replace(hidden=moments.join(jax.tree.map(placement.to_host, h.hidden)))
