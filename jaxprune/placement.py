@@ -22,15 +22,19 @@ The rule, in one place:
   from XLA's threads, which run the sweep's steps in between: the plan's sweep of a
   4096-channel MLP ran 1.9x faster on one BLAS thread on a quiet machine and 3.9x beside two
   spinning processes (`benchmarks/results/blas_threads.json`).
-- Opt-in (`split_solves`): the ridge solves run on the devices of a mesh, split by rows over its
-  `model` axis (`jaxprune.sharded_solve`): float64 where the backend has it, else float32 with
-  iterative refinement. Off by default, so the default results do not move.
+- Split (`Solves.SPLIT`, the default `Solves.AUTO` on an accelerator's mesh with a `model` axis):
+  the statistics stay split by rows over `model` from accumulation to the solve
+  (`jaxprune.stats.split`), the ridge solves run on the devices (`jaxprune.sharded_solve`:
+  float64 where the backend has it, else float32 with iterative refinement) and so does the
+  `goa-obs` sweep (`jaxprune.criteria.obs_split`): no device or host holds a whole Gram matrix.
+  On the CPU backend AUTO keeps them joined on the host, where LAPACK is the faster path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 import functools
 
 import jax
@@ -40,6 +44,30 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 SERIAL_BLAS_BELOW = 1024  # rows; the loop's wider systems keep the threaded BLAS
+
+class Solves(str, enum.Enum):
+  """Where a run's statistics go to be solved: `auto` (split on an accelerator's mesh with a
+  `model` axis, else joined), `joined` (gathered where the solves run: the host's LAPACK on CPU
+  and TPU, each device on GPU) or `split` (kept split over `model`, solved on the devices)."""
+
+  AUTO = "auto"
+  JOINED = "joined"
+  SPLIT = "split"
+
+  def __str__(self) -> str:
+    return self.value
+
+
+def solve_mesh(mode: Solves | str, mesh: Mesh | None) -> Mesh | None:
+  """The mesh whose `model` axis the solves split over under `mode`, or None (joined). AUTO keeps
+  a mesh that `split_solves` already names."""
+  mode = Solves(mode)
+  if mesh is None or mesh.shape.get("model", 1) == 1 or mode is Solves.JOINED:
+    return None
+  if mode is Solves.SPLIT or jax.default_backend() != "cpu":
+    return mesh
+  return split_solve_mesh()
+
 
 _SPLIT_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("split_solves", default=None)
 

@@ -39,6 +39,7 @@ def install_from_env() -> None:
 
 
 def python_c(then: str, root: str) -> str:
-  """`python -c` code that installs the kill hook (from the checkout at `root`), then runs `then`."""
-  return ("import sys; sys.path.insert(0, %r); from tests import kill_hook; kill_hook.install_from_env(); " % root
-          + then)
+  """`python -c` code that installs the kill hook and tests/watch_hook.py's watch (from the
+  checkout at `root`), each where its variable is set, then runs `then`."""
+  return ("import sys; sys.path.insert(0, %r); from tests import kill_hook, watch_hook; kill_hook.install_from_env(); "
+          "watch_hook.install_from_env(); " % root + then)

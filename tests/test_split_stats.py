@@ -132,81 +132,33 @@ def test_the_split_sweep_is_the_host_sweep(mesh, width, intercept):
   assert_within(got_paid[gone], paid[gone], bound * np.abs(paid[gone]), "split sweep costs")
 
 
-class _Watch:
-  """What the run placed and brought to the host: every live array at each watched call, and every
-  device array converted to numpy."""
-
-  def __init__(self, grams: set[int], mesh):
-    self.grams, self.m, self.seen, self.converted = grams, mesh.shape["model"], [], []
-
-  def scan(self, where):
-    for a in jax.live_arrays():
-      for s in a.addressable_shards:
-        shape = s.data.shape
-        if len(shape) == 2 and shape[0] == shape[1] and shape[0] in self.grams:
-          self.seen.append((where, a.shape, shape))
-
-  def structures(self, where, *trees):
-    """Statistics the run hands between its parts: Gram and cross moment split by rows."""
-    for t in jax.tree.leaves(trees, is_leaf=lambda v: isinstance(v, (moments.RowSplit, moments.Moments))):
-      if isinstance(t, moments.Moments) and t.xx.shape[0] - 1 in self.grams:
-        self.seen.append((where, "joined Moments", t.xx.shape))
-      if isinstance(t, moments.RowSplit):
-        for a in (t.gram, t.xy):
-          if a is not None and any(s.data.shape[0] * self.m != a.shape[0] for s in a.addressable_shards):
-            self.seen.append((where, "not row-split", a.shape))
-
-
 def test_a_split_run_holds_no_whole_gram_anywhere(tiny_dir, monkeypatch):
-  """The default preset on a 2 x 4 mesh with its solves split (`placement.split_solves`): at every
+  """The default preset on a 2 x 4 mesh with its statistics split (`--solves split`): at every
   statistics pass, cut, shrink, sweep and solve, no device holds a square shard as wide as a
   module's Gram matrix (its X2 widths: Gemma's 128-channel attention and 96-channel MLP), the
   statistics handed on are split by rows (a 1/4 share each), and nothing as wide is brought to
-  the host. The run's units equal those of the same mesh with the statistics joined."""
+  the host (tests/watch_hook.py). The run's units equal those of the same mesh with the
+  statistics joined, and its report says where they were solved."""
   import jaxprune
-  from jaxprune.criteria import output_approx
   from jaxprune.prune import PruneConfig, prune
-  from jaxprune.stats import passes
+  from tests import watch_hook
   from tests.test_mesh import _calib
 
   cfg, mesh = PruneConfig.preset("recommended", sparsity=0.3, batch_size=8), sharding.make_mesh(2, 4)
   load = lambda: jaxprune.load(tiny_dir("gemma3"), lazy=True)
   calib = _calib()
   joined = prune(load(), calib, cfg, mesh=mesh)
-  watch = _Watch({96, 97, 128, 129}, mesh)
-  calls = {}
-
-  def watched(module, name):
-    fn = getattr(module, name)
-
-    def run(*a, **k):
-      watch.structures(name, a, k)
-      out = fn(*a, **k)
-      calls[name] = calls.get(name, 0) + 1
-      watch.structures(name, out)
-      watch.scan(name)
-      return out
-
-    monkeypatch.setattr(module, name, run)
-
-  for module, name in [(passes, "hidden_pass"), (passes, "gather_hidden"), (split, "cut"), (split, "shrink"),
-                       (split, "with_cross"), (obs_split, "_sweep"), (output_approx, "refit_aware")]:
-    watched(module, name)
-  from jaxprune import reconstruct, sharded_solve
-  watched(reconstruct, "ridge_solve"), watched(sharded_solve, "_solve")
-  from jax._src import array as jax_array
-  to_numpy = jax_array.ArrayImpl.__array__
-
-  def converted(self, *a, **k):
-    out = to_numpy(self, *a, **k)
-    if out.ndim == 2 and out.shape[0] == out.shape[1] and out.shape[0] in watch.grams:
-      watch.converted.append(out.shape)
-    return out
-
-  monkeypatch.setattr(jax_array.ArrayImpl, "__array__", converted)
-  with placement.split_solves(mesh):
-    run = prune(load(), calib, cfg, mesh=mesh)
-  assert calls.get("_sweep") and calls.get("cut") and calls.get("shrink") and calls.get("with_cross"), calls
+  assert joined.report["devices"]["solves"] == "joined"  # auto on a CPU
+  watch = watch_hook.install(monkeypatch.setattr, {96, 97, 128, 129})
+  run = prune(load(), calib, cfg, mesh=mesh, solves="split")
+  assert all(watch.calls.get(k) for k in ("_sweep", "cut", "shrink", "with_cross", "_solve")), watch.calls
   assert not watch.seen, watch.seen[:5]
   assert not watch.converted, watch.converted[:5]
+  assert run.report["devices"]["solves"] == "split"
   assert [m["kept"] for m in run.report["modules"]] == [m["kept"] for m in joined.report["modules"]]
+
+
+def test_the_solves_option_is_the_placement_enum():
+  from jaxprune.cli.prune_cmd import SOLVES
+
+  assert SOLVES == tuple(str(v) for v in placement.Solves)

@@ -26,7 +26,7 @@ import jaxprune
 from jaxprune import sharding
 from jaxprune.errors import UsageError
 from jaxprune.prune import prune
-from tests import kill_hook, tiny
+from tests import kill_hook, tiny, watch_hook
 from tests.test_resume import _tensors
 from tests.numerics import assert_within, reordering_bound
 
@@ -215,6 +215,36 @@ def test_two_processes_share_a_mesh(which, local, data, model, request):
   assert sum(wrote) == pruned_blocks and wrote[0] == report["block_values_written"]
   assert all(0 < w < pruned_blocks for w in wrote)
   assert not os.path.exists(f"{out}.blocks")  # removed once the output was written
+
+
+def test_two_processes_keep_the_statistics_split(gemma_setup):
+  """The default preset with `--solves split`, the `model` axis across two processes (1x4 on 2 x 2
+  devices): in neither process does a device hold, or the host receive, a whole Gram matrix or
+  cross moment of any module (tests/watch_hook.py: the tiny Gemma's X2 widths, 128 and 96,
+  which no weight shares, where a LLaMA's attention Gram is as wide as its output weights), and
+  the kept units are the one-device run's."""
+  setup = gemma_setup
+  root, model_dir, text, *_ = setup
+  args = ["--calib-samples", "16", "--seq-len", "16", "--sparsity", "0.3", "--batch-size", "8"]
+  mod = _script()
+  parsed = mod.parse_args([model_dir, "--out", str(root / "unused"), "--calib", text, *args])
+  model = jaxprune.load(model_dir)
+  calib = mod.calibration(parsed, model, jaxprune.load_tokenizer(model_dir))
+  ref = prune(model, calib, mod.build_config(parsed, data=1), mesh=sharding.make_mesh(1, 1))
+  out, found = root / "split_2proc", root / "watch"
+  procs, logs = _two_processes(setup, 2, 1, 4, out, lambda i: ["--no-checkpoint", "--solves", "split"], args=args,
+                               env={watch_hook.ENV: f"{found}:96,97,128,129"})
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i}:\n{log[-4000:]}"
+  with open(out / "report.json") as f:
+    report = json.load(f)
+  assert report["devices"]["solves"] == "split"
+  assert [m["kept"] for m in report["modules"]] == [m["kept"] for m in ref.report["modules"]]
+  for i in range(2):
+    with open(f"{found}.{i}") as f:
+      watched = json.load(f)
+    assert all(watched["calls"].get(k) for k in ("_sweep", "cut", "shrink", "with_cross", "_solve")), watched["calls"]
+    assert not watched["seen"] and not watched["converted"], (i, watched["seen"][:5], watched["converted"][:5])
 
 
 @pytest.mark.parametrize("what", ["--blocks-dir", "the checkpoint directory"])

@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   # Building the options imports jaxprune (and JAX) but initialises no backend, so
   # jax.distributed.initialize() can still come after.
   from jaxprune.cli import add_compile_cache_options
+  from jaxprune.cli.prune_cmd import SOLVES
   from jaxprune.cli.prune_options import add_config_options
   from jaxprune.prune import presets
 
@@ -91,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   mesh.add_argument("--mesh-data", type=int, default=None,
                     help="devices on the `data` axis (default: all devices / --mesh-model)")
   mesh.add_argument("--mesh-model", type=int, default=1, help="devices on the `model` axis (default 1)")
+  mesh.add_argument("--solves", default="auto", choices=SOLVES,
+                    help="split: statistics kept split over `model` and solved on the devices (no whole Gram "
+                    "anywhere); joined: gathered where the solves run; auto (default): split on accelerators")
   dist = p.add_argument_group("multi-process")
   dist.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                     help="call jax.distributed.initialize(): auto = when flags or the environment show several "
@@ -369,7 +373,8 @@ def main(argv=None) -> int:
 
   t0 = time.perf_counter()
   try:
-    result = prune(model, calib, config, mesh=mesh, progress=progress, blocks_dir=blocks_dir, checkpoint=ckpt)
+    result = prune(model, calib, config, mesh=mesh, progress=progress, blocks_dir=blocks_dir, checkpoint=ckpt,
+                   solves=args.solves)
   except Preempted as e:
     log.warning("process %d: preempted; every process stopped after block %d%s", pid, e.block,
                 f", which is in {ckpt}: run the same command with --resume to continue" if ckpt else

@@ -35,6 +35,10 @@ from jaxprune.cli.prune_options import add_config_options, resolve_config
 from jaxprune.errors import JaxpruneError, UsageError
 from jaxprune.prune import presets
 
+# `jaxprune.placement.Solves`, spelled here so that parsing imports no JAX (a test checks they agree).
+SOLVES = ("auto", "joined", "split")
+
+
 def add_parser(sub):
   p = sub.add_parser("prune", help="prune a model and save it", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +76,10 @@ def add_parser(sub):
   p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                  help="device mesh: activations sharded over data, blocks (heads, KV heads, MLP channels) over "
                  "model (default: every device on data)")
+  p.add_argument("--solves", default="auto", choices=SOLVES,
+                 help="split: the statistics stay split over the mesh's model axis and are solved on its devices "
+                 "(no device or host holds a whole Gram matrix); joined: gathered where the solves run (the host's "
+                 "LAPACK on CPU and TPU); auto (default): split on an accelerator's mesh with a model axis")
   p.add_argument("--no-progress", dest="show_progress", action="store_false", help="no progress bars")
   add_config_options(p)
   return p
@@ -239,7 +247,7 @@ def run(args) -> int:
 
     fresh = ckpt is not None and not os.path.exists(ckpt)
     try:
-      result = prune(model, calib, config, progress=progress, checkpoint=ckpt, mesh=mesh)
+      result = prune(model, calib, config, progress=progress, checkpoint=ckpt, mesh=mesh, solves=args.solves)
     except JaxpruneError:
       _drop_unfinished(ckpt if fresh else None)
       raise

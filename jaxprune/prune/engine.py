@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from jaxprune import allocate, criteria, sharding
+from jaxprune import allocate, criteria, placement, sharding
 from jaxprune.errors import CheckpointError, UsageError
 from jaxprune.io import lazy as lazy_io
 from jaxprune.model import Model
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), *, score_windows=None, mesh=None,
           progress: Callable[[dict], None] | None = None, checkpoint: str | None = None,
-          blocks_dir: str | None = None) -> PruneResult:
+          blocks_dir: str | None = None, solves: placement.Solves | str = placement.Solves.AUTO) -> PruneResult:
   """Prunes `model` with calibration token windows `calib` [S, T].
 
   Args:
@@ -65,6 +65,9 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
       `checkpoint.save_shards`). With several processes it must be one directory
       that every process sees. Default: a temporary directory of this process, to which
       each finished block is gathered whole.
+    solves: where the statistics are solved (`placement.Solves`): kept split over the mesh's
+      `model` axis and solved on its devices, or joined where the solves run; `auto` splits
+      them on an accelerator's mesh with a `model` axis.
 
   Returns:
     PruneResult(model, report): the pruned Model (the input is untouched) and a JSON-able report.
@@ -73,6 +76,7 @@ def prune(model: Model, calib: np.ndarray, config: PruneConfig = PruneConfig(), 
     # Every kernel the run traces (statistics, targets, solves, the criterion's preparation) takes
     # the stated precision; jit keys its cache on it, so no kernel compiled under another leaks in.
     stack.enter_context(jax.default_matmul_precision(str(config.matmul_precision)))
+    stack.enter_context(placement.split_solves(placement.solve_mesh(solves, mesh)))
     return _prune(model, calib, config, _Run(score_windows, mesh, progress or (lambda event: None), checkpoint,
                                              blocks_dir), stack)
 

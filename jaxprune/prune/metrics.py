@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxprune import sharding
+from jaxprune import placement, sharding
 from jaxprune.io.lazy import LazyBlocks
 from jaxprune.spec import count_params, layer_param_count
 
@@ -125,7 +125,9 @@ def report(dense, pruned, c, run, *, tau, plan_seconds, seconds, calib, mesh, wi
       "calibration": {"windows": int(np.shape(calib)[0]), "seq_len": int(np.shape(calib)[1]),
                       "held_out_for_damping": c.batch_size if c.auto_damping else 0},
       "devices": {"data": int(mesh.shape[sharding.DATA]), "model": int(mesh.shape[sharding.MODEL]),
-                  "platform": jax.default_backend()},
+                  "platform": jax.default_backend(),
+                  # Statistics kept split over `model` to solves on the devices, or joined (`placement.Solves`).
+                  "solves": "split" if placement.split_solve_mesh() is not None else "joined"},
       "params": {
           "before": total_before,
           "after": total_after,
