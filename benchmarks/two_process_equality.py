@@ -16,6 +16,7 @@ suite derives from K such spreads (tests/numerics.py's point 2 for reorderings: 
 the largest spread, plus a floor of a few roundings; M falls as K grows).
 
     python benchmarks/two_process_equality.py          # -> results/two_process_equality.json
+    python benchmarks/two_process_equality.py --solves split   # statistics split to the solves
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ def main() -> int:
   ap.add_argument("--calib-samples", type=int, default=128)
   ap.add_argument("--eval-windows", type=int, default=64)
   ap.add_argument("--permutations", type=int, default=6)
-  ap.add_argument("--out", default=os.path.join(HERE, "results", "two_process_equality.json"))
+  ap.add_argument("--solves", default="joined", choices=("joined", "split"),
+                  help="the two-process run's statistics: joined for the solves, or kept split over `model`")
+  ap.add_argument("--out", default=None, help="default: results/two_process_equality[_split].json")
   args = ap.parse_args()
+  args.out = args.out or os.path.join(HERE, "results", "two_process_equality%s.json" % (
+      "_split" if args.solves == "split" else ""))
 
   import numpy as np
 
@@ -93,7 +98,7 @@ def main() -> int:
           "--calib-samples", str(args.calib_samples)]
   with tempfile.TemporaryDirectory() as work:
     out = os.path.join(work, "two_processes")
-    wall = two_processes(argv, out)
+    wall = two_processes([*argv, "--solves", args.solves], out)
     with open(os.path.join(out, "report.json")) as f:
       report = json.load(f)
     runs = {"two_processes": jaxprune.load(out)}
@@ -129,7 +134,8 @@ def main() -> int:
       "machine": cpu_name(),
       "recipe": "recommended (the text alone: selfgen_share 0)", "sparsity": 0.2, "seed": config.seed,
       "calib_samples": args.calib_samples, "eval_windows": args.eval_windows, "permutations": args.permutations,
-      "mesh": report["mesh"], "two_process_wall_seconds": wall,
+      "mesh": report["mesh"], "solves": report["devices"]["solves"], "two_process_wall_seconds": wall,
+      "two_process_phases": report["seconds"]["phases"],
       "params_after": {"two_processes": report["params"]["after"], "one_device": one.report["params"]["after"]},
       "perplexity": ppl, "modules_with_different_units": differ, "two_processes_vs_permutation_spread": within,
       **git_state(exclude=(args.out,)),

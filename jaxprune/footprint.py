@@ -6,7 +6,7 @@ keeps (X2, the Gram matrix and cross moment) from `jax.eval_shape` of the
 engine's own kernel (`passes.hidden_pass`) on abstract inputs. Terms follow
 what the streamed engine (`jaxprune prune`) holds while it prunes one module:
 
-  per device   the embedding and head tables in the checkpoint's dtype (replicated);
+  per device   the embedding and head tables in the checkpoint's dtype (vocabulary over `model`);
                the block in use, float32, sharded over `model` (the dense block
                and its pruned copy); the activation streams [S, T, D] float32,
                sharded over `data` (pruned; dense and the module's dense output
@@ -15,14 +15,16 @@ what the streamed engine (`jaxprune prune`) holds while it prunes one module:
                next streams while they advance); X2 of every calibration window (its features
                split over `model`); the statistics
                (total, compensation and one chunk's term; a Gram matrix's rows
-               split over `model`, the rest replicated); on a GPU the joined
-               Gram matrix, replicated, and the float64 solves, while it solves; one chunk's
+               split over `model`, the rest replicated); with the statistics kept
+               split (`--solves split`, the default on accelerators), each device's share
+               of the split solve or `goa-obs` sweep, while it solves; else, on a GPU, the
+               joined Gram matrix, replicated, and the float64 solves; one chunk's
                intermediates (MLP first level, attention maps);
   per host     the process itself (measured: this process's resident memory
                after importing jaxprune, starting JAX and, when the model has one,
                loading its tokenizer), one block as read from the checkpoint and upcast, the
                float64 copies the solves and the `goa-obs` sweep make on CPU and TPU
-               hosts (with the joined float32 Gram matrix they read), the dense
+               hosts with joined statistics (and the joined float32 Gram matrix they read), the dense
                outputs of the plan's store (written, then read back), and the output shard
                being written at the end; on a CPU backend every local device's
                memory is also host memory.
@@ -115,7 +117,7 @@ def _shard(nbytes: float, ways: int) -> int:
 def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int = 1, model: int = 1,
              checkpoint_bytes: int = 4, backend: str | None = None, local_devices: int | None = None,
              floor: int | None = None, max_shard_bytes: int = 200 * 10 ** 6, mapped_bytes: int = 0,
-             generated: int = 0, prefix: int = 0, fit: bool = True) -> Estimate:
+             generated: int = 0, prefix: int = 0, fit: bool = True, solves: str = "auto") -> Estimate:
   """The peak per-device and per-host memory of pruning `spec` with `config` (a PruneConfig).
 
   Args:
@@ -132,6 +134,9 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
     generated: how many of the `samples` windows the model generates itself (0: none); `prefix`,
       the tokens each window is fed after (BOS), so `seq_len - prefix` are sampled per window;
       `fit`, texts cut to what the model's positions hold (the share that joins a text).
+    solves: `placement.Solves` ("auto": split on a gpu or tpu mesh with a model axis): split
+      statistics are solved and swept on the devices, a share each (`split_solve_bytes`);
+      joined ones on the host (CPU, TPU) or replicated on every GPU.
   """
   backend = backend or jax.default_backend()
   if local_devices is None:
@@ -165,6 +170,8 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
           checkpoint_bytes + F32)
     where = f"self-generation of {generated} windows, on one device"
     generation = (Peak(sum(gen.values()), where, gen), Peak(sum(host.values()), where, host))
+  split_solves = model > 1 and (solves == "split" or (solves == "auto" and backend != "cpu"))
+  solve_bytes = F32 if backend == "tpu" else F64  # a TPU has no float64: float32 with refinement
   best_dev = best_host = None
   start, stop = config.block_range(spec)
   shapes = block_shapes(spec)
@@ -200,7 +207,7 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       else:
         hidden = gram
       stats = 3 * (_nbytes((out.first, out.inputs, out.js)) + hidden)
-      joined = gram if split else 0
+      joined = gram if split and not split_solves else 0
       chunk = per_dev_batch * seq_len * F32
       if kind is A.MLP:
         transient = chunk * 3 * layer.ffn_dim  # gate, up and their product for one chunk
@@ -212,7 +219,9 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       n_streams = 3 if nd.dense else 1  # pruned; dense and the module's dense output
       dev_common = {"block (dense + pruned, float32)": 2 * _shard(block_bytes, model),
                     "activation streams": n_streams * stream,
-                    "embedding and head": _top_bytes(spec, checkpoint_bytes)}
+                    # Vocabulary split over `model` where it divides it (`sharding.DEFAULT_RULES`).
+                    "embedding and head": _shard(_top_bytes(spec, checkpoint_bytes),
+                                                 model if spec.vocab_size % model == 0 else 1)}
       phases_dev = {
           "statistics": {**dev_common, "X2": x2, "statistics": stats, "chunk intermediates": transient,
                          **({"absorbing target": stream} if config.absorb and nd.dense else {})},
@@ -239,7 +248,15 @@ def estimate(spec: ModelSpec, config, *, samples: int, seq_len: int, data: int =
       if config.allocation == "adaptive" and nd.dense:  # written by the plan, read back by the loop
         host_common["dense output (plan's store)"] = n_tok * Dm * F32
       phases_host = {name: dict(host_common) for name in phases_dev}
-      if backend == "gpu":  # GPUs factor on the device, each for its own columns of W
+      if split and split_solves:  # on the devices, a share each (`jaxprune.stats.split`)
+        refit = split_solve_bytes(U2, Dm, model, solve_bytes) if solve_host else 0
+        sweep = 0
+        if "hidden_cross" in (crit.needs or ()):
+          from jaxprune.criteria.output_approx import OBS_BLOCK
+
+          sweep = split_sweep_bytes(min(U2, OBS_BLOCK), Dm, model, solve_bytes)
+        phases_dev["solves"]["split solve or goa-obs sweep (row blocks)"] = max(refit, sweep)
+      elif backend == "gpu":  # GPUs factor on the device, each for its own columns of W
         phases_dev["solves"]["float64 solves"] = solve_host
       else:
         phases_host["solves"]["float64 solves"] = solve_host
@@ -315,6 +332,23 @@ def generation_model_bytes(spec: ModelSpec) -> int:
 def _is_shape(x) -> bool:
   """A leaf of `spec.param_shapes`' tree: a tuple of ints (the blocks are a tuple of dicts)."""
   return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def split_solve_bytes(d: int, e: int, model: int, nbytes: int) -> int:
+  """One device's arrays in a split refit (`stats.split.cut`, then `sharded_solve`) of a d-wide
+  system with e outputs over `model` m (b = d/m rows each): the cut's rows of G and X^T Y
+  (float32), its copy in the solve's precision and the factor's rows, one panel (d x b), four
+  b x e blocks (right-hand side, solution, residual, correction) and six b x b blocks."""
+  b = -(-d // model)
+  return b * (d + e) * F32 + (2 * b * d + d * b + 4 * b * e + 6 * b * b) * nbytes
+
+
+def split_sweep_bytes(d: int, e: int, model: int, nbytes: int) -> int:
+  """One device's arrays in a split `goa-obs` sweep (`criteria.obs_split`) of a d-wide system: the
+  solve for [X^T Y | I] (e + d right-hand sides), then its rows of W and G^-1, of the low-rank
+  factor U (at most 1.5 d columns) and its units' diagonal blocks."""
+  b = -(-d // model)
+  return split_solve_bytes(d, e + d, model, nbytes) + b * (e + d + 3 * d // 2 + d) * nbytes
 
 
 def _top_bytes(spec: ModelSpec, checkpoint_bytes: int) -> int:

@@ -112,13 +112,17 @@ def diagonal(gram: jax.Array, mesh: Mesh) -> jax.Array:
   """diag(G) [d] of a row-split G, each device reading its own diagonal block: the ridge
   (`reconstruct.ridge_lam`) of statistics that stay split, without gathering G."""
 
+  return _diagonal(_placed(gram, mesh, P(MODEL, None)), mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _diagonal(gram, *, mesh: Mesh):
   def local(g):
     b = g.shape[0]
     i = jax.lax.axis_index(MODEL)
     return jnp.diagonal(jax.lax.dynamic_slice_in_dim(g, i * b, b, axis=1))
 
-  return jax.jit(_shard_map(local, mesh=mesh, in_specs=P(MODEL, None), out_specs=P(MODEL),
-                            check_vma=False))(_placed(gram, mesh, P(MODEL, None)))
+  return _shard_map(local, mesh=mesh, in_specs=P(MODEL, None), out_specs=P(MODEL), check_vma=False)(gram)
 
 
 def solve(gram, rhs, lam: float, mesh: Mesh, dtype=jnp.float64, intercept: Intercept | None = None,

@@ -34,6 +34,16 @@ def test_model_axis_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypat
                                                                                   **extra))
 
 
+@pytest.mark.parametrize("preset", ["paper", "recommended-datafree"])
+def test_statistics_kept_split_keep_the_same_units(tiny_dir, monkeypatch, preset):
+  """`solves="split"`: the paper's two-step reconstruction (its first level's input moments, which
+  are not split, solved split too) and the data-free recipe (shrink 0.5, absorb 1) on the 2 x 4
+  mesh keep the one-device run's units, within its reordering bound (tests/test_split_stats.py:
+  the default recipe)."""
+  _assert_mesh_matches_one_device(tiny_dir, monkeypatch, "llama_gqa",
+                                  PruneConfig.preset(preset, sparsity=0.3, batch_size=8), solves="split")
+
+
 def test_gemma3_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypatch):
   """Gemma 3 (q/k norms, post-norms, one KV head, sliding window) on the same mesh. Qwen3's only
   difference from LLaMA, the q/k norms, is a part of Gemma 3, so one family covers both."""
@@ -41,7 +51,7 @@ def test_gemma3_keeps_the_same_units_with_blocks_sharded(tiny_dir, monkeypatch):
                                                                                       batch_size=8))
 
 
-def _assert_mesh_matches_one_device(tiny_dir, monkeypatch, kind, cfg):
+def _assert_mesh_matches_one_device(tiny_dir, monkeypatch, kind, cfg, solves="auto"):
   calib = _calib()
   seen = []
   step = engine.step
@@ -54,11 +64,12 @@ def _assert_mesh_matches_one_device(tiny_dir, monkeypatch, kind, cfg):
   one = prune(jaxprune.load(tiny_dir(kind), lazy=True), calib, cfg, mesh=sharding.make_mesh(1, 1))
   seen.clear()
   mesh = sharding.make_mesh(2, 4)
-  got = prune(jaxprune.load(tiny_dir(kind), lazy=True), calib, cfg, mesh=mesh)
+  got = prune(jaxprune.load(tiny_dir(kind), lazy=True), calib, cfg, mesh=mesh, solves=solves)
   # Every module saw its block split over `model` (MLP channels: 96 dense, then the kept width
   # where 4 divides it; the attention module sees the dense MLP).
   assert seen[0] == sharding.P(None, "model") and all(s is not None for s in seen)
-  assert got.report["devices"] == {"data": 2, "model": 4, "platform": "cpu"}
+  assert got.report["devices"] == {"data": 2, "model": 4, "platform": "cpu",
+                                   "solves": "split" if solves == "split" else "joined"}
   assert [m["kept"] for m in got.report["modules"]] == [m["kept"] for m in one.report["modules"]]
   a = perplexity(one.model.spec, one.model.params, calib).mean_nll
   b = perplexity(got.model.spec, got.model.params, calib).mean_nll

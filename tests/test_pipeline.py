@@ -259,19 +259,24 @@ def test_adaptive_allocation_compiles_per_module_kind_not_per_width(tiny_dir):
   assert compiles[1] == compiles[0], compiles
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_emulated_accelerator_paths_compile_nothing_per_block(tiny_dir, monkeypatch, backend):
+@pytest.mark.parametrize("backend,mesh", [("gpu", None), ("tpu", None), ("gpu", (2, 4)), ("tpu", (2, 4))],
+                         ids=["gpu", "tpu", "gpu-split", "tpu-split"])
+def test_emulated_accelerator_paths_compile_nothing_per_block(tiny_dir, monkeypatch, backend, mesh):
   """Issue 31's compile bound on the emulated accelerator paths (`jax.default_backend` says gpu:
-  float64 solves on the device; tpu: solves on the host, the float64 JAX work on the host CPU):
-  a 12-block model whose layers end with different widths compiles at most one new kernel per
-  block once every pruned module kind has been pruned on two streams (device solves pad each
-  kept width to its bucket, `placement.bucket_width`), and keeps the CPU path's units."""
+  float64 solves on the device; tpu: solves on the host, the float64 JAX work on the host CPU;
+  on a 2 x 4 mesh, `auto` keeps the statistics split to solves and sweeps on the devices, float32
+  with refinement on the TPU): a 12-block model whose layers end with different widths compiles
+  at most one new kernel per block once every pruned module kind has been pruned on two streams
+  (device solves pad each kept width to its bucket, `placement.bucket_width`), and keeps the
+  CPU path's units (on its mesh)."""
+  from jaxprune import sharding
   from jaxprune.prune.metrics import Compiles
   from tests import tiny
 
   path = tiny.save("llama_gqa", str(tiny_dir("llama_gqa")) + "-12", layers=12)
   m, cfg = jaxprune.load(path), PruneConfig(sparsity=0.4, batch_size=8)
-  ref = prune(m, _calib(), cfg)
+  mesh = None if mesh is None else sharding.make_mesh(*mesh)
+  ref = prune(m, _calib(), cfg, mesh=mesh)
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   jax.clear_caches()
   after_block, kinds_pruned = {}, {}
@@ -283,7 +288,8 @@ def test_emulated_accelerator_paths_compile_nothing_per_block(tiny_dir, monkeypa
       after_block[event["layer"]] = Compiles.count
 
   Compiles.start()
-  r = prune(m, _calib(), cfg, progress=progress)
+  r = prune(m, _calib(), cfg, progress=progress, mesh=mesh)
+  assert r.report["devices"]["solves"] == ("joined" if mesh is None else "split")
   assert len({l.ffn_dim for l in r.model.spec.layers}) > 2  # the widths do differ
   # The adaptive plan may keep every head (then MLPs only). The first pruned block sees one
   # stream (dense and pruned still equal); the next compiles the two-stream variants once.

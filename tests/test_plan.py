@@ -203,3 +203,35 @@ def test_generation_terms_are_what_the_sampler_holds(tmp_path, kind, stored, mon
   assert compiled == {"whole model (float32, generating)": mem.argument_size_in_bytes,
                       "sampler's buffers (compiled: KV cache, logits, ...)": mem.temp_size_in_bytes +
                       mem.output_size_in_bytes}
+
+
+LLAMA3_405B = dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                   num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                   torch_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("backend,mesh,chip", [("gpu", "data=1,model=8", 80e9), ("tpu", "data=4,model=16", 16e9)],
+                         ids=["8xH100", "v5e-64"])
+def test_405b_fits_with_its_statistics_split(tmp_path, capsys, backend, mesh, chip):
+  """LLaMA-3-405B's config, the default recipe on its text alone (its self-generated share is
+  sampled by the whole model on one device: 1.6 TB), fits 8 H100s (80 GB) and a v5e-64 slice
+  (16 GB a chip) with the statistics kept split (`auto` on accelerators): each device holds its
+  share of the split solve or sweep, and no device or host a joined Gram matrix. Joined, the
+  GPUs each hold the whole Gram and its float64 solve, and TPU hosts the same."""
+  from jaxprune import footprint
+
+  LlamaConfig(**LLAMA3_405B).save_pretrained(str(tmp_path / "405b"))
+  args = (str(tmp_path / "405b"), "--mesh", mesh, "--backend", backend, "--selfgen-share", "0")
+  est, out = plan(capsys, tmp_path, *args)
+  dev, host = est["device"], est["host"]
+  assert dev["bytes"] < chip and "split solve or goa-obs sweep (row blocks)" in out
+  F, D, m = 53248, 16384, int(mesh.split("model=")[1])
+  nbytes = 4 if backend == "tpu" else 8
+  split = max(footprint.split_solve_bytes(F, D, m, nbytes), footprint.split_sweep_bytes(4096, D, m, nbytes))
+  assert dev["terms"].get("split solve or goa-obs sweep (row blocks)", split) == split
+  assert not any("joined" in t or "float64 solves" in t for t in (*dev["terms"], *host["terms"]))
+  joined, _ = plan(capsys, tmp_path, *args, "--solves", "joined")
+  held = joined["device"]["terms"] if backend == "gpu" else joined["host"]["terms"]
+  assert held["Gram joined (replicated)" if backend == "gpu" else "Gram joined (float32)"] == 4 * (F + 1) * (F + 1 + D)
+  if backend == "gpu":
+    assert joined["device"]["bytes"] > dev["bytes"]

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 
+from jaxprune.cli.prune_cmd import SOLVES
 from jaxprune.cli.prune_inputs import joins_text, window_counts, without_generation
 from jaxprune.cli.prune_options import add_config_options, resolve_config
 from jaxprune.prune import presets
@@ -35,6 +36,8 @@ def add_parser(sub):
                  help="where the run's devices are (default: this machine's); on cpu, devices are host memory")
   p.add_argument("--devices-per-host", type=int, default=None,
                  help="devices each host drives (default: 4 on tpu, 8 on gpu, this machine's on cpu)")
+  p.add_argument("--solves", default="auto", choices=SOLVES,
+                 help="as for jaxprune prune (default auto: split on a gpu or tpu mesh with a model axis)")
   p.add_argument("--max-shard-size", default="200MB", help="as for jaxprune prune (default 200MB)")
   p.add_argument("--json", default=None, metavar="FILE", help="also write the estimate as JSON")
   add_config_options(p)
@@ -73,7 +76,8 @@ def run(args) -> int:
   est = footprint.estimate(spec, config, samples=args.calib_samples, seq_len=window, data=data, model=model,
                            checkpoint_bytes=stored, backend=args.backend, local_devices=args.devices_per_host,
                            max_shard_bytes=parse_size(args.max_shard_size), mapped_bytes=mapped,
-                           generated=generated, prefix=window - args.seq_len, fit=joins_text(draws))
+                           generated=generated, prefix=window - args.seq_len, fit=joins_text(draws),
+                           solves=args.solves)
   print(f"{args.model}: {spec.num_layers} layers, hidden {spec.hidden_size}, preset {preset} "
         f"(method {config.method}), {args.calib_samples} x {args.seq_len} calibration tokens"
         + (f", each window fed after BOS ({window} tokens)" if window != args.seq_len else ""))

@@ -133,6 +133,17 @@ class RowSplit:
   def mean(self) -> jax.Array:
     return self.xsum / self.count
 
+  @property
+  def sq_mean(self) -> jax.Array:
+    """E[x_j^2] per feature (d,), each device reading its own diagonal block (no gather)."""
+    from jaxprune.sharded_solve import diagonal  # the split kernels import this module
+
+    return diagonal(self.gram, self.gram.sharding.mesh) / self.count
+
+  @property
+  def variance(self) -> jax.Array:
+    return jnp.maximum(self.sq_mean - jnp.square(self.mean), 0.0)
+
   def __add__(self, other: "RowSplit") -> "RowSplit":
     return jax.tree.map(lambda a, b: a + b, self, other)
 
