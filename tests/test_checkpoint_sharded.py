@@ -104,3 +104,32 @@ def test_a_run_stopped_after_its_last_block_resumes_to_its_output(setup, sharded
   events = []
   got = prune(model, CALIB, CONFIG, mesh=mesh, checkpoint=ckpt, progress=events.append)
   assert _leaves(got.model) == want and not [e for e in events if e["event"] == "block"]
+
+
+def test_a_block_is_written_while_the_next_is_pruned(setup, sharded, tmp_path, monkeypatch):
+  """The sharded save is Orbax's async one: while block i + 1 is pruned, block i's save is under
+  way and not yet recorded (state.json names block i - 1's state); the "block" event of block i
+  comes once its save is finished and state.json names it; the last block is durable before the
+  run returns."""
+  from jaxprune.prune import engine
+
+  model, mesh, _ = setup
+  directory = str(tmp_path / "ckpt")
+  recorded = lambda: ckpt_lib.read_state(directory).next_block if os.path.exists(
+      os.path.join(directory, ckpt_lib.STATE)) else 0
+  during, events = [], []
+  step = engine.step
+
+  def spy(ctx, m):
+    during.append((m.i, recorded()))
+    return step(ctx, m)
+
+  def progress(event):
+    if event["event"] == "block":
+      events.append((event["layer"], recorded()))
+
+  monkeypatch.setattr(engine, "step", spy)
+  prune(model, CALIB, CONFIG, mesh=mesh, checkpoint=directory, progress=progress)
+  # Each block's modules run with the block before last recorded: the last one's save is in flight.
+  assert sorted(set(during)) == [(0, 0), (1, 0), (2, 1)], during
+  assert events == [(0, 1), (1, 2), (2, 3)], events

@@ -126,9 +126,10 @@ def test_cli_mesh(tiny_dir, tmp_path, capsys):
   out = str(tmp_path / "o")
   args = ["--no-compile-cache", "prune", src, "--sparsity", "0.3", "--calib", str(text), "--calib-samples", "16",
           "--seq-len", "16", "--no-progress", "--out"]
-  assert main(args + [out, "--mesh", "data=2,model=4"]) == 0
+  assert main(args + [out, "--mesh", "data=2,model=4", "--solves", "split"]) == 0
   with open(os.path.join(out, "report.json")) as f:
-    assert json.load(f)["devices"]["model"] == 4
+    devices = json.load(f)["devices"]
+  assert devices["model"] == 4 and devices["solves"] == "split"
   assert main(args + [str(tmp_path / "p"), "--mesh", "data=4,model=4"]) == 2
   assert "a 4x4 mesh needs 16 devices; 8 are available" in capsys.readouterr().err
 

@@ -14,7 +14,9 @@ checkpoints instead (block_0007/, streams_0007/): every process writes only the 
 its devices hold, so nothing is gathered, and reads back only its own shards of the
 streams; their sha256 is taken over the directory's files. The directory must be one
 that every process sees. Process 0 writes state.json once every process has written
-(Orbax commits a checkpoint only then), and no process goes on before it has.
+(Orbax commits a checkpoint only then), and no process goes on before it has. Their
+writing is Orbax's async save: it overlaps the next block's work, and the block is durable
+(state.json names it) once that save is done.
 
 Every file is written to a temporary name and renamed into place, and state.json
 (which names the streams file) is replaced last, so a run killed at any instant
@@ -134,6 +136,30 @@ class BlockFile:
                             "checkpoint) to recompute it") from None
     flat = {tuple(k.split("/")): jax.numpy.asarray(v) for k, v in arrays.items()}
     return traverse_util.unflatten_dict(flat)
+
+
+class PendingSave:
+  """A block's save under way (`RunCheckpoint.start`); `finish()` makes it durable, once."""
+
+  def __init__(self, finish):
+    self._finish, self._done, self._result = finish, False, None
+
+  def finish(self):
+    if not self._done:
+      self._done, self._result = True, self._finish()
+    return self._result
+
+
+def start_shards(path: str, tree: dict, force: bool = False):
+  """`save_shards` begun in the background (Orbax's async save: the shards are copied off the
+  devices before it returns, then written by a thread); returns (the checkpointer, whose
+  `wait_until_finished` ends it, the values this process writes)."""
+  import orbax.checkpoint as ocp
+
+  ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+  ckptr.save(path, args=ocp.args.StandardSave(tree), force=force)
+  return ckptr, sum(s.data.size for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)
+                    for s in x.addressable_shards if s.replica_id == 0)
 
 
 def save_shards(path: str, tree: dict, force: bool = False) -> int:
@@ -288,30 +314,47 @@ class RunCheckpoint:
 
   def save(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict, run: RunRecord) -> int | None:
     """Saves block i (just finished) and the state entering block i + 1; returns how many of
-    the block's values this process wrote (sharded), or None.
+    the block's values this process wrote (sharded), or None. `start(...).finish()`."""
+    return self.start(i, block, layer_spec, streams, run).finish()
+
+  def start(self, i: int, block: dict, layer_spec: LayerSpec, streams: dict, run: RunRecord) -> "PendingSave":
+    """Begins saving block i (just finished) and the state entering block i + 1; the block is
+    durable once the returned save's `finish()` has returned (which returns what `save` does).
 
     Blocks finish in order, so the finished blocks are those before i that the previous
     state lists (a run started again from an earlier block drops the later ones) and i.
-    Sharded, every process takes part: each writes its shards, process 0 the state, and
-    each returns once the state is written.
+    Single-process, the files are written before `start` returns. Sharded, the block and
+    the streams go to Orbax's async save, so their writing overlaps the next block's work:
+    every process takes part, and in `finish` waits for its shards, process 0 writes the
+    state, and each returns once the state is written. One save at a time: finish the last
+    before starting the next (committing a state drops the other streams directories).
     """
     name = self._name("streams", i + 1)
     if not self.sharded:
       hashes = {os.path.basename(self.block_path(i)): save_block(self.block_path(i), block),
                 name: _save_npz(os.path.join(self.path, name), streams)}
       self.hashes = self._commit(i, name, hashes, layer_spec, run)
-      return None
-    written = save_shards(self.block_path(i), block, force=True)
-    save_shards(os.path.join(self.path, name), streams, force=True)
-    if jax.process_index() == 0:  # Orbax has committed both: every process has written its shards
-      hashes = {os.path.basename(self.block_path(i)): dir_sha256(self.block_path(i)),
-                name: dir_sha256(os.path.join(self.path, name))}
-      self._commit(i, name, hashes, layer_spec, run)
-    from jax.experimental import multihost_utils
+      return PendingSave(lambda: None)
+    writes = [start_shards(self.block_path(i), block, force=True),
+              start_shards(os.path.join(self.path, name), streams, force=True)]
 
-    multihost_utils.sync_global_devices(f"jaxprune checkpoint: block {i}")
-    self.hashes = read_state(self.path).files
-    return written
+    def finish() -> int:
+      for ckptr, _ in writes:
+        try:
+          ckptr.wait_until_finished()
+        finally:
+          ckptr.close()
+      if jax.process_index() == 0:  # Orbax has committed both: every process has written its shards
+        hashes = {os.path.basename(self.block_path(i)): dir_sha256(self.block_path(i)),
+                  name: dir_sha256(os.path.join(self.path, name))}
+        self._commit(i, name, hashes, layer_spec, run)
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"jaxprune checkpoint: block {i}")
+      self.hashes = read_state(self.path).files
+      return writes[0][1]
+
+    return PendingSave(finish)
 
   def _commit(self, i: int, name: str, hashes: dict, layer_spec: LayerSpec, run: RunRecord) -> dict:
     """Writes state.json entering block i + 1 (its streams in `name`), then drops older streams;

@@ -224,6 +224,7 @@ def _loop(ctx: StepContext, model: Model, state: RunState, plan, first, groups, 
   c, spec = ctx.config, model.spec
   start, stop = c.block_range(spec)
   b0 = budget_lib.start(c)
+  pending = None  # (block, its save under way)
   for i in range(first, spec.num_layers):
     if i >= stop:
       break  # nothing after the range changes
@@ -239,20 +240,41 @@ def _loop(ctx: StepContext, model: Model, state: RunState, plan, first, groups, 
       state, groups, xs = _module(ctx, spec, b0, state, kind, i, groups, xs, plan, progress)
       # Dense block i has been read (by its first module): the next one is read meanwhile.
       state.blocks.prefetch(i + 1, ctx.mesh)
+    # Block i is durable, spilled and reported once its save is done. The save of a sharded
+    # checkpoint is written while block i + 1 is pruned, so block i - 1's is finished first.
+    state = _durable(state, pending, model, spill, progress)
+    pending = None
     if ckpt is not None:
       t0 = time.perf_counter()
       record = durable.RunRecord(state.carry, state.modules, state.passes, state.phase_seconds,
                                  {str(k): [v.heads, v.channels] for k, v in plan.layers.items()}, plan.tau,
                                  plan.seconds, state.plan_phase_seconds, ctx.dense_outputs is not None,
                                  ctx.dense_outputs.digests if ctx.dense_outputs is not None else {})
-      written = ckpt.save(i, state.blocks[i], state.layer_specs[i],
-                          durable.streams_arrays(groups, xs, host=not ckpt.sharded), record)
+      pending = (i, ckpt.start(i, state.blocks[i], state.layer_specs[i],
+                               durable.streams_arrays(groups, xs, host=not ckpt.sharded), record))
       state = state.with_phase("checkpoint", time.perf_counter() - t0)
-      if written is not None:  # this process's own shards of the block
-        state = dataclasses.replace(state, values_written=state.values_written + written)
-    if lazy_io.is_lazy(model.params):
-      state = spill(state, i)
-    progress({"event": "block", "layer": i})
+      if not ckpt.sharded:  # its files are written: durable now
+        state, pending = _durable(state, pending, model, spill, progress), None
+    else:
+      state = _durable(state, (i, None), model, spill, progress)
+  return _durable(state, pending, model, spill, progress)
+
+
+def _durable(state: RunState, pending, model: Model, spill, progress) -> RunState:
+  """Block i of `pending` = (i, its save or None) made durable (its save finished), spilled to a
+  file when streaming, and reported; `state` as it is when nothing is pending."""
+  if pending is None:
+    return state
+  i, save = pending
+  if save is not None:
+    t0 = time.perf_counter()
+    written = save.finish()
+    state = state.with_phase("checkpoint", time.perf_counter() - t0)
+    if written is not None:  # this process's own shards of the block
+      state = dataclasses.replace(state, values_written=state.values_written + written)
+  if lazy_io.is_lazy(model.params):
+    state = spill(state, i)
+  progress({"event": "block", "layer": i})
   return state
 
 
