@@ -62,11 +62,19 @@ def two_processes(argv: list[str], out: str) -> float:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "PYTHONPATH": ROOT}
   port, t0 = _port(), time.perf_counter()
+  # Each log goes to a file: a pipe read only after the other process's would fill and stop its
+  # writer, and with it, at the next collective, both processes.
+  files = [tempfile.TemporaryFile("w+") for _ in range(2)]
   procs = [subprocess.Popen([sys.executable, SCRIPT, *argv, "--out", out, "--mesh-data", "2", "--mesh-model", "4",
                              "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = [p.communicate()[0] for p in procs]
+                            env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+           for i, f in enumerate(files)]
+  logs = []
+  for p, f in zip(procs, files):
+    p.wait()
+    f.seek(0)
+    logs.append(f.read())
+    f.close()
   for i, (p, log) in enumerate(zip(procs, logs)):
     if p.returncode != 0:
       raise SystemExit(f"process {i} of the two-process run failed:\n{log[-4000:]}")
