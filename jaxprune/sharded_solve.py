@@ -112,7 +112,7 @@ def diagonal(gram: jax.Array, mesh: Mesh) -> jax.Array:
   """diag(G) [d] of a row-split G, each device reading its own diagonal block: the ridge
   (`reconstruct.ridge_lam`) of statistics that stay split, without gathering G."""
 
-  return _diagonal(_placed(gram, mesh, P(MODEL, None)), mesh=mesh)
+  return _diagonal(placed(gram, mesh, P(MODEL, None)), mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -150,23 +150,30 @@ def solve(gram, rhs, lam: float, mesh: Mesh, dtype=jnp.float64, intercept: Inter
   dtype = jnp.dtype(dtype)
   steps = (REFINE_STEPS if dtype == jnp.float32 else 0) if refine is None else refine
   with jax.enable_x64(dtype == jnp.float64):
-    args = (_placed(gram, mesh, row_spec(mesh)), _placed(rhs, mesh, row_spec(mesh, e)),
+    args = (placed(gram, mesh, row_spec(mesh)), placed(rhs, mesh, row_spec(mesh, e)),
             jnp.asarray(lam, dtype))
     if intercept is not None:
-      args += (_placed(intercept.xsum, mesh, P()), jnp.asarray(intercept.count, dtype),
-               _placed(intercept.ysum, mesh, P(_columns(mesh, e))))
+      args += (placed(intercept.xsum, mesh, P()), jnp.asarray(intercept.count, dtype),
+               placed(intercept.ysum, mesh, P(_columns(mesh, e))))
     w, bias, taken, omega = _solve(*args, mesh=mesh, dtype=dtype, steps=steps)
     if not bool(jnp.all(jnp.isfinite(w))) or (bias is not None and not bool(jnp.all(jnp.isfinite(bias)))):
       return None
     return Solution(w, bias if intercept is not None else None, int(taken), float(omega) if steps else math.nan)
 
 
-def _placed(x, mesh: Mesh, spec: P):
-  """`x` laid out as `spec` on `mesh` (no copy when it already is)."""
+def placed(x, mesh: Mesh, spec: P):
+  """`x` laid out as `spec` on `mesh` (no copy when it already is). A JAX array is laid out
+  again by a compiled copy, whose collectives every process runs: `device_put` of an array
+  that spans processes to another layout waited forever in a two-process run."""
   sh = NamedSharding(mesh, spec)
-  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sh, x.ndim):
-    return x
+  if isinstance(x, jax.Array):
+    return x if x.sharding.is_equivalent_to(sh, x.ndim) else _relaid(x, sh)
   return jax.device_put(x, sh)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _relaid(x, sharding):
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "dtype", "steps"))

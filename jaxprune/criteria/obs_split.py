@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxprune import placement, sharded_solve
 from jaxprune.criteria import obs_sweep
@@ -58,7 +58,7 @@ def removal_order(rs: RowSplit, width: int, delta: float, intercept: bool, per_s
     sol = sharded_solve.solve(rs.gram, rhs, lam, mesh, dtype, icpt)
     if sol is None:
       raise FloatingPointError(f"the goa-obs inverse of a {real}-channel system failed at damping {delta:.1e}")
-    x = jax.device_put(sol.w, NamedSharding(mesh, P(MODEL, None)))
+    x = sol.w  # its columns over `data` where they divide: the sweep's kernel gathers them
     columns = -(-n_remove // per_step) * per_step * width
     u_columns = obs_sweep._chunks(max(1, -(-columns // obs_sweep.SWEEP_CHUNK))) * obs_sweep.SWEEP_CHUNK
     order, paid = _sweep(x, jnp.asarray(n_remove, jnp.int32), jnp.asarray(n, jnp.int32), mesh=mesh, width=width,
@@ -81,6 +81,16 @@ def _rhs(rs: RowSplit, *, mesh: Mesh):
   return rhs, jnp.concatenate([rs.ysum, jnp.zeros((d,), rs.ysum.dtype)])
 
 
+def _unit_cost(blocks, w, width: int, n: int):
+  """`obs_sweep._unit_cost` with the units' block solves one after another (`lax.map`): XLA's CPU
+  runtime spreads a batched LAPACK solve over its thread pool, where on forced host devices the
+  other devices' threads wait in the next collective, and the sweep waited forever."""
+  if width == 1:
+    return obs_sweep._unit_cost(blocks, w, width, n)
+  ws = w[:n * width].reshape(n, width, -1)
+  return jax.lax.map(lambda bw: jnp.sum(bw[1] * jnp.linalg.solve(bw[0], bw[1])), (blocks, ws))
+
+
 @functools.partial(jax.jit, static_argnames=("mesh", "width", "e", "per_step", "u_columns"))
 def _sweep(x, n_remove, n_real, *, mesh: Mesh, width: int, e: int, per_step: int, u_columns: int):
   d = x.shape[0]
@@ -97,7 +107,7 @@ def _sweep(x, n_remove, n_real, *, mesh: Mesh, width: int, e: int, per_step: int
     u = jnp.zeros((b, u_columns), ginv.dtype)
 
     def costs(blocks, w):
-      return jax.lax.all_gather(obs_sweep._unit_cost(blocks, w, width, nb), MODEL, tiled=True)  # [n]
+      return jax.lax.all_gather(_unit_cost(blocks, w, width, nb), MODEL, tiled=True)  # [n]
 
     def gather_rows(a, cols, owned, local_rows):  # rows `cols` of a row-split array, on every device
       return jax.lax.psum(jnp.where(owned[:, None], jnp.take(a, local_rows, axis=0), 0), MODEL)

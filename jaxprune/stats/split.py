@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxprune import sharded_solve
 from jaxprune.sharded_solve import HIGHEST
 from jaxprune.sharding import MODEL, shard_map
 from jaxprune.stats.moments import F32, RowSplit
@@ -216,5 +217,9 @@ def _products_kernel(rs: RowSplit, w, bias, *, mesh: Mesh):
 
 
 def _replicated(x, mesh: Mesh):
-  return jax.device_put(np.asarray(x) if not isinstance(x, jax.Array) else x, NamedSharding(mesh, P()))
+  """`x` (small: weights) on every device of `mesh`; an array on the mesh is laid out again by
+  a compiled copy (`sharded_solve.placed`), one elsewhere goes through the host."""
+  if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
+    return sharded_solve.placed(x, mesh, P())
+  return jax.device_put(np.asarray(x), NamedSharding(mesh, P()))
 
