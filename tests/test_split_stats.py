@@ -106,24 +106,28 @@ def test_residual_and_diagonal_are_the_joined_ones(mesh):
   assert abs(split.residual(rs, yy, w) - ref) <= 2 * gamma(D + 3, U64) * scale
 
 
-@pytest.mark.parametrize("width,intercept", [(1, True), (8, True), (12, False), (1, False)])
-def test_the_split_sweep_is_the_host_sweep(mesh, width, intercept):
+@pytest.mark.parametrize("width,intercept,d", [(1, True, D), (8, True, D), (12, False, D), (1, False, D),
+                                               (64, True, 512)])
+def test_the_split_sweep_is_the_host_sweep(mesh, width, intercept, d):
   """The greedy OBS sweep on split statistics removes the units the host sweep removes, in the same
   order, at the same costs: both are float64 from the same float32 sums, so their costs differ
   by the forward error of two float64 solves of the system, at most cond(A) gamma(3d + 1) times
   the cost (Higham Thm 10.4 per factorization), per step of the sweep. (Widths 8 and 12 leave
-  units of a head that straddle devices, which the sweep first lays out again.)"""
-  rs = _split(*_data(5), mesh)
+  units of a head that straddle devices, which the sweep first lays out again; 64-wide heads, two
+  or more a device, waited forever when their costs were one batched LAPACK solve.)"""
+  rs = _split(*_data(5, d=d), mesh)
   j = moments.join(rs)
-  n = D // width
+  n = d // width
   delta = 1e-3
   with placement.float64_solves():
-    ginv = obs_sweep.ridge_inverse(j.xx, delta, intercept)
-    order, paid = obs_sweep.removal_order(ginv, jnp.asarray(j.xy), width, intercept, obs_sweep.step_size(n), n // 2)
+    # The host's sweep on host statistics, as the joined path hands them to it.
+    ginv = obs_sweep.ridge_inverse(np.asarray(j.xx), delta, intercept)
+    order, paid = obs_sweep.removal_order(ginv, jnp.asarray(np.asarray(j.xy)), width, intercept,
+                                          obs_sweep.step_size(n), n // 2)
   got_order, got_paid = obs_split.removal_order(rs, width, delta, intercept, obs_sweep.step_size(n), n // 2)
-  k = D + 1 if intercept else D
+  k = d + 1 if intercept else d
   a = np.asarray(j.xx, np.float64)[:k, :k]
-  a[np.arange(D), np.arange(D)] += float(ridge_lam(np.diagonal(a)[:D], delta))
+  a[np.arange(d), np.arange(d)] += float(ridge_lam(np.diagonal(a)[:d], delta))
   bound = np.linalg.cond(a) * gamma(3 * k + 1, U64) * n
   gone = order < n // 2
   costs = np.sort(paid[gone])
