@@ -61,7 +61,7 @@ def removal_order(rs: RowSplit, width: int, delta: float, intercept: bool, per_s
     x = sol.w  # its columns over `data` where they divide: the sweep's kernel gathers them
     columns = -(-n_remove // per_step) * per_step * width
     u_columns = obs_sweep._chunks(max(1, -(-columns // obs_sweep.SWEEP_CHUNK))) * obs_sweep.SWEEP_CHUNK
-    order, paid = _sweep(x, jnp.asarray(n_remove, jnp.int32), jnp.asarray(n, jnp.int32), mesh=mesh, width=width,
+    order, paid = _sweep(x, np.int32(n_remove), np.int32(n), mesh=mesh, width=width,
                          e=e, per_step=per_step, u_columns=u_columns)
     return np.asarray(order)[:n], np.asarray(paid, np.float64)[:n]
 

@@ -68,7 +68,7 @@ def cut(rs: RowSplit, idx, width: int) -> RowSplit:
     raise ValueError(f"{k} features do not fit a split system of {width} rows on a model axis of {m}")
   full = np.full(width, -1, np.int32)
   full[:k] = np.asarray(idx)
-  return _cut(rs, jnp.asarray(full), mesh=mesh)
+  return _cut(rs, full, mesh=mesh)  # numpy: the same on every process
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -165,10 +165,10 @@ def diagonal(rs: RowSplit) -> np.ndarray:
   return placement.to_host(split_diagonal(rs.gram, mesh_of(rs)))
 
 
-def residual(rs: RowSplit, yy, w_aug, rows: int | None = None) -> float:
+def residual(rs: RowSplit, yy, w_aug) -> float:
   """||[X 1] [W; b] - Y||^2 = tr(W^T G W) + 2 b.(s^T W) + n |b|^2 - 2 (tr(W^T X^T Y) + b.y) + yy, in
   float64 where the backend has it; `w_aug` [d'+1, e] (bias last) or [d', e] (none), d' at most
-  the split rows (the rest read as zero weight), `rows` unused (the padding's weight is zero)."""
+  the split rows (the rest read as zero weight)."""
   quad, lin = _products(rs, w_aug)
   return max(quad - 2 * lin + float(np.asarray(yy, np.float64)), 0.0)
 
