@@ -62,6 +62,11 @@ def solve_mesh(mode: Solves | str, mesh: Mesh | None) -> Mesh | None:
   """The mesh whose `model` axis the solves split over under `mode`, or None (joined). AUTO keeps
   a mesh that `split_solves` already names."""
   mode = Solves(mode)
+  if mode is Solves.SPLIT and (mesh is None or mesh.shape.get("model", 1) == 1):
+    from jaxprune.errors import UsageError
+
+    raise UsageError("--solves split keeps the statistics split over the mesh's model axis, and this run has none; "
+                     "pass a mesh with one (--mesh data=D,model=M, M > 1) or --solves auto")
   if mesh is None or mesh.shape.get("model", 1) == 1 or mode is Solves.JOINED:
     return None
   if mode is Solves.SPLIT or jax.default_backend() != "cpu":

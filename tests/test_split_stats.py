@@ -9,6 +9,8 @@ any device, and nothing brought to the host, holds a whole Gram matrix or cross 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,17 @@ def test_the_solves_option_is_the_placement_enum():
   from jaxprune.cli.prune_cmd import SOLVES
 
   assert SOLVES == tuple(str(v) for v in placement.Solves)
+
+
+def test_split_solves_without_a_model_axis_are_refused(tiny_dir, tmp_path, capsys):
+  """`--solves split` on a mesh without a `model` axis: one line naming the fix, no traceback."""
+  from jaxprune.cli import main
+
+  out, model = str(tmp_path / "o"), tiny_dir("llama_gqa")
+  capsys.readouterr()
+  assert main(["--no-compile-cache", "prune", model, "--sparsity", "0.2", "--calib", "random", "--calib-samples",
+               "8", "--seq-len", "16", "--no-progress", "--out", out, "--mesh", "data=8,model=1", "--solves",
+               "split"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--solves split" in err[0] and "--mesh data=D,model=M" in err[0], err
+  assert not os.path.exists(out)

@@ -176,6 +176,9 @@ def run(args) -> int:
                need_bytes=size_on_disk(model_path))  # writable, with room, before any work
   parse_size(args.max_shard_size)  # bad input stops before any work
   mesh = _mesh(args.mesh)
+  from jaxprune import placement
+
+  placement.solve_mesh(args.solves, mesh)  # `split` without a model axis is refused before any work
   config, preset = resolve_config(args)
   draws = check_inputs(args, config, mesh)
   ckpt = prepare_checkpoint(args)

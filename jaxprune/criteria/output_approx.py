@@ -138,7 +138,7 @@ def _refit_aware_split(stats: ModuleStats, width: int, block: int) -> np.ndarray
     return _increasing_along(order, paid)
   mesh = split.mesh_of(rs)
 
-  def sweep_block(units, ch, delta, depth):
+  def sweep_block(units, ch, delta, depth, device=None):  # on the whole mesh: `device` is None
     sub = split.cut(rs, ch, split.padded_width(len(ch), mesh, width))
     return obs_split.removal_order(sub, width, delta, stats.intercept, obs_sweep.step_size(len(units)), depth,
                                    rows=len(ch))
@@ -246,8 +246,7 @@ def _blocked(n: int, width: int, blocks, diag: np.ndarray, sweep_block, stats: M
     delta = stats.damping * float(np.mean(diag)) / max(float(np.mean(diag[ch])), 1e-300)
     # Host blocks run one after another (`_sweep_blocks`), so the process-wide BLAS limit is theirs.
     with placement.serial_blas(len(ch) + 1) if device is None else contextlib.nullcontext():
-      order, paid = sweep_block(units, ch, delta, depth) if device is None else sweep_block(
-          units, ch, delta, depth, device)
+      order, paid = sweep_block(units, ch, delta, depth, device)
     # Non-decreasing within a block, so that merging the blocks by cost keeps each block's own order.
     return _increasing_along(np.asarray(order), np.asarray(paid, np.float64)), np.asarray(order)
 
