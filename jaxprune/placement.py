@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxprune.errors import UsageError
+
 
 SERIAL_BLAS_BELOW = 1024  # rows; the loop's wider systems keep the threaded BLAS
 
@@ -63,8 +65,6 @@ def solve_mesh(mode: Solves | str, mesh: Mesh | None) -> Mesh | None:
   a mesh that `split_solves` already names."""
   mode = Solves(mode)
   if mode is Solves.SPLIT and (mesh is None or mesh.shape.get("model", 1) == 1):
-    from jaxprune.errors import UsageError
-
     raise UsageError("--solves split keeps the statistics split over the mesh's model axis, and this run has none; "
                      "pass a mesh with one (--mesh data=D,model=M, M > 1) or --solves auto")
   if mesh is None or mesh.shape.get("model", 1) == 1 or mode is Solves.JOINED:

@@ -169,16 +169,17 @@ def residual(rs: RowSplit, yy, w_aug) -> float:
   """||[X 1] [W; b] - Y||^2 = tr(W^T G W) + 2 b.(s^T W) + n |b|^2 - 2 (tr(W^T X^T Y) + b.y) + yy, in
   float64 where the backend has it; `w_aug` [d'+1, e] (bias last) or [d', e] (none), d' at most
   the split rows (the rest read as zero weight)."""
-  quad, lin = _products(rs, w_aug)
+  quad, lin = _products(rs, w_aug, quad=True)
   return max(quad - 2 * lin + float(np.asarray(yy, np.float64)), 0.0)
 
 
 def inner(rs: RowSplit, w_aug) -> float:
   """tr([W; b]^T [X 1]^T Y), float64 where the backend has it."""
-  return _products(rs, w_aug)[1]
+  return _products(rs, w_aug, quad=False)[1]
 
 
-def _products(rs: RowSplit, w_aug) -> tuple[float, float]:
+def _products(rs: RowSplit, w_aug, quad: bool) -> tuple[float, float]:
+  """(tr([W; b]^T [X 1]^T [X 1] [W; b]) if `quad` else 0, tr([W; b]^T [X 1]^T Y))."""
   from jaxprune import placement
 
   mesh = mesh_of(rs)
@@ -189,31 +190,32 @@ def _products(rs: RowSplit, w_aug) -> tuple[float, float]:
   bias = w[d] if k == d + 1 else np.zeros((e,), dt)
   w = np.concatenate([w[:min(k, d)], np.zeros((max(0, d - k), e), dt)])
   with jax.enable_x64(x64):
-    quad, lin = _products_kernel(rs, _replicated(w, mesh), _replicated(bias, mesh), mesh=mesh)
-    return float(quad), float(lin)
+    q, lin = _products_kernel(rs, _replicated(w, mesh), _replicated(bias, mesh), mesh=mesh, quad=quad)
+    return float(q), float(lin)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _products_kernel(rs: RowSplit, w, bias, *, mesh: Mesh):
+@functools.partial(jax.jit, static_argnames=("mesh", "quad"))
+def _products_kernel(rs: RowSplit, w, bias, *, mesh: Mesh, quad: bool):
   dt = w.dtype
   cross = rs.xy is not None
 
   def local(g, xy, s, w, bias):
     i, b = jax.lax.axis_index(MODEL), g.shape[0]
     wi = jax.lax.dynamic_slice_in_dim(w, i * b, b)
-    gw = jnp.matmul(g.astype(dt), w, precision=HIGHEST)  # [b, e]: this device's rows of G W
-    quad = jnp.sum(wi * gw)
+    q = jnp.zeros((), dt)
+    if quad:  # this device's rows of G W [b, e]: the one product with G, skipped for tr(W^T X^T Y) alone
+      q = jnp.sum(wi * jnp.matmul(g.astype(dt), w, precision=HIGHEST))
     lin = jnp.sum(wi * xy.astype(dt)) if cross else jnp.zeros((), dt)
-    return jax.lax.psum(quad, MODEL), jax.lax.psum(lin, MODEL)
+    return jax.lax.psum(q, MODEL), jax.lax.psum(lin, MODEL)
 
-  quad, lin = shard_map(local, mesh=mesh, in_specs=(ROWS, _spec(rs.xy), P(), P(), P()), out_specs=(P(), P()),
+  q, lin = shard_map(local, mesh=mesh, in_specs=(ROWS, _spec(rs.xy), P(), P(), P()), out_specs=(P(), P()),
                          check_vma=False)(rs.gram, rs.xy, rs.xsum, w, bias)
   s, n = rs.xsum.astype(dt), rs.count.astype(dt)
   sw = jnp.matmul(s, w, precision=HIGHEST)
-  quad = quad + 2 * jnp.sum(bias * sw) + n * jnp.sum(bias * bias)
+  q = q + 2 * jnp.sum(bias * sw) + n * jnp.sum(bias * bias)
   if cross:
     lin = lin + jnp.sum(bias * rs.ysum.astype(dt))
-  return quad, lin
+  return q, lin
 
 
 def _replicated(x, mesh: Mesh):
